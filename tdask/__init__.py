@@ -1,0 +1,38 @@
+"""tdask: distributed inference pipelines on Dask, with Triton models and Python operators."""
+
+from tdask import config  # noqa: F401  (first: installs tdask's dask.config defaults)
+from tdask.data_plane import RemoteTensor
+from tdask.deployment import Deployment
+from tdask.exceptions import (
+    DataPlaneError,
+    InvalidRequestError,
+    OperatorError,
+    OperatorUnavailableError,
+    RequestTimeoutError,
+    TdaskError,
+    WorkerLostError,
+)
+from tdask.operator import Operator, OperatorConfig, Request, ResponseSender
+from tdask.remote import RemoteOperator, Response
+from tdask.worker import OperatorHost
+
+__all__ = [
+    "DataPlaneError",
+    "Deployment",
+    "InvalidRequestError",
+    "Operator",
+    "OperatorConfig",
+    "OperatorError",
+    "OperatorHost",
+    "OperatorUnavailableError",
+    "RemoteOperator",
+    "RemoteTensor",
+    "Request",
+    "RequestTimeoutError",
+    "Response",
+    "ResponseSender",
+    "TdaskError",
+    "WorkerLostError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""tdask's defaults in ``dask.config`` (keys under ``tdask.``), and a visible ``tdask`` logger.
+
+Imported first by ``tdask/__init__.py``. Every setting can be overridden the Dask way:
+``dask.config.set({"tdask.request.timeout": "5s"})`` or ``DASK_TDASK__REQUEST__TIMEOUT=5s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+
+import dask.config
+import distributed  # noqa: F401  (loads distributed.admin.log-format)
+import yaml
+from dask.utils import parse_bytes, parse_timedelta
+
+_defaults_path = os.path.join(os.path.dirname(__file__), "tdask.yaml")
+with open(_defaults_path) as f:
+    _defaults = yaml.safe_load(f)
+
+dask.config.update_defaults(_defaults)
+
+
+def get_seconds(key: str) -> float | None:
+    """Read a duration setting (``"5s"``, ``10``, ``null``) as seconds."""
+    value = dask.config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return parse_timedelta(value, default="seconds")
+
+
+def get_bytes(key: str) -> int:
+    """Read a size setting (``"64KiB"``, ``65536``) as bytes."""
+    value = dask.config.get(key)
+    return value if isinstance(value, int) else parse_bytes(value)
+
+
+def _install_log_handler() -> None:
+    """Give the ``tdask`` logger a stderr handler in Dask's format unless one exists.
+
+    distributed installs handlers only for the loggers named in its own logging config, so
+    without this, tdask's lines would vanish inside ``dask worker``.
+    """
+    logger = logging.getLogger("tdask")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(dask.config.get("distributed.admin.log-format")))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+_install_log_handler()

@@ -1,0 +1,316 @@
+"""Deployment: start (or join) a Dask cluster and place operators on its workers.
+
+Locally, a :class:`distributed.SpecCluster` owns the scheduler and one worker process (a
+``Nanny``) per operator instance, named ``<operator>.<i>``, all bound to 127.0.0.1 by default;
+SpecCluster then owns start, close and the atexit hook. With ``scheduler_address`` the
+deployment starts only its worker processes and joins a running scheduler, leaving the
+scheduler up when it closes. Either way, start returns only once every operator is registered
+with the request plane, and a broken operator makes start raise instead of leaving a half-up
+deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, Nanny, Scheduler, SpecCluster
+from distributed.core import rpc
+from distributed.security import Security
+from distributed.utils import LoopRunner, SyncMethodMixin
+
+from tdask.exceptions import OperatorUnavailableError
+from tdask.operator import OperatorConfig
+from tdask.request_plane import QueueRequestPlane
+from tdask.worker import OperatorHost
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Deployment"]
+
+OperatorSpec = OperatorConfig | tuple[OperatorConfig, int]
+
+
+class Deployment(SyncMethodMixin):
+    """A set of operators running on Dask workers; a context manager, sync or async.
+
+    Parameters
+    ----------
+    operators
+        Each an :class:`OperatorConfig` (one worker) or ``(config, n)`` for ``n`` workers.
+    scheduler_address
+        Join this running scheduler instead of starting one.
+    host
+        Address every process binds (default 127.0.0.1; set it to serve other machines).
+    protocol
+        ``"tcp"``, ``"tls"`` or ``"ucxx"`` (with distributed-ucxx installed).
+    dashboard_address
+        The scheduler's dashboard (``":0"``-style; ``None`` to disable).
+    security
+        A ``distributed.Security`` for TLS.
+    log_dir
+        Where each worker writes ``<worker>.log`` and Triton its logs.
+    worker_options
+        Extra keyword arguments for every worker (``memory_limit``, ``env``, ...).
+    startup_timeout_s
+        How long start may wait for every operator to be registered.
+    """
+
+    def __init__(
+        self,
+        operators: Sequence[OperatorSpec],
+        *,
+        scheduler_address: str | None = None,
+        host: str = "127.0.0.1",
+        protocol: str = "tcp",
+        dashboard_address: str | None = "127.0.0.1:0",
+        security: Security | None = None,
+        log_dir: str | Path | None = None,
+        worker_options: dict[str, Any] | None = None,
+        startup_timeout_s: float = 180.0,
+        asynchronous: bool = False,
+    ) -> None:
+        self.workers_spec = self._worker_specs(operators)
+        self.scheduler_address_given = scheduler_address
+        self.host = host
+        self.protocol = protocol
+        self.dashboard_address = dashboard_address
+        self.security = security
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.worker_options = dict(worker_options or {})
+        self.startup_timeout_s = startup_timeout_s
+        self._asynchronous = asynchronous
+        self._loop_runner = LoopRunner(asynchronous=asynchronous)
+        self.cluster: SpecCluster | None = None
+        self.nannies: dict[str, Nanny] = {}
+        self.client: Client | None = None
+        self.status = "created"
+        self._lock: asyncio.Lock | None = None
+
+    @staticmethod
+    def _worker_specs(operators: Sequence[OperatorSpec]) -> dict[str, OperatorConfig]:
+        specs: dict[str, OperatorConfig] = {}
+        if not operators:
+            raise ValueError("a Deployment needs at least one operator")
+        for item in operators:
+            config, count = item if isinstance(item, tuple) else (item, 1)
+            if not isinstance(config, OperatorConfig):
+                raise TypeError(f"expected OperatorConfig or (OperatorConfig, count), got {item!r}")
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"operator {config.name!r}: instance count must be an int >= 1, got {count!r}")
+            for i in range(count):
+                name = f"{config.name}.{i}" if config.version == 1 else f"{config.name}.v{config.version}.{i}"
+                if name in specs:
+                    raise ValueError(f"operator {config.key} listed twice")
+                specs[name] = config
+        return specs
+
+    # -- properties --
+    @property
+    def loop(self) -> Any:
+        return self._loop_runner.loop
+
+    @property
+    def scheduler_address(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.scheduler_address
+        if self.scheduler_address_given is None:
+            raise RuntimeError("the deployment is not started")
+        return self.scheduler_address_given
+
+    @property
+    def dashboard_link(self) -> str | None:
+        if self.cluster is not None and self.dashboard_address is not None:
+            try:
+                return self.cluster.dashboard_link
+            except Exception:
+                return None
+        return None
+
+    def worker_addresses(self) -> dict[str, str]:
+        """Worker name -> address, as the scheduler knows them now."""
+        if self.client is None:
+            raise RuntimeError("the deployment is not started")
+        info = self.client.scheduler_info(n_workers=-1)["workers"] if not self.client.asynchronous else None
+        if info is None:
+            raise RuntimeError("use `await deployment.client.scheduler_info()` in async code")
+        return {str(w["name"]): addr for addr, w in info.items()}
+
+    def describe(self) -> str:
+        """A few lines telling where everything runs (for CLIs)."""
+        lines = [f"scheduler: {self.scheduler_address}"]
+        if self.dashboard_link:
+            lines.append(f"dashboard: {self.dashboard_link}")
+        by_name = self.worker_addresses()
+        for name, config in self.workers_spec.items():
+            lines.append(
+                f"worker {name:<22} {by_name.get(name, '?'):<24} operator {config.key} "
+                f"(max_inflight_requests={config.max_inflight_requests})"
+            )
+        return "\n".join(lines)
+
+    # -- lifecycle --
+    def start(self) -> Any:
+        """Start everything (a coroutine when asynchronous); ``client`` is then connected."""
+        if self.asynchronous:
+            return self._start()
+        self._loop_runner.start()
+        self.sync(self._start)
+        self.client = Client(self.scheduler_address, loop=self.loop, security=self.security)
+        return self
+
+    async def _start(self) -> Deployment:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.status == "running":
+                return self
+            if self.status != "created":
+                raise RuntimeError(f"a Deployment cannot be started again once {self.status}")
+            self.status = "starting"
+            try:
+                await self._start_processes()
+                await self._wait_registered()
+                if self._asynchronous:
+                    self.client = await Client(self.scheduler_address, asynchronous=True, security=self.security)
+            except BaseException as exc:
+                await self._close()
+                if isinstance(exc, (OperatorUnavailableError, asyncio.CancelledError)):
+                    raise
+                raise RuntimeError(f"the tdask deployment failed to start: {exc}") from exc
+            self.status = "running"
+            return self
+
+    def _worker_options(self, name: str, config: OperatorConfig) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "name": name,
+            "nthreads": 1,
+            "host": self.host,
+            "protocol": self.protocol,
+            "security": self.security,
+            "dashboard_address": None,
+            "plugins": {OperatorHost([config], log_dir=self.log_dir, log_file=self._log_file(name))},
+            "death_timeout": 60,
+        }
+        options.update(self.worker_options)
+        return options
+
+    def _log_file(self, name: str) -> str | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return str(self.log_dir / f"{name}.log")
+
+    async def _start_processes(self) -> None:
+        specs = {
+            name: {"cls": Nanny, "options": self._worker_options(name, config)}
+            for name, config in self.workers_spec.items()
+        }
+        if self.scheduler_address_given is None:
+            scheduler = {
+                "cls": Scheduler,
+                "options": {
+                    "host": self.host,
+                    "port": 0,
+                    "protocol": self.protocol,
+                    "security": self.security,
+                    "dashboard_address": self.dashboard_address,
+                    "dashboard": self.dashboard_address is not None,
+                },
+            }
+            self.cluster = await SpecCluster(
+                workers=specs,
+                scheduler=scheduler,
+                asynchronous=True,
+                security=self.security,
+                name="tdask",
+            )
+            return
+        for name, spec in specs.items():
+            nanny = Nanny(self.scheduler_address_given, **spec["options"])
+            self.nannies[name] = nanny
+        await asyncio.gather(*(n.start() for n in self.nannies.values()))
+
+    async def _wait_registered(self) -> None:
+        connection_args = (self.security or Security()).get_connection_args("client")
+        scheduler = rpc(self.scheduler_address, connection_args=connection_args)
+        try:
+            await self._poll_registry(QueueRequestPlane(scheduler, "tdask-deployment"))
+        finally:
+            await scheduler.close_rpc()
+
+    async def _poll_registry(self, plane: QueueRequestPlane) -> None:
+        expected: dict[str, int] = {}
+        for config in self.workers_spec.values():
+            expected[config.key] = expected.get(config.key, 0) + 1
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            registry = await plane.operators()
+            names = set(self.workers_spec)
+            hosts = registry["hosts"]
+            if all(len(hosts.get(k, [])) >= n for k, n in expected.items()):
+                return
+            failures = {k: v for k, v in registry["failures"].items() if any(c.name == k for c in self.workers_spec.values())}
+            if failures:
+                raise OperatorUnavailableError(f"operators failed to start: {failures}")
+            if time.monotonic() > deadline:
+                raise OperatorUnavailableError(
+                    f"operators not registered within {self.startup_timeout_s:.0f}s: expected {expected}, "
+                    f"registered {hosts} (workers {sorted(names)})"
+                )
+            await asyncio.sleep(0.05)
+
+    def close(self) -> Any:
+        """Stop everything this deployment started (safe to call twice)."""
+        if self.status in ("created", "closed"):
+            self.status = "closed"
+            return None if not self.asynchronous else _done()
+        if self.asynchronous:
+            return self._close()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.sync(self._close)
+        self._loop_runner.stop()
+        return None
+
+    async def _close(self) -> None:
+        if self.status == "closed":
+            return
+        self.status = "closing"
+        if self.client is not None:
+            if self.client.asynchronous:
+                await self.client.close()
+            self.client = None
+        if self.nannies:
+            await asyncio.gather(*(n.close(reason="tdask-deployment-close") for n in self.nannies.values()), return_exceptions=True)
+            self.nannies.clear()
+        if self.cluster is not None:
+            await self.cluster.close()
+            self.cluster = None
+        self.status = "closed"
+
+    def __enter__(self) -> Deployment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Deployment:
+        await self._start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._close()
+
+    def __await__(self) -> Any:
+        return self._start().__await__()
+
+
+async def _done() -> None:
+    return None

@@ -1,0 +1,323 @@
+"""Operators: the long-lived units of work that workers host.
+
+An operator is constructed once per worker and lives as long as the worker. The worker plugin
+(:mod:`tdask.worker`) hands it batches of :class:`Request` objects; it answers each through the
+request's :class:`ResponseSender`: any number of responses, exactly one of them final.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import importlib
+import importlib.util
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tdask.exceptions import InvalidRequestError, OperatorError
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+    from tdask.data_plane import RemoteTensor, TensorStore
+
+__all__ = ["Operator", "OperatorConfig", "OperatorContext", "Request", "ResponseSender"]
+
+TRITON = "triton"
+
+
+@dataclass(kw_only=True)
+class OperatorConfig:
+    """What to host: an operator's name, implementation and limits.
+
+    Parameters
+    ----------
+    name
+        The name callers use (``RemoteOperator(name)``); also the Triton model's name.
+    implementation
+        An :class:`Operator` subclass, ``"module:Class"`` (resolved against ``repository`` first,
+        then ``sys.path``), or ``"triton"`` for a model of the Triton ``repository``.
+    repository
+        Directory of operator modules, or the Triton model repository.
+    version
+        Callers may ask for a version; requests for another version are not served here.
+    max_inflight_requests
+        At most this many requests of this operator in progress per worker.
+    parameters
+        Passed to the operator's constructor; for Triton, ``{"config": {...}}`` overrides the
+        model configuration at load (``instance_group``, ``parameters``).
+    log_level
+        Level of the operator's logger (``tdask.operator.<name>``).
+    """
+
+    name: str
+    implementation: type[Operator] | str
+    repository: str | None = None
+    version: int = 1
+    max_inflight_requests: int = 1
+    parameters: dict[str, Any] = field(default_factory=dict)
+    log_level: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"operator name must be a non-empty string without '/': {self.name!r}")
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
+            raise ValueError(f"operator {self.name!r}: version must be an int >= 1, got {self.version!r}")
+        if (
+            not isinstance(self.max_inflight_requests, int)
+            or isinstance(self.max_inflight_requests, bool)
+            or self.max_inflight_requests < 1
+        ):
+            raise ValueError(
+                f"operator {self.name!r}: max_inflight_requests must be an int >= 1, "
+                f"got {self.max_inflight_requests!r}"
+            )
+        if not isinstance(self.parameters, Mapping):
+            raise ValueError(f"operator {self.name!r}: parameters must be a mapping")
+        impl = self.implementation
+        if isinstance(impl, str):
+            if impl != TRITON and ":" not in impl:
+                raise ValueError(
+                    f"operator {self.name!r}: implementation must be a class, 'module:Class' or "
+                    f"'triton', got {impl!r}"
+                )
+        elif not (isinstance(impl, type) and issubclass(impl, Operator)):
+            raise ValueError(f"operator {self.name!r}: implementation {impl!r} is not an Operator subclass")
+        if impl == TRITON and not self.repository:
+            raise ValueError(f"operator {self.name!r}: a Triton operator needs a model repository")
+        if self.repository is not None:
+            self.repository = str(self.repository)
+        if isinstance(self.log_level, str):
+            level = logging.getLevelName(self.log_level.upper())
+            if not isinstance(level, int):
+                raise ValueError(f"operator {self.name!r}: unknown log level {self.log_level!r}")
+
+    @property
+    def key(self) -> str:
+        """The request-queue name of this operator: ``name/version``."""
+        return operator_key(self.name, self.version)
+
+    @property
+    def is_triton(self) -> bool:
+        return self.implementation == TRITON
+
+    def resolve(self) -> type[Operator]:
+        """Import the implementation class (on the worker, where it runs)."""
+        impl = self.implementation
+        if impl == TRITON:
+            from tdask.triton_operator import TritonCoreOperator
+
+            return TritonCoreOperator
+        if not isinstance(impl, str):
+            return impl
+        module_name, _, class_name = impl.partition(":")
+        module = _import_from(module_name, self.repository)
+        try:
+            cls = getattr(module, class_name)
+        except AttributeError:
+            raise ImportError(f"operator {self.name!r}: {module_name!r} has no {class_name!r}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Operator)):
+            raise TypeError(f"operator {self.name!r}: {impl!r} is not an Operator subclass")
+        return cls
+
+
+def operator_key(name: str, version: int | None = None) -> str:
+    """Queue name of an operator version; ``None`` means the default version 1."""
+    return f"{name}/{version or 1}"
+
+
+def _import_from(module_name: str, repository: str | None) -> Any:
+    """Import ``module_name``, from ``repository`` when it has that file, else from sys.path."""
+    if repository:
+        path = Path(repository, *module_name.split("."))
+        candidates = [path.with_suffix(".py"), path / "__init__.py"]
+        for candidate in candidates:
+            if candidate.is_file():
+                unique = f"tdask_operators.{Path(repository).name}.{module_name}"
+                if unique in sys.modules:
+                    return sys.modules[unique]
+                spec = importlib.util.spec_from_file_location(unique, candidate)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[unique] = module
+                spec.loader.exec_module(module)
+                return module
+    return importlib.import_module(module_name)
+
+
+class OperatorContext:
+    """What the hosting worker offers its operators: the worker, its tensor store, Triton."""
+
+    def __init__(
+        self,
+        *,
+        worker: Worker,
+        store: TensorStore,
+        log_dir: Path | None,
+        triton_server: Callable[[], Awaitable[Any]],
+    ) -> None:
+        self.worker = worker
+        self.store = store
+        self.log_dir = log_dir
+        self._triton_server = triton_server
+
+    async def triton_server(self) -> Any:
+        """The worker's Triton server, started on first use (one per worker process)."""
+        return await self._triton_server()
+
+
+class Operator(abc.ABC):
+    """Base class of every operator.
+
+    Subclasses implement :meth:`execute`; :meth:`setup` and :meth:`teardown` are optional.
+    ``execute`` is called with a batch of requests (at most ``max_inflight_requests`` in
+    progress per worker) and must answer each one through ``request.response_sender()``.
+    Raising answers every request not yet finished with an :class:`OperatorError`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        parameters: dict[str, Any],
+        repository: str | None,
+        logger: logging.Logger,
+        context: OperatorContext,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.parameters = parameters
+        self.repository = repository
+        self.logger = logger
+        self.context = context
+
+    async def setup(self) -> None:  # noqa: B027 - optional hook
+        """Acquire what the operator needs (models, connections) before requests arrive."""
+
+    @abc.abstractmethod
+    async def execute(self, requests: list[Request]) -> None:
+        """Answer every request in ``requests`` through its response sender."""
+
+    async def teardown(self) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`setup` acquired; called once when the worker closes."""
+
+
+SendFn = Callable[["Request", dict[str, Any]], Awaitable[None]]
+
+
+class Request:
+    """One request to an operator, as the operator sees it.
+
+    ``inputs`` maps names to numpy (or cupy) arrays for tensors that travelled inline and to
+    :class:`~tdask.data_plane.RemoteTensor` descriptors for large ones; pass a descriptor on to
+    forward it by reference, or call :meth:`fetch_inputs` to get arrays.
+    """
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        operator: str,
+        version: int,
+        inputs: dict[str, np.ndarray | RemoteTensor],
+        parameters: dict[str, Any],
+        deadline: float | None,
+        store: TensorStore,
+        send: SendFn,
+    ) -> None:
+        self.request_id = request_id
+        self.operator = operator
+        self.version = version
+        self.inputs = inputs
+        self.parameters = parameters
+        self.deadline = deadline
+        self._store = store
+        self._send = send
+        self._sender: ResponseSender | None = None
+        self.cancelled = asyncio.Event()
+        self.finished = False
+
+    @property
+    def remaining_s(self) -> float | None:
+        """Seconds left before the deadline, or ``None`` when there is none."""
+        return None if self.deadline is None else self.deadline - time.time()
+
+    async def fetch_inputs(self) -> dict[str, Any]:
+        """All inputs as arrays, pulling remote ones from their owners."""
+        from tdask.data_plane import RemoteTensor
+
+        out: dict[str, Any] = {}
+        for name, value in self.inputs.items():
+            out[name] = await self._store.fetch(value) if isinstance(value, RemoteTensor) else value
+        return out
+
+    def response_sender(self) -> ResponseSender:
+        """The sender through which this request is answered."""
+        if self._sender is None:
+            self._sender = ResponseSender(self)
+        return self._sender
+
+    def error(self, message: str) -> InvalidRequestError:
+        """An :class:`InvalidRequestError` about this request, to raise or send."""
+        return InvalidRequestError(message, operator=self.operator, request_id=self.request_id)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.operator}:{self.request_id} inputs={sorted(self.inputs)}>"
+
+
+class ResponseSender:
+    """Answers one request: several responses allowed, exactly one with ``final=True``."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    async def send(
+        self,
+        outputs: Mapping[str, Any] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        error: BaseException | None = None,
+        final: bool = True,
+    ) -> None:
+        """Send a response; after the final one, further sends raise ``RuntimeError``."""
+        request = self._request
+        if request.finished:
+            raise RuntimeError(
+                f"request {request.request_id!r} of operator {request.operator!r} already has its final response"
+            )
+        if error is not None and not final:
+            raise ValueError("an error response must be final")
+        if final:
+            request.finished = True
+        await request._send(
+            request,
+            {
+                "outputs": dict(outputs or {}),
+                "parameters": dict(parameters or {}),
+                "error": error,
+                "final": final,
+            },
+        )
+
+
+def check_outputs(operator: str, request_id: str, outputs: Mapping[str, Any]) -> None:
+    """Refuse outputs that are not arrays or tensor descriptors, naming the culprit."""
+    from tdask.data_plane import RemoteTensor, is_array
+
+    for name, value in outputs.items():
+        if not isinstance(name, str):
+            raise OperatorError(
+                f"output name {name!r} is not a string", operator=operator, request_id=request_id
+            )
+        if not (is_array(value) or isinstance(value, RemoteTensor)):
+            raise OperatorError(
+                f"output {name!r} is a {type(value).__name__}, expected a numpy/cupy array or RemoteTensor",
+                operator=operator,
+                request_id=request_id,
+            )

@@ -1,0 +1,488 @@
+"""The worker side: :class:`OperatorHost`, the plugin that hosts operators on a Dask worker.
+
+Two ways in:
+
+- ``Worker(plugins=[OperatorHost([...])])`` (what :class:`tdask.Deployment` does): a setup
+  failure fails the worker's start, so a broken deployment fails loudly.
+- ``dask worker ADDR --preload tdask.worker --tdask-operator '{"name": ...}'`` (and the same with
+  ``dask-cuda-worker``): :func:`dask_setup` adds the plugin. distributed only logs preload
+  errors, so failures are also recorded in the scheduler's operator registry, where callers see
+  them as :class:`~tdask.exceptions.OperatorUnavailableError` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from distributed import Worker, WorkerPlugin
+from distributed.core import Status
+
+from tdask.config import get_seconds
+from tdask.data_plane import (
+    RemoteTensor,
+    TensorScope,
+    TensorStore,
+    current_scope,
+    current_store,
+    decode_tensors,
+    encode_tensors,
+    tensors_in,
+)
+from tdask.exceptions import DataPlaneError, OperatorError, TdaskError, error_to_msg
+from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, check_outputs
+from tdask.remote import current_endpoint
+from tdask.request_plane import QueueRequestPlane
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OperatorHost", "dask_setup"]
+
+PLUGIN_NAME = "tdask-operators"
+
+
+class _WorkerEndpoint:
+    """Request and data plane used by RemoteOperator inside an operator: the worker's own."""
+
+    fetch_default = False
+
+    def __init__(self, plane: QueueRequestPlane, store: TensorStore) -> None:
+        self.plane = plane
+        self.peer = store
+
+    async def place(self, key: str, array: Any) -> RemoteTensor:
+        return self.peer.put(array)
+
+
+@dataclass
+class _Hosted:
+    """One operator on this worker, with its in-flight accounting."""
+
+    config: OperatorConfig
+    operator: Operator
+    inflight: int = 0
+    max_inflight_seen: int = 0
+    slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
+    batches: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class OperatorHost(WorkerPlugin):
+    """Builds a worker's operators at setup, serves their requests, stops them at teardown.
+
+    Parameters
+    ----------
+    operators
+        The operators this worker hosts (validated here, so bad config fails on the caller).
+    log_dir
+        Where operator-owned processes (Triton) write their logs; default: the worker's
+        local directory.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = False
+
+    def __init__(
+        self,
+        operators: Sequence[OperatorConfig],
+        *,
+        log_dir: str | Path | None = None,
+        log_file: str | Path | None = None,
+    ) -> None:
+        operators = list(operators)
+        if not operators:
+            raise ValueError("OperatorHost needs at least one OperatorConfig")
+        keys = set()
+        for config in operators:
+            if not isinstance(config, OperatorConfig):
+                raise TypeError(f"expected OperatorConfig, got {type(config).__name__}")
+            if config.key in keys:
+                raise ValueError(f"operator {config.key} listed twice for one worker")
+            keys.add(config.key)
+        self.operators = operators
+        self.log_dir = str(log_dir) if log_dir is not None else None
+        self.log_file = str(log_file) if log_file is not None else None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.worker: Worker | None = None
+        self.store: TensorStore | None = None
+        self.plane: QueueRequestPlane | None = None
+        self.hosted: dict[str, _Hosted] = {}
+        self.failures: dict[str, str] = {}
+        self._requests: dict[tuple[str, str], tuple[Request, asyncio.Task[None]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._triton: Any = None
+        self._triton_lock = asyncio.Lock()
+        self._closing = False
+        self._log_handler: logging.Handler | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"operators": self.operators, "log_dir": self.log_dir, "log_file": self.log_file}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.operators = state["operators"]
+        self.log_dir = state["log_dir"]
+        self.log_file = state.get("log_file")
+        self._reset()
+
+    def _start_log_file(self) -> None:
+        """Copy this worker's distributed and tdask log lines into ``log_file``."""
+        if self.log_file is None:
+            return
+        import dask.config
+
+        Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.log_file)
+        handler.setFormatter(logging.Formatter(dask.config.get("distributed.admin.log-format")))
+        for name in ("distributed", "tdask"):
+            logging.getLogger(name).addHandler(handler)
+        self._log_handler = handler
+
+    def _stop_log_file(self) -> None:
+        if self._log_handler is not None:
+            for name in ("distributed", "tdask"):
+                logging.getLogger(name).removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def setup(self, worker: Worker) -> None:
+        """Build every operator; on failure, record it for callers and raise."""
+        self.worker = worker
+        self._start_log_file()
+        self.store = TensorStore(worker)
+        self.store.install()
+        worker.handlers["tdask_cancel"] = self._handle_cancel
+        worker.handlers["tdask_host_stats"] = self.stats
+        self.plane = QueueRequestPlane(
+            worker.scheduler, f"{worker.address}#{uuid.uuid4().hex[:8]}", worker=worker.address
+        )
+        self.plane.on_orphan_response = self._release_orphan
+        self.endpoint = _WorkerEndpoint(self.plane, self.store)
+        context = OperatorContext(
+            worker=worker, store=self.store, log_dir=self._log_dir(), triton_server=self._triton_server
+        )
+        for config in self.operators:
+            try:
+                self.hosted[config.key] = _Hosted(config, await self._build(config, context))
+            except Exception as exc:
+                self.failures[config.name] = f"{type(exc).__name__}: {exc}"
+                logger.exception("operator %s failed to start on %s", config.key, worker.address)
+                worker.log_event("tdask", {"action": "operator-failed", "operator": config.key, "error": str(exc)})
+        self._tasks.append(asyncio.create_task(self._serve()))
+        if self.failures:
+            raise RuntimeError(
+                f"tdask operators failed to start on {worker.address}: "
+                + "; ".join(f"{name}: {msg}" for name, msg in self.failures.items())
+            )
+
+    def _log_dir(self) -> Path:
+        assert self.worker is not None
+        path = Path(self.log_dir) if self.log_dir else Path(self.worker.local_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def _build(self, config: OperatorConfig, context: OperatorContext) -> Operator:
+        cls = config.resolve()
+        op_logger = logging.getLogger(f"tdask.operator.{config.name}")
+        if config.log_level is not None:
+            op_logger.setLevel(config.log_level.upper() if isinstance(config.log_level, str) else config.log_level)
+        operator = cls(config.name, config.version, dict(config.parameters), config.repository, op_logger, context)
+        await operator.setup()
+        logger.info("operator %s ready on %s", config.key, context.worker.address)
+        return operator
+
+    async def _triton_server(self) -> Any:
+        """This worker's Triton server, started on first use over all its Triton repositories."""
+        async with self._triton_lock:
+            if self._triton is None:
+                from tdask.triton_server import TritonServer
+
+                assert self.worker is not None
+                repositories = sorted({c.repository for c in self.operators if c.is_triton and c.repository})
+                server = TritonServer(
+                    model_repository=repositories,
+                    log_dir=self._log_dir(),
+                    name=str(self.worker.name).replace("/", "_"),
+                )
+                await server.start()
+                self._triton = server
+            return self._triton
+
+    async def _serve(self) -> None:
+        """Once the worker is registered: announce operators (and failures), then consume."""
+        worker, plane = self.worker, self.plane
+        assert worker is not None and plane is not None
+        while worker.status != Status.running:
+            if worker.status in (Status.closing, Status.closed, Status.failed, Status.closing_gracefully):
+                return
+            await asyncio.sleep(0.02)
+        infos = [
+            {"key": key, "name": h.config.name, "version": h.config.version, "max_inflight": h.config.max_inflight_requests}
+            for key, h in self.hosted.items()
+        ]
+        await plane.register(worker.address, infos, self.failures)
+        for hosted in self.hosted.values():
+            self._tasks.append(asyncio.create_task(self._consume(hosted)))
+
+    async def teardown(self, worker: Worker) -> None:
+        """Stop taking requests, let in-flight ones finish briefly, hand back the rest, stop."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.plane is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.plane.unregister(worker.address, release_leases=False), 5)
+        batches = [t for h in self.hosted.values() for t in h.batches]
+        if batches:
+            _, pending = await asyncio.wait(batches, timeout=get_seconds("tdask.worker.drain-timeout") or 0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.plane is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.plane.unregister(worker.address, release_leases=True), 5)
+            await self.plane.aclose()
+        for key, hosted in self.hosted.items():
+            try:
+                await hosted.operator.teardown()
+            except Exception:
+                logger.exception("operator %s failed to tear down", key)
+        if self._triton is not None:
+            await self._triton.stop()
+            self._triton = None
+        if self.store is not None:
+            await self.store.close()
+        for handler in ("tdask_cancel", "tdask_host_stats"):
+            worker.handlers.pop(handler, None)
+        self._stop_log_file()
+
+    # -- serving --------------------------------------------------------------------------
+
+    async def _consume(self, hosted: _Hosted) -> None:
+        worker, plane = self.worker, self.plane
+        assert worker is not None and plane is not None
+        limit = hosted.config.max_inflight_requests
+        poll_s = get_seconds("tdask.worker.poll-interval") or 2.0
+        while not self._closing:
+            while hosted.inflight >= limit:
+                hosted.slot_freed.clear()
+                await hosted.slot_freed.wait()
+            try:
+                messages = await plane.take(worker.address, hosted.config.key, limit - hosted.inflight, poll_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closing or worker.status != Status.running:
+                    return
+                logger.warning("taking requests for %s failed: %s; retrying", hosted.config.key, exc)
+                await asyncio.sleep(0.5)
+                continue
+            if messages:
+                self._start_batch(hosted, messages)
+
+    def _start_batch(self, hosted: _Hosted, messages: list[dict[str, Any]]) -> None:
+        assert self.store is not None
+        requests = []
+        for message in messages:
+            request = Request(
+                request_id=message["id"],
+                operator=hosted.config.name,
+                version=hosted.config.version,
+                inputs=decode_tensors(message.get("inputs") or {}),
+                parameters=message.get("parameters") or {},
+                deadline=message.get("deadline"),
+                store=self.store,
+                send=self._send,
+            )
+            request._requester = message["requester"]  # type: ignore[attr-defined]
+            requests.append(request)
+        hosted.inflight += len(requests)
+        hosted.max_inflight_seen = max(hosted.max_inflight_seen, hosted.inflight)
+        task = asyncio.create_task(self._run_batch(hosted, requests))
+        hosted.batches.add(task)
+        for request in requests:
+            self._requests[(request._requester, request.request_id)] = (request, task)  # type: ignore[attr-defined]
+
+    async def _run_batch(self, hosted: _Hosted, requests: list[Request]) -> None:
+        scope = TensorScope()
+        current_scope.set(scope)
+        current_store.set(self.store)
+        current_endpoint.set(self.endpoint)
+        error: BaseException | None = None
+        cancelled = False
+        try:
+            await hosted.operator.execute(requests)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception as exc:
+            error = exc
+            logger.warning(
+                "operator %s raised on requests %s: %r",
+                hosted.config.key,
+                [r.request_id for r in requests],
+                exc,
+                exc_info=not isinstance(exc, TdaskError),
+            )
+        finally:
+            try:
+                if not cancelled or not self._closing:
+                    for request in requests:
+                        if request.finished or request.cancelled.is_set():
+                            continue
+                        if error is None:
+                            error = OperatorError("the operator returned without sending a final response")
+                        await request.response_sender().send(error=error)
+            except Exception:
+                logger.exception("answering failed requests of %s failed", hosted.config.key)
+            finally:
+                if scope.tensors and self.store is not None:
+                    await self.store.release(list(scope.tensors.values()))
+                hosted.inflight -= len(requests)
+                hosted.slot_freed.set()
+                hosted.batches.discard(asyncio.current_task())  # type: ignore[arg-type]
+                for request in requests:
+                    self._requests.pop((request._requester, request.request_id), None)  # type: ignore[attr-defined]
+
+    async def _send(self, request: Request, response: dict[str, Any]) -> None:
+        """Encode one response (large outputs into our store) and hand it to the plane."""
+        assert self.store is not None and self.plane is not None and self.worker is not None
+        if request.cancelled.is_set():
+            return
+        outputs = response["outputs"]
+        error = response["error"]
+        if error is None:
+            try:
+                check_outputs(request.operator, request.request_id, outputs)
+                _check_response_parameters(response["parameters"])
+            except (OperatorError, TypeError) as exc:
+                logger.error("operator %s answered request %s badly: %s", request.operator, request.request_id, exc)
+                error, outputs = exc, {}
+                response = {**response, "parameters": {}, "final": True}
+                request.finished = True
+        entries: dict[str, Any] = {}
+        if error is None:
+
+            async def place(array: Any) -> RemoteTensor:
+                return self.store.put(array)  # type: ignore[union-attr]
+
+            entries, _ = await encode_tensors(outputs, place)
+            scope = current_scope.get()
+            if scope is not None:
+                scope.hand_on(tensors_in(outputs.values()))
+        message = {
+            "id": request.request_id,
+            "requester": request._requester,  # type: ignore[attr-defined]
+            "operator": f"{request.operator}/{request.version}",
+            "worker": self.worker.address,
+            "outputs": entries,
+            "parameters": response["parameters"] if error is None else {},
+            "error": None if error is None else error_to_msg(error),
+            "final": response["final"],
+        }
+        try:
+            await self.plane.respond([message])
+        except Exception as exc:
+            logger.error("could not deliver response to %s of %s: %s", request.request_id, request.operator, exc)
+
+    def _handle_cancel(self, keys: list[list[str]]) -> None:
+        tasks = set()
+        for requester, request_id in keys:
+            entry = self._requests.get((requester, request_id))
+            if entry is None:
+                continue
+            request, task = entry
+            request.cancelled.set()
+            logger.info("request %s of %s cancelled by its caller", request_id, request.operator)
+            tasks.add(task)
+        for task in tasks:
+            siblings = [r for r, t in self._requests.values() if t is task]
+            if all(r.cancelled.is_set() or r.finished for r in siblings):
+                task.cancel()
+
+    def _release_orphan(self, reply: dict[str, Any]) -> None:
+        refs = tensors_in(decode_tensors(reply.get("outputs") or {}).values())
+        if refs and self.store is not None:
+            asyncio.create_task(self.store.release(refs))
+
+    def stats(self) -> dict[str, Any]:
+        """In-flight accounting per operator (``max_inflight_seen`` proves the limit held)."""
+        return {
+            key: {"inflight": h.inflight, "max_inflight_seen": h.max_inflight_seen, "limit": h.config.max_inflight_requests}
+            for key, h in self.hosted.items()
+        }
+
+
+def _check_response_parameters(parameters: dict[str, Any]) -> None:
+    for key, value in parameters.items():
+        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
+            raise TypeError(f"response parameter {key!r}={value!r} is not a str/int/float/bool")
+
+
+# -- preload ------------------------------------------------------------------------------
+
+
+def parse_operator_option(text: str) -> list[OperatorConfig]:
+    """Read ``--tdask-operator``: a JSON object or list, or ``@path`` to a JSON/YAML file."""
+    if text.startswith("@"):
+        data = yaml.safe_load(Path(text[1:]).read_text())
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}") from None
+    items = data if isinstance(data, list) else [data]
+    configs = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise click.BadParameter(f"expected an object describing an operator, got {item!r}")
+        try:
+            configs.append(OperatorConfig(**item))
+        except (TypeError, ValueError) as exc:
+            raise click.BadParameter(str(exc)) from None
+    return configs
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option(
+    "--tdask-operator",
+    "operators",
+    multiple=True,
+    required=True,
+    help='An operator to host, as JSON ({"name": ..., "implementation": ..., ...}) or @file.',
+)
+@click.option("--tdask-log-dir", "log_dir", default=None, help="Directory for Triton's and operators' logs.")
+async def dask_setup(worker: Worker, operators: tuple[str, ...], log_dir: str | None) -> None:
+    """Host tdask operators on a worker started with ``--preload tdask.worker``."""
+    configs = [config for text in operators for config in parse_operator_option(text)]
+    host = OperatorHost(configs, log_dir=log_dir)
+    started = time.monotonic()
+    try:
+        await worker.plugin_add(plugin=host, name=PLUGIN_NAME, catch_errors=False)
+    except Exception as exc:
+        # distributed only logs preload failures; the host already recorded them in the
+        # scheduler's registry, so callers get OperatorUnavailableError with this message.
+        logger.error("tdask preload failed on %s: %s", worker.address, exc)
+        worker.log_event("tdask", {"action": "preload-failed", "error": str(exc)})
+        return
+    logger.info(
+        "tdask hosting %s on %s (setup %.1fs)",
+        [c.key for c in configs],
+        worker.address,
+        time.monotonic() - started,
+    )
+
+
+__all__ += ["parse_operator_option"]

@@ -1,0 +1,111 @@
+"""Python operators used by the tests (real classes, hosted on real workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+
+from tdask import InvalidRequestError, Operator, RemoteOperator, RemoteTensor
+
+
+class Identity(Operator):
+    """Returns its inputs unchanged (descriptors are handed back, not fetched)."""
+
+    async def execute(self, requests):
+        for request in requests:
+            await request.response_sender().send(outputs=dict(request.inputs), parameters={"pid": os.getpid()})
+
+
+class Add(Operator):
+    """``out = a + b``; sleeps ``delay`` seconds first; tracks how many executes overlap."""
+
+    active = 0
+    peak = 0
+
+    async def execute(self, requests):
+        type(self).active += len(requests)
+        type(self).peak = max(type(self).peak, type(self).active)
+        try:
+            for request in requests:
+                inputs = await request.fetch_inputs()
+                if "a" not in inputs or "b" not in inputs:
+                    raise request.error(f"Add needs inputs 'a' and 'b', got {sorted(inputs)}")
+                await asyncio.sleep(float(request.parameters.get("delay", 0)))
+                await request.response_sender().send(
+                    outputs={"out": inputs["a"] + inputs["b"]},
+                    parameters={"peak": type(self).peak},
+                )
+        finally:
+            type(self).active -= len(requests)
+
+
+class Fail(Operator):
+    """Raises, or misbehaves, as asked by the ``mode`` parameter."""
+
+    async def execute(self, requests):
+        for request in requests:
+            mode = request.parameters.get("mode", "raise")
+            sender = request.response_sender()
+            if mode == "raise":
+                raise ZeroDivisionError("boom from Fail")
+            if mode == "no-final":
+                await sender.send(outputs={"x": np.zeros(1)}, final=False)
+            elif mode == "bad-output":
+                await sender.send(outputs={"x": [1, 2, 3]})
+            elif mode == "invalid":
+                raise request.error("the input is unacceptable")
+            elif mode == "sleep":
+                await asyncio.sleep(float(request.parameters.get("seconds", 30)))
+                await sender.send(outputs={})
+            elif mode == "exit":
+                os._exit(1)
+
+
+class Streamer(Operator):
+    """Sends ``count`` responses, the last one final."""
+
+    async def execute(self, requests):
+        for request in requests:
+            count = int(request.parameters.get("count", 3))
+            sender = request.response_sender()
+            for i in range(count):
+                await sender.send(outputs={"i": np.array([i])}, final=i == count - 1)
+
+
+class Forward(Operator):
+    """Orchestrator: calls ``first`` then ``second``, forwarding the tensor by reference."""
+
+    async def setup(self):
+        self.first = RemoteOperator(self.parameters.get("first", "producer"))
+        self.second = RemoteOperator(self.parameters.get("second", "consumer"))
+
+    async def execute(self, requests):
+        for request in requests:
+            a = await self.first.infer(inputs=request.inputs, parameters=request.parameters)
+            assert all(isinstance(v, RemoteTensor) or v.nbytes <= 65536 for v in a.outputs.values())
+            b = await self.second.infer(inputs=a.outputs)
+            await request.response_sender().send(outputs=b.outputs, parameters=b.parameters)
+
+
+class Producer(Operator):
+    """Makes an array of ``n`` float64 values counting from the input scalar."""
+
+    async def execute(self, requests):
+        for request in requests:
+            inputs = await request.fetch_inputs()
+            n = int(request.parameters.get("n", 10))
+            start = float(inputs["start"][0]) if "start" in inputs else 0.0
+            await request.response_sender().send(outputs={"data": np.arange(start, start + n, dtype=np.float64)})
+
+
+class Consumer(Operator):
+    """Sums its ``data`` input (fetching it from wherever it lives)."""
+
+    async def execute(self, requests):
+        for request in requests:
+            if "data" not in request.inputs:
+                raise InvalidRequestError("Consumer needs 'data'", operator=self.name, request_id=request.request_id)
+            data = (await request.fetch_inputs())["data"]
+            await request.response_sender().send(outputs={"sum": np.array([data.sum()])}, parameters={"n": int(data.size)})

@@ -1,0 +1,359 @@
+"""TritonServer and the packaged encoder/decoder models, against a real tritonserver.
+
+One server (encoder + decoder loaded) is shared by the module; tests that change or kill a
+server start their own small one. Every address is 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tdask.triton_server import TritonServer, TritonServerError, find_tritonserver, merge_model_config
+
+pytestmark = pytest.mark.timeout(180)
+
+MODELS = Path(__file__).resolve().parent.parent / "tdask" / "models"
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def server_processes(server_pid: int) -> list[psutil.Process]:
+    """Live processes that belong to the server ``server_pid``.
+
+    Its process group (the server and the stubs it forks), plus any python-backend stub
+    that names ``server_pid`` as its parent on its command line, wherever it ended up.
+    """
+    found = {}
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            in_group = os.getpgid(proc.pid) == server_pid
+        except (psutil.Error, ProcessLookupError):
+            continue
+        cmdline = proc.info["cmdline"] or []
+        is_our_stub = bool(cmdline) and cmdline[0].endswith("triton_python_backend_stub") and str(server_pid) in cmdline
+        if in_group or is_our_stub:
+            found[proc.pid] = proc
+    return list(found.values())
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def infer(client, model, inputs, parameters=None, outputs=None):
+    """``inputs``: {name: array}; returns the InferResult."""
+    tensors = []
+    for name, array in inputs.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), _triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return client.infer(model, tensors, parameters=parameters, client_timeout=60)
+
+
+def _triton_dtype(dtype) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(np.dtype(dtype))
+
+
+def start_server(tmp_path: Path, name: str, models=(), **kwargs) -> TritonServer:
+    server = TritonServer(model_repository=MODELS, log_dir=tmp_path, name=name, **kwargs)
+
+    async def go():
+        await server.start()
+        for model in models:
+            if isinstance(model, tuple):
+                await server.load_model(*model)
+            else:
+                await server.load_model(model)
+
+    try:
+        asyncio.run(go())
+    except BaseException:
+        asyncio.run(server.stop())
+        raise
+    return server
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[TritonServer]:
+    """One server with encoder and decoder loaded, shared by the module."""
+    server = start_server(tmp_path_factory.mktemp("triton-logs"), "shared", models=("encoder", "decoder"))
+    yield server
+    pid = server.pid
+    asyncio.run(server.stop())
+    assert server_processes(pid) == []
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        yield client
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 1_000_000])
+@pytest.mark.parametrize("copies", [1, 2, 5, 7])
+def test_encoder_decoder_round_trip(client, copies, size):
+    rng = np.random.default_rng(size * 10 + copies)
+    data = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=size, dtype=np.int64)
+
+    encoded = infer(client, "encoder", {"input": data}, parameters={"input_copies": copies})
+    output, sent_copies = encoded.as_numpy("output"), encoded.as_numpy("input_copies")
+    assert output.dtype == np.int64 and output.shape == (size * copies,)
+    np.testing.assert_array_equal(output, np.invert(np.tile(data, copies)))
+    assert sent_copies.tolist() == [copies]
+
+    decoded = infer(client, "decoder", {"input": output, "input_copies": sent_copies})
+    result = decoded.as_numpy("output")
+    assert result.dtype == np.int64 and result.shape == data.shape
+    np.testing.assert_array_equal(result, data)
+
+
+def test_request_parameters_override_config(client):
+    data = np.arange(5, dtype=np.int64)
+    default = infer(client, "encoder", {"input": data})
+    assert default.as_numpy("input_copies").tolist() == [1]  # config.pbtxt default
+    np.testing.assert_array_equal(default.as_numpy("output"), np.invert(data))
+
+    for value in (3, "3"):  # an int64 parameter and a string parameter
+        tripled = infer(client, "encoder", {"input": data}, parameters={"input_copies": value})
+        assert tripled.as_numpy("input_copies").tolist() == [3]
+        np.testing.assert_array_equal(tripled.as_numpy("output"), np.invert(np.tile(data, 3)))
+
+    # Without the input_copies tensor the decoder takes the count from the parameters.
+    decoded = infer(client, "decoder", {"input": np.invert(np.tile(data, 3))}, parameters={"input_copies": 3})
+    np.testing.assert_array_equal(decoded.as_numpy("output"), data)
+
+    # delay: 2 ms per output element, 50 elements => at least 0.1 s.
+    began = time.monotonic()
+    infer(client, "encoder", {"input": np.arange(50, dtype=np.int64)}, parameters={"delay": 0.002})
+    assert time.monotonic() - began >= 0.1
+
+
+@pytest.mark.parametrize(
+    ("inputs", "model", "expected"),
+    [
+        ({"input": np.arange(4, dtype=np.int32)}, "encoder", ["data-type is 'INT32'", "expects 'INT64'"]),
+        ({"input": np.arange(6, dtype=np.int64).reshape(2, 3)}, "encoder", ["unexpected shape", "'input'", "[2,3]"]),
+        ({}, "encoder", ["missing required input", "'input'"]),
+        ({"input_copies": np.array([1], dtype=np.int64)}, "decoder", ["missing required input", "'input'"]),
+        ({"input": np.arange(4, dtype=np.int64), "extra": np.arange(2, dtype=np.int64)}, "encoder", ["'extra'"]),
+    ],
+    ids=["int32-dtype", "2d-shape", "missing-input", "decoder-missing-input", "unexpected-input"],
+)
+def test_bad_inputs_are_rejected_with_a_clear_message(client, inputs, model, expected):
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, model, inputs)
+    message = info.value.message()
+    for fragment in expected:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "parameters", "expected"),
+    [
+        ("encoder", {"input": np.arange(3)}, {"input_copies": 0}, ["'input_copies'", ">= 1", "got 0"]),
+        ("encoder", {"input": np.arange(3)}, {"input_copies": "many"}, ["'input_copies'", "'many'"]),
+        ("encoder", {"input": np.arange(3)}, {"delay": "-1"}, ["'delay'", "'-1'"]),
+        ("encoder", {"input": np.arange(3)}, {"delay": "soon"}, ["'delay'", "'soon'"]),
+        ("decoder", {"input": np.arange(6)}, {"input_copies": 4}, ["6 elements", "4 equal copies"]),
+        ("decoder", {"input": np.arange(6), "input_copies": np.array([0])}, None, ["'input_copies'", "got 0"]),
+    ],
+    ids=["copies-zero", "copies-text", "delay-negative", "delay-text", "indivisible", "copies-tensor-zero"],
+)
+def test_bad_parameters_answer_with_an_error(client, model, inputs, parameters, expected):
+    inputs = {name: array.astype(np.int64) for name, array in inputs.items()}
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, model, inputs, parameters=parameters)
+    message = info.value.message()
+    assert message.startswith(f"{model}: "), message
+    for fragment in expected:
+        assert fragment in message, message
+    # The instance survives a bad request.
+    ok = infer(client, "encoder", {"input": np.arange(3, dtype=np.int64)})
+    np.testing.assert_array_equal(ok.as_numpy("output"), np.invert(np.arange(3)))
+
+
+# ---------------------------------------------------------------------------- config override
+
+
+def test_merge_model_config_overrides_only_what_is_given():
+    base = {
+        "name": "m",
+        "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+        "parameters": {"a": {"string_value": "1"}, "b": {"string_value": "2"}},
+        "input": [{"name": "input"}],
+    }
+    merged = merge_model_config(
+        base, {"instance_group": [{"kind": "KIND_GPU", "count": 2}], "parameters": {"b": 3, "c": {"string_value": "x"}}}
+    )
+    assert merged["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
+    assert merged["parameters"] == {
+        "a": {"string_value": "1"},
+        "b": {"string_value": "3"},
+        "c": {"string_value": "x"},
+    }
+    assert merged["input"] == base["input"] and merged["name"] == "m"
+    assert base["parameters"]["b"] == {"string_value": "2"}  # the base is not modified
+
+
+def test_config_override_changes_instances_and_parameters(tmp_path):
+    server = start_server(tmp_path, "override")
+    try:
+        override = {"instance_group": [{"kind": "KIND_CPU", "count": 2}], "parameters": {"input_copies": "3"}}
+        asyncio.run(server.load_model("encoder", override))
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            config = client.get_model_config("encoder", as_json=True)["config"]
+            assert [(g["kind"], g["count"]) for g in config["instance_group"]] == [("KIND_CPU", 2)]
+            assert config["parameters"]["input_copies"]["string_value"] == "3"
+            assert config["parameters"]["delay"]["string_value"] == "0"  # kept from config.pbtxt
+            assert config["output"][1]["name"] == "input_copies"  # the rest of config.pbtxt is kept
+
+            data = np.arange(4, dtype=np.int64)
+            result = infer(client, "encoder", {"input": data})
+            assert result.as_numpy("input_copies").tolist() == [3]  # from the overridden config
+            result = infer(client, "encoder", {"input": data}, parameters={"input_copies": 2})
+            assert result.as_numpy("input_copies").tolist() == [2]  # the request wins
+
+            stubs = [p for p in server_processes(server.pid) if p.pid != server.pid]
+            assert len(stubs) == 2  # one stub per instance
+
+        # A bad value in the config fails the load, naming the parameter.
+        with pytest.raises(TritonServerError, match="input_copies"):
+            asyncio.run(server.load_model("decoder", {"parameters": {"input_copies": "0"}}))
+        # A misspelt key is caught before the server sees it.
+        with pytest.raises(ValueError, match="instance_groups"):
+            asyncio.run(server.load_model("decoder", {"instance_groups": [{"count": 2}]}))
+
+        asyncio.run(server.unload_model("encoder"))
+        assert wait_until(lambda: len(server_processes(server.pid)) == 1, 10)  # stubs gone, server left
+    finally:
+        pid = server.pid
+        asyncio.run(server.stop())
+    assert server_processes(pid) == []
+
+
+# ---------------------------------------------------------------------------- lifecycle
+
+
+def test_start_stop_is_idempotent_and_async_with_works(tmp_path):
+    async def go():
+        server = TritonServer(model_repository=MODELS, log_dir=tmp_path, name="ctx")
+        async with server:
+            await server.start()  # a no-op
+            assert server.is_alive() and server.grpc_url.startswith("127.0.0.1:")
+            assert server.http_url.startswith("127.0.0.1:")
+            pid = server.pid
+        assert not server.is_alive() and server.returncode == 0
+        await server.stop()  # a no-op
+        with pytest.raises(RuntimeError, match="cannot be started"):
+            await server.start()
+        return pid
+
+    pid = asyncio.run(go())
+    assert server_processes(pid) == []
+    log = (tmp_path / "ctx.triton.log").read_text()
+    assert "Started GRPCInferenceService at 127.0.0.1:" in log
+
+
+def test_start_failure_reports_exit_status_and_log(tmp_path):
+    server = TritonServer(
+        model_repository=MODELS, log_dir=tmp_path, name="broken", extra_args=["--no-such-flag=1"]
+    )
+    with pytest.raises(TritonServerError) as info:
+        asyncio.run(server.start())
+    error = info.value
+    assert error.returncode not in (None, 0)
+    assert "no-such-flag" in error.log_tail
+    assert "exited with status" in str(error) and "no-such-flag" in str(error)
+    assert not server.is_alive()
+
+
+def test_tdask_tritonserver_must_be_executable(monkeypatch, tmp_path):
+    monkeypatch.setenv("TDASK_TRITONSERVER", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="TDASK_TRITONSERVER"):
+        find_tritonserver()
+
+
+def test_killed_server_is_detected_and_cleaned_up(tmp_path):
+    server = start_server(tmp_path, "victim", models=("encoder", "decoder"))
+    pid = server.pid
+    exits = []
+    server.add_exit_callback(exits.append)
+    try:
+        assert server.is_alive()
+        assert len(server_processes(pid)) == 3  # server + 2 stubs
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            infer(client, "encoder", {"input": np.arange(3, dtype=np.int64)})
+            os.kill(pid, signal.SIGKILL)
+            assert asyncio.run(asyncio.wait_for(server.wait(), 10)) == -signal.SIGKILL
+            assert not server.is_alive() and server.returncode == -signal.SIGKILL
+            assert exits == [-signal.SIGKILL]
+
+            began = time.monotonic()
+            with pytest.raises(InferenceServerException):
+                tensor = grpcclient.InferInput("input", [3], "INT64")
+                tensor.set_data_from_numpy(np.arange(3, dtype=np.int64))
+                client.infer("encoder", [tensor], client_timeout=10)
+            assert time.monotonic() - began < 5  # refused, not hung
+
+        with pytest.raises(TritonServerError, match="exited with status -9"):
+            asyncio.run(server.load_model("encoder"))
+    finally:
+        began = time.monotonic()
+        asyncio.run(server.stop())
+    assert time.monotonic() - began < 5  # orphaned stubs are killed, not waited for
+    assert server_processes(pid) == []
+
+
+@pytest.mark.parametrize("how", ["exit-without-stop", "sigkill-owner"])
+def test_server_does_not_outlive_its_owner(tmp_path, how):
+    """The finalizer (normal exit) or the parent-death signal (SIGKILL) ends the server."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json, os, signal, sys, time
+        from tdask.triton_server import TritonServer
+        server = TritonServer(model_repository={str(MODELS)!r}, log_dir={str(tmp_path)!r}, name="owned")
+        async def go():
+            await server.start()
+            await server.load_model("encoder")
+        asyncio.run(go())
+        print(json.dumps({{"pid": server.pid}}), flush=True)
+        if {how!r} == "sigkill-owner":
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODELS.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout, done.stderr
+    pid = json.loads(done.stdout.splitlines()[0])["pid"]
+    assert wait_until(lambda: server_processes(pid) == [], 20), [p.cmdline() for p in server_processes(pid)]
