@@ -1,0 +1,73 @@
+"""Shared fixtures: real Dask clusters on 127.0.0.1, started once per module where possible."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import psutil
+import pytest
+from distributed import Client
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Worker processes (spawned) import test operators as ``tests.operators``.
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
+
+def run_async(address: str, fn: Callable[[Client], Coroutine[Any, Any, Any]], timeout: float = 120) -> Any:
+    """Run ``fn(client)`` with an asynchronous Client connected to ``address``."""
+
+    async def main() -> Any:
+        async with Client(address, asynchronous=True) as client:
+            return await asyncio.wait_for(fn(client), timeout)
+
+    return asyncio.run(main())
+
+
+def children() -> list[psutil.Process]:
+    """Live processes started (directly or not) by this test process."""
+    out = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+            # multiprocessing's own helper lives as long as this interpreter, by design.
+            if "multiprocessing.resource_tracker" in cmdline:
+                continue
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def assert_no_children(timeout: float = 15.0) -> None:
+    """Everything a test started must be gone (the brief: stop everything you started)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = children()
+        if not procs:
+            return
+        if time.monotonic() > deadline:
+            desc = []
+            for p in procs:
+                try:
+                    desc.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+                except psutil.Error:
+                    pass
+            raise AssertionError(f"processes left behind: {desc}")
+        time.sleep(0.2)
+
+
+def store_stats(client: Client) -> dict[str, dict[str, int]]:
+    """Tensor-store counters of every worker, keyed by worker name."""
+    stats = client.run(lambda dask_worker: dask_worker.handlers["tdask_store_stats"]())
+    names = {addr: str(w["name"]) for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+    return {names.get(addr, addr): s for addr, s in stats.items()}

@@ -1,0 +1,236 @@
+"""The core on a real cluster: worker processes hosting Python operators, a real scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from distributed import Client
+
+from tdask import (
+    Deployment,
+    InvalidRequestError,
+    OperatorConfig,
+    OperatorError,
+    OperatorUnavailableError,
+    RemoteOperator,
+    RemoteTensor,
+    RequestTimeoutError,
+    WorkerLostError,
+)
+from tests.conftest import assert_no_children, run_async, store_stats
+from tests.operators import Add, Consumer, Fail, Forward, Identity, Producer, Streamer
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    operators = [
+        (OperatorConfig(name="identity", implementation=Identity, max_inflight_requests=4), 1),
+        (OperatorConfig(name="add", implementation=Add, max_inflight_requests=2), 2),
+        (OperatorConfig(name="fail", implementation=Fail, max_inflight_requests=2), 1),
+        (OperatorConfig(name="streamer", implementation=Streamer), 1),
+        (OperatorConfig(name="forward", implementation=Forward, max_inflight_requests=4), 1),
+        (OperatorConfig(name="producer", implementation="tests.operators:Producer"), 1),
+        (OperatorConfig(name="consumer", implementation=Consumer, max_inflight_requests=4), 1),
+    ]
+    with Deployment(operators, dashboard_address=None) as dep:
+        yield dep
+    assert_no_children()
+
+
+@pytest.fixture
+def client(deployment) -> Client:
+    return deployment.client
+
+
+def test_sync_round_trip(client):
+    op = RemoteOperator("add", client=client)
+    response = op.infer(inputs={"a": np.arange(5), "b": np.ones(5, dtype=np.int64)})
+    np.testing.assert_array_equal(response.outputs["out"], np.arange(5) + 1)
+    assert response.final and response.operator == "add" and response.worker.startswith("tcp://127.0.0.1:")
+
+
+def test_many_concurrent_requests_spread_and_bounded(deployment, client):
+    async def go(c):
+        op = RemoteOperator("add", client=c)
+        rng = np.random.default_rng(0)
+        inputs = [(rng.integers(0, 100, 50), rng.integers(0, 100, 50)) for _ in range(200)]
+        responses = await asyncio.gather(
+            *(op.infer(inputs={"a": a, "b": b}, parameters={"delay": 0.005}) for a, b in inputs)
+        )
+        for (a, b), r in zip(inputs, responses):
+            np.testing.assert_array_equal(r.outputs["out"], a + b)
+        return responses
+
+    responses = run_async(deployment.scheduler_address, go)
+    workers = {r.worker for r in responses}
+    assert len(workers) == 2, "load must be spread over both add workers"
+    # Measured inside the operator: never more than max_inflight_requests=2 overlapping.
+    assert max(r.parameters["peak"] for r in responses) == 2
+    stats = client.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"](), workers=list(workers))
+    for s in stats.values():
+        assert s["add/1"]["max_inflight_seen"] <= 2
+
+
+def test_large_tensors_travel_by_reference(deployment, client):
+    before = store_stats(client)
+    n = 10 * 2**20 // 8  # 10 MiB of float64
+    response = RemoteOperator("forward", client=client).infer(
+        inputs={"start": np.array([1.0])}, parameters={"n": n}
+    )
+    expected = np.arange(1.0, 1.0 + n).sum()
+    assert response.outputs["sum"][0] == expected
+    after = store_stats(client)
+
+    def delta(name, key):
+        return after[name][key] - before[name][key]
+
+    assert delta("producer.0", "served_bytes") == n * 8, "the producer served the 10 MiB exactly once"
+    assert delta("consumer.0", "pulled_bytes") == n * 8, "the consumer pulled it straight from the producer"
+    assert delta("forward.0", "pulled_bytes") == 0, "the orchestrator forwarded the descriptor, not the bytes"
+    assert delta("forward.0", "served_bytes") == 0
+    assert all(s["tensors"] == 0 for s in after.values()), after
+
+
+def test_large_client_input_and_output(client):
+    big = np.arange(2_000_000, dtype=np.int64)  # 16 MB: placed in a worker's store first
+    response = RemoteOperator("identity", client=client).infer(inputs={"x": big})
+    np.testing.assert_array_equal(response.outputs["x"], big)
+    lazy = RemoteOperator("identity", client=client).infer(inputs={"x": big}, fetch=False)
+    assert isinstance(lazy.outputs["x"], RemoteTensor) and lazy.outputs["x"].nbytes == big.nbytes
+    client.sync(lazy.release)
+    assert all(s["tensors"] == 0 for s in store_stats(client).values())
+
+
+def test_streaming(client):
+    responses = list(RemoteOperator("streamer", client=client).stream(parameters={"count": 4}))
+    assert [int(r.outputs["i"][0]) for r in responses] == [0, 1, 2, 3]
+    assert [r.final for r in responses] == [False, False, False, True]
+
+
+def test_async_stream_and_infer(deployment):
+    async def go(c):
+        op = RemoteOperator("streamer", client=c)
+        got = [r async for r in op.stream(parameters={"count": 3})]
+        last = await op.infer(parameters={"count": 2})
+        return got, last
+
+    got, last = run_async(deployment.scheduler_address, go)
+    assert len(got) == 3 and got[-1].final
+    assert int(last.outputs["i"][0]) == 1
+
+
+def test_operator_raises(client):
+    with pytest.raises(OperatorError) as info:
+        RemoteOperator("fail", client=client).infer(parameters={"mode": "raise"}, request_id="req-raise")
+    err = info.value
+    assert err.operator == "fail" and err.request_id == "req-raise" and err.worker
+    assert err.remote_type == "ZeroDivisionError" and "boom from Fail" in str(err)
+    # The worker keeps serving.
+    assert RemoteOperator("fail", client=client).infer(parameters={"mode": "sleep", "seconds": 0}).final
+
+
+@pytest.mark.parametrize(
+    "mode, error, text",
+    [
+        ("no-final", OperatorError, "without sending a final response"),
+        ("bad-output", OperatorError, "output 'x' is a list"),
+        ("invalid", InvalidRequestError, "the input is unacceptable"),
+    ],
+)
+def test_operator_misbehaves(client, mode, error, text):
+    with pytest.raises(error, match=text) as info:
+        RemoteOperator("fail", client=client).infer(parameters={"mode": mode})
+    assert info.value.operator == "fail"
+
+
+def test_bad_input_on_the_caller(client):
+    op = RemoteOperator("add", client=client)
+    with pytest.raises(InvalidRequestError, match="input 'a' is a list"):
+        op.infer(inputs={"a": [1, 2], "b": np.ones(2)})
+    with pytest.raises(InvalidRequestError, match="parameters must be str, int, float or bool"):
+        op.infer(inputs={"a": np.ones(2), "b": np.ones(2)}, parameters={"p": [1]})
+    with pytest.raises(InvalidRequestError, match="Add needs inputs 'a' and 'b'"):
+        op.infer(inputs={"a": np.ones(2)})
+    with pytest.raises(InvalidRequestError, match="max-input-bytes"):
+        import dask
+
+        with dask.config.set({"tdask.request.max-input-bytes": "1KiB"}):
+            op.infer(inputs={"a": np.ones(1000), "b": np.ones(1000)})
+
+
+def test_unknown_operator_fails_after_bounded_wait(client):
+    import dask
+
+    start = time.monotonic()
+    with dask.config.set({"tdask.request.unavailable-timeout": "0.5s"}):
+        with pytest.raises(OperatorUnavailableError, match="no worker hosts operator nope/1") as info:
+            RemoteOperator("nope", client=client).infer(request_id="r-unknown")
+    assert time.monotonic() - start < 10
+    assert info.value.request_id == "r-unknown"
+    assert "add/1" in str(info.value), "the error lists the operators that are hosted"
+    with dask.config.set({"tdask.request.unavailable-timeout": "0.5s"}):
+        with pytest.raises(OperatorUnavailableError):
+            RemoteOperator("add", version=7, client=client).infer(inputs={"a": np.ones(1), "b": np.ones(1)})
+
+
+def test_deadline_then_slot_is_free(client):
+    op = RemoteOperator("fail", client=client)
+    with pytest.raises(RequestTimeoutError) as info:
+        op.infer(parameters={"mode": "sleep", "seconds": 30}, timeout=0.5, request_id="slow")
+    assert isinstance(info.value, TimeoutError) and info.value.request_id == "slow"
+    # The running request was cancelled on the worker: both slots serve again at once.
+    start = time.monotonic()
+    for _ in range(3):
+        op.infer(parameters={"mode": "sleep", "seconds": 0}, timeout=10)
+    assert time.monotonic() - start < 10
+    stats = client.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+    assert all(s.get("fail/1", {"inflight": 0})["inflight"] == 0 for s in stats.values())
+
+
+def test_cancelling_the_caller_cancels_the_request(deployment, client):
+    async def go(c):
+        op = RemoteOperator("fail", client=c)
+        task = asyncio.create_task(op.infer(parameters={"mode": "sleep", "seconds": 30}))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)
+        return await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+
+    stats = run_async(deployment.scheduler_address, go)
+    assert all(s.get("fail/1", {"inflight": 0})["inflight"] == 0 for s in stats.values())
+
+
+def test_duplicate_request_id_in_flight(deployment):
+    async def go(c):
+        op = RemoteOperator("fail", client=c)
+        first = asyncio.create_task(op.infer(parameters={"mode": "sleep", "seconds": 0.5}, request_id="same"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(InvalidRequestError, match="already in flight"):
+            await op.infer(parameters={"mode": "sleep", "seconds": 0}, request_id="same")
+        return await first
+
+    assert run_async(deployment.scheduler_address, go).final
+
+
+def test_stores_empty_after_run(client):
+    stats = store_stats(client)
+    assert all(s["tensors"] == 0 for s in stats.values()), stats
+
+
+def test_operator_config_validation():
+    with pytest.raises(ValueError, match="max_inflight_requests"):
+        OperatorConfig(name="x", implementation=Identity, max_inflight_requests=0)
+    with pytest.raises(ValueError, match="not an Operator subclass"):
+        OperatorConfig(name="x", implementation=int)
+    with pytest.raises(ValueError, match="'module:Class'"):
+        OperatorConfig(name="x", implementation="nocolon")
+    with pytest.raises(ValueError, match="model repository"):
+        OperatorConfig(name="x", implementation="triton")
+    assert OperatorConfig(name="x", implementation=Producer, version=2).key == "x/2"
