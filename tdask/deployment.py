@@ -181,7 +181,7 @@ class Deployment(SyncMethodMixin):
                 await self._close()
                 if isinstance(exc, (OperatorUnavailableError, asyncio.CancelledError)):
                     raise
-                raise RuntimeError(f"the tdask deployment failed to start: {exc}") from exc
+                raise RuntimeError(f"the tdask deployment failed to start: {_root_cause(exc)}") from exc
             self.status = "running"
             return self
 
@@ -218,7 +218,9 @@ class Deployment(SyncMethodMixin):
                     "port": 0,
                     "protocol": self.protocol,
                     "security": self.security,
-                    "dashboard_address": self.dashboard_address,
+                    # Without an address, distributed would bind its HTTP server (health,
+                    # metrics) to 0.0.0.0:8787; keep it on our host even with no dashboard.
+                    "dashboard_address": self.dashboard_address or f"{self.host}:0",
                     "dashboard": self.dashboard_address is not None,
                 },
             }
@@ -310,6 +312,13 @@ class Deployment(SyncMethodMixin):
 
     def __await__(self) -> Any:
         return self._start().__await__()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost message of an exception chain (Nanny wraps the worker's real error twice)."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return str(exc)
 
 
 async def _done() -> None:

@@ -46,13 +46,21 @@ def children() -> list[psutil.Process]:
     return out
 
 
-def assert_no_children(timeout: float = 15.0) -> None:
-    """Everything a test started must be gone (the brief: stop everything you started)."""
+def child_pids() -> set[int]:
+    return {p.pid for p in children()}
+
+
+def assert_no_children(timeout: float = 15.0, ignore: set[int] | None = None) -> None:
+    """Everything a test started must be gone (the brief: stop everything you started).
+
+    ``ignore``: processes that existed before (a module-scoped cluster still in use).
+    """
     import time
 
+    ignore = ignore or set()
     deadline = time.monotonic() + timeout
     while True:
-        procs = children()
+        procs = [p for p in children() if p.pid not in ignore]
         if not procs:
             return
         if time.monotonic() > deadline:

@@ -109,3 +109,28 @@ class Consumer(Operator):
                 raise InvalidRequestError("Consumer needs 'data'", operator=self.name, request_id=request.request_id)
             data = (await request.fetch_inputs())["data"]
             await request.response_sender().send(outputs={"sum": np.array([data.sum()])}, parameters={"n": int(data.size)})
+
+
+class Broken(Operator):
+    """Its setup fails, as a misconfigured model would."""
+
+    async def setup(self):
+        raise RuntimeError("broken on purpose: model file missing")
+
+    async def execute(self, requests):  # pragma: no cover - never reached
+        raise AssertionError("unreachable")
+
+
+class DiesOnce(Operator):
+    """Kills its own worker process on the first request that names a fresh marker file."""
+
+    async def execute(self, requests):
+        for request in requests:
+            marker = request.parameters.get("marker")
+            if marker and not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(str(os.getpid()))
+                os._exit(1)
+            if request.parameters.get("always"):
+                os._exit(1)
+            await request.response_sender().send(outputs={"pid": np.array([os.getpid()])})

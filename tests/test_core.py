@@ -224,6 +224,21 @@ def test_stores_empty_after_run(client):
     assert all(s["tensors"] == 0 for s in stats.values()), stats
 
 
+def test_every_listener_is_loopback(deployment):
+    """Scheduler, nannies and workers bind 127.0.0.1 only (HTTP servers included)."""
+    import psutil
+
+    from tests.conftest import children
+
+    listening = []
+    for proc in [psutil.Process(), *children()]:
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                listening.append((proc.pid, conn.laddr.ip, conn.laddr.port))
+    assert len(listening) >= 9, listening
+    assert {ip for _, ip, _ in listening} == {"127.0.0.1"}, listening
+
+
 def test_operator_config_validation():
     with pytest.raises(ValueError, match="max_inflight_requests"):
         OperatorConfig(name="x", implementation=Identity, max_inflight_requests=0)

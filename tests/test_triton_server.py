@@ -54,6 +54,10 @@ def server_processes(server_pid: int) -> list[psutil.Process]:
     return list(found.values())
 
 
+def shm_regions(prefix: str) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"{prefix}*"))
+
+
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -286,9 +290,7 @@ def test_start_stop_is_idempotent_and_async_with_works(tmp_path):
 
 
 def test_start_failure_reports_exit_status_and_log(tmp_path):
-    server = TritonServer(
-        model_repository=MODELS, log_dir=tmp_path, name="broken", extra_args=["--no-such-flag=1"]
-    )
+    server = TritonServer(model_repository=MODELS, log_dir=tmp_path, name="broken", extra_args=["--no-such-flag=1"])
     with pytest.raises(TritonServerError) as info:
         asyncio.run(server.start())
     error = info.value
@@ -307,6 +309,7 @@ def test_tdask_tritonserver_must_be_executable(monkeypatch, tmp_path):
 def test_killed_server_is_detected_and_cleaned_up(tmp_path):
     server = start_server(tmp_path, "victim", models=("encoder", "decoder"))
     pid = server.pid
+    assert len(shm_regions(server.shm_region_prefix)) == 2  # one per stub
     exits = []
     server.add_exit_callback(exits.append)
     try:
@@ -333,6 +336,7 @@ def test_killed_server_is_detected_and_cleaned_up(tmp_path):
         asyncio.run(server.stop())
     assert time.monotonic() - began < 5  # orphaned stubs are killed, not waited for
     assert server_processes(pid) == []
+    assert shm_regions(server.shm_region_prefix) == []  # what the killed server left is removed
 
 
 @pytest.mark.parametrize("how", ["exit-without-stop", "sigkill-owner"])
@@ -347,7 +351,7 @@ def test_server_does_not_outlive_its_owner(tmp_path, how):
             await server.start()
             await server.load_model("encoder")
         asyncio.run(go())
-        print(json.dumps({{"pid": server.pid}}), flush=True)
+        print(json.dumps({{"pid": server.pid, "shm": server.shm_region_prefix}}), flush=True)
         if {how!r} == "sigkill-owner":
             os.kill(os.getpid(), signal.SIGKILL)
         """
@@ -355,5 +359,7 @@ def test_server_does_not_outlive_its_owner(tmp_path, how):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODELS.parent.parent), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.stdout, done.stderr
-    pid = json.loads(done.stdout.splitlines()[0])["pid"]
+    info = json.loads(done.stdout.splitlines()[0])
+    pid = info["pid"]
     assert wait_until(lambda: server_processes(pid) == [], 20), [p.cmdline() for p in server_processes(pid)]
+    assert shm_regions(info["shm"]) == []

@@ -1,0 +1,165 @@
+"""Failures on real processes: workers that die mid-request, setup that fails, hand-started workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client
+
+from tdask import (
+    Deployment,
+    OperatorConfig,
+    OperatorUnavailableError,
+    RemoteOperator,
+    WorkerLostError,
+)
+from tests.conftest import ROOT, assert_no_children, child_pids
+from tests.operators import Broken, DiesOnce, Identity
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    operators = [
+        (OperatorConfig(name="dies", implementation=DiesOnce, max_inflight_requests=1), 2),
+        (OperatorConfig(name="identity", implementation=Identity), 1),
+    ]
+    with Deployment(operators, dashboard_address=None) as dep:
+        yield dep
+    assert_no_children()
+
+
+def test_worker_death_mid_request_is_re_served(deployment, tmp_path):
+    op = RemoteOperator("dies", client=deployment.client)
+    response = op.infer(parameters={"marker": str(tmp_path / "died")}, timeout=60, request_id="survivor")
+    died_pid = int((tmp_path / "died").read_text())
+    assert int(response.outputs["pid"][0]) != died_pid, "answered by another worker process"
+    assert response.request_id == "survivor"
+
+
+def test_poison_request_exhausts_retries(deployment):
+    op = RemoteOperator("dies", client=deployment.client)
+    with dask.config.set({"tdask.request.max-retries": 1}):
+        with pytest.raises(WorkerLostError, match="died and 1 retries were used") as info:
+            op.infer(parameters={"always": True}, timeout=120, request_id="poison")
+    assert info.value.operator == "dies" and info.value.request_id == "poison"
+    assert info.value.worker.startswith("tcp://127.0.0.1:")
+    # The nannies restarted the workers, which serve again.
+    assert RemoteOperator("identity", client=deployment.client).infer(inputs={"x": np.ones(2)}).final
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            op.infer(parameters={}, timeout=5)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_setup_failure_fails_the_deployment():
+    before = child_pids()
+    with pytest.raises(RuntimeError, match="broken on purpose: model file missing"):
+        with Deployment([OperatorConfig(name="broken", implementation=Broken)], dashboard_address=None):
+            pass
+    assert_no_children(ignore=before)
+
+
+def _popen(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_hand_started_scheduler_and_preloaded_workers(tmp_path):
+    """`dask scheduler` + `dask worker --preload tdask.worker` serve requests; a broken preload is reported."""
+    dask_bin = os.path.join(os.path.dirname(sys.executable), "dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [
+        _popen(
+            [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)]
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert time.monotonic() < deadline, "scheduler did not start"
+            assert procs[0].poll() is None, procs[0].stdout.read()
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        identity = json.dumps({"name": "identity", "implementation": "tests.operators:Identity", "max_inflight_requests": 2})
+        broken = json.dumps({"name": "broken", "implementation": "tests.operators:Broken"})
+        for name, spec in [("identity.0", identity), ("broken.0", broken)]:
+            procs.append(
+                _popen(
+                    [dask_bin, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+                     "--name", name, "--no-nanny", "--preload", "tdask.worker", "--tdask-operator", spec]
+                )
+            )
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+            op = RemoteOperator("identity", client=client)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with dask.config.set({"tdask.request.unavailable-timeout": "1s"}):
+                        response = op.infer(inputs={"x": np.arange(100_000)}, timeout=10)
+                    break
+                except OperatorUnavailableError:
+                    assert time.monotonic() < deadline
+            np.testing.assert_array_equal(response.outputs["x"], np.arange(100_000))
+            start = time.monotonic()
+            with pytest.raises(OperatorUnavailableError, match="broken on purpose: model file missing"):
+                RemoteOperator("broken", client=client).infer(timeout=30)
+            assert time.monotonic() - start < 5, "a recorded setup failure answers at once"
+    finally:
+        _stop(procs)
+    for proc in procs:
+        assert proc.returncode is not None
+
+
+def test_attach_to_running_scheduler():
+    from distributed import Scheduler
+
+    before = child_pids()
+
+    import asyncio
+
+    async def main():
+        async with Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0", dashboard=False) as scheduler:
+            async with Deployment(
+                [OperatorConfig(name="identity", implementation=Identity)],
+                scheduler_address=scheduler.address,
+                asynchronous=True,
+            ) as dep:
+                response = await RemoteOperator("identity", client=dep.client).infer(inputs={"x": np.ones(3)})
+                assert response.outputs["x"].sum() == 3
+            # The deployment stopped its own workers and left the scheduler running.
+            assert scheduler.status.name == "running"
+            for _ in range(100):
+                if not scheduler.workers:
+                    break
+                await asyncio.sleep(0.1)
+            assert not scheduler.workers
+
+    asyncio.run(main())
+    assert_no_children(ignore=before)
