@@ -54,6 +54,8 @@ class Deployment(SyncMethodMixin):
         A ``distributed.Security`` for TLS.
     log_dir
         Where each worker writes ``<worker>.log`` and Triton its logs.
+    log_level
+        Level of the ``tdask`` and ``distributed`` loggers in the workers.
     worker_options
         Extra keyword arguments for every worker (``memory_limit``, ``env``, ...).
     startup_timeout_s
@@ -70,6 +72,7 @@ class Deployment(SyncMethodMixin):
         dashboard_address: str | None = "127.0.0.1:0",
         security: Security | None = None,
         log_dir: str | Path | None = None,
+        log_level: str | int | None = None,
         worker_options: dict[str, Any] | None = None,
         startup_timeout_s: float = 180.0,
         asynchronous: bool = False,
@@ -81,6 +84,7 @@ class Deployment(SyncMethodMixin):
         self.dashboard_address = dashboard_address
         self.security = security
         self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log_level = log_level
         self.worker_options = dict(worker_options or {})
         self.startup_timeout_s = startup_timeout_s
         self._asynchronous = asynchronous
@@ -193,7 +197,11 @@ class Deployment(SyncMethodMixin):
             "protocol": self.protocol,
             "security": self.security,
             "dashboard_address": None,
-            "plugins": {OperatorHost([config], log_dir=self.log_dir, log_file=self._log_file(name))},
+            "plugins": {
+                OperatorHost(
+                    [config], log_dir=self.log_dir, log_file=self._log_file(name), log_level=self.log_level
+                )
+            },
             "death_timeout": 60,
         }
         options.update(self.worker_options)

@@ -118,12 +118,17 @@ _ERRORS: dict[str, type[TdaskError]] = {
 }
 
 
-def error_to_msg(exc: BaseException) -> dict[str, Any]:
-    """Describe ``exc`` as a msgpack-friendly dict, keeping its tdask type when it has one."""
+def error_to_msg(exc: BaseException, operator: str | None = None) -> dict[str, Any]:
+    """Describe ``exc`` as a msgpack-friendly dict, keeping its tdask type when it has one.
+
+    An error that came from another operator further down a pipeline keeps its context
+    (operator, request, worker) in the message, so the caller sees where it started.
+    """
     if isinstance(exc, TdaskError):
+        foreign = exc.operator is not None and exc.operator != operator
         return {
             "type": type(exc).__name__,
-            "message": exc.message,
+            "message": str(exc) if foreign else exc.message,
             "remote_type": exc.remote_type or type(exc).__name__,
             "traceback": exc.remote_traceback
             or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),

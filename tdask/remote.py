@@ -91,6 +91,9 @@ class Response:
 # The worker-side host sets this while an operator serves a request, so that RemoteOperator
 # used inside an operator talks through its worker (see tdask.worker).
 current_endpoint: contextvars.ContextVar[Any] = contextvars.ContextVar("tdask_endpoint", default=None)
+# ...and this to the deadline of the request being served: calls made while serving it
+# inherit it unless they pass their own timeout, so every hop waits at most what is left.
+current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("tdask_deadline", default=None)
 
 
 class _ClientEndpoint:
@@ -260,7 +263,10 @@ class _Call(AsyncIterator[Response]):
             )
         self.inputs = _check_inputs(op.name, self.request_id, inputs)
         self.parameters = _check_parameters(op.name, self.request_id, parameters)
-        if timeout is USE_DEFAULT:
+        inherited = current_deadline.get()
+        if timeout is USE_DEFAULT and inherited is not None:
+            timeout_s = max(inherited - time.time(), 1e-3)
+        elif timeout is USE_DEFAULT:
             timeout_s = get_seconds("tdask.request.timeout")
         elif timeout is None:
             timeout_s = None

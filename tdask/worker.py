@@ -41,7 +41,7 @@ from tdask.data_plane import (
 )
 from tdask.exceptions import DataPlaneError, OperatorError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, check_outputs
-from tdask.remote import current_endpoint
+from tdask.remote import current_deadline, current_endpoint
 from tdask.request_plane import QueueRequestPlane
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class OperatorHost(WorkerPlugin):
         *,
         log_dir: str | Path | None = None,
         log_file: str | Path | None = None,
+        log_level: str | int | None = None,
     ) -> None:
         operators = list(operators)
         if not operators:
@@ -111,6 +112,7 @@ class OperatorHost(WorkerPlugin):
         self.operators = operators
         self.log_dir = str(log_dir) if log_dir is not None else None
         self.log_file = str(log_file) if log_file is not None else None
+        self.log_level = log_level.upper() if isinstance(log_level, str) else log_level
         self._reset()
 
     def _reset(self) -> None:
@@ -127,16 +129,25 @@ class OperatorHost(WorkerPlugin):
         self._log_handler: logging.Handler | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"operators": self.operators, "log_dir": self.log_dir, "log_file": self.log_file}
+        return {
+            "operators": self.operators,
+            "log_dir": self.log_dir,
+            "log_file": self.log_file,
+            "log_level": self.log_level,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.operators = state["operators"]
         self.log_dir = state["log_dir"]
         self.log_file = state.get("log_file")
+        self.log_level = state.get("log_level")
         self._reset()
 
     def _start_log_file(self) -> None:
-        """Copy this worker's distributed and tdask log lines into ``log_file``."""
+        """Apply ``log_level``; copy this worker's distributed and tdask log lines into ``log_file``."""
+        if self.log_level is not None:
+            for name in ("distributed", "tdask"):
+                logging.getLogger(name).setLevel(self.log_level)
         if self.log_file is None:
             return
         import dask.config
@@ -321,6 +332,8 @@ class OperatorHost(WorkerPlugin):
         current_scope.set(scope)
         current_store.set(self.store)
         current_endpoint.set(self.endpoint)
+        deadlines = [r.deadline for r in requests]
+        current_deadline.set(None if None in deadlines else max(deadlines))  # type: ignore[type-var]
         error: BaseException | None = None
         cancelled = False
         try:
@@ -389,7 +402,7 @@ class OperatorHost(WorkerPlugin):
             "worker": self.worker.address,
             "outputs": entries,
             "parameters": response["parameters"] if error is None else {},
-            "error": None if error is None else error_to_msg(error),
+            "error": None if error is None else error_to_msg(error, request.operator),
             "final": response["final"],
         }
         try:

@@ -1,0 +1,68 @@
+"""``python -m tdask.hello_world``: deploy on an embedded local cluster, run the client, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from tdask.hello_world.client import client_options, run_clients
+from tdask.hello_world import common_options, deployment_options, install_sigterm_as_interrupt
+from tdask.hello_world.deploy import build_deployment
+
+
+@click.command()
+@common_options
+@deployment_options
+@client_options
+def main(
+    requests_per_client: int,
+    clients: int,
+    max_inflight_per_client: int,
+    operator: str,
+    input_size_mean: int,
+    input_size_stdev: float,
+    **deploy_kwargs,  # type: ignore[no-untyped-def]
+) -> None:
+    """Run the whole hello world: exit code 0 only when every response was correct."""
+    deployment = build_deployment(**deploy_kwargs)
+    install_sigterm_as_interrupt()
+    report = None
+    try:
+        deployment.start()
+        click.echo(deployment.describe())
+        click.echo(f"logs: {deployment.log_dir}")
+
+        async def run():  # type: ignore[no-untyped-def]
+            from distributed import Client
+
+            async with Client(deployment.scheduler_address, asynchronous=True, security=deployment.security) as c:
+                return await run_clients(
+                    c,
+                    operator=operator,
+                    clients=clients,
+                    requests_per_client=requests_per_client,
+                    input_size_mean=input_size_mean,
+                    input_size_stdev=input_size_stdev,
+                    max_inflight_per_client=max_inflight_per_client,
+                    encoder_input_copies=deploy_kwargs["encoder_input_copies"],
+                )
+
+        report = asyncio.run(run())
+        click.echo(report.summary())
+    except KeyboardInterrupt:
+        click.echo("interrupted; stopping everything", err=True)
+        deployment.close()
+        sys.exit(130)
+    except RuntimeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        deployment.close()
+        sys.exit(1)
+    finally:
+        deployment.close()
+    sys.exit(0 if report is not None and report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

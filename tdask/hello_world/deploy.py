@@ -1,0 +1,89 @@
+"""``python -m tdask.hello_world.deploy``: keep the hello world deployed until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from tdask.deployment import Deployment
+from tdask.hello_world import (
+    check_gpu_request,
+    common_options,
+    configure_logging,
+    deployment_options,
+    hello_world_operators,
+    install_sigterm_as_interrupt,
+    prepare_log_dir,
+)
+
+
+def build_deployment(
+    *,
+    scheduler_address: str | None,
+    encoders,
+    decoders,
+    encoder_decoders,
+    encoder_delay_per_token: float,
+    decoder_delay_per_token: float,
+    encoder_input_copies: int,
+    log_dir: str,
+    clear_logs: bool,
+    protocol: str,
+    dashboard_address: str,
+    log_level: str,
+) -> Deployment:  # type: ignore[no-untyped-def]
+    """Turn the shared flags into a (not yet started) Deployment."""
+    check_gpu_request(encoders, decoders)
+    configure_logging(log_level)
+    operators = hello_world_operators(
+        encoders=encoders,
+        decoders=decoders,
+        encoder_decoders=encoder_decoders,
+        encoder_delay_per_token=encoder_delay_per_token,
+        decoder_delay_per_token=decoder_delay_per_token,
+        encoder_input_copies=encoder_input_copies,
+        log_level=log_level,
+    )
+    return Deployment(
+        operators,
+        scheduler_address=scheduler_address,
+        protocol=protocol,
+        dashboard_address=dashboard_address,
+        log_dir=prepare_log_dir(log_dir, clear_logs),
+        log_level=log_level,
+    )
+
+
+@click.command()
+@common_options
+@deployment_options
+def main(**kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Deploy encoder, decoder and encoder_decoder, print how to reach them, and wait."""
+    deployment = build_deployment(**kwargs)
+    install_sigterm_as_interrupt()
+    try:
+        deployment.start()
+        click.echo(deployment.describe())
+        click.echo(f"logs: {deployment.log_dir}")
+        click.echo(
+            "run the client with:\n"
+            f"  python -m tdask.hello_world.client --scheduler-address {deployment.scheduler_address}"
+            + (f" --encoder-input-copies {kwargs['encoder_input_copies']}" if kwargs["encoder_input_copies"] != 1 else "")
+        )
+        click.echo("deployed; press Ctrl-C to stop", err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopping", err=True)
+    except RuntimeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        deployment.close()
+        sys.exit(1)
+    finally:
+        deployment.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The hello world's orchestrator: ``encoder_decoder`` calls ``encoder`` then ``decoder``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tdask.exceptions import TdaskError
+from tdask.operator import Operator, Request
+from tdask.remote import RemoteOperator
+
+
+class EncoderDecoder(Operator):
+    """Sends the input to ``encoder``, then the encoder's outputs to ``decoder``, by reference.
+
+    The encoder's ``output`` reaches this worker as a descriptor when it is large and is passed
+    on untouched, so its bytes go from the encoder's worker straight to the decoder's.
+    """
+
+    async def setup(self) -> None:
+        self.encoder = RemoteOperator(self.parameters.get("encoder", "encoder"))
+        self.decoder = RemoteOperator(self.parameters.get("decoder", "decoder"))
+
+    async def execute(self, requests: list[Request]) -> None:
+        await asyncio.gather(*(self._serve(request) for request in requests))
+
+    async def _serve(self, request: Request) -> None:
+        sender = request.response_sender()
+        if "input" not in request.inputs:
+            await sender.send(error=request.error(f"missing input 'input' (got {sorted(request.inputs)})"))
+            return
+        try:
+            encoded = await self.encoder.infer(inputs={"input": request.inputs["input"]}, parameters=request.parameters)
+            decoded = await self.decoder.infer(
+                inputs={"input": encoded.outputs["output"], "input_copies": encoded.outputs["input_copies"]},
+                parameters=request.parameters,
+            )
+        except TdaskError as exc:
+            await sender.send(error=exc)
+            return
+        await sender.send(
+            outputs={"output": decoded.outputs["output"]},
+            parameters={"encoder": encoded.worker or "", "decoder": decoded.worker or ""},
+        )
