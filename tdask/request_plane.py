@@ -478,6 +478,7 @@ class RequestBroker(SchedulerPlugin):
             del self.leases[key]
             request = lease.request
             name = request["operator"]
+            request["submitted"] = time.time()  # its wait for a host starts again
             if not lost:
                 self.queues[name].appendleft(request)
                 self._wake(name, 1)

@@ -1,0 +1,198 @@
+"""The hello world's three commands, as real subprocesses, each leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, assert_no_children
+
+pytestmark = pytest.mark.timeout(300)
+
+PY = sys.executable
+FAST = ["--requests-per-client", "10", "--dashboard-address", "127.0.0.1:0"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+
+
+def _triton_processes(since: float) -> list[psutil.Process]:
+    """tritonserver or python-backend stub processes started after ``since`` anywhere."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.info["create_time"] >= since - 1 and ("tritonserver" in cmd or "triton_python_backend_stub" in cmd):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _assert_clean(since: float) -> None:
+    assert_no_children()
+    deadline = time.monotonic() + 15
+    while _triton_processes(since):
+        assert time.monotonic() < deadline, f"Triton processes left: {_triton_processes(since)}"
+        time.sleep(0.2)
+
+
+def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, *args], env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_embedded_two_clients(tmp_path):
+    since = time.time()
+    result = _run(["-m", "tdask.hello_world", *FAST, "--clients", "2", "--log-dir", str(tmp_path / "logs")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"^scheduler: tcp://127\.0\.0\.1:\d+$", out, re.M)
+    assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/status$", out, re.M)
+    for name in ("encoder.0", "decoder.0", "encoder_decoder.0"):
+        assert f"worker {name}" in out
+    assert re.search(r"^Throughput: [\d.]+ req/s Total Time: [\d.]+ s", out, re.M)
+    assert "Correct: 20/20" in out
+    assert re.search(r"p50 [\d.]+ ms\s+p90 [\d.]+ ms\s+p99 [\d.]+ ms", out)
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert {"encoder.0.log", "decoder.0.log", "encoder_decoder.0.log"} <= set(logs), logs
+    assert any("triton" in name for name in logs), logs
+    _assert_clean(since)
+
+
+def test_embedded_encoder_only_with_copies(tmp_path):
+    since = time.time()
+    result = _run(
+        ["-m", "tdask.hello_world", *FAST, "--operator", "encoder", "--encoder-input-copies", "3",
+         "--input-size-stdev", "50", "--log-dir", str(tmp_path)]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Correct: 10/10" in result.stdout
+    _assert_clean(since)
+
+
+def test_gpu_flag_without_gpu_is_a_usage_error(tmp_path):
+    from tdask.hello_world import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        pytest.skip("a GPU is present here; the GPU path is covered by the gpu-marked tests")
+    result = _run(["-m", "tdask.hello_world", *FAST, "--encoders", "1", "1", "1", "GPU", "--log-dir", str(tmp_path)])
+    assert result.returncode == 2
+    assert "GPU instances were requested, but" in result.stderr and "use CPU" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--encoders", "0", "1", "1", "CPU"], "N must be >= 1"),
+        (["--decoders", "1", "1", "1", "TPU"], "'TPU' is not one of 'CPU', 'GPU'"),
+        (["--encoder-input-copies", "0"], "must be >= 1"),
+        (["--encoder-delay-per-token", "-1"], "must be >= 0"),
+        (["--operator", "nope"], "'nope' is not one of"),
+    ],
+)
+def test_bad_flag_values(flags, message, tmp_path):
+    result = _run(["-m", "tdask.hello_world", *flags, "--log-dir", str(tmp_path)], timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+
+
+def test_deploy_then_client(tmp_path):
+    since = time.time()
+    deploy = subprocess.Popen(
+        [PY, "-m", "tdask.hello_world.deploy", "--dashboard-address", "127.0.0.1:0", "--encoders", "2", "2", "1", "CPU",
+         "--encoder-input-copies", "2", "--log-dir", str(tmp_path)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    try:
+        address = None
+        lines = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = deploy.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            match = re.search(r"--scheduler-address (tcp://127\.0\.0\.1:\d+)", line)
+            if match:
+                address = match.group(1)
+                break
+        assert address, "".join(lines)
+        result = _run(
+            ["-m", "tdask.hello_world.client", "--scheduler-address", address, "--clients", "2",
+             "--requests-per-client", "10", "--encoder-input-copies", "2"]
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Correct: 20/20" in result.stdout
+        workers = re.search(r"Answered by: (.*)", result.stdout).group(1)
+        assert workers.count("tcp://127.0.0.1:") == 1, "all answers come from the one encoder_decoder worker"
+    finally:
+        deploy.send_signal(signal.SIGTERM)
+        try:
+            deploy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            deploy.kill()
+            raise
+    assert deploy.returncode == 0, deploy.stdout.read()
+    _assert_clean(since)
+
+
+def test_hand_started_dask_with_preload(tmp_path):
+    from tdask.hello_world import MODEL_REPOSITORY
+
+    since = time.time()
+    dask_bin = os.path.join(os.path.dirname(PY), "dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [
+        subprocess.Popen(
+            [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)],
+            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        specs = {
+            "encoder.0": {"name": "encoder", "implementation": "triton", "repository": MODEL_REPOSITORY},
+            "decoder.0": {"name": "decoder", "implementation": "triton", "repository": MODEL_REPOSITORY},
+            "encoder_decoder.0": {"name": "encoder_decoder", "implementation": "tdask.hello_world.operators:EncoderDecoder"},
+        }
+        for name, spec in specs.items():
+            procs.append(
+                subprocess.Popen(
+                    [dask_bin, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+                     "--name", name, "--preload", "tdask.worker", "--tdask-operator", json.dumps(spec),
+                     "--tdask-log-dir", str(tmp_path)],
+                    env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )
+        env = {**_env(), "DASK_TDASK__REQUEST__UNAVAILABLE_TIMEOUT": "120s"}
+        result = subprocess.run(
+            [PY, "-m", "tdask.hello_world.client", "--scheduler-address", address, "--requests-per-client", "10"],
+            env=env, capture_output=True, text=True, timeout=240, cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Correct: 10/10" in result.stdout
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    _assert_clean(since)
