@@ -21,7 +21,7 @@ from tdask import (
     WorkerLostError,
 )
 from tests.conftest import ROOT, assert_no_children, child_pids
-from tests.operators import Broken, DiesOnce, Identity
+from tests.operators import Add, Broken, DiesOnce, Identity
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -31,6 +31,7 @@ def deployment():
     operators = [
         (OperatorConfig(name="dies", implementation=DiesOnce, max_inflight_requests=1), 2),
         (OperatorConfig(name="identity", implementation=Identity), 1),
+        (OperatorConfig(name="slow", implementation=Add, max_inflight_requests=2), 2),
     ]
     with Deployment(operators, dashboard_address=None) as dep:
         yield dep
@@ -43,6 +44,65 @@ def test_worker_death_mid_request_is_re_served(deployment, tmp_path):
     died_pid = int((tmp_path / "died").read_text())
     assert int(response.outputs["pid"][0]) != died_pid, "answered by another worker process"
     assert response.request_id == "survivor"
+
+
+def test_sigkill_with_requests_in_flight_loses_nothing(deployment):
+    """SIGKILL a worker holding requests: each still gets exactly one correct final answer."""
+    import asyncio
+    import signal
+
+    from tests.conftest import run_async
+
+    async def go(c):
+        op = RemoteOperator("slow", client=c)
+        info = await c.scheduler.identity(n_workers=-1)
+        victim = next(a for a, w in info["workers"].items() if str(w["name"]) == "slow.0")
+        pid = (await c.run(os.getpid, workers=[victim]))[victim]
+        tasks = [
+            asyncio.create_task(
+                op.infer(inputs={"a": np.array([i]), "b": np.array([1])}, parameters={"delay": 1.0}, timeout=60)
+            )
+            for i in range(8)
+        ]
+        await asyncio.sleep(0.5)  # both workers now hold two requests each
+        before = (await c.scheduler.tdask_operators())["counts"]
+        os.kill(pid, signal.SIGKILL)
+        responses = await asyncio.gather(*tasks)
+        after = (await c.scheduler.tdask_operators())["counts"]
+        return victim, responses, after.get("retried", 0) - before.get("retried", 0)
+
+    victim, responses, retried = run_async(deployment.scheduler_address, go)
+    assert [int(r.outputs["out"][0]) for r in responses] == [i + 1 for i in range(8)]
+    assert len({r.request_id for r in responses}) == 8
+    assert retried == 2, "the two requests the killed worker held were served again"
+    assert all(r.worker != victim for r in responses)
+
+
+def test_queued_request_cancelled_is_never_served(deployment):
+    """A request that times out while queued behind busy workers is never run."""
+    import asyncio
+
+    from tests.conftest import run_async
+    from tdask import RequestTimeoutError
+
+    async def go(c):
+        op = RemoteOperator("slow", client=c)
+        busy = [
+            asyncio.create_task(op.infer(inputs={"a": np.ones(1), "b": np.ones(1)}, parameters={"delay": 1.5}))
+            for _ in range(4)
+        ]
+        await asyncio.sleep(0.3)
+        before = await c.scheduler.tdask_operators()
+        with pytest.raises(RequestTimeoutError):
+            await op.infer(inputs={"a": np.ones(1), "b": np.ones(1)}, timeout=0.3, request_id="never")
+        await asyncio.gather(*busy)
+        await asyncio.sleep(0.2)
+        after = await c.scheduler.tdask_operators()
+        return before, after
+
+    before, after = run_async(deployment.scheduler_address, go)
+    assert after["counts"]["served"] == before["counts"]["served"], "the cancelled request was never handed out"
+    assert not after["queued"] and after["leased"] == 0
 
 
 def test_poison_request_exhausts_retries(deployment):
