@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from distributed.core import send_recv
 from distributed.protocol import deserialize_bytes, serialize_bytes, to_serialize
 
 from tdask.config import get_bytes, get_seconds
@@ -96,6 +97,20 @@ class RemoteTensor:
         )
 
 
+async def call_peer(pool: ConnectionPool, address: str, op: str, **kwargs: Any) -> Any:
+    """One RPC to a worker, giving up on connecting after ``tdask.data-plane.connect-timeout``.
+
+    Distributed's pooled calls retry a refused connection for the whole comm connect timeout
+    (30 s); a peer that died should be noticed in seconds, not half a minute.
+    """
+    timeout = get_seconds("tdask.data-plane.connect-timeout")
+    comm = await pool.connect(address, timeout=timeout)
+    try:
+        return await send_recv(comm=comm, op=op, **kwargs)
+    finally:
+        pool.reuse(address, comm)
+
+
 class DataPlanePeer:
     """Fetches, places and releases tensors over an RPC pool (a Client's or a Worker's)."""
 
@@ -107,7 +122,7 @@ class DataPlanePeer:
 
     async def fetch(self, tensor: RemoteTensor) -> Any:
         try:
-            reply = await self.pool(tensor.owner).tdask_fetch(tensor_id=tensor.tensor_id)
+            reply = await call_peer(self.pool, tensor.owner, "tdask_fetch", tensor_id=tensor.tensor_id)
         except (OSError, asyncio.TimeoutError) as exc:
             raise DataPlaneError(
                 f"could not fetch tensor {tensor.tensor_id} from {tensor.owner}: {exc}", worker=tensor.owner
@@ -125,7 +140,7 @@ class DataPlanePeer:
     async def place(self, address: str, array: Any) -> RemoteTensor:
         """Put ``array`` into the store of the worker at ``address``."""
         tensor = _describe(address, uuid.uuid4().hex, array)
-        await self.pool(address).tdask_put(tensor_id=tensor.tensor_id, data=to_serialize(array))
+        await call_peer(self.pool, address, "tdask_put", tensor_id=tensor.tensor_id, data=to_serialize(array))
         return tensor
 
     async def release(self, tensors: Iterable[RemoteTensor]) -> None:
@@ -135,7 +150,7 @@ class DataPlanePeer:
             by_owner.setdefault(tensor.owner, []).append(tensor.tensor_id)
         for owner, ids in by_owner.items():
             try:
-                await self.pool(owner).tdask_release(tensor_ids=ids)
+                await call_peer(self.pool, owner, "tdask_release", tensor_ids=ids)
             except Exception as exc:  # owner gone: its store went with it
                 logger.debug("release of %d tensors on %s failed: %s", len(ids), owner, exc)
 

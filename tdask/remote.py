@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import random
 import time
 import uuid
@@ -31,6 +32,7 @@ from tdask.data_plane import (
     is_array,
 )
 from tdask.exceptions import (
+    DataPlaneError,
     InvalidRequestError,
     OperatorUnavailableError,
     RequestTimeoutError,
@@ -38,6 +40,8 @@ from tdask.exceptions import (
     error_from_msg,
 )
 from tdask.operator import operator_key
+
+logger = logging.getLogger(__name__)
 from tdask.request_plane import QueueRequestPlane, RequestPlane, ResponseStream
 
 if TYPE_CHECKING:
@@ -116,7 +120,21 @@ class _ClientEndpoint:
         return endpoint
 
     async def place(self, key: str, array: Any) -> RemoteTensor:
-        """Put a large client input into the store of a worker hosting its operator."""
+        """Put a large client input into the store of a worker hosting its operator.
+
+        A host that cannot be reached (it just died) is skipped for the next one.
+        """
+        hosts = await self._hosts_of(key)
+        errors = []
+        for address in random.sample(hosts, len(hosts)):
+            try:
+                return await self.peer.place(address, array)
+            except (OSError, asyncio.TimeoutError) as exc:
+                errors.append(f"{address}: {exc}")
+                self._hosts.pop(key, None)
+        raise DataPlaneError(f"could not place an input for {key} on any of its hosts: {'; '.join(errors)}")
+
+    async def _hosts_of(self, key: str) -> list[str]:
         now = time.monotonic()
         cached = self._hosts.get(key)
         if cached is None or now - cached[0] > 1.0 or not cached[1]:
@@ -132,7 +150,7 @@ class _ClientEndpoint:
             self._hosts[key] = (now, hosts)
         else:
             hosts = cached[1]
-        return await self.peer.place(random.choice(hosts), array)
+        return hosts
 
 
 class RemoteOperator:
@@ -282,7 +300,8 @@ class _Call(AsyncIterator[Response]):
         self.stream: ResponseStream | None = None
         self.placed: list[RemoteTensor] = []
         self.finished = False
-        self.returned: set[str] = set()
+        self.yielded = 0
+        self.resends = 0
 
     def _error(self, cls: type[TdaskError], message: str, worker: str | None = None) -> TdaskError:
         return cls(message, operator=self.op.name, request_id=self.request_id, worker=worker)
@@ -308,8 +327,30 @@ class _Call(AsyncIterator[Response]):
             raise self._error(InvalidRequestError, str(exc)) from None
 
     async def __anext__(self) -> Response:
-        if self.finished:
-            raise StopAsyncIteration
+        while True:
+            if self.finished:
+                raise StopAsyncIteration
+            reply = await self._next_reply()
+            try:
+                return await self._to_response(reply)
+            except DataPlaneError as exc:
+                # A tensor of this request died with its worker (an input we placed there, or
+                # an output not yet fetched): like a lost worker, serve the request again.
+                if not self._may_resend():
+                    raise
+                self.resends += 1
+                logger.warning("request %s of %s: %s; sending it again", self.request_id, self.op.name, exc)
+                self.finished = False
+                await self._send()
+
+    def _may_resend(self) -> bool:
+        return (
+            self.yielded == 0
+            and self.resends < int(dask.config.get("tdask.request.max-retries"))
+            and (self.deadline is None or self.deadline > time.time())
+        )
+
+    async def _next_reply(self) -> dict[str, Any]:
         if self.stream is None:
             await self._send()
         assert self.stream is not None
@@ -326,6 +367,9 @@ class _Call(AsyncIterator[Response]):
         if reply.get("final"):
             self.finished = True
             await self._release_inputs(reply)
+        return reply
+
+    async def _to_response(self, reply: dict[str, Any]) -> Response:
         if reply.get("error"):
             raise error_from_msg(
                 reply["error"], operator=self.op.name, request_id=self.request_id, worker=reply.get("worker")
@@ -342,11 +386,16 @@ class _Call(AsyncIterator[Response]):
         received = [v for v in response.outputs.values() if isinstance(v, RemoteTensor)]
         if received:
             if self.fetch:
-                await response.fetch()
+                try:
+                    await response.fetch()
+                except DataPlaneError:
+                    await response.release()
+                    raise
             else:
                 scope = current_scope.get()
                 if scope is not None:
                     scope.add(received)
+        self.yielded += 1
         return response
 
     async def _release_inputs(self, reply: dict[str, Any]) -> None:
