@@ -320,6 +320,8 @@ class OperatorHost(WorkerPlugin):
             )
             request._requester = message["requester"]  # type: ignore[attr-defined]
             requests.append(request)
+        for request in requests:
+            request._batch = requests  # type: ignore[attr-defined]
         hosted.inflight += len(requests)
         hosted.max_inflight_seen = max(hosted.max_inflight_seen, hosted.inflight)
         task = asyncio.create_task(self._run_batch(hosted, requests))
@@ -405,6 +407,13 @@ class OperatorHost(WorkerPlugin):
             "error": None if error is None else error_to_msg(error, request.operator),
             "final": response["final"],
         }
+        scope = current_scope.get()
+        batch = getattr(request, "_batch", ())
+        if response["final"] and scope is not None and scope.tensors and all(r.finished for r in batch):
+            # The batch is done with what it received: free it before the caller hears back,
+            # so "answered" implies "intermediate tensors released".
+            received, scope.tensors = list(scope.tensors.values()), {}
+            await self.store.release(received)
         try:
             await self.plane.respond([message])
         except Exception as exc:
