@@ -134,3 +134,11 @@ class DiesOnce(Operator):
             if request.parameters.get("always"):
                 os._exit(1)
             await request.response_sender().send(outputs={"pid": np.array([os.getpid()])})
+
+
+class Echo(Operator):
+    """Returns its inputs and its parameters unchanged."""
+
+    async def execute(self, requests):
+        for request in requests:
+            await request.response_sender().send(outputs=dict(request.inputs), parameters=dict(request.parameters))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 from distributed import Client
+from hypothesis import HealthCheck, given, settings
 
 from tdask import (
     Deployment,
@@ -21,7 +24,7 @@ from tdask import (
     WorkerLostError,
 )
 from tests.conftest import assert_no_children, run_async, store_stats
-from tests.operators import Add, Consumer, Fail, Forward, Identity, Producer, Streamer
+from tests.operators import Add, Consumer, Echo, Fail, Forward, Identity, Producer, Streamer
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,13 +39,14 @@ def deployment():
         (OperatorConfig(name="forward", implementation=Forward, max_inflight_requests=4), 1),
         (OperatorConfig(name="producer", implementation="tests.operators:Producer"), 1),
         (OperatorConfig(name="consumer", implementation=Consumer, max_inflight_requests=4), 1),
+        (OperatorConfig(name="echo", implementation=Echo, max_inflight_requests=4), 1),
     ]
     with Deployment(operators, dashboard_address=None) as dep:
         yield dep
     assert_no_children()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(deployment) -> Client:
     return deployment.client
 
@@ -217,6 +221,52 @@ def test_duplicate_request_id_in_flight(deployment):
         return await first
 
     assert run_async(deployment.scheduler_address, go).final
+
+
+_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint64", "float16", "float32", "float64", "bool", "complex128"]
+_SCALARS = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arrays=st.dictionaries(
+        st.text(alphabet="abcdefghij_", min_size=1, max_size=8),
+        st.sampled_from(_DTYPES).flatmap(
+            lambda dtype: hnp.arrays(
+                dtype,
+                st.one_of(hnp.array_shapes(min_dims=0, max_dims=3, max_side=6), st.sampled_from([(20_000,), (0,), (3, 0)])),
+            )
+        ),
+        max_size=3,
+    ),
+    parameters=st.dictionaries(st.text(max_size=10, alphabet=st.characters(blacklist_categories=("Cs",))), _SCALARS, max_size=4),
+)
+def test_property_any_tensor_and_parameters_round_trip(client, arrays, parameters):
+    """Any dtype/shape (inline or through a worker's store) and any scalar parameters come back intact."""
+    response = RemoteOperator("echo", client=client).infer(inputs=arrays, parameters=parameters, timeout=30)
+    assert set(response.outputs) == set(arrays)
+    for name, array in arrays.items():
+        got = response.outputs[name]
+        assert got.dtype == array.dtype and got.shape == array.shape
+        np.testing.assert_array_equal(got, array)
+    assert response.parameters == parameters
+
+
+@settings(max_examples=30, deadline=None)
+@given(bad=st.one_of(st.lists(st.integers(), max_size=3), st.none(), st.dictionaries(st.text(), st.integers(), max_size=2),
+                     st.text(max_size=5), st.builds(object)))
+def test_property_non_array_inputs_and_parameters_are_refused(client, bad):
+    op = RemoteOperator("echo", client=client)
+    with pytest.raises(InvalidRequestError, match="input 'x' is a"):
+        op.infer(inputs={"x": bad})
+    if not isinstance(bad, str):
+        with pytest.raises(InvalidRequestError, match="parameter 'p' is a"):
+            op.infer(parameters={"p": bad})
 
 
 def test_stores_empty_after_run(client):
