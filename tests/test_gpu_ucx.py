@@ -1,0 +1,50 @@
+"""GPU and UCX paths: run where the hardware and packages exist, skip with the reason otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from tdask import Deployment, OperatorConfig, RemoteOperator
+from tdask.hello_world import gpu_unavailable_reason
+from tests.conftest import store_stats
+from tests.operators import Consumer, Echo, Forward, Producer
+
+pytestmark = pytest.mark.timeout(300)
+
+_GPU_REASON = gpu_unavailable_reason()
+_UCX_REASON = (
+    None if importlib.util.find_spec("distributed_ucxx") else "distributed-ucxx is not installed (pip install 'tdask[ucx]')"
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_REASON is not None, reason=f"no usable GPU: {_GPU_REASON}")
+def test_cupy_tensors_round_trip():
+    import cupy
+
+    with Deployment([OperatorConfig(name="echo", implementation=Echo)], dashboard_address=None) as dep:
+        for n in (10, 1_000_000):
+            x = cupy.arange(n, dtype=cupy.float32)
+            response = RemoteOperator("echo", client=dep.client).infer(inputs={"x": x})
+            got = response.outputs["x"]
+            assert type(got).__module__.startswith("cupy"), type(got)
+            assert bool((got == x).all())
+
+
+@pytest.mark.skipif(_UCX_REASON is not None, reason=_UCX_REASON or "")
+def test_ucxx_protocol_forwarding():
+    operators = [
+        OperatorConfig(name="forward", implementation=Forward),
+        OperatorConfig(name="producer", implementation=Producer),
+        OperatorConfig(name="consumer", implementation=Consumer),
+    ]
+    with Deployment(operators, protocol="ucxx", dashboard_address=None) as dep:
+        assert dep.scheduler_address.startswith("ucxx://127.0.0.1:")
+        n = 100_000
+        response = RemoteOperator("forward", client=dep.client).infer(inputs={"start": np.array([0.0])}, parameters={"n": n})
+        assert response.outputs["sum"][0] == np.arange(n, dtype=np.float64).sum()
+        stats = store_stats(dep.client)
+        assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == n * 8
