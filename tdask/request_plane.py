@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import html
+import json
 import logging
 import time
 from collections import defaultdict, deque
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
+from tornado import web
 from distributed.protocol.pickle import dumps
 
 from tdask.config import get_seconds
@@ -285,6 +288,10 @@ class RequestBroker(SchedulerPlugin):
             }
         )
         self._checker = asyncio.create_task(self._check_forever())
+        app = getattr(scheduler, "http_application", None)
+        if app is not None:  # next to the dashboard: /tdask (a page) and /tdask/operators.json
+            routes = [(r"/tdask/operators.json", _RegistryJSON), (r"/tdask/?", _RegistryPage)]
+            app.add_handlers(r".*", [(path, cls, {"broker": self}) for path, cls in routes])
 
     async def close(self) -> None:
         if self._checker is not None:
@@ -551,4 +558,41 @@ class RequestBroker(SchedulerPlugin):
         known = sorted(k for k, hosts in self.hosts.items() if hosts)
         return OperatorUnavailableError(
             f"no worker hosts operator {key} (waited {waited:.1f}s); hosted operators: {known or 'none'}"
+        )
+
+
+class _RegistryJSON(web.RequestHandler):
+    """``/tdask/operators.json``: the registry, queue depths and counters, for tools."""
+
+    def initialize(self, broker: RequestBroker) -> None:
+        self.broker = broker
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps(self.broker.get_operators(), indent=1, sort_keys=True))
+
+
+class _RegistryPage(_RegistryJSON):
+    """``/tdask``: which worker hosts which operator, what is queued, what failed."""
+
+    def get(self) -> None:
+        state = self.broker.get_operators()
+        rows = "".join(
+            f"<tr><td>{html.escape(key)}</td><td>{len(hosts)}</td><td>{html.escape(', '.join(hosts))}</td>"
+            f"<td>{state['queued'].get(key, 0)}</td></tr>"
+            for key, hosts in sorted(state["hosts"].items())
+        )
+        failures = "".join(
+            f"<li>{html.escape(name)} on {html.escape(w)}: {html.escape(m)}</li>"
+            for name, by_worker in sorted(state["failures"].items())
+            for w, m in sorted(by_worker.items())
+        )
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(state["counts"].items()))
+        self.write(
+            "<html><head><title>tdask operators</title><meta http-equiv='refresh' content='2'></head><body>"
+            "<h2>tdask operators</h2><table border=1 cellpadding=4>"
+            "<tr><th>operator</th><th>workers</th><th>addresses</th><th>queued</th></tr>"
+            f"{rows}</table><p>leased (in progress): {state['leased']}</p><p>{html.escape(counts)}</p>"
+            + (f"<h3>setup failures</h3><ul>{failures}</ul>" if failures else "")
+            + "</body></html>"
         )

@@ -41,7 +41,7 @@ def deployment():
         (OperatorConfig(name="consumer", implementation=Consumer, max_inflight_requests=4), 1),
         (OperatorConfig(name="echo", implementation=Echo, max_inflight_requests=4), 1),
     ]
-    with Deployment(operators, dashboard_address=None) as dep:
+    with Deployment(operators, dashboard_address="127.0.0.1:0") as dep:
         yield dep
     assert_no_children()
 
@@ -287,6 +287,19 @@ def test_every_listener_is_loopback(deployment):
                 listening.append((proc.pid, conn.laddr.ip, conn.laddr.port))
     assert len(listening) >= 9, listening
     assert {ip for _, ip, _ in listening} == {"127.0.0.1"}, listening
+
+
+def test_dashboard_pages(deployment, client):
+    """/tdask on the scheduler's HTTP server shows the registry; /tdask/operators.json serves it."""
+    import json
+    import urllib.request
+
+    base = deployment.dashboard_link.rsplit("/status", 1)[0]
+    assert base.startswith("http://127.0.0.1:")
+    state = json.loads(urllib.request.urlopen(base + "/tdask/operators.json", timeout=10).read())
+    assert len(state["hosts"]["add/1"]) == 2 and state["counts"]["answered"] > 0
+    page = urllib.request.urlopen(base + "/tdask", timeout=10).read().decode()
+    assert "<td>add/1</td><td>2</td>" in page
 
 
 def test_operator_config_validation():
