@@ -95,7 +95,7 @@ def test_gpu_flag_without_gpu_is_a_usage_error(tmp_path):
     "flags, message",
     [
         (["--encoders", "0", "1", "1", "CPU"], "N must be >= 1"),
-        (["--decoders", "1", "1", "1", "TPU"], "'TPU' is not one of 'CPU', 'GPU'"),
+        (["--decoders", "1", "1", "1", "TPU"], "'TPU' is not one of 'cpu', 'gpu'"),
         (["--encoder-input-copies", "0"], "must be >= 1"),
         (["--encoder-delay-per-token", "-1"], "must be >= 0"),
         (["--operator", "nope"], "'nope' is not one of"),

@@ -1,0 +1,255 @@
+"""``TritonCoreOperator``: an operator that is one model of a Triton model repository.
+
+The model runs on the worker's own Triton Inference Server (one real ``tritonserver`` per
+worker process, started on first use by the worker plugin, see :mod:`tdask.triton_server`).
+At setup the operator loads its model in explicit mode, with the override given as
+``OperatorConfig.parameters["config"]`` merged into the repository's ``config.pbtxt`` (typically
+``instance_group`` and ``parameters``); each request then becomes one gRPC inference on
+127.0.0.1.
+
+Errors keep their meaning across the boundary: Triton's INVALID_ARGUMENT (bad dtype, shape,
+missing or unexpected input, and the models' own parameter checks) becomes
+:class:`~tdask.exceptions.InvalidRequestError`, a passed deadline
+:class:`~tdask.exceptions.RequestTimeoutError`, anything else
+:class:`~tdask.exceptions.OperatorError` with Triton's message. A dead server is reported as
+such (with its exit status), not as a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
+from tdask.operator import Operator, Request
+
+__all__ = ["TritonCoreOperator"]
+
+# tritonclient's own defaults (2 GiB messages), plus: never route 127.0.0.1 through a proxy.
+_MAX_GRPC_MESSAGE = 2**31 - 1
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", _MAX_GRPC_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_GRPC_MESSAGE),
+    ("grpc.enable_http_proxy", 0),
+]
+_DEFAULT_LOAD_TIMEOUT_S = 300.0
+
+
+def _load_timeout_s() -> float | None:
+    """Bound on a model load: ``tdask.triton.load-timeout`` (``null``: unbounded), default 5 minutes."""
+    import dask.config
+    from dask.utils import parse_timedelta
+
+    value = dask.config.get("tdask.triton.load-timeout", _DEFAULT_LOAD_TIMEOUT_S)
+    return None if value is None else float(parse_timedelta(value, default="seconds"))
+
+
+def _config_override(value: Any, operator: str) -> dict[str, Any] | None:
+    """``parameters["config"]`` as a dict: a mapping, a JSON string, or absent."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"operator {operator!r}: parameters['config'] is not valid JSON: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"operator {operator!r}: parameters['config'] must be a mapping of Triton model-config keys, "
+            f"got {type(value).__name__}"
+        )
+    return dict(value)
+
+
+def _triton_parameters(parameters: Mapping[str, Any]) -> dict[str, str | bool | int | float]:
+    """Request parameters in the types Triton's gRPC protocol carries (string, bool, int64, double)."""
+    out: dict[str, str | bool | int | float] = {}
+    for key, value in parameters.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(key, str) or not isinstance(value, (str, bool, int, float)):
+            raise TypeError(
+                f"request parameter {key!r} is a {type(value).__name__}; a Triton model takes only "
+                "str, bool, int or float parameters"
+            )
+        out[key] = value
+    return out
+
+
+def _response_parameters(response: Any) -> dict[str, Any]:
+    """A Triton response's parameters as plain Python values."""
+    out: dict[str, Any] = {}
+    for key, parameter in response.parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind is not None:
+            out[key] = getattr(parameter, kind)
+    return out
+
+
+def _host_array(value: Any) -> np.ndarray:
+    """A C-contiguous numpy array for the wire; cupy arrays are copied to the host."""
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value)
+    if type(value).__module__.split(".")[0] == "cupy":
+        return np.ascontiguousarray(value.get())
+    raise TypeError(f"is a {type(value).__name__}, expected a numpy or cupy array")
+
+
+class TritonCoreOperator(Operator):
+    """One model of a Triton model repository, served by the worker's Triton server.
+
+    ``name`` is the model's name in the repository (``parameters["model"]`` may name another);
+    ``version`` is the model version used when Triton has it loaded, else the latest one.
+    ``parameters["config"]`` overrides the model config at load, e.g.
+    ``{"instance_group": [{"kind": "KIND_GPU", "count": 2}], "parameters": {"delay": "0.001"}}``
+    (keys not given keep the repository's values).
+
+    Every request in a batch is sent to Triton at once, so Triton's own scheduler (instances,
+    dynamic batching) decides how they run. Request parameters pass through as Triton request
+    parameters; the request's deadline becomes the gRPC deadline, and a cancelled request
+    cancels its inference.
+    """
+
+    async def setup(self) -> None:
+        """Load the model on the worker's Triton server and connect to it."""
+        from tritonclient.grpc import aio as grpcclient
+
+        self.model = str(self.parameters.get("model", self.name))
+        override = _config_override(self.parameters.get("config"), self.name)
+        self.server = await self.context.triton_server()
+        await self.server.load_model(self.model, override, timeout_s=_load_timeout_s())
+        self.client = grpcclient.InferenceServerClient(self.server.grpc_url, channel_args=_CHANNEL_ARGS)
+        metadata = await self.client.get_model_metadata(self.model, as_json=True)
+        versions = [str(v) for v in metadata.get("versions", [])]
+        self.model_version = str(self.version) if str(self.version) in versions else ""
+        if not self.model_version:
+            self.logger.info(
+                "model %r has no version %s loaded (loaded: %s); serving its latest version",
+                self.model,
+                self.version,
+                versions,
+            )
+        self.server.add_exit_callback(self._on_server_exit)
+        self.logger.info("Triton model %r ready on %s (server %s)", self.model, self.server.grpc_url, self.server.pid)
+
+    def _on_server_exit(self, returncode: int) -> None:
+        # Runs in the server's watcher thread; TritonServer itself logs the log tail.
+        self.logger.error("Triton server of operator %r exited (status %s)", self.name, returncode)
+
+    async def teardown(self) -> None:
+        """Close the connection; the worker stops the server (and with it the model)."""
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.remove_exit_callback(self._on_server_exit)
+        client = getattr(self, "client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def execute(self, requests: list[Request]) -> None:
+        """Send every request to Triton concurrently and answer each with its own result."""
+        await asyncio.gather(*(self._serve(request) for request in requests))
+
+    async def _serve(self, request: Request) -> None:
+        sender = request.response_sender()
+        inference = asyncio.ensure_future(self._infer(request))
+        cancelled = asyncio.ensure_future(request.cancelled.wait())
+        try:
+            await asyncio.wait({inference, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+            if not inference.done():
+                inference.cancel()  # cancelling the gRPC call cancels the request in Triton
+        if request.cancelled.is_set() and not inference.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await inference
+            return
+        if inference.cancelled():
+            return
+        try:
+            outputs, parameters = inference.result()
+        except TdaskError as exc:
+            await sender.send(error=exc)
+            return
+        await sender.send(outputs=outputs, parameters=parameters)
+
+    async def _infer(self, request: Request) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """One inference; raises a tdask error that says what went wrong."""
+        from tritonclient.grpc import aio as grpcclient
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        remaining = request.remaining_s
+        if remaining is not None and remaining <= 0:
+            raise self._timeout(request)
+        values = await request.fetch_inputs()
+        inputs = []
+        for name, value in values.items():
+            try:
+                array = _host_array(value)
+            except TypeError as exc:
+                raise request.error(f"input {name!r} {exc}") from None
+            datatype = np_to_triton_dtype(array.dtype)
+            if datatype is None:
+                raise request.error(f"input {name!r} has dtype {array.dtype}, which Triton does not support")
+            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        try:
+            parameters = _triton_parameters(request.parameters)
+        except TypeError as exc:
+            raise request.error(str(exc)) from None
+
+        remaining = request.remaining_s
+        if remaining is not None and remaining <= 0:
+            raise self._timeout(request)
+        began = time.monotonic()
+        try:
+            result = await self.client.infer(
+                self.model,
+                inputs,
+                model_version=self.model_version,
+                request_id=str(request.request_id),
+                parameters=parameters or None,
+                client_timeout=remaining,
+            )
+        except InferenceServerException as exc:
+            raise self._error(request, exc) from None
+        self.logger.debug(
+            "request %s of %s: Triton answered in %.1f ms",
+            request.request_id,
+            self.name,
+            (time.monotonic() - began) * 1e3,
+        )
+        response = result.get_response()
+        outputs = {output.name: result.as_numpy(output.name) for output in response.outputs}
+        return outputs, _response_parameters(response)
+
+    def _timeout(self, request: Request) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"the request's deadline passed before Triton model {self.model!r} answered",
+            operator=self.name,
+            request_id=request.request_id,
+        )
+
+    def _error(self, request: Request, exc: Any) -> TdaskError:
+        """Map a tritonclient error to the tdask error of the same meaning."""
+        status = str(exc.status() or "")
+        message = exc.message() or str(exc)
+        if status.endswith("DEADLINE_EXCEEDED"):
+            return self._timeout(request)
+        if status.endswith("INVALID_ARGUMENT") or (not status and "reserved parameter" in message):
+            return InvalidRequestError(message, operator=self.name, request_id=request.request_id)
+        if not self.server.is_alive():
+            message = (
+                f"the worker's Triton server exited (status {self.server.returncode}); "
+                f"model {self.model!r} is gone ({message})"
+            )
+        return OperatorError(
+            message, operator=self.name, request_id=request.request_id, remote_type=f"Triton {status or 'error'}"
+        )

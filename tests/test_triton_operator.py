@@ -1,0 +1,122 @@
+"""TritonCoreOperator on a real cluster: worker processes that each own a real tritonserver."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tdask import Deployment, InvalidRequestError, OperatorConfig, RemoteOperator, RequestTimeoutError
+from tdask.hello_world import MODEL_REPOSITORY
+from tests.conftest import assert_no_children, child_pids
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def client():
+    encoder = OperatorConfig(
+        name="encoder",
+        implementation="triton",
+        repository=MODEL_REPOSITORY,
+        max_inflight_requests=4,
+        parameters={
+            "config": {
+                "instance_group": [{"kind": "KIND_CPU", "count": 2}],
+                "parameters": {"input_copies": "2"},  # the string shorthand
+            }
+        },
+    )
+    decoder = OperatorConfig(
+        name="decoder", implementation="triton", repository=MODEL_REPOSITORY, max_inflight_requests=4
+    )
+    with Deployment([(encoder, 1), (decoder, 1)], dashboard_address="127.0.0.1:0") as deployment:
+        yield deployment.client
+    assert_no_children()
+
+
+@pytest.mark.parametrize("size", [0, 10, 100_000])
+def test_round_trip_through_both_models(client, size):
+    data = np.random.default_rng(size).integers(-(2**62), 2**62, size=size, dtype=np.int64)
+    encoder, decoder = RemoteOperator("encoder", client=client), RemoteOperator("decoder", client=client)
+
+    encoded = encoder.infer(inputs={"input": data})
+    assert encoded.outputs["input_copies"].tolist() == [2]  # from the config override
+    np.testing.assert_array_equal(encoded.outputs["output"], np.invert(np.tile(data, 2)))
+
+    decoded = decoder.infer(
+        inputs={"input": encoded.outputs["output"], "input_copies": encoded.outputs["input_copies"]}
+    )
+    np.testing.assert_array_equal(decoded.outputs["output"], data)
+    assert decoded.outputs["output"].dtype == np.int64
+
+
+def test_request_parameters_reach_the_model(client):
+    encoder = RemoteOperator("encoder", client=client)
+    data = np.arange(7, dtype=np.int64)
+    for value in (3, "3"):
+        encoded = encoder.infer(inputs={"input": data}, parameters={"input_copies": value})
+        assert encoded.outputs["input_copies"].tolist() == [3]
+        np.testing.assert_array_equal(encoded.outputs["output"], np.invert(np.tile(data, 3)))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "parameters", "expected"),
+    [
+        ({"input": np.arange(3, dtype=np.int32)}, None, ["INT32", "INT64"]),
+        ({"input": np.arange(6, dtype=np.int64).reshape(2, 3)}, None, ["unexpected shape"]),
+        ({}, None, ["missing required input", "'input'"]),
+        ({"input": np.arange(3, dtype=np.int64)}, {"input_copies": 0}, ["'input_copies'", "got 0"]),
+        ({"input": np.arange(3, dtype=np.int64)}, {"nested": [1, 2]}, ["'nested'", "list"]),
+    ],
+    ids=["dtype", "shape", "missing", "bad-copies", "unsupported-parameter"],
+)
+def test_bad_requests_are_invalid_request_errors(client, inputs, parameters, expected):
+    encoder = RemoteOperator("encoder", client=client)
+    with pytest.raises(InvalidRequestError) as info:
+        encoder.infer(inputs=inputs, parameters=parameters)
+    assert info.value.operator == "encoder"
+    for fragment in expected:
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_deadline_becomes_a_request_timeout(client):
+    encoder = RemoteOperator("encoder", client=client)
+    began = time.monotonic()
+    with pytest.raises(RequestTimeoutError):
+        # 1000 elements x 2 copies x 0.5 ms: the model would take a second.
+        encoder.infer(inputs={"input": np.arange(1000, dtype=np.int64)}, parameters={"delay": 0.0005}, timeout=0.3)
+    assert time.monotonic() - began < 5
+    # The operator still serves afterwards.
+    ok = encoder.infer(inputs={"input": np.arange(3, dtype=np.int64)})
+    assert ok.outputs["input_copies"].tolist() == [2]
+
+
+def test_dead_triton_server_fails_requests_fast_and_clearly():
+    import os
+    import signal
+
+    import psutil
+
+    from tdask import OperatorError
+
+    before = child_pids()  # the module's deployment, when it is up
+    decoder = OperatorConfig(name="decoder", implementation="triton", repository=MODEL_REPOSITORY)
+    with Deployment([(decoder, 1)], dashboard_address="127.0.0.1:0") as deployment:
+        op = RemoteOperator("decoder", client=deployment.client)
+        data = np.arange(4, dtype=np.int64)
+        np.testing.assert_array_equal(op.infer(inputs={"input": np.invert(data)}).outputs["output"], data)
+
+        (worker_pid,) = deployment.client.run(os.getpid).values()
+        (server,) = [p for p in psutil.Process(worker_pid).children() if p.name() == "tritonserver"]
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+
+        began = time.monotonic()
+        with pytest.raises(OperatorError, match=r"Triton server exited \(status -9\)"):
+            op.infer(inputs={"input": data}, timeout=30)
+        assert time.monotonic() - began < 10
+        closing = time.monotonic()
+    assert time.monotonic() - closing < 15
+    assert_no_children(ignore=before)
