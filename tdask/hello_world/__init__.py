@@ -204,9 +204,14 @@ def prepare_log_dir(log_dir: str, clear: bool) -> Path:
 
 def configure_logging(level: str) -> None:
     """Apply ``--log-level`` here and (through dask.config) in the workers and Triton."""
+    import os
+
     import dask.config
 
     level = level.upper()
+    # Worker processes set up distributed's logging when they import it, before any config
+    # reaches them; the environment they inherit is what they read then.
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = level.lower()
     for name in ("tdask", "distributed"):
         logging.getLogger(name).setLevel(level)
     dask.config.set(

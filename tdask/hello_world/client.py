@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tdask.exceptions import TdaskError
 from tdask.hello_world import common_options, configure_logging, install_sigterm_as_interrupt
-from tdask.remote import RemoteOperator
+from tdask.remote import RemoteOperator, Response
 
 logger = logging.getLogger("tdask.hello_world")
 
@@ -82,6 +82,14 @@ async def run_clients(
     """Run ``clients`` concurrent clients against ``operator`` and verify every output."""
     report = ClientReport()
     op = RemoteOperator(operator, client=client)
+    info = await client.scheduler.identity(n_workers=-1)
+    names = {addr: str(w.get("name", addr)) for addr, w in info["workers"].items()}
+
+    def who(response: Response) -> str:
+        """``encoder_decoder.0 (encoder.1 -> decoder.0)``: the worker, and those it called."""
+        worker = names.get(response.worker or "", response.worker or "?")
+        called = [names.get(response.parameters.get(k, ""), "") for k in ("encoder", "decoder")]
+        return f"{worker} ({' -> '.join(called)})" if all(called) else worker
 
     async def one_client(index: int) -> None:
         rng = np.random.default_rng(seed + index)
@@ -107,7 +115,7 @@ async def run_clients(
                     return
                 report.latencies_s.append(time.perf_counter() - start)
                 report.requests += 1
-                worker = response.worker or "?"
+                worker = who(response)
                 report.workers[worker] = report.workers.get(worker, 0) + 1
                 got = response.outputs.get("output")
                 want = expected_output(operator, data, copies)
@@ -115,7 +123,7 @@ async def run_clients(
                     report.correct += 1
                 else:
                     report.errors.append(f"request client{index}-{i}: wrong output from {worker}")
-                bar.set_postfix_str(f"worker {worker}", refresh=False)
+                bar.set_postfix_str(worker, refresh=False)
                 bar.update()
 
         await asyncio.gather(*(one_request(i) for i in range(requests_per_client)))
