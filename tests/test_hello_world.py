@@ -27,12 +27,19 @@ def _env() -> dict[str, str]:
 
 
 def _triton_processes(since: float) -> list[psutil.Process]:
-    """tritonserver or python-backend stub processes started after ``since`` anywhere."""
+    """tritonserver or python-backend stub processes started after ``since`` that are ours:
+    descendants of this test process, or orphans (re-parented to init) whose owner died."""
+    me = os.getpid()
     found = []
     for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
         try:
             cmd = " ".join(proc.info["cmdline"] or [])
-            if proc.info["create_time"] >= since - 1 and ("tritonserver" in cmd or "triton_python_backend_stub" in cmd):
+            if proc.info["create_time"] < since - 1 or not (
+                "tritonserver" in cmd or "triton_python_backend_stub" in cmd
+            ):
+                continue
+            parents = [p.pid for p in proc.parents()]
+            if me in parents or proc.ppid() == 1:
                 found.append(proc)
         except psutil.Error:
             pass
