@@ -219,7 +219,7 @@ class TritonCoreOperator(Operator):
                 client_timeout=remaining,
             )
         except InferenceServerException as exc:
-            raise self._error(request, exc) from None
+            raise await self._error(request, exc) from None
         self.logger.debug(
             "request %s of %s: Triton answered in %.1f ms",
             request.request_id,
@@ -237,7 +237,7 @@ class TritonCoreOperator(Operator):
             request_id=request.request_id,
         )
 
-    def _error(self, request: Request, exc: Any) -> TdaskError:
+    async def _error(self, request: Request, exc: Any) -> TdaskError:
         """Map a tritonclient error to the tdask error of the same meaning."""
         status = str(exc.status() or "")
         message = exc.message() or str(exc)
@@ -245,6 +245,12 @@ class TritonCoreOperator(Operator):
             return self._timeout(request)
         if status.endswith("INVALID_ARGUMENT") or (not status and "reserved parameter" in message):
             return InvalidRequestError(message, operator=self.name, request_id=request.request_id)
+        if status.endswith(("UNAVAILABLE", "CANCELLED", "INTERNAL")) and self.server.is_alive():
+            # A dropped connection is usually the server dying: the socket closes before the
+            # process is reaped. Give the exit a moment to be seen, so the worker can restart
+            # and have the request served again instead of answering with this error.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.server.wait(), 1.0)
         if not self.server.is_alive():
             message = (
                 f"the worker's Triton server exited (status {self.server.returncode}); "

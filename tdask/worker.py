@@ -126,6 +126,7 @@ class OperatorHost(WorkerPlugin):
         self._triton: Any = None
         self._triton_lock = asyncio.Lock()
         self._closing = False
+        self._restart: asyncio.Task[Any] | None = None
         self._log_handler: logging.Handler | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -228,8 +229,25 @@ class OperatorHost(WorkerPlugin):
                     name=str(self.worker.name).replace("/", "_"),
                 )
                 await server.start()
+                loop = asyncio.get_running_loop()
+                server.add_exit_callback(lambda rc: loop.call_soon_threadsafe(self._triton_exited, rc))
                 self._triton = server
             return self._triton
+
+    def _triton_exited(self, returncode: int) -> None:
+        """Triton died under us: restart the worker, so its requests are served elsewhere.
+
+        Its in-flight requests are not answered with errors (see :meth:`_send`); their leases
+        go back to the queue when this worker leaves, and the Nanny starts a fresh worker
+        (with a fresh Triton server).
+        """
+        if self._closing or self.worker is None:
+            return
+        message = f"Triton server of {self.worker.address} exited (status {returncode}); restarting the worker"
+        logger.error("%s", message)
+        self.worker.log_event("tdask", {"action": "triton-exited", "status": returncode})
+        # Not in self._tasks: teardown (which this close runs) cancels those.
+        self._restart = asyncio.create_task(self.worker.close(nanny=False, reason=f"tdask-triton-exited-{returncode}"))
 
     async def _serve(self) -> None:
         """Once the worker is registered: announce operators (and failures), then consume."""
@@ -375,6 +393,11 @@ class OperatorHost(WorkerPlugin):
         """Encode one response (large outputs into our store) and hand it to the plane."""
         assert self.store is not None and self.plane is not None and self.worker is not None
         if request.cancelled.is_set():
+            return
+        if response["error"] is not None and self._triton is not None and not self._triton.is_alive():
+            # Failed because our Triton server died: leave the lease, so that the request is
+            # served again once this worker has left, instead of answering with the error.
+            logger.warning("not answering %s of %s: Triton died under it", request.request_id, request.operator)
             return
         outputs = response["outputs"]
         error = response["error"]
