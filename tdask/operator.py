@@ -162,15 +162,23 @@ class OperatorContext:
         store: TensorStore,
         log_dir: Path | None,
         triton_server: Callable[[], Awaitable[Any]],
+        restart_worker: Callable[[str], None],
     ) -> None:
         self.worker = worker
         self.store = store
         self.log_dir = log_dir
         self._triton_server = triton_server
+        self._restart_worker = restart_worker
 
     async def triton_server(self) -> Any:
         """The worker's Triton server, started on first use (one per worker process)."""
         return await self._triton_server()
+
+    def restart_worker(self, reason: str) -> None:
+        """Give up on this worker: it closes (its Nanny starts a fresh one) and the requests it
+        holds, unanswered, are served again elsewhere. For states an operator cannot recover
+        from in place, such as a dead Triton server or python-backend stub."""
+        self._restart_worker(reason)
 
 
 class Operator(abc.ABC):

@@ -320,6 +320,7 @@ class _Call(AsyncIterator[Response]):
             "attempt": 0,
             "max_retries": int(dask.config.get("tdask.request.max-retries")),
             "host_wait_s": get_seconds("tdask.request.unavailable-timeout") or 0.0,
+            "rehost_wait_s": get_seconds("tdask.request.rehost-timeout") or 0.0,
         }
         try:
             self.stream = await self.endpoint.plane.submit(request)

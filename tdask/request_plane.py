@@ -17,7 +17,7 @@ Everything passes through the scheduler, so messages carry small tensors and des
 Message shapes (msgpack-friendly dicts):
 
 - request: ``id, requester, operator (name/version key), name, parameters, inputs, deadline
-  (epoch seconds or None), attempt, max_retries, host_wait_s``
+  (epoch seconds or None), attempt, max_retries, host_wait_s, rehost_wait_s``
 - response: ``id, requester, operator, worker, outputs, parameters, error (dict or None), final``
 """
 
@@ -541,9 +541,13 @@ class RequestBroker(SchedulerPlugin):
             name = key.rsplit("/", 1)[0]
             failures = self.failures.get(name) or {}
             kept: deque[dict[str, Any]] = deque()
+            # An operator that had hosts (a worker restarting) gets longer to come back than one
+            # nobody ever hosted (most likely a wrong name).
+            had_hosts = key in self.hosts
             for request in queue:
                 waited = now - request["submitted"]
-                if failures or waited >= request.get("host_wait_s", 10.0):
+                limit = request.get("rehost_wait_s", 60.0) if had_hosts else request.get("host_wait_s", 10.0)
+                if failures or waited >= limit:
                     self._answer_error(request, self._unavailable(key, failures, waited))
                 elif request.get("deadline") is not None and request["deadline"] < now:
                     self._answer_error(request, RequestTimeoutError("deadline passed while queued"))

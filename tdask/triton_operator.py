@@ -121,9 +121,9 @@ class TritonCoreOperator(Operator):
         from tritonclient.grpc import aio as grpcclient
 
         self.model = str(self.parameters.get("model", self.name))
-        override = _config_override(self.parameters.get("config"), self.name)
+        self.override = _config_override(self.parameters.get("config"), self.name)
         self.server = await self.context.triton_server()
-        await self.server.load_model(self.model, override, timeout_s=_load_timeout_s())
+        await self.server.load_model(self.model, self.override, timeout_s=_load_timeout_s())
         self.client = grpcclient.InferenceServerClient(self.server.grpc_url, channel_args=_CHANNEL_ARGS)
         metadata = await self.client.get_model_metadata(self.model, as_json=True)
         versions = [str(v) for v in metadata.get("versions", [])]
@@ -219,6 +219,11 @@ class TritonCoreOperator(Operator):
                 client_timeout=remaining,
             )
         except InferenceServerException as exc:
+            if "Stub process" in (exc.message() or "") and self.server.is_alive():
+                # A python-backend stub died. Triton 2.5x neither restarts it nor unloads the
+                # model cleanly (unload hangs), so the instance stays broken: restart the
+                # worker, which starts a fresh server, and let its requests be served again.
+                self.context.restart_worker(f"a Triton python-backend stub of model {self.model!r} died")
             raise await self._error(request, exc) from None
         self.logger.debug(
             "request %s of %s: Triton answered in %.1f ms",
@@ -245,7 +250,7 @@ class TritonCoreOperator(Operator):
             return self._timeout(request)
         if status.endswith("INVALID_ARGUMENT") or (not status and "reserved parameter" in message):
             return InvalidRequestError(message, operator=self.name, request_id=request.request_id)
-        if status.endswith(("UNAVAILABLE", "CANCELLED", "INTERNAL")) and self.server.is_alive():
+        if status.endswith(("UNAVAILABLE", "CANCELLED")) and self.server.is_alive():
             # A dropped connection is usually the server dying: the socket closes before the
             # process is reaped. Give the exit a moment to be seen, so the worker can restart
             # and have the request served again instead of answering with this error.

@@ -841,26 +841,27 @@ class TritonServer:
         finally:
             await client.close()
 
-    async def stop(self) -> None:
+    async def stop(self, *, graceful: bool = True) -> None:
         """Stop the server and its stubs; safe to call more than once.
 
         SIGTERM first (Triton unloads models and ends its stubs), then, after
         ``stop_timeout_s``, SIGKILL for whatever is left of the process group. Returns once no
-        process of the group is left.
+        process of the group is left. ``graceful=False`` sends SIGKILL at once (for a server
+        that is broken anyway, e.g. after one of its stubs died).
         """
         async with self._lock:
             if self.status is Status.stopped:
                 return
             self.status = Status.stopping
             try:
-                await self._shutdown()
+                await self._shutdown(graceful=graceful)
             finally:
                 self.status = Status.stopped
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, graceful: bool = True) -> None:
         """End the process (if any) and remove what start() created."""
         try:
-            await self._end_process()
+            await self._end_process(graceful)
         finally:
             if self._workdir is not None:
                 if self.log_dir is None:
@@ -868,12 +869,12 @@ class TritonServer:
                 shutil.rmtree(self._workdir, ignore_errors=True)
                 self._workdir = None
 
-    async def _end_process(self) -> None:
+    async def _end_process(self, graceful: bool = True) -> None:
         process, watch = self._process, self._watch
         self._stopping = True
         try:
             if process is not None and watch is not None:
-                await self._terminate(process, watch)
+                await self._terminate(process, watch, graceful)
                 _remove_shm_regions(self._shm_prefix)
         finally:
             self._stopping = False
@@ -881,10 +882,10 @@ class TritonServer:
                 self._finalizer.detach()
                 self._finalizer = None
 
-    async def _terminate(self, process: subprocess.Popen[bytes], watch: _ProcessWatch) -> None:
+    async def _terminate(self, process: subprocess.Popen[bytes], watch: _ProcessWatch, graceful: bool = True) -> None:
         pgid = process.pid
         deadline = time.monotonic() + self.stop_timeout_s
-        if not watch.exited.is_set():
+        if graceful and not watch.exited.is_set():
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             next_nudge = time.monotonic() + _NUDGE_INTERVAL_S
@@ -894,7 +895,8 @@ class TritonServer:
                     await asyncio.to_thread(_nudge, self._grpc_port)
                     next_nudge = time.monotonic() + _NUDGE_INTERVAL_S
         else:
-            # The server is gone already: its orphaned stubs have nobody to answer; end them now.
+            # The server is gone already (its orphaned stubs have nobody to answer), or it is
+            # broken and not worth a graceful stop: end the whole group now.
             _killpg(pgid, signal.SIGKILL)
         while time.monotonic() < deadline:
             if not await asyncio.to_thread(_group_members, pgid):

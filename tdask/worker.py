@@ -183,7 +183,11 @@ class OperatorHost(WorkerPlugin):
         self.plane.on_orphan_response = self._release_orphan
         self.endpoint = _WorkerEndpoint(self.plane, self.store)
         context = OperatorContext(
-            worker=worker, store=self.store, log_dir=self._log_dir(), triton_server=self._triton_server
+            worker=worker,
+            store=self.store,
+            log_dir=self._log_dir(),
+            triton_server=self._triton_server,
+            restart_worker=self.restart_worker,
         )
         for config in self.operators:
             try:
@@ -235,19 +239,22 @@ class OperatorHost(WorkerPlugin):
             return self._triton
 
     def _triton_exited(self, returncode: int) -> None:
-        """Triton died under us: restart the worker, so its requests are served elsewhere.
+        if not self._closing:
+            self.restart_worker(f"its Triton server exited (status {returncode})")
 
-        Its in-flight requests are not answered with errors (see :meth:`_send`); their leases
-        go back to the queue when this worker leaves, and the Nanny starts a fresh worker
-        (with a fresh Triton server).
+    def restart_worker(self, reason: str) -> None:
+        """Close this worker so that its Nanny starts a fresh one (with a fresh Triton server).
+
+        From now on, requests that fail here are not answered with their error (see
+        :meth:`_send`): their leases go back to the queue when this worker leaves, and they
+        are served again elsewhere.
         """
-        if self._closing or self.worker is None:
+        if self._closing or self._restart is not None or self.worker is None:
             return
-        message = f"Triton server of {self.worker.address} exited (status {returncode}); restarting the worker"
-        logger.error("%s", message)
-        self.worker.log_event("tdask", {"action": "triton-exited", "status": returncode})
+        logger.error("restarting worker %s: %s", self.worker.address, reason)
+        self.worker.log_event("tdask", {"action": "restart", "reason": reason})
         # Not in self._tasks: teardown (which this close runs) cancels those.
-        self._restart = asyncio.create_task(self.worker.close(nanny=False, reason=f"tdask-triton-exited-{returncode}"))
+        self._restart = asyncio.create_task(self.worker.close(nanny=False, reason=f"tdask-restart: {reason}"))
 
     async def _serve(self) -> None:
         """Once the worker is registered: announce operators (and failures), then consume."""
@@ -290,7 +297,7 @@ class OperatorHost(WorkerPlugin):
             except Exception:
                 logger.exception("operator %s failed to tear down", key)
         if self._triton is not None:
-            await self._triton.stop()
+            await self._triton.stop(graceful=self._restart is None)
             self._triton = None
         if self.store is not None:
             await self.store.close()
@@ -394,10 +401,12 @@ class OperatorHost(WorkerPlugin):
         assert self.store is not None and self.plane is not None and self.worker is not None
         if request.cancelled.is_set():
             return
-        if response["error"] is not None and self._triton is not None and not self._triton.is_alive():
-            # Failed because our Triton server died: leave the lease, so that the request is
-            # served again once this worker has left, instead of answering with the error.
-            logger.warning("not answering %s of %s: Triton died under it", request.request_id, request.operator)
+        if response["error"] is not None and (
+            self._restart is not None or (self._triton is not None and not self._triton.is_alive())
+        ):
+            # Failed because this worker is beyond repair (its Triton died): keep the lease, so
+            # the request is served again once this worker has left, instead of failing it.
+            logger.warning("not answering %s of %s: this worker is restarting", request.request_id, request.operator)
             return
         outputs = response["outputs"]
         error = response["error"]

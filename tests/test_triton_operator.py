@@ -93,8 +93,10 @@ def test_deadline_becomes_a_request_timeout(client):
     assert ok.outputs["input_copies"].tolist() == [2]
 
 
-def test_killed_triton_server_restarts_the_worker_and_loses_nothing():
-    """SIGKILL the worker's tritonserver under load: the worker restarts, every request is answered right."""
+@pytest.mark.parametrize("victim", ["tritonserver", "triton_python_backend_stub"])
+def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
+    """SIGKILL the worker's tritonserver (or a model's stub) under load: the worker restarts
+    with a fresh server, and every request is answered right."""
     import asyncio
     import os
     import signal
@@ -107,7 +109,7 @@ def test_killed_triton_server_restarts_the_worker_and_loses_nothing():
     decoder = OperatorConfig(name="decoder", implementation="triton", repository=MODEL_REPOSITORY)
     with Deployment([(decoder, 1)], dashboard_address="127.0.0.1:0") as deployment:
         (worker_pid,) = deployment.client.run(os.getpid).values()
-        (server,) = [p for p in psutil.Process(worker_pid).children() if p.name() == "tritonserver"]
+        (server,) = [p for p in psutil.Process(worker_pid).children(recursive=True) if p.name() == victim]
 
         async def go(c):
             op = RemoteOperator("decoder", client=c)
