@@ -454,7 +454,7 @@ def _check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | No
                 f"input {name!r} has dtype object, which cannot be sent", operator=operator, request_id=request_id
             )
         if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
-            value = np.ascontiguousarray(value)
+            value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
         out[name] = value
         total += int(value.nbytes)
     limit = get_bytes("tdask.request.max-input-bytes")

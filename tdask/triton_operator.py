@@ -94,10 +94,11 @@ def _response_parameters(response: Any) -> dict[str, Any]:
 
 def _host_array(value: Any) -> np.ndarray:
     """A C-contiguous numpy array for the wire; cupy arrays are copied to the host."""
+    # np.require, not np.ascontiguousarray: the latter turns a 0-d array into a 1-d one.
     if isinstance(value, np.ndarray):
-        return np.ascontiguousarray(value)
+        return np.require(value, requirements="C")
     if type(value).__module__.split(".")[0] == "cupy":
-        return np.ascontiguousarray(value.get())
+        return np.require(value.get(), requirements="C")
     raise TypeError(f"is a {type(value).__name__}, expected a numpy or cupy array")
 
 
@@ -126,6 +127,11 @@ class TritonCoreOperator(Operator):
         await self.server.load_model(self.model, self.override, timeout_s=_load_timeout_s())
         self.client = grpcclient.InferenceServerClient(self.server.grpc_url, channel_args=_CHANNEL_ARGS)
         metadata = await self.client.get_model_metadata(self.model, as_json=True)
+        # name -> (Triton datatype, dims with -1 for "any"): checked before a request goes out,
+        # since Triton itself lets some mismatches through (a 0-d tensor for dims [-1]).
+        self.input_specs = {
+            i["name"]: (i["datatype"], [int(d) for d in i.get("shape", [])]) for i in metadata.get("inputs", [])
+        }
         versions = [str(v) for v in metadata.get("versions", [])]
         self.model_version = str(self.version) if str(self.version) in versions else ""
         if not self.model_version:
@@ -197,6 +203,7 @@ class TritonCoreOperator(Operator):
             datatype = np_to_triton_dtype(array.dtype)
             if datatype is None:
                 raise request.error(f"input {name!r} has dtype {array.dtype}, which Triton does not support")
+            self._check_input(request, name, datatype, array.shape)
             tensor = grpcclient.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -234,6 +241,21 @@ class TritonCoreOperator(Operator):
         response = result.get_response()
         outputs = {output.name: result.as_numpy(output.name) for output in response.outputs}
         return outputs, _response_parameters(response)
+
+    def _check_input(self, request: Request, name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        """Refuse an input the model does not declare, or of another dtype or rank."""
+        spec = self.input_specs.get(name)
+        if spec is None:
+            raise request.error(
+                f"model {self.model!r} has no input {name!r} (its inputs: {sorted(self.input_specs)})"
+            )
+        want_type, dims = spec
+        if datatype != want_type:
+            raise request.error(f"input {name!r} is {datatype}, model {self.model!r} expects {want_type}")
+        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
+            raise request.error(
+                f"input {name!r} has shape {list(shape)}, model {self.model!r} expects {dims} (-1: any size)"
+            )
 
     def _timeout(self, request: Request) -> RequestTimeoutError:
         return RequestTimeoutError(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 from tdask import Deployment, InvalidRequestError, OperatorConfig, RemoteOperator, RequestTimeoutError
 from tdask.hello_world import MODEL_REPOSITORY
@@ -65,12 +68,14 @@ def test_request_parameters_reach_the_model(client):
     ("inputs", "parameters", "expected"),
     [
         ({"input": np.arange(3, dtype=np.int32)}, None, ["INT32", "INT64"]),
-        ({"input": np.arange(6, dtype=np.int64).reshape(2, 3)}, None, ["unexpected shape"]),
+        ({"input": np.arange(6, dtype=np.int64).reshape(2, 3)}, None, ["has shape [2, 3]", "expects [-1]"]),
         ({}, None, ["missing required input", "'input'"]),
         ({"input": np.arange(3, dtype=np.int64)}, {"input_copies": 0}, ["'input_copies'", "got 0"]),
         ({"input": np.arange(3, dtype=np.int64)}, {"nested": [1, 2]}, ["'nested'", "list"]),
+        ({"input": np.arange(3, dtype=np.int64), "bogus": np.arange(3, dtype=np.int64)}, None, ["'bogus'"]),
+        ({"input": np.arange(3, dtype=np.int64)}, {"input_copies": "many"}, ["'input_copies'", "many"]),
     ],
-    ids=["dtype", "shape", "missing", "bad-copies", "unsupported-parameter"],
+    ids=["dtype", "shape", "missing", "bad-copies", "unsupported-parameter", "extra-input", "malformed-parameter"],
 )
 def test_bad_requests_are_invalid_request_errors(client, inputs, parameters, expected):
     encoder = RemoteOperator("encoder", client=client)
@@ -133,3 +138,29 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
         closing = time.monotonic()
     assert time.monotonic() - closing < 15
     assert_no_children(ignore=before)
+
+
+_DTYPES = ["int8", "int32", "int64", "uint64", "float32", "float64", "bool"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dtype=st.sampled_from(_DTYPES),
+    shape=st.one_of(hnp.array_shapes(min_dims=0, max_dims=3, max_side=5), st.tuples(st.integers(0, 20_000))),
+    copies=st.one_of(st.integers(-2, 6), st.sampled_from(["2", "x", ""])),
+)
+def test_property_encoder_answers_or_refuses_clearly(client, dtype, shape, copies):
+    """Any dtype, rank and copies value: a correct answer, or an InvalidRequestError; never anything else."""
+    data = np.zeros(shape, dtype=dtype) if dtype == "bool" else np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    encoder = RemoteOperator("encoder", client=client)
+    valid = dtype == "int64" and len(shape) == 1 and isinstance(copies, int) and copies >= 1
+    if str(copies) == "2":
+        valid = dtype == "int64" and len(shape) == 1
+    try:
+        response = encoder.infer(inputs={"input": data}, parameters={"input_copies": copies}, timeout=30)
+    except InvalidRequestError as exc:
+        assert not valid, f"a valid request was refused: {exc}"
+        assert exc.operator == "encoder" and exc.request_id
+        return
+    assert valid, f"an invalid request was served: {dtype} {shape} copies={copies!r}"
+    np.testing.assert_array_equal(response.outputs["output"], np.invert(np.tile(data, int(copies))))

@@ -1,0 +1,1 @@
+"""tdask benchmarks (python -m bench)."""

@@ -1,0 +1,88 @@
+"""Time a TritonServer's start, model loads, one encoder call and stop, on 127.0.0.1.
+
+Usage: ``python bench/bench_triton_server.py [--size 1000] [--calls 200] [--copies 1]``.
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+
+from tdask.triton_server import TritonServer
+
+LOG_DIR = None
+MODELS = Path(__file__).resolve().parent.parent / "tdask" / "models"
+
+
+def _inputs(module, data: np.ndarray) -> list:
+    tensor = module.InferInput("input", list(data.shape), "INT64")
+    tensor.set_data_from_numpy(data)
+    return [tensor]
+
+
+async def main(size: int, calls: int, copies: int) -> dict:
+    result: dict = {"size": size, "calls": calls, "copies": copies}
+    with tempfile.TemporaryDirectory() as tmp:
+        log_dir = LOG_DIR or tmp
+        server = TritonServer(model_repository=MODELS, log_dir=log_dir, name="bench")
+        began = time.perf_counter()
+        await server.start()
+        result["start_s"] = time.perf_counter() - began
+        try:
+            began = time.perf_counter()
+            await server.load_model("encoder")
+            result["load_encoder_s"] = time.perf_counter() - began
+            data = np.arange(size, dtype=np.int64)
+            params = {"input_copies": copies}
+
+            with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                began = time.perf_counter()
+                client.infer("encoder", _inputs(grpcclient, data), parameters=params)
+                result["first_call_ms"] = (time.perf_counter() - began) * 1e3
+                latencies = []
+                for _ in range(calls):
+                    began = time.perf_counter()
+                    client.infer("encoder", _inputs(grpcclient, data), parameters=params)
+                    latencies.append((time.perf_counter() - began) * 1e3)
+            result["sync_p50_ms"] = statistics.median(latencies)
+            result["sync_p90_ms"] = statistics.quantiles(latencies, n=10)[-1]
+
+            async with aioclient.InferenceServerClient(server.grpc_url) as client:
+                await client.infer("encoder", _inputs(aioclient, data), parameters=params)
+                latencies = []
+                for _ in range(calls):
+                    began = time.perf_counter()
+                    await client.infer("encoder", _inputs(aioclient, data), parameters=params)
+                    latencies.append((time.perf_counter() - began) * 1e3)
+            result["aio_p50_ms"] = statistics.median(latencies)
+            result["aio_p90_ms"] = statistics.quantiles(latencies, n=10)[-1]
+        finally:
+            began = time.perf_counter()
+            await server.stop()
+            result["stop_s"] = time.perf_counter() - began
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1000)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--copies", type=int, default=1)
+    parser.add_argument("--log-dir", default=None, help="keep the server log here")
+    args = parser.parse_args()
+    LOG_DIR = args.log_dir
+    result = asyncio.run(main(args.size, args.calls, args.copies))
+    width = max(len(key) for key in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")  # noqa: T201
+    print(json.dumps({"bench": "triton_server", **result}))  # noqa: T201

@@ -1,0 +1,98 @@
+"""Python operators of the data-plane section (hosted on real workers, imported there as
+``bench.operators``).
+
+``forward`` calls ``producer`` (which keeps a large array in its worker's store) and passes the
+descriptor on to ``consumer`` (on another worker), which times the fetch of the bytes from the
+producer's worker and reports it; ``forward`` itself never touches the bytes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from tdask import Operator, RemoteOperator, RemoteTensor
+
+
+class Producer(Operator):
+    """Returns ``nbytes`` bytes (uint8), kept in this worker's store; built once per size."""
+
+    async def setup(self) -> None:
+        self.cache: dict[int, np.ndarray] = {}
+
+    async def execute(self, requests):  # type: ignore[no-untyped-def]
+        for request in requests:
+            nbytes = int(request.parameters["nbytes"])
+            data = self.cache.get(nbytes)
+            if data is None:
+                self.cache.clear()  # keep one size at a time: 256 MB is enough to hold
+                data = self.cache[nbytes] = np.arange(nbytes // 8, dtype=np.uint64).view(np.uint8)
+            await request.response_sender().send(outputs={"data": data})
+
+
+class Consumer(Operator):
+    """Fetches ``data`` from its owner and reports how long that took (``fetch_s``)."""
+
+    async def execute(self, requests):  # type: ignore[no-untyped-def]
+        for request in requests:
+            ref = request.inputs["data"]
+            remote = isinstance(ref, RemoteTensor)
+            began = time.perf_counter()
+            data = (await request.fetch_inputs())["data"]
+            fetch_s = time.perf_counter() - began
+            n = int(data.nbytes)
+            # Spot-check the bytes (first and last 8) against what Producer makes.
+            ok = n == int(request.parameters["nbytes"]) and _spot_ok(data)
+            await request.response_sender().send(
+                outputs={"ok": np.array([ok])},
+                parameters={"fetch_s": fetch_s, "nbytes": n, "remote": remote, "owner": getattr(ref, "owner", "")},
+            )
+
+
+def _spot_ok(data: np.ndarray) -> bool:
+    words = data.view(np.uint64)
+    return int(words[0]) == 0 and int(words[-1]) == words.size - 1
+
+
+class Forward(Operator):
+    """The orchestrator: producer's output goes to the consumer as a reference."""
+
+    async def setup(self) -> None:
+        self.producer = RemoteOperator("producer")
+        self.consumer = RemoteOperator("consumer")
+
+    async def execute(self, requests):  # type: ignore[no-untyped-def]
+        for request in requests:
+            made = await self.producer.infer(parameters=request.parameters)
+            forwarded = made.outputs["data"]
+            used = await self.consumer.infer(inputs={"data": forwarded}, parameters=request.parameters)
+            await request.response_sender().send(
+                outputs=used.outputs,
+                parameters={
+                    **used.parameters,
+                    "forwarded_descriptor": isinstance(forwarded, RemoteTensor),
+                    "consumer": used.worker or "",
+                    "producer": made.worker or "",
+                },
+            )
+
+
+class Echo(Operator):
+    """Answers each request with its own inputs (the cheapest possible tdask hop)."""
+
+    async def execute(self, requests):  # type: ignore[no-untyped-def]
+        for request in requests:
+            await request.response_sender().send(outputs=dict(request.inputs))
+
+
+def echo_handler(x: object = None) -> dict[str, object]:
+    """A bare Dask comm handler (installed on a worker by the ``floor`` section): one RPC round
+    trip with the same payload, no request plane: what a direct worker-to-worker hop would cost."""
+    from distributed.protocol import to_serialize
+
+    return {"x": to_serialize(x)}
+
+
+def install_echo_handler(dask_worker: object) -> None:
+    dask_worker.handlers["bench_echo"] = echo_handler  # type: ignore[attr-defined]
