@@ -232,13 +232,16 @@ class Deployment(SyncMethodMixin):
                     "dashboard": self.dashboard_address is not None,
                 },
             }
-            self.cluster = await SpecCluster(
+            # Keep the object before awaiting it, so a failed start still gets closed by us
+            # (not by distributed's atexit hook, after logging has been torn down).
+            self.cluster = SpecCluster(
                 workers=specs,
                 scheduler=scheduler,
                 asynchronous=True,
                 security=self.security,
                 name="tdask",
             )
+            await self.cluster
             return
         for name, spec in specs.items():
             nanny = Nanny(self.scheduler_address_given, **spec["options"])

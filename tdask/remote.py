@@ -107,7 +107,9 @@ class _ClientEndpoint:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.plane: RequestPlane = QueueRequestPlane(client.scheduler, client.id)
+        self.plane: RequestPlane = QueueRequestPlane(
+            client.scheduler, client.id, connection_args=client.connection_args
+        )
         self.peer = client_peer(client)
         self._hosts: dict[str, tuple[float, list[str]]] = {}
 

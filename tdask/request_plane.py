@@ -3,13 +3,21 @@
 Callers never see this module; they use :class:`tdask.RemoteOperator`, which talks to a
 :class:`RequestPlane`. The one implementation today, :class:`QueueRequestPlane`, keeps one queue
 per operator ``name/version`` in a scheduler extension (:class:`RequestBroker`), in the spirit of
-``distributed.Queue``, and one reply queue per requester, drained by one dispatcher task.
+``distributed.Queue``, consumed only by the workers hosting that operator.
 
 Why not ``distributed.Queue`` itself: its ``get`` is not cancelled when the consumer's connection
 drops, so a worker that dies while waiting still takes the next item, which is then lost; and it
 does not know which worker holds which item. The broker adds exactly that: a request handed to a
 worker is *leased* to it until its final response; when the worker leaves, its leases are
 re-queued (bounded retries) or answered with :class:`~tdask.exceptions.WorkerLostError`.
+
+Transport: every requester (a client, or a worker calling operators) and every serving worker
+keeps one *session*, a long-lived Dask comm to the scheduler carrying one-way messages both ways
+(written as soon as they are queued, several per write when they pile up). Workers grant
+*credits* (free request slots) per operator; the broker pushes queued requests to the host with
+the most credits, and pushes responses to their requester. A hop thus costs four one-way messages
+instead of four request/response RPCs with long-poll re-arming (measured: about half the CPU).
+Registry calls (register, hosts, ...) stay plain RPCs.
 
 Everything passes through the scheduler, so messages carry small tensors and descriptors only
 (see :mod:`tdask.data_plane`), never large tensors.
@@ -19,6 +27,8 @@ Message shapes (msgpack-friendly dicts):
 - request: ``id, requester, operator (name/version key), name, parameters, inputs, deadline
   (epoch seconds or None), attempt, max_retries, host_wait_s, rehost_wait_s``
 - response: ``id, requester, operator, worker, outputs, parameters, error (dict or None), final``
+- session messages (``op``): to the broker ``submit``, ``cancel``, ``credit``, ``respond``; from
+  it ``requests`` (to a worker), ``replies`` (to a requester), ``cancel`` (to a worker).
 """
 
 from __future__ import annotations
@@ -30,21 +40,24 @@ import json
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from distributed.comm import connect
+from distributed.comm.core import CommClosedError
 from distributed.diagnostics.plugin import SchedulerPlugin
-from tornado import web
 from distributed.protocol.pickle import dumps
+from tornado import web
 
-from tdask.config import get_seconds
-from tdask.exceptions import TdaskError, error_to_msg
-from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, WorkerLostError
+from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError, error_to_msg
 
 logger = logging.getLogger(__name__)
 
 BROKER_NAME = "tdask-request-broker"
+
+RequestsHandler = Callable[[str, list[dict[str, Any]]], None]
+CancelHandler = Callable[[list[list[str]]], None]
 
 
 class RequestPlane(abc.ABC):
@@ -65,15 +78,27 @@ class RequestPlane(abc.ABC):
 
     # -- serving side --
     @abc.abstractmethod
-    async def register(self, worker: str, operators: list[dict[str, Any]], failures: dict[str, str]) -> None:
-        """Announce the operators ``worker`` serves, and those whose setup failed there."""
+    async def register(
+        self,
+        worker: str,
+        operators: list[dict[str, Any]],
+        failures: dict[str, str],
+        *,
+        on_requests: RequestsHandler,
+        on_cancel: CancelHandler,
+    ) -> None:
+        """Announce the operators ``worker`` serves (and those whose setup failed there).
+
+        Requests for them arrive through ``on_requests(operator_key, requests)``, never more
+        than granted with :meth:`grant`; cancellations through ``on_cancel([[requester, id]])``.
+        """
 
     @abc.abstractmethod
-    async def take(self, worker: str, operator_key: str, max_count: int, timeout_s: float) -> list[dict[str, Any]]:
-        """Wait up to ``timeout_s`` for at most ``max_count`` requests, leased to ``worker``."""
+    def grant(self, operator_key: str, n: int) -> None:
+        """Allow ``n`` more requests of ``operator_key`` to be handed to this worker."""
 
     @abc.abstractmethod
-    async def respond(self, responses: list[dict[str, Any]]) -> None:
+    def respond(self, responses: list[dict[str, Any]]) -> None:
         """Deliver responses to their requesters; a final one ends the request's lease."""
 
     @abc.abstractmethod
@@ -81,7 +106,7 @@ class RequestPlane(abc.ABC):
         """Stop giving ``worker`` requests; with ``release_leases``, re-queue what it holds."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional
-        """Stop the dispatcher; pending requests fail."""
+        """Close the session; requests still in flight fail."""
 
 
 class ResponseStream:
@@ -111,22 +136,95 @@ class ResponseStream:
         return await self.next()
 
 
+class _Session:
+    """One comm carrying one-way messages both ways: a writer task batches what is queued,
+    a reader task hands every incoming message to ``on_message``."""
+
+    def __init__(self, comm: Any, on_message: Callable[[dict[str, Any]], None], name: str) -> None:
+        self.comm = comm
+        self.name = name
+        self._on_message = on_message
+        self._outbox: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self.closed = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_forever())
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.closed.is_set():
+            raise CommClosedError(f"tdask session {self.name} is closed")
+        self._outbox.append(message)
+        self._wake.set()
+
+    async def _write_forever(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._outbox = self._outbox, []
+                if batch:
+                    await self.comm.write(batch)
+        except (CommClosedError, OSError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("tdask session %s: writing failed", self.name)
+        finally:
+            self.closed.set()
+
+    async def read_forever(self) -> None:
+        """Deliver incoming messages until the comm closes."""
+        try:
+            while not self.closed.is_set():
+                messages = await self.comm.read()
+                for message in messages if isinstance(messages, (list, tuple)) else [messages]:
+                    try:
+                        self._on_message(message)
+                    except Exception:
+                        logger.exception("tdask session %s: handling %s failed", self.name, message.get("op"))
+        except (CommClosedError, OSError):
+            pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self.closed.set()
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)
+        if not self.comm.closed():
+            await self.comm.close()
+
+
 class QueueRequestPlane(RequestPlane):
     """Request plane over the scheduler's :class:`RequestBroker`.
 
-    ``scheduler`` is an RPC to the scheduler (``client.scheduler`` or ``worker.scheduler``);
-    ``requester`` names this requester's reply queue (a client id, or a worker-based id).
+    ``scheduler`` is an RPC to the scheduler (``client.scheduler`` or ``worker.scheduler``),
+    used for registry calls; the session is a comm of its own, opened on first use with
+    ``connection_args`` (the client's or worker's, so TLS works). ``requester`` names this
+    requester; ``worker`` is the serving worker's address, when there is one.
     """
 
-    def __init__(self, scheduler: Any, requester: str, *, worker: str | None = None) -> None:
+    def __init__(
+        self,
+        scheduler: Any,
+        requester: str,
+        *,
+        worker: str | None = None,
+        connection_args: dict[str, Any] | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.requester = requester
         self.worker = worker
+        self.connection_args = connection_args or {}
         self._streams: dict[str, ResponseStream] = {}
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._session: _Session | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Lock | None = None
         self._broker_ready = False
         self._closed = False
-        self.on_orphan_response: Any = None
+        self._on_requests: RequestsHandler | None = None
+        self._on_cancel: CancelHandler | None = None
+        self.on_orphan_response: Callable[[dict[str, Any]], None] | None = None
 
     async def ensure_broker(self) -> None:
         """Install the broker on the scheduler once (idempotent across clients and workers)."""
@@ -136,23 +234,59 @@ class QueueRequestPlane(RequestPlane):
             )
             self._broker_ready = True
 
-    async def submit(self, request: dict[str, Any]) -> ResponseStream:
+    async def _ensure_session(self) -> _Session:
         if self._closed:
             raise RuntimeError("this request plane is closed")
-        await self.ensure_broker()
+        if self._session is not None and not self._session.closed.is_set():
+            return self._session
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._session is not None and not self._session.closed.is_set():
+                return self._session
+            await self.ensure_broker()
+            comm = await connect(self.scheduler.address, **self.connection_args)
+            comm.name = f"tdask-session-{self.requester}"
+            await comm.write(
+                {"op": "tdask_session", "requester": self.requester, "worker": self.worker, "reply": False}
+            )
+            session = _Session(comm, self._on_message, self.requester)
+            self._session = session
+            self._reader = asyncio.create_task(self._read(session))
+            return session
+
+    async def _read(self, session: _Session) -> None:
+        await session.read_forever()
+        if not self._closed:
+            logger.warning("tdask session %s to the scheduler closed", self.requester)
+        self._fail_all("lost the connection to the scheduler")
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "replies":
+            for reply in message["replies"]:
+                stream = self._streams.get(reply["id"])
+                if stream is None:
+                    if self.on_orphan_response is not None:
+                        self.on_orphan_response(reply)
+                    continue
+                if reply.get("final"):
+                    del self._streams[reply["id"]]
+                stream._deliver(reply)
+        elif op == "requests" and self._on_requests is not None:
+            self._on_requests(message["operator"], message["requests"])
+        elif op == "cancel" and self._on_cancel is not None:
+            self._on_cancel(message["keys"])
+
+    async def submit(self, request: dict[str, Any]) -> ResponseStream:
+        session = await self._ensure_session()
         request_id = request["id"]
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
         stream = ResponseStream(request_id)
         self._streams[request_id] = stream
         request["requester"] = self.requester
-        try:
-            await self.scheduler.tdask_submit(request=request, worker=self.worker)
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
-        if self._dispatcher is None or self._dispatcher.done():
-            self._dispatcher = asyncio.create_task(self._dispatch())
+        session.send({"op": "submit", "request": request})
         return stream
 
     def forget(self, request_id: str) -> None:
@@ -161,10 +295,9 @@ class QueueRequestPlane(RequestPlane):
 
     async def cancel(self, request_id: str) -> None:
         self.forget(request_id)
-        try:
-            await self.scheduler.tdask_cancel(requester=self.requester, request_ids=[request_id])
-        except Exception as exc:  # scheduler gone: nothing left to cancel
-            logger.debug("cancel of %s failed: %s", request_id, exc)
+        session = self._session
+        if session is not None and not session.closed.is_set():
+            session.send({"op": "cancel", "request_ids": [request_id]})
 
     async def hosts(self, operator_key: str) -> list[str]:
         await self.ensure_broker()
@@ -175,42 +308,33 @@ class QueueRequestPlane(RequestPlane):
         await self.ensure_broker()
         return await self.scheduler.tdask_operators()
 
-    async def register(self, worker: str, operators: list[dict[str, Any]], failures: dict[str, str]) -> None:
-        await self.ensure_broker()
-        await self.scheduler.tdask_register(worker=worker, operators=operators, failures=failures)
-
-    async def take(self, worker: str, operator_key: str, max_count: int, timeout_s: float) -> list[dict[str, Any]]:
-        return await self.scheduler.tdask_take(
-            worker=worker, operator=operator_key, max_count=max_count, timeout=timeout_s
+    async def register(
+        self,
+        worker: str,
+        operators: list[dict[str, Any]],
+        failures: dict[str, str],
+        *,
+        on_requests: RequestsHandler,
+        on_cancel: CancelHandler,
+    ) -> None:
+        self._on_requests = on_requests
+        self._on_cancel = on_cancel
+        await self._ensure_session()  # pushes need the session before the first grant
+        await self.scheduler.tdask_register(
+            worker=worker, requester=self.requester, operators=operators, failures=failures
         )
 
-    async def respond(self, responses: list[dict[str, Any]]) -> None:
-        await self.scheduler.tdask_respond(responses=responses)
+    def grant(self, operator_key: str, n: int) -> None:
+        if n > 0 and self._session is not None and not self._session.closed.is_set():
+            self._session.send({"op": "credit", "operator": operator_key, "n": n})
+
+    def respond(self, responses: list[dict[str, Any]]) -> None:
+        if self._session is None or self._session.closed.is_set():
+            raise CommClosedError("the tdask session to the scheduler is closed")
+        self._session.send({"op": "respond", "responses": responses})
 
     async def unregister(self, worker: str, *, release_leases: bool) -> None:
         await self.scheduler.tdask_unregister(worker=worker, release_leases=release_leases)
-
-    async def _dispatch(self) -> None:
-        """Route replies to their streams while any request is in flight."""
-        poll_s = get_seconds("tdask.worker.poll-interval") or 2.0
-        while self._streams and not self._closed:
-            try:
-                replies = await self.scheduler.tdask_poll(requester=self.requester, timeout=poll_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.error("lost the scheduler while waiting for responses: %s", exc)
-                self._fail_all(f"lost the connection to the scheduler: {exc}")
-                return
-            for reply in replies:
-                stream = self._streams.get(reply["id"])
-                if stream is None:
-                    if self.on_orphan_response is not None:
-                        self.on_orphan_response(reply)
-                    continue
-                if reply.get("final"):
-                    self._streams.pop(reply["id"], None)
-                stream._deliver(reply)
 
     def _fail_all(self, message: str) -> None:
         for request_id, stream in list(self._streams.items()):
@@ -228,9 +352,10 @@ class QueueRequestPlane(RequestPlane):
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
         self._fail_all("the request plane was closed")
 
 
@@ -245,17 +370,19 @@ class _Lease:
 
 
 @dataclass
-class _ReplyQueue:
-    replies: list[dict[str, Any]] = field(default_factory=list)
-    waiter: asyncio.Future[None] | None = None
-    worker: str | None = None
+class _Peer:
+    """A connected requester (and, when ``worker`` is set, a serving worker)."""
+
+    requester: str
+    worker: str | None
+    session: _Session
 
 
 class RequestBroker(SchedulerPlugin):
-    """Scheduler extension holding request queues, leases, reply queues and the operator registry.
+    """Scheduler extension holding request queues, leases, sessions and the operator registry.
 
-    All methods run on the scheduler's event loop, so no locking is needed. Handlers:
-    ``tdask_register/unregister/submit/take/respond/poll/cancel/hosts/operators``.
+    All methods run on the scheduler's event loop, so no locking is needed. RPC handlers:
+    ``tdask_register/unregister/hosts/operators``; ``tdask_session`` opens a session.
     """
 
     name = BROKER_NAME
@@ -263,26 +390,26 @@ class RequestBroker(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.queues: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
-        self.waiters: dict[str, deque[asyncio.Future[None]]] = defaultdict(deque)
         self.hosts: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        self.credits: dict[str, dict[str, int]] = defaultdict(dict)
+        self.last_used: dict[str, dict[str, int]] = defaultdict(dict)
+        self._ticks = 0
         self.failures: dict[str, dict[str, str]] = defaultdict(dict)
         self.leases: dict[tuple[str, str], _Lease] = {}
-        self.replies: dict[str, _ReplyQueue] = {}
+        self.peers: dict[str, _Peer] = {}  # requester id -> peer
+        self.serving: dict[str, _Peer] = {}  # worker address -> its serving peer
         self.counts: dict[str, int] = defaultdict(int)
         self._checker: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self.scheduler: Any = None
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         scheduler.handlers.update(
             {
+                "tdask_session": self.session,
                 "tdask_register": self.register,
                 "tdask_unregister": self.unregister,
-                "tdask_submit": self.submit,
-                "tdask_take": self.take,
-                "tdask_respond": self.respond,
-                "tdask_poll": self.poll,
-                "tdask_cancel": self.cancel,
                 "tdask_hosts": self.get_hosts,
                 "tdask_operators": self.get_operators,
             }
@@ -297,12 +424,59 @@ class RequestBroker(SchedulerPlugin):
         if self._checker is not None:
             self._checker.cancel()
             await asyncio.gather(self._checker, return_exceptions=True)
+        for peer in list(self.peers.values()):
+            await peer.session.close()
+
+    # sessions
+    async def session(self, comm: Any, requester: str, worker: str | None = None) -> None:
+        """Serve one requester's (or worker's) session until its comm closes."""
+        session = _Session(comm, lambda message: self._on_message(requester, message), requester)
+        peer = _Peer(requester, worker, session)
+        old = self.peers.get(requester)
+        self.peers[requester] = peer
+        if worker is not None:
+            self.serving[worker] = peer
+        if old is not None:
+            await old.session.close()
+        try:
+            await session.read_forever()
+        finally:
+            if self.peers.get(requester) is peer:
+                del self.peers[requester]
+                self._requester_left(requester)
+            if worker is not None and self.serving.get(worker) is peer:
+                del self.serving[worker]
+                for credits in self.credits.values():
+                    credits.pop(worker, None)
+
+    def _on_message(self, requester: str, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "submit":
+            self.submit(message["request"])
+        elif op == "respond":
+            self.respond(message["responses"])
+        elif op == "credit":
+            peer = self.peers.get(requester)
+            if peer is not None and peer.worker is not None:
+                self.credit(peer.worker, message["operator"], message["n"])
+        elif op == "cancel":
+            self.cancel(requester, message["request_ids"])
+        else:
+            logger.warning("tdask session %s: unknown message %r", requester, op)
+
+    def _push(self, worker: str, message: dict[str, Any]) -> bool:
+        peer = self.serving.get(worker)
+        if peer is None or peer.session.closed.is_set():
+            return False
+        peer.session.send(message)
+        return True
 
     # registry
-    def register(self, worker: str, operators: list[dict[str, Any]], failures: dict[str, str]) -> None:
+    def register(
+        self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]
+    ) -> None:
         for op in operators:
             self.hosts[op["key"]][worker] = op
-            self._wake(op["key"], len(self.queues[op["key"]]))
         for name, message in failures.items():
             self.failures[name][worker] = message
         logger.info(
@@ -314,8 +488,8 @@ class RequestBroker(SchedulerPlugin):
 
     def unregister(self, worker: str, release_leases: bool) -> None:
         for key, hosts in self.hosts.items():
-            if hosts.pop(worker, None) is not None:
-                self._wake(key, len(self.waiters[key]))  # waiting takes of that worker return
+            hosts.pop(worker, None)
+            self.credits[key].pop(worker, None)
         if release_leases:
             self._requeue_leases(worker, lost=False)
 
@@ -331,24 +505,61 @@ class RequestBroker(SchedulerPlugin):
             "counts": dict(self.counts),
         }
 
-    # caller side
-    def submit(self, request: dict[str, Any], worker: str | None = None) -> None:
-        requester = request["requester"]
-        reply_queue = self.replies.get(requester)
-        if reply_queue is None:
-            reply_queue = self.replies[requester] = _ReplyQueue(worker=worker)
+    # requests
+    def submit(self, request: dict[str, Any]) -> None:
         request["submitted"] = time.time()
         self.counts["submitted"] += 1
         key = request["operator"]
         self.queues[key].append(request)
-        self._wake(key, 1)
+        self._dispatch(key)
+
+    def credit(self, worker: str, operator: str, n: int) -> None:
+        if worker not in self.hosts.get(operator, ()):
+            return  # unregistered meanwhile: it takes nothing more
+        credits = self.credits[operator]
+        credits[worker] = credits.get(worker, 0) + n
+        self._dispatch(operator)
+
+    def _dispatch(self, key: str) -> None:
+        """Hand queued requests of ``key`` to hosts with free slots, most free slots first."""
+        queue, credits = self.queues[key], self.credits[key]
+        if not queue or not credits:
+            return
+        pushes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        now = time.time()
+        last_used = self.last_used[key]
+        while queue and credits:
+            # Most free slots first; among equals, the one idle longest (round robin).
+            worker = max(credits, key=lambda w: (credits[w], -last_used.get(w, 0)))
+            self._ticks += 1
+            last_used[worker] = self._ticks
+            request = queue.popleft()
+            if request.get("deadline") is not None and request["deadline"] < now:
+                self._answer_error(request, RequestTimeoutError("deadline passed while queued"))
+                continue
+            self.leases[(request["requester"], request["id"])] = _Lease(request, worker)
+            pushes[worker].append(request)
+            credits[worker] -= 1
+            if credits[worker] <= 0:
+                del credits[worker]
+        for worker, requests in pushes.items():
+            if self._push(worker, {"op": "requests", "operator": key, "requests": requests}):
+                self.counts["served"] += len(requests)
+                continue
+            # Its session is gone (it is leaving): take the requests back, give it no more.
+            logger.warning("worker %s has no session; re-queueing %d requests", worker, len(requests))
+            for request in reversed(requests):
+                del self.leases[(request["requester"], request["id"])]
+                queue.appendleft(request)
+            credits.pop(worker, None)
+        if queue and credits:
+            self._dispatch(key)
 
     def cancel(self, requester: str, request_ids: list[str]) -> None:
         ids = set(request_ids)
         for key, queue in self.queues.items():
-            kept = [r for r in queue if not (r["requester"] == requester and r["id"] in ids)]
-            if len(kept) != len(queue):
-                self.queues[key] = deque(kept)
+            if any(r["requester"] == requester and r["id"] in ids for r in queue):
+                self.queues[key] = deque(r for r in queue if not (r["requester"] == requester and r["id"] in ids))
         by_worker: dict[str, list[list[str]]] = defaultdict(list)
         for request_id in ids:
             lease = self.leases.pop((requester, request_id), None)
@@ -356,64 +567,15 @@ class RequestBroker(SchedulerPlugin):
                 by_worker[lease.worker].append([requester, request_id])
         self.counts["cancelled"] += len(ids)
         for worker, keys in by_worker.items():
-            asyncio.create_task(self._tell_cancel(worker, keys))
+            self._push(worker, {"op": "cancel", "keys": keys})
 
-    async def _tell_cancel(self, worker: str, keys: list[list[str]]) -> None:
-        try:
-            await self.scheduler.rpc(worker).tdask_cancel(keys=keys)
-        except Exception as exc:
-            logger.debug("could not tell %s to cancel %s: %s", worker, keys, exc)
-
-    async def poll(self, requester: str, timeout: float) -> list[dict[str, Any]]:
-        reply_queue = self.replies.get(requester)
-        if reply_queue is None:
-            reply_queue = self.replies[requester] = _ReplyQueue()
-        if not reply_queue.replies:
-            waiter = reply_queue.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(waiter, timeout)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                if reply_queue.waiter is waiter:
-                    reply_queue.waiter = None
-        replies, reply_queue.replies = reply_queue.replies, []
-        return replies
-
-    # serving side
-    async def take(self, worker: str, operator: str, max_count: int, timeout: float) -> list[dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            if worker not in self.hosts.get(operator, ()):
-                return []
-            out = []
-            queue = self.queues[operator]
-            now = time.time()
-            while queue and len(out) < max_count:
-                request = queue.popleft()
-                if request.get("deadline") is not None and request["deadline"] < now:
-                    self._answer_error(request, RequestTimeoutError("deadline passed while queued"))
-                    continue
-                self.leases[(request["requester"], request["id"])] = _Lease(request, worker)
-                out.append(request)
-            if out:
-                self.counts["served"] += len(out)
-                return out
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return []
-            waiter = loop.create_future()
-            self.waiters[operator].append(waiter)
-            try:
-                await asyncio.wait_for(waiter, remaining)
-            except asyncio.TimeoutError:
-                return []
-            finally:
-                try:
-                    self.waiters[operator].remove(waiter)
-                except ValueError:
-                    pass
+    def _requester_left(self, requester: str) -> None:
+        """A requester's session closed: nobody waits for its requests any more."""
+        queued = [r["id"] for q in self.queues.values() for r in q if r["requester"] == requester]
+        leased = [rid for (req, rid) in self.leases if req == requester]
+        if queued or leased:
+            logger.info("requester %s left; cancelling its %d requests", requester, len(queued) + len(leased))
+            self.cancel(requester, queued + leased)
 
     def respond(self, responses: list[dict[str, Any]]) -> None:
         for response in responses:
@@ -432,23 +594,13 @@ class RequestBroker(SchedulerPlugin):
             self._reply(response)
 
     # internals
-    def _wake(self, operator: str, n: int) -> None:
-        waiters = self.waiters.get(operator)
-        while waiters and n > 0:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                n -= 1
-
     def _reply(self, response: dict[str, Any]) -> None:
-        reply_queue = self.replies.get(response["requester"])
-        if reply_queue is None:
+        peer = self.peers.get(response["requester"])
+        if peer is None or peer.session.closed.is_set():
             self.counts["dropped"] += 1
             self._release_refs(response)
             return
-        reply_queue.replies.append(response)
-        if reply_queue.waiter is not None and not reply_queue.waiter.done():
-            reply_queue.waiter.set_result(None)
+        peer.session.send({"op": "replies", "replies": [response]})
 
     def _answer_error(self, request: dict[str, Any], error: TdaskError, worker: str | None = None) -> None:
         self.counts["failed"] += 1
@@ -471,7 +623,9 @@ class RequestBroker(SchedulerPlugin):
             if "ref" in entry:
                 by_owner[entry["ref"]["owner"]].append(entry["ref"]["id"])
         for owner, ids in by_owner.items():
-            asyncio.create_task(self._release_on(owner, ids))
+            task = asyncio.create_task(self._release_on(owner, ids))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _release_on(self, owner: str, ids: list[str]) -> None:
         try:
@@ -488,7 +642,7 @@ class RequestBroker(SchedulerPlugin):
             request["submitted"] = time.time()  # its wait for a host starts again
             if not lost:
                 self.queues[name].appendleft(request)
-                self._wake(name, 1)
+                self._dispatch(name)
             elif lease.partial or request.get("attempt", 0) >= request.get("max_retries", 0):
                 reason = "after streaming part of its answer" if lease.partial else (
                     f"and {request.get('attempt', 0)} retries were used"
@@ -509,20 +663,24 @@ class RequestBroker(SchedulerPlugin):
                     request["attempt"],
                 )
                 self.queues[name].appendleft(request)
-                self._wake(name, 1)
+                self._dispatch(name)
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         for key, hosts in self.hosts.items():
-            if hosts.pop(worker, None) is not None:
-                self._wake(key, len(self.waiters[key]))
+            hosts.pop(worker, None)
+            self.credits[key].pop(worker, None)
+            self.last_used[key].pop(worker, None)
         for failures in self.failures.values():
             failures.pop(worker, None)
+        self.serving.pop(worker, None)
         self._requeue_leases(worker, lost=True)
-        for requester in [r for r, q in self.replies.items() if q.worker == worker]:
-            del self.replies[requester]
 
     def remove_client(self, scheduler: Any, client: str) -> None:
-        self.replies.pop(client, None)
+        peer = self.peers.get(client)  # a client's requester id is its client id
+        if peer is not None:
+            task = asyncio.create_task(peer.session.close())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _check_forever(self) -> None:
         """Fail requests queued for an operator nobody hosts, once their wait bound passes."""

@@ -72,7 +72,6 @@ class _Hosted:
     operator: Operator
     inflight: int = 0
     max_inflight_seen: int = 0
-    slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
     batches: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -175,10 +174,12 @@ class OperatorHost(WorkerPlugin):
         self._start_log_file()
         self.store = TensorStore(worker)
         self.store.install()
-        worker.handlers["tdask_cancel"] = self._handle_cancel
         worker.handlers["tdask_host_stats"] = self.stats
         self.plane = QueueRequestPlane(
-            worker.scheduler, f"{worker.address}#{uuid.uuid4().hex[:8]}", worker=worker.address
+            worker.scheduler,
+            f"{worker.address}#{uuid.uuid4().hex[:8]}",
+            worker=worker.address,
+            connection_args=worker.connection_args,
         )
         self.plane.on_orphan_response = self._release_orphan
         self.endpoint = _WorkerEndpoint(self.plane, self.store)
@@ -268,9 +269,11 @@ class OperatorHost(WorkerPlugin):
             {"key": key, "name": h.config.name, "version": h.config.version, "max_inflight": h.config.max_inflight_requests}
             for key, h in self.hosted.items()
         ]
-        await plane.register(worker.address, infos, self.failures)
-        for hosted in self.hosted.values():
-            self._tasks.append(asyncio.create_task(self._consume(hosted)))
+        await plane.register(
+            worker.address, infos, self.failures, on_requests=self._on_requests, on_cancel=self._handle_cancel
+        )
+        for key, hosted in self.hosted.items():
+            plane.grant(key, hosted.config.max_inflight_requests)
 
     async def teardown(self, worker: Worker) -> None:
         """Stop taking requests, let in-flight ones finish briefly, hand back the rest, stop."""
@@ -301,33 +304,18 @@ class OperatorHost(WorkerPlugin):
             self._triton = None
         if self.store is not None:
             await self.store.close()
-        for handler in ("tdask_cancel", "tdask_host_stats"):
-            worker.handlers.pop(handler, None)
+        worker.handlers.pop("tdask_host_stats", None)
         self._stop_log_file()
 
     # -- serving --------------------------------------------------------------------------
 
-    async def _consume(self, hosted: _Hosted) -> None:
-        worker, plane = self.worker, self.plane
-        assert worker is not None and plane is not None
-        limit = hosted.config.max_inflight_requests
-        poll_s = get_seconds("tdask.worker.poll-interval") or 2.0
-        while not self._closing:
-            while hosted.inflight >= limit:
-                hosted.slot_freed.clear()
-                await hosted.slot_freed.wait()
-            try:
-                messages = await plane.take(worker.address, hosted.config.key, limit - hosted.inflight, poll_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._closing or worker.status != Status.running:
-                    return
-                logger.warning("taking requests for %s failed: %s; retrying", hosted.config.key, exc)
-                await asyncio.sleep(0.5)
-                continue
-            if messages:
-                self._start_batch(hosted, messages)
+    def _on_requests(self, key: str, messages: list[dict[str, Any]]) -> None:
+        """Requests pushed by the broker, never more than the slots we granted."""
+        hosted = self.hosted.get(key)
+        if hosted is None or self._closing:
+            # Arrived while we stop: our leases on them are handed back at unregister.
+            return
+        self._start_batch(hosted, messages)
 
     def _start_batch(self, hosted: _Hosted, messages: list[dict[str, Any]]) -> None:
         assert self.store is not None
@@ -391,8 +379,9 @@ class OperatorHost(WorkerPlugin):
                 if scope.tensors and self.store is not None:
                     await self.store.release(list(scope.tensors.values()))
                 hosted.inflight -= len(requests)
-                hosted.slot_freed.set()
                 hosted.batches.discard(asyncio.current_task())  # type: ignore[arg-type]
+                if not self._closing and self.plane is not None:
+                    self.plane.grant(hosted.config.key, len(requests))
                 for request in requests:
                     self._requests.pop((request._requester, request.request_id), None)  # type: ignore[attr-defined]
 
@@ -447,7 +436,7 @@ class OperatorHost(WorkerPlugin):
             received, scope.tensors = list(scope.tensors.values()), {}
             await self.store.release(received)
         try:
-            await self.plane.respond([message])
+            self.plane.respond([message])
         except Exception as exc:
             logger.error("could not deliver response to %s of %s: %s", request.request_id, request.operator, exc)
 
