@@ -18,6 +18,7 @@ import contextvars
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -288,7 +289,22 @@ class TensorStore(DataPlanePeer):
 # -- messages -------------------------------------------------------------------------------
 
 
+# Arrays that arrived inline keep their wire form, so that an orchestrator forwarding them
+# unchanged does not serialize them again. Only read-only arrays (as deserialized ones are)
+# qualify, so a cached form can never go stale.
+_wire_forms: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = {}
+
+
+def _remember_wire_form(array: Any, entry: dict[str, Any]) -> None:
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        key = id(array)
+        _wire_forms[key] = (weakref.ref(array, lambda _, key=key: _wire_forms.pop(key, None)), entry)
+
+
 def encode_inline(array: Any) -> dict[str, Any]:
+    known = _wire_forms.get(id(array))
+    if known is not None and known[0]() is array and not array.flags.writeable:
+        return known[1]
     return {"inline": serialize_bytes(array)}
 
 
@@ -323,7 +339,11 @@ def decode_tensors(entries: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, entry in entries.items():
         if "inline" in entry:
-            out[name] = deserialize_bytes(entry["inline"])
+            array = deserialize_bytes(entry["inline"])
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False  # inputs are read-only: copy before changing one
+            _remember_wire_form(array, entry)
+            out[name] = array
         else:
             out[name] = RemoteTensor.from_msg(entry["ref"])
     return out

@@ -361,7 +361,8 @@ class _Call(AsyncIterator[Response]):
         try:
             if remaining is not None and remaining <= 0:
                 raise asyncio.TimeoutError
-            reply = await asyncio.wait_for(self.stream.next(), remaining)
+            async with asyncio.timeout(remaining):  # unlike wait_for, no task per wait
+                reply = await self.stream.next()
         except asyncio.TimeoutError:
             await self.aclose()
             raise self._error(

@@ -114,17 +114,27 @@ class ResponseStream:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._ready: deque[dict[str, Any]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.done = False
 
     def _deliver(self, response: dict[str, Any]) -> None:
-        self._queue.put_nowait(response)
+        self._ready.append(response)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self) -> dict[str, Any]:
         """The next response (raises ``StopAsyncIteration`` after the final one)."""
         if self.done:
             raise StopAsyncIteration
-        response = await self._queue.get()
+        while not self._ready:
+            # A bare future, not a queue: this is on every request's path.
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        response = self._ready.popleft()
         if response.get("final"):
             self.done = True
         return response

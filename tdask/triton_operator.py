@@ -163,23 +163,12 @@ class TritonCoreOperator(Operator):
         await asyncio.gather(*(self._serve(request) for request in requests))
 
     async def _serve(self, request: Request) -> None:
+        # Cancellation: the worker cancels this batch's task (and with it the gRPC call, which
+        # cancels the request in Triton) once every request of the batch is cancelled; a
+        # cancelled request's answer is never sent.
         sender = request.response_sender()
-        inference = asyncio.ensure_future(self._infer(request))
-        cancelled = asyncio.ensure_future(request.cancelled.wait())
         try:
-            await asyncio.wait({inference, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            cancelled.cancel()
-            if not inference.done():
-                inference.cancel()  # cancelling the gRPC call cancels the request in Triton
-        if request.cancelled.is_set() and not inference.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await inference
-            return
-        if inference.cancelled():
-            return
-        try:
-            outputs, parameters = inference.result()
+            outputs, parameters = await self._infer(request)
         except TdaskError as exc:
             await sender.send(error=exc)
             return
