@@ -205,3 +205,32 @@ def test_hand_started_dask_with_preload(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
     _assert_clean(since)
+
+
+def test_ctrl_c_mid_run_stops_everything(tmp_path):
+    """SIGINT while the client runs: exit code 130, and nothing left behind."""
+    since = time.time()
+    proc = subprocess.Popen(
+        [PY, "-m", "tdask.hello_world", "--requests-per-client", "100000", "--dashboard-address", "127.0.0.1:0",
+         "--log-dir", str(tmp_path)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    lines = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("logs:"):  # deployed; the client starts now
+            break
+    assert lines and lines[-1].startswith("logs:"), "".join(lines)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 130, proc.stdout.read()
+    _assert_clean(since)

@@ -164,3 +164,46 @@ def test_property_encoder_answers_or_refuses_clearly(client, dtype, shape, copie
         return
     assert valid, f"an invalid request was served: {dtype} {shape} copies={copies!r}"
     np.testing.assert_array_equal(response.outputs["output"], np.invert(np.tile(data, int(copies))))
+
+
+def test_every_listener_is_loopback_triton_included(client):
+    """Workers, nannies, scheduler and each worker's tritonserver bind 127.0.0.1 only."""
+    import psutil
+
+    from tests.conftest import children
+
+    listening = []
+    for proc in [psutil.Process(), *children()]:
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                listening.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+    assert any(name == "tritonserver" for name, _, _ in listening), listening
+    # gRPC binds 127.0.0.1 on a dual-stack socket, which shows as the IPv4-mapped form.
+    assert {ip for _, ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    assert {name for name, ip, _ in listening if ip.startswith("::ffff:")} <= {"tritonserver"}, listening
+
+
+def _gpu_reason() -> str | None:
+    from tdask.hello_world import gpu_unavailable_reason
+
+    return gpu_unavailable_reason()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=f"KIND_GPU needs a usable GPU: {_gpu_reason()}")
+def test_kind_gpu_models_round_trip():
+    """The encoder and decoder as KIND_GPU instances (cupy on the instance's device)."""
+    gpu = {"config": {"instance_group": [{"kind": "KIND_GPU", "count": 1}], "parameters": {"input_copies": "3"}}}
+    encoder = OperatorConfig(name="encoder", implementation="triton", repository=MODEL_REPOSITORY, parameters=gpu)
+    decoder = OperatorConfig(
+        name="decoder",
+        implementation="triton",
+        repository=MODEL_REPOSITORY,
+        parameters={"config": {"instance_group": [{"kind": "KIND_GPU", "count": 1}]}},
+    )
+    with Deployment([encoder, decoder], dashboard_address="127.0.0.1:0") as deployment:
+        data = np.arange(100_000, dtype=np.int64)
+        encoded = RemoteOperator("encoder", client=deployment.client).infer(inputs={"input": data})
+        np.testing.assert_array_equal(encoded.outputs["output"], np.invert(np.tile(data, 3)))
+        decoded = RemoteOperator("decoder", client=deployment.client).infer(inputs=encoded.outputs)
+        np.testing.assert_array_equal(decoded.outputs["output"], data)
