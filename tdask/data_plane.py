@@ -124,7 +124,7 @@ class DataPlanePeer:
     async def fetch(self, tensor: RemoteTensor) -> Any:
         try:
             reply = await call_peer(self.pool, tensor.owner, "tdask_fetch", tensor_id=tensor.tensor_id)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise DataPlaneError(
                 f"could not fetch tensor {tensor.tensor_id} from {tensor.owner}: {exc}", worker=tensor.owner
             ) from exc

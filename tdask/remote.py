@@ -40,9 +40,9 @@ from tdask.exceptions import (
     error_from_msg,
 )
 from tdask.operator import operator_key
+from tdask.request_plane import QueueRequestPlane, RequestPlane, ResponseStream
 
 logger = logging.getLogger(__name__)
-from tdask.request_plane import QueueRequestPlane, RequestPlane, ResponseStream
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -131,7 +131,7 @@ class _ClientEndpoint:
         for address in random.sample(hosts, len(hosts)):
             try:
                 return await self.peer.place(address, array)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 errors.append(f"{address}: {exc}")
                 self._hosts.pop(key, None)
         raise DataPlaneError(f"could not place an input for {key} on any of its hosts: {'; '.join(errors)}")
@@ -360,10 +360,10 @@ class _Call(AsyncIterator[Response]):
         remaining = None if self.deadline is None else self.deadline - time.time()
         try:
             if remaining is not None and remaining <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             async with asyncio.timeout(remaining):  # unlike wait_for, no task per wait
                 reply = await self.stream.next()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.aclose()
             raise self._error(
                 RequestTimeoutError, f"no final response within the {self.timeout_s:g}s deadline"

@@ -39,7 +39,7 @@ from tdask.data_plane import (
     encode_tensors,
     tensors_in,
 )
-from tdask.exceptions import DataPlaneError, OperatorError, TdaskError, error_to_msg
+from tdask.exceptions import OperatorError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, check_outputs
 from tdask.remote import current_deadline, current_endpoint
 from tdask.request_plane import QueueRequestPlane

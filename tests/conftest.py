@@ -9,7 +9,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psutil
-import pytest
 from distributed import Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +78,12 @@ def store_stats(client: Client) -> dict[str, dict[str, int]]:
     stats = client.run(lambda dask_worker: dask_worker.handlers["tdask_store_stats"]())
     names = {addr: str(w["name"]) for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
     return {names.get(addr, addr): s for addr, s in stats.items()}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Show the figures tests recorded with ``record_property("figures", ...)`` (the soak's)."""
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            for name, value in getattr(report, "user_properties", []):
+                if name == "figures":
+                    terminalreporter.write_line(f"{report.nodeid}: {value}")

@@ -21,7 +21,6 @@ from tdask import (
     RemoteOperator,
     RemoteTensor,
     RequestTimeoutError,
-    WorkerLostError,
 )
 from tests.conftest import assert_no_children, run_async, store_stats
 from tests.operators import Add, Consumer, Echo, Fail, Forward, Identity, Producer, Streamer

@@ -82,8 +82,8 @@ def test_queued_request_cancelled_is_never_served(deployment):
     """A request that times out while queued behind busy workers is never run."""
     import asyncio
 
-    from tests.conftest import run_async
     from tdask import RequestTimeoutError
+    from tests.conftest import run_async
 
     async def go(c):
         op = RemoteOperator("slow", client=c)

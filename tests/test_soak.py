@@ -24,7 +24,7 @@ IN_FLIGHT = 64
 KILLS = max(2, REQUESTS // 5000)
 
 
-def test_soak_with_worker_kills(capsys):
+def test_soak_with_worker_kills(record_property):
     before = child_pids()
     operators = [(OperatorConfig(name="add", implementation=Add, max_inflight_requests=8), 3)]
     with Deployment(operators, dashboard_address=None) as dep:
@@ -83,14 +83,14 @@ def test_soak_with_worker_kills(capsys):
         rss_after = dep.client.run(rss)
     lost = REQUESTS - len(answers) - len(errors)
     duplicated = sum(n - 1 for n in answers.values() if n > 1)
-    with capsys.disabled():
-        print(
-            f"\nsoak: requests={REQUESTS} in_flight={IN_FLIGHT} kills={kills} answered={len(answers)} "
-            f"errors={len(errors)} lost={lost} duplicated={duplicated} retried={counts.get('retried', 0)} "
-            f"dropped_stale={counts.get('dropped', 0)} "
-            f"rss_before_MB={[round(v / 2**20) for v in rss_before.values()]} "
-            f"rss_after_MB={[round(v / 2**20) for v in rss_after.values()]}"
-        )
+    record_property(
+        "figures",
+        f"soak: requests={REQUESTS} in_flight={IN_FLIGHT} kills={kills} answered={len(answers)} "
+        f"errors={len(errors)} lost={lost} duplicated={duplicated} retried={counts.get('retried', 0)} "
+        f"dropped_stale={counts.get('dropped', 0)} "
+        f"rss_before_MB={[round(v / 2**20) for v in rss_before.values()]} "
+        f"rss_after_MB={[round(v / 2**20) for v in rss_after.values()]}"
+    )
     assert kills == KILLS
     assert errors == [], errors[:5]
     assert lost == 0 and duplicated == 0

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from tdask.hello_world.client import client_options, run_clients
 from tdask.hello_world import common_options, deployment_options, install_sigterm_as_interrupt
+from tdask.hello_world.client import client_options, run_clients
 from tdask.hello_world.deploy import build_deployment
 
 
