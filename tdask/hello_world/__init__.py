@@ -7,19 +7,24 @@ halves separately. This module holds what they share: the flags and how they bec
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from tdask.operator import OperatorConfig
+
+if TYPE_CHECKING:
+    from tdask.deployment import Deployment
 
 MODEL_REPOSITORY = str(files("tdask") / "models")
 
@@ -231,3 +236,28 @@ def install_sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def deployed(deployment: Deployment, *, interrupted_exit_code: int) -> Iterator[Deployment]:
+    """Start ``deployment``, print where everything runs, and stop it whatever happens.
+
+    Ctrl-C or SIGTERM exits with ``interrupted_exit_code``; a start that fails exits with 1 and
+    its reason. Either way everything started is stopped first.
+    """
+    install_sigterm_as_interrupt()
+    try:
+        deployment.start()
+        click.echo(deployment.describe())
+        click.echo(f"logs: {deployment.log_dir}")
+        yield deployment
+    except KeyboardInterrupt:
+        click.echo("interrupted; stopping everything", err=True)
+        deployment.close()
+        sys.exit(interrupted_exit_code)
+    except RuntimeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        deployment.close()
+        sys.exit(1)
+    finally:
+        deployment.close()

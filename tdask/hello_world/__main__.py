@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from tdask.hello_world import common_options, deployment_options, install_sigterm_as_interrupt
+from tdask.hello_world import common_options, deployed, deployment_options
 from tdask.hello_world.client import client_options, run_clients
 from tdask.hello_world.deploy import build_deployment
 
@@ -27,12 +27,7 @@ def main(
 ) -> None:
     """Run the whole hello world: exit code 0 only when every response was correct."""
     deployment = build_deployment(**deploy_kwargs)
-    install_sigterm_as_interrupt()
-    report = None
-    try:
-        deployment.start()
-        click.echo(deployment.describe())
-        click.echo(f"logs: {deployment.log_dir}")
+    with deployed(deployment, interrupted_exit_code=130):
 
         async def run():  # type: ignore[no-untyped-def]
             from distributed import Client
@@ -51,17 +46,7 @@ def main(
 
         report = asyncio.run(run())
         click.echo(report.summary())
-    except KeyboardInterrupt:
-        click.echo("interrupted; stopping everything", err=True)
-        deployment.close()
-        sys.exit(130)
-    except RuntimeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        deployment.close()
-        sys.exit(1)
-    finally:
-        deployment.close()
-    sys.exit(0 if report is not None and report.ok else 1)
+    sys.exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

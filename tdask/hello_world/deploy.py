@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import click
@@ -12,9 +11,9 @@ from tdask.hello_world import (
     check_gpu_request,
     common_options,
     configure_logging,
+    deployed,
     deployment_options,
     hello_world_operators,
-    install_sigterm_as_interrupt,
     prepare_log_dir,
 )
 
@@ -62,11 +61,8 @@ def build_deployment(
 def main(**kwargs) -> None:  # type: ignore[no-untyped-def]
     """Deploy encoder, decoder and encoder_decoder, print how to reach them, and wait."""
     deployment = build_deployment(**kwargs)
-    install_sigterm_as_interrupt()
-    try:
-        deployment.start()
-        click.echo(deployment.describe())
-        click.echo(f"logs: {deployment.log_dir}")
+    # Ctrl-C / SIGTERM is how this command is meant to end: exit code 0.
+    with deployed(deployment, interrupted_exit_code=0):
         click.echo(
             "run the client with:\n"
             f"  python -m tdask.hello_world.client --scheduler-address {deployment.scheduler_address}"
@@ -75,14 +71,6 @@ def main(**kwargs) -> None:  # type: ignore[no-untyped-def]
         click.echo("deployed; press Ctrl-C to stop", err=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        click.echo("stopping", err=True)
-    except RuntimeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        deployment.close()
-        sys.exit(1)
-    finally:
-        deployment.close()
 
 
 if __name__ == "__main__":
