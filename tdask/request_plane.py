@@ -273,8 +273,14 @@ class QueueRequestPlane(RequestPlane):
 
     async def _read(self, session: _Session) -> None:
         await session.read_forever()
-        if not self._closed:
-            logger.warning("tdask session %s to the scheduler closed", self.requester)
+        if not self._closed and self._streams:
+            logger.warning(
+                "tdask session %s to the scheduler closed with %d requests in flight",
+                self.requester,
+                len(self._streams),
+            )
+        else:
+            logger.debug("tdask session %s closed", self.requester)
         self._fail_all("lost the connection to the scheduler")
 
     def _on_message(self, message: dict[str, Any]) -> None:

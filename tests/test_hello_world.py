@@ -86,6 +86,22 @@ def test_embedded_encoder_only_with_copies(tmp_path):
     _assert_clean(since)
 
 
+def test_embedded_over_tls(tmp_path):
+    pytest.importorskip("cryptography", reason="throw-away TLS certificates are made with cryptography")
+    since = time.time()
+    result = _run(["-m", "tdask.hello_world", *FAST, "--protocol", "tls", "--log-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^scheduler: tls://127\.0\.0\.1:\d+$", result.stdout, re.M)
+    assert "Correct: 10/10" in result.stdout
+    _assert_clean(since)
+
+
+def test_deploy_over_tls_needs_shared_certificates(tmp_path):
+    result = _run(["-m", "tdask.hello_world.deploy", "--protocol", "tls", "--log-dir", str(tmp_path)], timeout=60)
+    assert result.returncode == 2
+    assert "--protocol tls needs certificates that every process shares" in result.stderr
+
+
 def test_gpu_flag_without_gpu_is_a_usage_error(tmp_path):
     from tdask.hello_world import gpu_unavailable_reason
 

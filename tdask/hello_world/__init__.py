@@ -261,3 +261,29 @@ def deployed(deployment: Deployment, *, interrupted_exit_code: int) -> Iterator[
         sys.exit(1)
     finally:
         deployment.close()
+
+
+def tls_security(protocol: str, *, temporary: bool) -> Any:
+    """The ``distributed.Security`` for ``--protocol``: ``None`` unless it is ``tls``.
+
+    Certificates come from Dask's config (``distributed.comm.tls.*``, e.g. the
+    ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE`` environment variables), or, where allowed, are made
+    for this run only.
+    """
+    if protocol != "tls":
+        return None
+    from distributed.security import Security
+
+    configured = Security()
+    if configured.tls_ca_file and configured.tls_scheduler_cert:
+        return configured
+    if not temporary:
+        raise click.UsageError(
+            "--protocol tls needs certificates that every process shares: set Dask's "
+            "distributed.comm.tls.* config (e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+            "..._SCHEDULER__CERT, ..._WORKER__CERT, ..._CLIENT__CERT)"
+        )
+    try:
+        return Security.temporary()
+    except ImportError as exc:
+        raise click.UsageError(f"--protocol tls without configured certificates needs {exc}") from None

@@ -26,7 +26,8 @@ def main(
     **deploy_kwargs,  # type: ignore[no-untyped-def]
 ) -> None:
     """Run the whole hello world: exit code 0 only when every response was correct."""
-    deployment = build_deployment(**deploy_kwargs)
+    # Everything runs in this process tree, so a throw-away certificate is enough for TLS.
+    deployment = build_deployment(**deploy_kwargs, temporary_tls=True)
     with deployed(deployment, interrupted_exit_code=130):
 
         async def run():  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ from distributed import Client
 from tqdm.auto import tqdm
 
 from tdask.exceptions import TdaskError
-from tdask.hello_world import common_options, configure_logging, install_sigterm_as_interrupt
+from tdask.hello_world import common_options, configure_logging, install_sigterm_as_interrupt, tls_security
 from tdask.remote import RemoteOperator, Response
 
 logger = logging.getLogger("tdask.hello_world")
@@ -173,7 +173,9 @@ def main(scheduler_address: str | None, log_level: str, encoder_input_copies: in
 
 
 async def _main(address: str, copies: int, kwargs: dict) -> ClientReport:  # type: ignore[type-arg]
-    async with Client(address, asynchronous=True, timeout=30) as client:
+    # tls:// addresses take their certificates from Dask's config (distributed.comm.tls.*).
+    security = tls_security("tls", temporary=False) if address.startswith("tls://") else None
+    async with Client(address, asynchronous=True, timeout=30, security=security) as client:
         return await run_clients(client, encoder_input_copies=copies, **kwargs)
 
 

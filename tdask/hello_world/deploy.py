@@ -15,6 +15,7 @@ from tdask.hello_world import (
     deployment_options,
     hello_world_operators,
     prepare_log_dir,
+    tls_security,
 )
 
 
@@ -32,9 +33,15 @@ def build_deployment(
     protocol: str,
     dashboard_address: str,
     log_level: str,
+    temporary_tls: bool = False,
 ) -> Deployment:  # type: ignore[no-untyped-def]
-    """Turn the shared flags into a (not yet started) Deployment."""
+    """Turn the shared flags into a (not yet started) Deployment.
+
+    ``temporary_tls``: with ``--protocol tls`` and no certificates in Dask's config, make a
+    throw-away CA and certificate (fine when nothing outside this process must connect).
+    """
     check_gpu_request(encoders, decoders)
+    security = tls_security(protocol, temporary=temporary_tls)
     configure_logging(log_level)
     operators = hello_world_operators(
         encoders=encoders,
@@ -49,6 +56,7 @@ def build_deployment(
         operators,
         scheduler_address=scheduler_address,
         protocol=protocol,
+        security=security,
         dashboard_address=dashboard_address,
         log_dir=prepare_log_dir(log_dir, clear_logs),
         log_level=log_level,
