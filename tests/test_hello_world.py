@@ -102,6 +102,36 @@ def test_deploy_over_tls_needs_shared_certificates(tmp_path):
     assert "--protocol tls needs certificates that every process shares" in result.stderr
 
 
+def test_embedded_on_a_running_scheduler(tmp_path):
+    """--scheduler-address: the operators join a running `dask scheduler`, which stays up after."""
+    since = time.time()
+    dask_bin = os.path.join(os.path.dirname(PY), "dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = subprocess.Popen(
+        [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+         "--scheduler-file", str(scheduler_file)],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        result = _run(["-m", "tdask.hello_world", *FAST, "--scheduler-address", address, "--log-dir", str(tmp_path)])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"scheduler: {address}" in result.stdout and "Correct: 10/10" in result.stdout
+        assert scheduler.poll() is None, "the scheduler we did not start is left running"
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            assert not client.scheduler_info()["workers"], "the deployment's own workers are gone"
+    finally:
+        scheduler.terminate()
+        scheduler.wait(timeout=30)
+    _assert_clean(since)
+
+
 def test_gpu_flag_without_gpu_is_a_usage_error(tmp_path):
     from tdask.hello_world import gpu_unavailable_reason
 
