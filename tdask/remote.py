@@ -40,7 +40,7 @@ from tdask.exceptions import (
     error_from_msg,
 )
 from tdask.operator import operator_key
-from tdask.request_plane import QueueRequestPlane, RequestPlane, ResponseStream
+from tdask.request_plane import RequestPlane, ResponseStream, make_request_plane
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class _ClientEndpoint:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.plane: RequestPlane = QueueRequestPlane(
+        self.plane: RequestPlane = make_request_plane(
             client.scheduler, client.id, connection_args=client.connection_args
         )
         self.peer = client_peer(client)

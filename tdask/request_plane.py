@@ -51,6 +51,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from tornado import web
 
+from tdask.config import get_seconds
 from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError, error_to_msg
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ class QueueRequestPlane(RequestPlane):
         self._on_requests: RequestsHandler | None = None
         self._on_cancel: CancelHandler | None = None
         self.on_orphan_response: Callable[[dict[str, Any]], None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def ensure_broker(self) -> None:
         """Install the broker on the scheduler once (idempotent across clients and workers)."""
@@ -379,6 +381,197 @@ class QueueRequestPlane(RequestPlane):
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
         self._fail_all("the request plane was closed")
+
+
+class DirectRequestPlane(QueueRequestPlane):
+    """Requests go straight to a worker hosting the operator, over this caller's own comm to it.
+
+    The scheduler keeps its role as registry (which workers host what) and as fallback: a
+    request for an operator nobody hosts yet, or refused by the chosen worker, goes through the
+    broker's queue (which waits for a host and fails clearly after its bound). Each request goes
+    to the host with the fewest of this caller's requests in flight (round robin among equals);
+    the worker runs at most ``max_inflight_requests`` and queues the rest in arrival order. The
+    caller holds the lease: if its comm to the worker closes (the worker died), the requests it
+    held are sent again elsewhere (bounded by ``max_retries``) or fail with WorkerLostError.
+
+    Compared with the queue plane, a hop crosses two processes instead of four; load balancing
+    is per caller instead of global. Chosen with ``tdask.request.plane: direct``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._hosts: dict[str, tuple[float, list[str]]] = {}
+        self._workers: dict[str, _Session] = {}
+        self._connecting_to: dict[str, asyncio.Lock] = {}
+        self._outstanding: dict[str, tuple[str, dict[str, Any], bool]] = {}  # id -> (worker, request, partial)
+        self._load: dict[str, int] = defaultdict(int)
+        self._ticks = 0
+        self._last_used: dict[str, int] = {}
+        self._lost: dict[str, float] = {}  # worker -> when its comm closed: avoided for a while
+
+    async def _hosts_of(self, key: str) -> list[str]:
+        now = time.monotonic()
+        cached = self._hosts.get(key)
+        if cached is None or now - cached[0] > 1.0:
+            hosts = await self.hosts(key)
+            self._hosts[key] = (now, hosts)
+            return hosts
+        return cached[1]
+
+    async def _worker_session(self, address: str) -> _Session:
+        session = self._workers.get(address)
+        if session is not None and not session.closed.is_set():
+            return session
+        lock = self._connecting_to.setdefault(address, asyncio.Lock())
+        async with lock:
+            session = self._workers.get(address)
+            if session is not None and not session.closed.is_set():
+                return session
+            timeout = get_seconds("tdask.data-plane.connect-timeout")
+            comm = await connect(address, timeout=timeout, **self.connection_args)
+            comm.name = f"tdask-direct-{self.requester}"
+            await comm.write({"op": "tdask_direct", "requester": self.requester, "reply": False})
+            session = _Session(comm, lambda message: self._on_worker_message(address, message), address)
+            self._workers[address] = session
+            task = asyncio.create_task(self._watch_worker(address, session))
+            session.watcher = task  # type: ignore[attr-defined]
+            return session
+
+    async def submit(self, request: dict[str, Any]) -> ResponseStream:
+        request_id = request["id"]
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        hosts = await self._hosts_of(request["operator"])
+        if not hosts:
+            return await super().submit(request)  # the broker waits for a host, or fails clearly
+        stream = ResponseStream(request_id)
+        self._streams[request_id] = stream
+        request["requester"] = self.requester
+        if not await self._send_direct(request, hosts):
+            del self._streams[request_id]
+            return await super().submit(request)
+        return stream
+
+    async def _send_direct(self, request: dict[str, Any], hosts: list[str]) -> bool:
+        now = time.monotonic()
+        # A worker whose comm just closed is most likely dead: the registry may list it until
+        # the scheduler notices, and dialing it would stall for the connect timeout.
+        candidates = [h for h in hosts if now - self._lost.get(h, -1e9) > 10.0]
+        for _ in range(len(candidates)):
+            worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
+            try:
+                session = await self._worker_session(worker)
+                session.send({"op": "submit", "request": request})
+            except (OSError, CommClosedError) as exc:
+                logger.info("cannot reach %s for %s: %s", worker, request["operator"], exc)
+                self._lost[worker] = time.monotonic()
+                self._hosts.pop(request["operator"], None)
+                candidates = [c for c in candidates if c != worker]
+                if not candidates:
+                    return False
+                continue
+            self._ticks += 1
+            self._last_used[worker] = self._ticks
+            self._load[worker] += 1
+            self._outstanding[request["id"]] = (worker, request, False)
+            return True
+        return False
+
+    def _on_worker_message(self, worker: str, message: dict[str, Any]) -> None:
+        if message["op"] == "refused":  # the worker stopped hosting it: go through the broker
+            entry = self._outstanding.pop(message["id"], None)
+            if entry is not None:
+                self._load[worker] -= 1
+                self._hosts.pop(entry[1]["operator"], None)
+                task = asyncio.create_task(self._via_broker(entry[1]))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            return
+        for reply in message.get("replies", ()):
+            entry = self._outstanding.get(reply["id"])
+            if entry is not None:
+                if reply.get("final"):
+                    del self._outstanding[reply["id"]]
+                    self._load[worker] -= 1
+                else:
+                    self._outstanding[reply["id"]] = (entry[0], entry[1], True)
+        self._on_message(message)
+
+    async def _via_broker(self, request: dict[str, Any]) -> None:
+        stream = self._streams.get(request["id"])
+        if stream is None:
+            return
+        session = await self._ensure_session()
+        session.send({"op": "submit", "request": request})
+
+    async def _watch_worker(self, worker: str, session: _Session) -> None:
+        """Read the worker's answers; when its comm closes, re-send what it held (bounded)."""
+        await session.read_forever()
+        if self._workers.get(worker) is session:
+            del self._workers[worker]
+        if not self._closed:
+            self._lost[worker] = time.monotonic()
+        held = [(rid, entry) for rid, entry in self._outstanding.items() if entry[0] == worker]
+        for request_id, (_, request, partial) in held:
+            del self._outstanding[request_id]
+            self._load[worker] -= 1
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            attempt = request.get("attempt", 0)
+            if partial or attempt >= request.get("max_retries", 0) or self._closed:
+                reason = "after streaming part of its answer" if partial else f"and {attempt} retries were used"
+                self._streams.pop(request_id, None)
+                stream._deliver(
+                    {
+                        "id": request_id,
+                        "final": True,
+                        "outputs": {},
+                        "parameters": {},
+                        "worker": worker,
+                        "error": error_to_msg(WorkerLostError(f"the worker serving the request died {reason}")),
+                    }
+                )
+                continue
+            request["attempt"] = attempt + 1
+            logger.warning("re-sending request %s of %s held by lost worker %s", request_id, request["operator"], worker)
+            self._hosts.pop(request["operator"], None)
+            try:
+                hosts = await self._hosts_of(request["operator"])
+            except Exception:
+                hosts = []
+            hosts = [h for h in hosts if h != worker]
+            if not hosts or not await self._send_direct(request, hosts):
+                await self._via_broker(request)
+
+    async def cancel(self, request_id: str) -> None:
+        entry = self._outstanding.pop(request_id, None)
+        if entry is None:
+            await super().cancel(request_id)
+            return
+        self.forget(request_id)
+        self._load[entry[0]] -= 1
+        session = self._workers.get(entry[0])
+        if session is not None and not session.closed.is_set():
+            session.send({"op": "cancel", "request_ids": [request_id]})
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for session in list(self._workers.values()):
+            await session.close()
+        await super().aclose()
+
+
+def make_request_plane(*args: Any, **kwargs: Any) -> QueueRequestPlane:
+    """The request plane chosen by ``tdask.request.plane`` (``queue`` or ``direct``)."""
+    import dask.config
+
+    kind = dask.config.get("tdask.request.plane", "queue")
+    if kind == "direct":
+        return DirectRequestPlane(*args, **kwargs)
+    if kind != "queue":
+        raise ValueError(f"tdask.request.plane must be 'queue' or 'direct', got {kind!r}")
+    return QueueRequestPlane(*args, **kwargs)
 
 
 # -- scheduler side ------------------------------------------------------------------------

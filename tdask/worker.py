@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from tdask.data_plane import (
 from tdask.exceptions import OperatorError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, check_outputs
 from tdask.remote import current_deadline, current_endpoint
-from tdask.request_plane import QueueRequestPlane
+from tdask.request_plane import QueueRequestPlane, _Session, make_request_plane
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class _Hosted:
     operator: Operator
     inflight: int = 0
     max_inflight_seen: int = 0
+    waiting: deque[dict[str, Any]] = field(default_factory=deque)  # admitted, no free slot yet
     batches: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -126,6 +128,8 @@ class OperatorHost(WorkerPlugin):
         self._triton_lock = asyncio.Lock()
         self._closing = False
         self._restart: asyncio.Task[Any] | None = None
+        self._direct_sessions: set[_Session] = set()
+        self._direct_routes: dict[tuple[str, str], _Session] = {}
         self._log_handler: logging.Handler | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -175,7 +179,8 @@ class OperatorHost(WorkerPlugin):
         self.store = TensorStore(worker)
         self.store.install()
         worker.handlers["tdask_host_stats"] = self.stats
-        self.plane = QueueRequestPlane(
+        worker.handlers["tdask_direct"] = self._direct_session
+        self.plane = make_request_plane(
             worker.scheduler,
             f"{worker.address}#{uuid.uuid4().hex[:8]}",
             worker=worker.address,
@@ -305,6 +310,9 @@ class OperatorHost(WorkerPlugin):
         if self.store is not None:
             await self.store.close()
         worker.handlers.pop("tdask_host_stats", None)
+        worker.handlers.pop("tdask_direct", None)
+        for session in list(self._direct_sessions):
+            await session.close()
         self._stop_log_file()
 
     # -- serving --------------------------------------------------------------------------
@@ -315,7 +323,58 @@ class OperatorHost(WorkerPlugin):
         if hosted is None or self._closing:
             # Arrived while we stop: our leases on them are handed back at unregister.
             return
-        self._start_batch(hosted, messages)
+        self._admit(hosted, messages)
+
+    def _admit(self, hosted: _Hosted, messages: list[dict[str, Any]]) -> None:
+        """Run what fits in the free slots now; the rest waits here, in arrival order.
+
+        The broker never pushes more than the slots granted to it, but requests sent directly
+        (see :meth:`_direct_session`) can fill slots too: nothing ever runs beyond
+        ``max_inflight_requests``.
+        """
+        free = hosted.config.max_inflight_requests - hosted.inflight
+        if free >= len(messages) and not hosted.waiting:
+            self._start_batch(hosted, messages)
+            return
+        hosted.waiting.extend(messages)
+        self._start_waiting(hosted)
+
+    def _start_waiting(self, hosted: _Hosted) -> int:
+        free = hosted.config.max_inflight_requests - hosted.inflight
+        batch = [hosted.waiting.popleft() for _ in range(min(free, len(hosted.waiting)))]
+        if batch:
+            self._start_batch(hosted, batch)
+        return len(batch)
+
+    async def _direct_session(self, comm: Any, requester: str) -> None:
+        """A caller's own comm to this worker (the direct request plane): requests in, answers out."""
+        session = _Session(comm, lambda message: self._on_direct(session, requester, message), f"direct-{requester}")
+        self._direct_sessions.add(session)
+        try:
+            await session.read_forever()
+        finally:
+            self._direct_sessions.discard(session)
+            gone = [key for key, route in self._direct_routes.items() if route is session]
+            if gone and not self._closing:
+                logger.info("direct caller %s left; cancelling its %d requests", requester, len(gone))
+                self._handle_cancel([list(key) for key in gone])
+            for key in gone:
+                self._direct_routes.pop(key, None)
+
+    def _on_direct(self, session: _Session, requester: str, message: dict[str, Any]) -> None:
+        if message["op"] == "submit":
+            request = dict(message["request"])
+            request["requester"] = requester
+            hosted = self.hosted.get(request["operator"])
+            self._direct_routes[(requester, request["id"])] = session
+            if hosted is None or self._closing:
+                # Not (or no longer) ours: say so; the caller goes through the broker instead.
+                session.send({"op": "refused", "id": request["id"]})
+                self._direct_routes.pop((requester, request["id"]), None)
+                return
+            self._admit(hosted, [request])
+        elif message["op"] == "cancel":
+            self._handle_cancel([[requester, request_id] for request_id in message["request_ids"]])
 
     def _start_batch(self, hosted: _Hosted, messages: list[dict[str, Any]]) -> None:
         assert self.store is not None
@@ -381,7 +440,8 @@ class OperatorHost(WorkerPlugin):
                 hosted.inflight -= len(requests)
                 hosted.batches.discard(asyncio.current_task())  # type: ignore[arg-type]
                 if not self._closing and self.plane is not None:
-                    self.plane.grant(hosted.config.key, len(requests))
+                    started = self._start_waiting(hosted)
+                    self.plane.grant(hosted.config.key, len(requests) - started)
                 for request in requests:
                     self._requests.pop((request._requester, request.request_id), None)  # type: ignore[attr-defined]
 
@@ -435,12 +495,23 @@ class OperatorHost(WorkerPlugin):
             # so "answered" implies "intermediate tensors released".
             received, scope.tensors = list(scope.tensors.values()), {}
             await self.store.release(received)
+        key = (message["requester"], message["id"])
+        route = self._direct_routes.pop(key, None) if message["final"] else self._direct_routes.get(key)
         try:
-            self.plane.respond([message])
+            if route is not None:
+                route.send({"op": "replies", "replies": [message]})
+            else:
+                self.plane.respond([message])
         except Exception as exc:
             logger.error("could not deliver response to %s of %s: %s", request.request_id, request.operator, exc)
 
     def _handle_cancel(self, keys: list[list[str]]) -> None:
+        wanted = {(requester, request_id) for requester, request_id in keys}
+        for hosted in self.hosted.values():  # still waiting for a slot: never runs
+            if any((m["requester"], m["id"]) in wanted for m in hosted.waiting):
+                hosted.waiting = deque(m for m in hosted.waiting if (m["requester"], m["id"]) not in wanted)
+        for key in wanted:
+            self._direct_routes.pop(key, None)
         tasks = set()
         for requester, request_id in keys:
             entry = self._requests.get((requester, request_id))

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 
+import dask
 import numpy as np
 import pytest
 
@@ -24,10 +25,11 @@ IN_FLIGHT = 64
 KILLS = max(2, REQUESTS // 5000)
 
 
-def test_soak_with_worker_kills(record_property):
+@pytest.mark.parametrize("plane", ["queue", "direct"])
+def test_soak_with_worker_kills(record_property, plane):
     before = child_pids()
     operators = [(OperatorConfig(name="add", implementation=Add, max_inflight_requests=8), 3)]
-    with Deployment(operators, dashboard_address=None) as dep:
+    with dask.config.set({"tdask.request.plane": plane}), Deployment(operators, dashboard_address=None) as dep:
 
         def rss(dask_worker):
             import psutil
@@ -85,7 +87,7 @@ def test_soak_with_worker_kills(record_property):
     duplicated = sum(n - 1 for n in answers.values() if n > 1)
     record_property(
         "figures",
-        f"soak: requests={REQUESTS} in_flight={IN_FLIGHT} kills={kills} answered={len(answers)} "
+        f"soak ({plane} plane): requests={REQUESTS} in_flight={IN_FLIGHT} kills={kills} answered={len(answers)} "
         f"errors={len(errors)} lost={lost} duplicated={duplicated} retried={counts.get('retried', 0)} "
         f"dropped_stale={counts.get('dropped', 0)} "
         f"rss_before_MB={[round(v / 2**20) for v in rss_before.values()]} "
