@@ -457,22 +457,22 @@ class DirectRequestPlane(QueueRequestPlane):
         # A worker whose comm just closed is most likely dead: the registry may list it until
         # the scheduler notices, and dialing it would stall for the connect timeout.
         candidates = [h for h in hosts if now - self._lost.get(h, -1e9) > 10.0]
-        for _ in range(len(candidates)):
+        while candidates:
             worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
+            # Count it before awaiting the connection, so that concurrent submits spread.
+            self._ticks += 1
+            self._last_used[worker] = self._ticks
+            self._load[worker] += 1
             try:
                 session = await self._worker_session(worker)
                 session.send({"op": "submit", "request": request})
             except (OSError, CommClosedError) as exc:
+                self._load[worker] -= 1
                 logger.info("cannot reach %s for %s: %s", worker, request["operator"], exc)
                 self._lost[worker] = time.monotonic()
                 self._hosts.pop(request["operator"], None)
                 candidates = [c for c in candidates if c != worker]
-                if not candidates:
-                    return False
                 continue
-            self._ticks += 1
-            self._last_used[worker] = self._ticks
-            self._load[worker] += 1
             self._outstanding[request["id"]] = (worker, request, False)
             return True
         return False

@@ -73,6 +73,7 @@ class _Hosted:
     operator: Operator
     inflight: int = 0
     max_inflight_seen: int = 0
+    started: int = 0
     waiting: deque[dict[str, Any]] = field(default_factory=deque)  # admitted, no free slot yet
     batches: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -395,6 +396,7 @@ class OperatorHost(WorkerPlugin):
         for request in requests:
             request._batch = requests  # type: ignore[attr-defined]
         hosted.inflight += len(requests)
+        hosted.started += len(requests)
         hosted.max_inflight_seen = max(hosted.max_inflight_seen, hosted.inflight)
         task = asyncio.create_task(self._run_batch(hosted, requests))
         hosted.batches.add(task)
@@ -534,7 +536,13 @@ class OperatorHost(WorkerPlugin):
     def stats(self) -> dict[str, Any]:
         """In-flight accounting per operator (``max_inflight_seen`` proves the limit held)."""
         return {
-            key: {"inflight": h.inflight, "max_inflight_seen": h.max_inflight_seen, "limit": h.config.max_inflight_requests}
+            key: {
+                "inflight": h.inflight,
+                "max_inflight_seen": h.max_inflight_seen,
+                "limit": h.config.max_inflight_requests,
+                "started": h.started,
+                "waiting": len(h.waiting),
+            }
             for key, h in self.hosted.items()
         }
 
