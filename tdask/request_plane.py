@@ -566,7 +566,7 @@ def make_request_plane(*args: Any, **kwargs: Any) -> QueueRequestPlane:
     """The request plane chosen by ``tdask.request.plane`` (``queue`` or ``direct``)."""
     import dask.config
 
-    kind = dask.config.get("tdask.request.plane", "queue")
+    kind = dask.config.get("tdask.request.plane", "direct")
     if kind == "direct":
         return DirectRequestPlane(*args, **kwargs)
     if kind != "queue":
