@@ -148,7 +148,7 @@ class ResponseStream:
         return await self.next()
 
 
-class _Session:
+class Session:
     """One comm carrying one-way messages both ways: a writer task batches what is queued,
     a reader task hands every incoming message to ``on_message``."""
 
@@ -234,7 +234,7 @@ class QueueRequestPlane(RequestPlane):
         self.worker = worker
         self.connection_args = connection_args or {}
         self._streams: dict[str, ResponseStream] = {}
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock | None = None
         self._broker_ready = False
@@ -252,7 +252,7 @@ class QueueRequestPlane(RequestPlane):
             )
             self._broker_ready = True
 
-    async def _ensure_session(self) -> _Session:
+    async def _ensure_session(self) -> Session:
         if self._closed:
             raise RuntimeError("this request plane is closed")
         if self._session is not None and not self._session.closed.is_set():
@@ -268,12 +268,12 @@ class QueueRequestPlane(RequestPlane):
             await comm.write(
                 {"op": "tdask_session", "requester": self.requester, "worker": self.worker, "reply": False}
             )
-            session = _Session(comm, self._on_message, self.requester)
+            session = Session(comm, self._on_message, self.requester)
             self._session = session
             self._reader = asyncio.create_task(self._read(session))
             return session
 
-    async def _read(self, session: _Session) -> None:
+    async def _read(self, session: Session) -> None:
         await session.read_forever()
         if not self._closed and self._streams:
             logger.warning(
@@ -401,7 +401,7 @@ class DirectRequestPlane(QueueRequestPlane):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._hosts: dict[str, tuple[float, list[str]]] = {}
-        self._workers: dict[str, _Session] = {}
+        self._workers: dict[str, Session] = {}
         self._connecting_to: dict[str, asyncio.Lock] = {}
         self._outstanding: dict[str, tuple[str, dict[str, Any], bool]] = {}  # id -> (worker, request, partial)
         self._load: dict[str, int] = defaultdict(int)
@@ -418,7 +418,7 @@ class DirectRequestPlane(QueueRequestPlane):
             return hosts
         return cached[1]
 
-    async def _worker_session(self, address: str) -> _Session:
+    async def _worker_session(self, address: str) -> Session:
         session = self._workers.get(address)
         if session is not None and not session.closed.is_set():
             return session
@@ -431,7 +431,7 @@ class DirectRequestPlane(QueueRequestPlane):
             comm = await connect(address, timeout=timeout, **self.connection_args)
             comm.name = f"tdask-direct-{self.requester}"
             await comm.write({"op": "tdask_direct", "requester": self.requester, "reply": False})
-            session = _Session(comm, lambda message: self._on_worker_message(address, message), address)
+            session = Session(comm, lambda message: self._on_worker_message(address, message), address)
             self._workers[address] = session
             task = asyncio.create_task(self._watch_worker(address, session))
             session.watcher = task  # type: ignore[attr-defined]
@@ -504,7 +504,7 @@ class DirectRequestPlane(QueueRequestPlane):
         session = await self._ensure_session()
         session.send({"op": "submit", "request": request})
 
-    async def _watch_worker(self, worker: str, session: _Session) -> None:
+    async def _watch_worker(self, worker: str, session: Session) -> None:
         """Read the worker's answers; when its comm closes, re-send what it held (bounded)."""
         await session.read_forever()
         if self._workers.get(worker) is session:
@@ -590,7 +590,7 @@ class _Peer:
 
     requester: str
     worker: str | None
-    session: _Session
+    session: Session
 
 
 class RequestBroker(SchedulerPlugin):
@@ -645,7 +645,7 @@ class RequestBroker(SchedulerPlugin):
     # sessions
     async def session(self, comm: Any, requester: str, worker: str | None = None) -> None:
         """Serve one requester's (or worker's) session until its comm closes."""
-        session = _Session(comm, lambda message: self._on_message(requester, message), requester)
+        session = Session(comm, lambda message: self._on_message(requester, message), requester)
         peer = _Peer(requester, worker, session)
         old = self.peers.get(requester)
         self.peers[requester] = peer

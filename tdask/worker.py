@@ -43,7 +43,7 @@ from tdask.data_plane import (
 from tdask.exceptions import OperatorError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, check_outputs
 from tdask.remote import current_deadline, current_endpoint
-from tdask.request_plane import QueueRequestPlane, _Session, make_request_plane
+from tdask.request_plane import QueueRequestPlane, Session, make_request_plane
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ class OperatorHost(WorkerPlugin):
         self._triton_lock = asyncio.Lock()
         self._closing = False
         self._restart: asyncio.Task[Any] | None = None
-        self._direct_sessions: set[_Session] = set()
-        self._direct_routes: dict[tuple[str, str], _Session] = {}
+        self._direct_sessions: set[Session] = set()
+        self._direct_routes: dict[tuple[str, str], Session] = {}
         self._log_handler: logging.Handler | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -349,7 +349,7 @@ class OperatorHost(WorkerPlugin):
 
     async def _direct_session(self, comm: Any, requester: str) -> None:
         """A caller's own comm to this worker (the direct request plane): requests in, answers out."""
-        session = _Session(comm, lambda message: self._on_direct(session, requester, message), f"direct-{requester}")
+        session = Session(comm, lambda message: self._on_direct(session, requester, message), f"direct-{requester}")
         self._direct_sessions.add(session)
         try:
             await session.read_forever()
@@ -362,7 +362,7 @@ class OperatorHost(WorkerPlugin):
             for key in gone:
                 self._direct_routes.pop(key, None)
 
-    def _on_direct(self, session: _Session, requester: str, message: dict[str, Any]) -> None:
+    def _on_direct(self, session: Session, requester: str, message: dict[str, Any]) -> None:
         if message["op"] == "submit":
             request = dict(message["request"])
             request["requester"] = requester
