@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -55,6 +56,23 @@ def _assert_clean(since: float) -> None:
 
 def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, *args], env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _dask_scheduler(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """A real `dask scheduler` on 127.0.0.1, and its address once it is up."""
+    scheduler_file = tmp_path / "scheduler.json"
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(PY), "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("dask scheduler did not start")
+        time.sleep(0.1)
+    return proc, json.loads(scheduler_file.read_text())["address"]
 
 
 def test_embedded_two_clients(tmp_path):
@@ -105,19 +123,8 @@ def test_deploy_over_tls_needs_shared_certificates(tmp_path):
 def test_embedded_on_a_running_scheduler(tmp_path):
     """--scheduler-address: the operators join a running `dask scheduler`, which stays up after."""
     since = time.time()
-    dask_bin = os.path.join(os.path.dirname(PY), "dask")
-    scheduler_file = tmp_path / "scheduler.json"
-    scheduler = subprocess.Popen(
-        [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-         "--scheduler-file", str(scheduler_file)],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    scheduler, address = _dask_scheduler(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
         result = _run(["-m", "tdask.hello_world", *FAST, "--scheduler-address", address, "--log-dir", str(tmp_path)])
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"scheduler: {address}" in result.stdout and "Correct: 10/10" in result.stdout
@@ -206,20 +213,9 @@ def test_hand_started_dask_with_preload(tmp_path):
 
     since = time.time()
     dask_bin = os.path.join(os.path.dirname(PY), "dask")
-    scheduler_file = tmp_path / "scheduler.json"
-    procs = [
-        subprocess.Popen(
-            [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-             "--scheduler-file", str(scheduler_file)],
-            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-    ]
+    scheduler, address = _dask_scheduler(tmp_path)
+    procs = [scheduler]
     try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
         specs = {
             "encoder.0": {"name": "encoder", "implementation": "triton", "repository": MODEL_REPOSITORY},
             "decoder.0": {"name": "decoder", "implementation": "triton", "repository": MODEL_REPOSITORY},
