@@ -132,6 +132,9 @@ class TritonCoreOperator(Operator):
         self.input_specs = {
             i["name"]: (i["datatype"], [int(d) for d in i.get("shape", [])]) for i in metadata.get("inputs", [])
         }
+        # Checked on every answer: Triton 2.51's python backend passes an output of another
+        # datatype than its config declares straight through.
+        self.output_types = {o["name"]: o["datatype"] for o in metadata.get("outputs", [])}
         versions = [str(v) for v in metadata.get("versions", [])]
         self.model_version = str(self.version) if str(self.version) in versions else ""
         if not self.model_version:
@@ -228,6 +231,16 @@ class TritonCoreOperator(Operator):
             (time.monotonic() - began) * 1e3,
         )
         response = result.get_response()
+        for output in response.outputs:
+            declared = self.output_types.get(output.name)
+            if declared is not None and output.datatype != declared:
+                raise OperatorError(
+                    f"model {self.model!r} returned output {output.name!r} as {output.datatype}, "
+                    f"its config declares {declared}",
+                    operator=self.name,
+                    request_id=request.request_id,
+                    remote_type="Triton model output mismatch",
+                )
         outputs = {output.name: result.as_numpy(output.name) for output in response.outputs}
         return outputs, _response_parameters(response)
 

@@ -207,3 +207,24 @@ def test_kind_gpu_models_round_trip():
         np.testing.assert_array_equal(encoded.outputs["output"], np.invert(np.tile(data, 3)))
         decoded = RemoteOperator("decoder", client=deployment.client).infer(inputs=encoded.outputs)
         np.testing.assert_array_equal(decoded.outputs["output"], data)
+
+
+@pytest.mark.parametrize(
+    "mode, message", [("wrong-dtype", "returned output .output. as FP32, its config declares INT64"), ("raise", "misbehaving model raised on purpose")]
+)
+def test_misbehaving_model_gives_operator_error_and_keeps_serving(mode, message):
+    """A model that returns the wrong dtype, or raises: OperatorError for the caller, worker serves on."""
+    import os
+
+    from tdask import OperatorError
+
+    repository = os.path.join(os.path.dirname(__file__), "models")
+    before = child_pids()
+    config = OperatorConfig(name="misbehaving", implementation="triton", repository=repository)
+    with Deployment([config], dashboard_address="127.0.0.1:0") as deployment:
+        op = RemoteOperator("misbehaving", client=deployment.client)
+        for _ in range(2):  # the same worker answers again, with the same typed error
+            with pytest.raises(OperatorError, match=message) as info:
+                op.infer(inputs={"input": np.arange(4, dtype=np.int64)}, parameters={"mode": mode}, timeout=30)
+            assert info.value.operator == "misbehaving" and info.value.request_id
+    assert_no_children(ignore=before)

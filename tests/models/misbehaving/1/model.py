@@ -1,0 +1,19 @@
+"""Misbehaves as the request parameter ``mode`` says: ``wrong-dtype`` or ``raise``."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            mode = json.loads(request.parameters() or "{}").get("mode", "wrong-dtype")
+            if mode == "raise":
+                raise RuntimeError("misbehaving model raised on purpose")
+            data = pb_utils.get_input_tensor_by_name(request, "input").as_numpy()
+            out = pb_utils.Tensor("output", data.astype(np.float32))  # declared TYPE_INT64
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+        return responses
