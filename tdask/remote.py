@@ -40,7 +40,7 @@ from tdask.exceptions import (
     error_from_msg,
 )
 from tdask.operator import operator_key
-from tdask.request_plane import RequestPlane, ResponseStream, make_request_plane
+from tdask.request_plane import QueueRequestPlane, ResponseStream, make_request_plane
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,10 @@ class _ClientEndpoint:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.plane: RequestPlane = make_request_plane(
+        self.plane: QueueRequestPlane = make_request_plane(
             client.scheduler, client.id, connection_args=client.connection_args
         )
         self.peer = client_peer(client)
-        self._hosts: dict[str, tuple[float, list[str]]] = {}
 
     @classmethod
     def of(cls, client: Client) -> _ClientEndpoint:
@@ -126,33 +125,25 @@ class _ClientEndpoint:
 
         A host that cannot be reached (it just died) is skipped for the next one.
         """
-        hosts = await self._hosts_of(key)
+        hosts = await self._wait_for_hosts(key)
         errors = []
         for address in random.sample(hosts, len(hosts)):
             try:
                 return await self.peer.place(address, array)
             except (TimeoutError, OSError) as exc:
                 errors.append(f"{address}: {exc}")
-                self._hosts.pop(key, None)
+                self.plane.forget_hosts(key)
         raise DataPlaneError(f"could not place an input for {key} on any of its hosts: {'; '.join(errors)}")
 
-    async def _hosts_of(self, key: str) -> list[str]:
-        now = time.monotonic()
-        cached = self._hosts.get(key)
-        if cached is None or now - cached[0] > 1.0 or not cached[1]:
-            wait_s = get_seconds("tdask.request.unavailable-timeout") or 0.0
-            deadline = now + wait_s
-            while True:
-                hosts = await self.plane.hosts(key)
-                if hosts or time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(0.1)
-            if not hosts:
+    async def _wait_for_hosts(self, key: str) -> list[str]:
+        deadline = time.monotonic() + (get_seconds("tdask.request.unavailable-timeout") or 0.0)
+        while True:
+            hosts = await self.plane.hosts(key)
+            if hosts:
+                return hosts
+            if time.monotonic() >= deadline:
                 raise OperatorUnavailableError(f"no worker hosts operator {key}; cannot place its inputs")
-            self._hosts[key] = (now, hosts)
-        else:
-            hosts = cached[1]
-        return hosts
+            await asyncio.sleep(0.1)
 
 
 class RemoteOperator:

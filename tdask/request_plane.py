@@ -52,6 +52,7 @@ from distributed.protocol.pickle import dumps
 from tornado import web
 
 from tdask.config import get_seconds
+from tdask.data_plane import DataPlanePeer, RemoteTensor
 from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError, error_to_msg
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,27 @@ class RequestPlane(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Close the session; requests still in flight fail."""
+
+
+def error_reply(
+    request_id: str,
+    error: BaseException | dict[str, Any],
+    *,
+    requester: str | None = None,
+    operator: str | None = None,
+    worker: str | None = None,
+) -> dict[str, Any]:
+    """A final response carrying only ``error`` (an exception, or an already encoded one)."""
+    return {
+        "id": request_id,
+        "requester": requester,
+        "operator": operator,
+        "worker": worker,
+        "outputs": {},
+        "parameters": {},
+        "error": error if isinstance(error, dict) else error_to_msg(error),
+        "final": True,
+    }
 
 
 class ResponseStream:
@@ -243,6 +265,7 @@ class QueueRequestPlane(RequestPlane):
         self._on_cancel: CancelHandler | None = None
         self.on_orphan_response: Callable[[dict[str, Any]], None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._hosts: dict[str, tuple[float, list[str]]] = {}
 
     async def ensure_broker(self) -> None:
         """Install the broker on the scheduler once (idempotent across clients and workers)."""
@@ -324,8 +347,20 @@ class QueueRequestPlane(RequestPlane):
             session.send({"op": "cancel", "request_ids": [request_id]})
 
     async def hosts(self, operator_key: str) -> list[str]:
+        """Hosts of ``operator_key``, as the registry said at most a second ago."""
+        now = time.monotonic()
+        cached = self._hosts.get(operator_key)
+        if cached is not None and now - cached[0] <= 1.0:
+            return cached[1]
         await self.ensure_broker()
-        return await self.scheduler.tdask_hosts(operator=operator_key)
+        hosts = await self.scheduler.tdask_hosts(operator=operator_key)
+        if hosts:  # an empty answer is asked again next time
+            self._hosts[operator_key] = (now, hosts)
+        return hosts
+
+    def forget_hosts(self, operator_key: str) -> None:
+        """Drop the cached hosts of ``operator_key`` (one of them could not be reached)."""
+        self._hosts.pop(operator_key, None)
 
     async def operators(self) -> dict[str, Any]:
         """The registry: which workers host which operator, and recorded setup failures."""
@@ -362,16 +397,7 @@ class QueueRequestPlane(RequestPlane):
 
     def _fail_all(self, message: str) -> None:
         for request_id, stream in list(self._streams.items()):
-            stream._deliver(
-                {
-                    "id": request_id,
-                    "final": True,
-                    "outputs": {},
-                    "parameters": {},
-                    "worker": None,
-                    "error": {"type": "TdaskError", "message": message},
-                }
-            )
+            stream._deliver(error_reply(request_id, {"type": "TdaskError", "message": message}))
         self._streams.clear()
 
     async def aclose(self) -> None:
@@ -400,7 +426,6 @@ class DirectRequestPlane(QueueRequestPlane):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._hosts: dict[str, tuple[float, list[str]]] = {}
         self._workers: dict[str, Session] = {}
         self._connecting_to: dict[str, asyncio.Lock] = {}
         self._outstanding: dict[str, tuple[str, dict[str, Any], bool]] = {}  # id -> (worker, request, partial)
@@ -408,15 +433,6 @@ class DirectRequestPlane(QueueRequestPlane):
         self._ticks = 0
         self._last_used: dict[str, int] = {}
         self._lost: dict[str, float] = {}  # worker -> when its comm closed: avoided for a while
-
-    async def _hosts_of(self, key: str) -> list[str]:
-        now = time.monotonic()
-        cached = self._hosts.get(key)
-        if cached is None or now - cached[0] > 1.0:
-            hosts = await self.hosts(key)
-            self._hosts[key] = (now, hosts)
-            return hosts
-        return cached[1]
 
     async def _worker_session(self, address: str) -> Session:
         session = self._workers.get(address)
@@ -441,7 +457,7 @@ class DirectRequestPlane(QueueRequestPlane):
         request_id = request["id"]
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        hosts = await self._hosts_of(request["operator"])
+        hosts = await self.hosts(request["operator"])
         if not hosts:
             return await super().submit(request)  # the broker waits for a host, or fails clearly
         stream = ResponseStream(request_id)
@@ -470,7 +486,7 @@ class DirectRequestPlane(QueueRequestPlane):
                 self._load[worker] -= 1
                 logger.info("cannot reach %s for %s: %s", worker, request["operator"], exc)
                 self._lost[worker] = time.monotonic()
-                self._hosts.pop(request["operator"], None)
+                self.forget_hosts(request["operator"])
                 candidates = [c for c in candidates if c != worker]
                 continue
             self._outstanding[request["id"]] = (worker, request, False)
@@ -482,7 +498,7 @@ class DirectRequestPlane(QueueRequestPlane):
             entry = self._outstanding.pop(message["id"], None)
             if entry is not None:
                 self._load[worker] -= 1
-                self._hosts.pop(entry[1]["operator"], None)
+                self.forget_hosts(entry[1]["operator"])
                 task = asyncio.create_task(self._via_broker(entry[1]))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
@@ -522,22 +538,14 @@ class DirectRequestPlane(QueueRequestPlane):
             if partial or attempt >= request.get("max_retries", 0) or self._closed:
                 reason = "after streaming part of its answer" if partial else f"and {attempt} retries were used"
                 self._streams.pop(request_id, None)
-                stream._deliver(
-                    {
-                        "id": request_id,
-                        "final": True,
-                        "outputs": {},
-                        "parameters": {},
-                        "worker": worker,
-                        "error": error_to_msg(WorkerLostError(f"the worker serving the request died {reason}")),
-                    }
-                )
+                lost = WorkerLostError(f"the worker serving the request died {reason}")
+                stream._deliver(error_reply(request_id, lost, worker=worker))
                 continue
             request["attempt"] = attempt + 1
             logger.warning("re-sending request %s of %s held by lost worker %s", request_id, request["operator"], worker)
-            self._hosts.pop(request["operator"], None)
+            self.forget_hosts(request["operator"])
             try:
-                hosts = await self._hosts_of(request["operator"])
+                hosts = await self.hosts(request["operator"])
             except Exception:
                 hosts = []
             hosts = [h for h in hosts if h != worker]
@@ -820,33 +828,18 @@ class RequestBroker(SchedulerPlugin):
     def _answer_error(self, request: dict[str, Any], error: TdaskError, worker: str | None = None) -> None:
         self.counts["failed"] += 1
         self._reply(
-            {
-                "id": request["id"],
-                "requester": request["requester"],
-                "operator": request["operator"],
-                "worker": worker,
-                "outputs": {},
-                "parameters": {},
-                "error": error_to_msg(error),
-                "final": True,
-            }
+            error_reply(
+                request["id"], error, requester=request["requester"], operator=request["operator"], worker=worker
+            )
         )
 
     def _release_refs(self, response: dict[str, Any]) -> None:
-        by_owner: dict[str, list[str]] = defaultdict(list)
-        for entry in (response.get("outputs") or {}).values():
-            if "ref" in entry:
-                by_owner[entry["ref"]["owner"]].append(entry["ref"]["id"])
-        for owner, ids in by_owner.items():
-            task = asyncio.create_task(self._release_on(owner, ids))
+        """Nobody will read this response: free the tensors it refers to at their owners."""
+        refs = [RemoteTensor.from_msg(e["ref"]) for e in (response.get("outputs") or {}).values() if "ref" in e]
+        if refs:
+            task = asyncio.create_task(DataPlanePeer(self.scheduler.rpc).release(refs))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-
-    async def _release_on(self, owner: str, ids: list[str]) -> None:
-        try:
-            await self.scheduler.rpc(owner).tdask_release(tensor_ids=ids)
-        except Exception as exc:
-            logger.debug("release on %s failed: %s", owner, exc)
 
     def _requeue_leases(self, worker: str, *, lost: bool) -> None:
         held = [(key, lease) for key, lease in self.leases.items() if lease.worker == worker]
