@@ -6,6 +6,7 @@ Imported first by ``tdask/__init__.py``. Every setting can be overridden the Das
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -23,6 +24,12 @@ with open(_defaults_path) as f:
 dask.config.update_defaults(_defaults)
 
 
+# Settings are read where they are used (on every request), so that dask.config.set applies at
+# once; parsing the same string again is what costs, so parsed values are memoized by value.
+_parse_bytes = functools.lru_cache(maxsize=256)(parse_bytes)
+_parse_seconds = functools.lru_cache(maxsize=256)(functools.partial(parse_timedelta, default="seconds"))
+
+
 def get_seconds(key: str) -> float | None:
     """Read a duration setting (``"5s"``, ``10``, ``null``) as seconds."""
     value = dask.config.get(key)
@@ -30,13 +37,15 @@ def get_seconds(key: str) -> float | None:
         return None
     if isinstance(value, timedelta):
         return value.total_seconds()
-    return parse_timedelta(value, default="seconds")
+    if isinstance(value, (int, float)):
+        return float(value)
+    return _parse_seconds(value)
 
 
 def get_bytes(key: str) -> int:
     """Read a size setting (``"64KiB"``, ``65536``) as bytes."""
     value = dask.config.get(key)
-    return value if isinstance(value, int) else parse_bytes(value)
+    return value if isinstance(value, int) else _parse_bytes(value)
 
 
 def _install_log_handler() -> None:

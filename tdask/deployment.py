@@ -34,6 +34,10 @@ __all__ = ["Deployment"]
 
 OperatorSpec = OperatorConfig | tuple[OperatorConfig, int]
 
+# Dotted keys: the Nanny merges this shallowly over its own config and the worker applies it
+# with dask.config.set, so a nested {"distributed": ...} would replace the whole subtree.
+_WORKER_CONFIG: dict[str, Any] = {"distributed.worker.profile.enabled": False}
+
 
 class Deployment(SyncMethodMixin):
     """A set of operators running on Dask workers; a context manager, sync or async.
@@ -204,7 +208,11 @@ class Deployment(SyncMethodMixin):
             },
             "death_timeout": 60,
         }
-        options.update(self.worker_options)
+        extra = dict(self.worker_options)
+        # Operators do not run as Dask tasks, so the worker's statistical task profiler (100
+        # wake-ups a second) would sample nothing; a user's worker config still wins.
+        options["config"] = {**_WORKER_CONFIG, **(extra.pop("config", None) or {})}
+        options.update(extra)
         return options
 
     def _log_file(self, name: str) -> str | None:

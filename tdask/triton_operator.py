@@ -4,10 +4,10 @@ The model runs on the worker's own Triton Inference Server (one real ``tritonser
 worker process, started on first use by the worker plugin, see :mod:`tdask.triton_server`).
 At setup the operator loads its model in explicit mode, with the override given as
 ``OperatorConfig.parameters["config"]`` merged into the repository's ``config.pbtxt`` (typically
-``instance_group`` and ``parameters``); each request then becomes one gRPC inference on
-127.0.0.1.
+``instance_group`` and ``parameters``); each request then becomes one inference on
+127.0.0.1 over Triton's HTTP endpoint (:mod:`tdask.triton_client` says why not gRPC).
 
-Errors keep their meaning across the boundary: Triton's INVALID_ARGUMENT (bad dtype, shape,
+Errors keep their meaning across the boundary: Triton's INVALID_ARG (HTTP 400: bad dtype, shape,
 missing or unexpected input, and the models' own parameter checks) becomes
 :class:`~tdask.exceptions.InvalidRequestError`, a passed deadline
 :class:`~tdask.exceptions.RequestTimeoutError`, anything else
@@ -20,24 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from tritonclient.utils import np_to_triton_dtype
 
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
 from tdask.operator import Operator, Request
+from tdask.triton_client import TritonHttpClient, TritonHttpError, check_parameters
 
 __all__ = ["TritonCoreOperator"]
 
-# tritonclient's own defaults (2 GiB messages), plus: never route 127.0.0.1 through a proxy.
-_MAX_GRPC_MESSAGE = 2**31 - 1
-_CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", _MAX_GRPC_MESSAGE),
-    ("grpc.max_receive_message_length", _MAX_GRPC_MESSAGE),
-    ("grpc.enable_http_proxy", 0),
-]
 _DEFAULT_LOAD_TIMEOUT_S = 300.0
 
 
@@ -68,7 +64,7 @@ def _config_override(value: Any, operator: str) -> dict[str, Any] | None:
 
 
 def _triton_parameters(parameters: Mapping[str, Any]) -> dict[str, str | bool | int | float]:
-    """Request parameters in the types Triton's gRPC protocol carries (string, bool, int64, double)."""
+    """Request parameters in the types Triton's protocol carries (string, bool, int64, double)."""
     out: dict[str, str | bool | int | float] = {}
     for key, value in parameters.items():
         if isinstance(value, np.generic):
@@ -79,16 +75,6 @@ def _triton_parameters(parameters: Mapping[str, Any]) -> dict[str, str | bool | 
                 "str, bool, int or float parameters"
             )
         out[key] = value
-    return out
-
-
-def _response_parameters(response: Any) -> dict[str, Any]:
-    """A Triton response's parameters as plain Python values."""
-    out: dict[str, Any] = {}
-    for key, parameter in response.parameters.items():
-        kind = parameter.WhichOneof("parameter_choice")
-        if kind is not None:
-            out[key] = getattr(parameter, kind)
     return out
 
 
@@ -113,20 +99,18 @@ class TritonCoreOperator(Operator):
 
     Every request in a batch is sent to Triton at once, so Triton's own scheduler (instances,
     dynamic batching) decides how they run. Request parameters pass through as Triton request
-    parameters; the request's deadline becomes the gRPC deadline, and a cancelled request
-    cancels its inference.
+    parameters; the request's deadline bounds the call. A cancelled or timed-out call is
+    abandoned (its connection closed); Triton finishes it and drops the answer.
     """
 
     async def setup(self) -> None:
         """Load the model on the worker's Triton server and connect to it."""
-        from tritonclient.grpc import aio as grpcclient
-
         self.model = str(self.parameters.get("model", self.name))
         self.override = _config_override(self.parameters.get("config"), self.name)
         self.server = await self.context.triton_server()
         await self.server.load_model(self.model, self.override, timeout_s=_load_timeout_s())
-        self.client = grpcclient.InferenceServerClient(self.server.grpc_url, channel_args=_CHANNEL_ARGS)
-        metadata = await self.client.get_model_metadata(self.model, as_json=True)
+        self.client = TritonHttpClient.from_url(self.server.http_url)
+        metadata = await self.client.model_metadata(self.model)
         # name -> (Triton datatype, dims with -1 for "any"): checked before a request goes out,
         # since Triton itself lets some mismatches through (a 0-d tensor for dims [-1]).
         self.input_specs = {
@@ -145,7 +129,7 @@ class TritonCoreOperator(Operator):
                 versions,
             )
         self.server.add_exit_callback(self._on_server_exit)
-        self.logger.info("Triton model %r ready on %s (server %s)", self.model, self.server.grpc_url, self.server.pid)
+        self.logger.info("Triton model %r ready on %s (server %s)", self.model, self.server.http_url, self.server.pid)
 
     def _on_server_exit(self, returncode: int) -> None:
         # Runs in the server's watcher thread; TritonServer itself logs the log tail.
@@ -163,12 +147,15 @@ class TritonCoreOperator(Operator):
 
     async def execute(self, requests: list[Request]) -> None:
         """Send every request to Triton concurrently and answer each with its own result."""
-        await asyncio.gather(*(self._serve(request) for request in requests))
+        if len(requests) == 1:  # the common case at low load: no extra task per request
+            await self._serve(requests[0])
+        else:
+            await asyncio.gather(*(self._serve(request) for request in requests))
 
     async def _serve(self, request: Request) -> None:
-        # Cancellation: the worker cancels this batch's task (and with it the gRPC call, which
-        # cancels the request in Triton) once every request of the batch is cancelled; a
-        # cancelled request's answer is never sent.
+        # Cancellation: the worker cancels this batch's task (and with it the HTTP call, whose
+        # connection is closed) once every request of the batch is cancelled; a cancelled
+        # request's answer is never sent.
         sender = request.response_sender()
         try:
             outputs, parameters = await self._infer(request)
@@ -179,14 +166,11 @@ class TritonCoreOperator(Operator):
 
     async def _infer(self, request: Request) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """One inference; raises a tdask error that says what went wrong."""
-        from tritonclient.grpc import aio as grpcclient
-        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-
         remaining = request.remaining_s
         if remaining is not None and remaining <= 0:
             raise self._timeout(request)
         values = await request.fetch_inputs()
-        inputs = []
+        inputs = {}
         for name, value in values.items():
             try:
                 array = _host_array(value)
@@ -196,12 +180,11 @@ class TritonCoreOperator(Operator):
             if datatype is None:
                 raise request.error(f"input {name!r} has dtype {array.dtype}, which Triton does not support")
             self._check_input(request, name, datatype, array.shape)
-            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
+            inputs[name] = (array, datatype)
         try:
             parameters = _triton_parameters(request.parameters)
-        except TypeError as exc:
+            check_parameters(parameters)
+        except (TypeError, ValueError) as exc:
             raise request.error(str(exc)) from None
 
         remaining = request.remaining_s
@@ -214,35 +197,37 @@ class TritonCoreOperator(Operator):
                 inputs,
                 model_version=self.model_version,
                 request_id=str(request.request_id),
-                parameters=parameters or None,
-                client_timeout=remaining,
+                parameters=parameters,
+                timeout=remaining,
             )
-        except InferenceServerException as exc:
-            if "Stub process" in (exc.message() or "") and self.server.is_alive():
+        except TimeoutError:
+            raise self._timeout(request) from None
+        except TritonHttpError as exc:
+            if "Stub process" in exc.message and self.server.is_alive():
                 # A python-backend stub died. Triton 2.5x neither restarts it nor unloads the
                 # model cleanly (unload hangs), so the instance stays broken: restart the
                 # worker, which starts a fresh server, and let its requests be served again.
                 self.context.restart_worker(f"a Triton python-backend stub of model {self.model!r} died")
-            raise await self._error(request, exc) from None
-        self.logger.debug(
-            "request %s of %s: Triton answered in %.1f ms",
-            request.request_id,
-            self.name,
-            (time.monotonic() - began) * 1e3,
-        )
-        response = result.get_response()
-        for output in response.outputs:
-            declared = self.output_types.get(output.name)
-            if declared is not None and output.datatype != declared:
+            raise await self._error(request, exc.status, exc.message) from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise await self._error(request, None, f"connection to Triton lost: {exc!r}") from None
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug(
+                "request %s of %s: Triton answered in %.1f ms",
+                request.request_id,
+                self.name,
+                (time.monotonic() - began) * 1e3,
+            )
+        for name, datatype in result.datatypes.items():
+            declared = self.output_types.get(name)
+            if declared is not None and datatype != declared:
                 raise OperatorError(
-                    f"model {self.model!r} returned output {output.name!r} as {output.datatype}, "
-                    f"its config declares {declared}",
+                    f"model {self.model!r} returned output {name!r} as {datatype}, its config declares {declared}",
                     operator=self.name,
                     request_id=request.request_id,
                     remote_type="Triton model output mismatch",
                 )
-        outputs = {output.name: result.as_numpy(output.name) for output in response.outputs}
-        return outputs, _response_parameters(response)
+        return result.outputs, result.parameters
 
     def _check_input(self, request: Request, name: str, datatype: str, shape: tuple[int, ...]) -> None:
         """Refuse an input the model does not declare, or of another dtype or rank."""
@@ -266,15 +251,11 @@ class TritonCoreOperator(Operator):
             request_id=request.request_id,
         )
 
-    async def _error(self, request: Request, exc: Any) -> TdaskError:
-        """Map a tritonclient error to the tdask error of the same meaning."""
-        status = str(exc.status() or "")
-        message = exc.message() or str(exc)
-        if status.endswith("DEADLINE_EXCEEDED"):
-            return self._timeout(request)
-        if status.endswith("INVALID_ARGUMENT") or (not status and "reserved parameter" in message):
+    async def _error(self, request: Request, status: int | None, message: str) -> TdaskError:
+        """Map Triton's answer (an HTTP status, or ``None``: no answer) to the tdask error of the same meaning."""
+        if status == 400:  # Triton's INVALID_ARG (and the models' own parameter checks)
             return InvalidRequestError(message, operator=self.name, request_id=request.request_id)
-        if status.endswith(("UNAVAILABLE", "CANCELLED")) and self.server.is_alive():
+        if status is None and self.server.is_alive():
             # A dropped connection is usually the server dying: the socket closes before the
             # process is reaped. Give the exit a moment to be seen, so the worker can restart
             # and have the request served again instead of answering with this error.
@@ -286,5 +267,8 @@ class TritonCoreOperator(Operator):
                 f"model {self.model!r} is gone ({message})"
             )
         return OperatorError(
-            message, operator=self.name, request_id=request.request_id, remote_type=f"Triton {status or 'error'}"
+            message,
+            operator=self.name,
+            request_id=request.request_id,
+            remote_type=f"Triton HTTP {status}" if status is not None else "Triton unreachable",
         )

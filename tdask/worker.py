@@ -366,6 +366,7 @@ class OperatorHost(WorkerPlugin):
         if message["op"] == "submit":
             request = dict(message["request"])
             request["requester"] = requester
+            request["direct"] = True  # holds no broker credit: finishing it grants none back
             hosted = self.hosted.get(request["operator"])
             self._direct_routes[(requester, request["id"])] = session
             if hosted is None or self._closing:
@@ -392,6 +393,7 @@ class OperatorHost(WorkerPlugin):
                 send=self._send,
             )
             request._requester = message["requester"]  # type: ignore[attr-defined]
+            request._direct = bool(message.get("direct"))  # type: ignore[attr-defined]
             requests.append(request)
         for request in requests:
             request._batch = requests  # type: ignore[attr-defined]
@@ -442,8 +444,10 @@ class OperatorHost(WorkerPlugin):
                 hosted.inflight -= len(requests)
                 hosted.batches.discard(asyncio.current_task())  # type: ignore[arg-type]
                 if not self._closing and self.plane is not None:
-                    started = self._start_waiting(hosted)
-                    self.plane.grant(hosted.config.key, len(requests) - started)
+                    self._start_waiting(hosted)
+                    # The broker's credit counts its own requests held here (running or
+                    # waiting); direct ones never took any, so they give none back.
+                    self._grant(hosted, sum(1 for r in requests if not r._direct))  # type: ignore[attr-defined]
                 for request in requests:
                     self._requests.pop((request._requester, request.request_id), None)  # type: ignore[attr-defined]
 
@@ -510,8 +514,10 @@ class OperatorHost(WorkerPlugin):
     def _handle_cancel(self, keys: list[list[str]]) -> None:
         wanted = {(requester, request_id) for requester, request_id in keys}
         for hosted in self.hosted.values():  # still waiting for a slot: never runs
-            if any((m["requester"], m["id"]) in wanted for m in hosted.waiting):
+            dropped = [m for m in hosted.waiting if (m["requester"], m["id"]) in wanted]
+            if dropped:
                 hosted.waiting = deque(m for m in hosted.waiting if (m["requester"], m["id"]) not in wanted)
+                self._grant(hosted, sum(1 for m in dropped if not m.get("direct")))
         for key in wanted:
             self._direct_routes.pop(key, None)
         tasks = set()
@@ -527,6 +533,10 @@ class OperatorHost(WorkerPlugin):
             siblings = [r for r, t in self._requests.values() if t is task]
             if all(r.cancelled.is_set() or r.finished for r in siblings):
                 task.cancel()
+
+    def _grant(self, hosted: _Hosted, n: int) -> None:
+        if n and not self._closing and self.plane is not None:
+            self.plane.grant(hosted.config.key, n)
 
     def _release_orphan(self, reply: dict[str, Any]) -> None:
         refs = tensors_in(decode_tensors(reply.get("outputs") or {}).values())

@@ -82,6 +82,26 @@ def test_many_concurrent_requests_spread_and_bounded(deployment, client):
         assert s["add/1"]["max_inflight_seen"] <= 2
 
 
+def test_broker_credits_come_back_to_the_limit(deployment, client):
+    """After a burst, the broker holds exactly max_inflight_requests credits per worker: requests
+    sent directly to a worker took none, so finishing them must not grant any."""
+    from tdask.request_plane import BROKER_NAME
+
+    async def go(c):
+        op = RemoteOperator("add", client=c)
+        await asyncio.gather(*(op.infer(inputs={"a": np.arange(3), "b": np.arange(3)}) for _ in range(60)))
+
+    run_async(deployment.scheduler_address, go)
+
+    def credits(dask_scheduler):
+        return dict(dask_scheduler.plugins[BROKER_NAME].credits["add/1"])
+
+    deadline = time.monotonic() + 10
+    while (found := client.run_on_scheduler(credits)) != dict.fromkeys(found, 2) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the last grants may still be on their way
+    assert len(found) == 2 and set(found.values()) == {2}, found
+
+
 def test_large_tensors_travel_by_reference(deployment, client):
     before = store_stats(client)
     n = 10 * 2**20 // 8  # 10 MiB of float64

@@ -208,6 +208,126 @@ def test_bad_parameters_answer_with_an_error(client, model, inputs, parameters, 
     np.testing.assert_array_equal(ok.as_numpy("output"), np.invert(np.arange(3)))
 
 
+# ---------------------------------------------------------------------------- the HTTP inference client
+
+
+def http_infer(server: TritonServer, calls):
+    """Run ``calls(client)`` (a coroutine function) with a fresh TritonHttpClient, then close it."""
+    from tdask.triton_client import TritonHttpClient
+
+    async def go():
+        client = TritonHttpClient.from_url(server.http_url)
+        try:
+            return await calls(client), len(client._idle)
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 1_000_000])
+def test_http_client_round_trip(server, size):
+    data = np.random.default_rng(size).integers(-(2**62), 2**62, size, dtype=np.int64)
+
+    async def calls(client):
+        encoded = await client.infer(
+            "encoder", {"input": (data, "INT64")}, request_id="r1", parameters={"input_copies": 3}
+        )
+        decoded = await client.infer(
+            "decoder",
+            {"input": (encoded.outputs["output"], "INT64"), "input_copies": (encoded.outputs["input_copies"], "INT64")},
+        )
+        return encoded, decoded
+
+    (encoded, decoded), idle = http_infer(server, calls)
+    assert encoded.datatypes == {"output": "INT64", "input_copies": "INT64"}
+    assert encoded.outputs["input_copies"].tolist() == [3]
+    np.testing.assert_array_equal(encoded.outputs["output"], np.invert(np.tile(data, 3)))
+    np.testing.assert_array_equal(decoded.outputs["output"], data)
+    assert idle == 1, "sequential calls share one keep-alive connection"
+
+
+def test_http_client_errors_keep_triton_status_and_message(server):
+    from tdask.triton_client import TritonHttpError
+
+    three = (np.arange(3, dtype=np.int64), "INT64")
+
+    async def calls(client):
+        errors = {}
+        for label, model, inputs, parameters in [
+            ("bad-parameter", "encoder", {"input": three}, {"input_copies": 0}),
+            ("bad-dtype", "encoder", {"input": (np.arange(3, dtype=np.int32), "INT32")}, None),
+            ("unknown-model", "nosuch", {"input": three}, None),
+        ]:
+            with pytest.raises(TritonHttpError) as info:
+                await client.infer(model, inputs, parameters=parameters)
+            errors[label] = info.value
+        with pytest.raises(ValueError, match="reserved parameter"):
+            await client.infer("encoder", {"input": three}, parameters={"sequence_id": 1})
+        ok = await client.infer("encoder", {"input": three})  # the connection is still good
+        return errors, ok
+
+    (errors, ok), idle = http_infer(server, calls)
+    assert errors["bad-parameter"].status == 400 and "'input_copies' must be an integer >= 1" in errors["bad-parameter"].message
+    assert errors["bad-dtype"].status == 400 and "INT32" in errors["bad-dtype"].message
+    assert errors["unknown-model"].status == 404 and "nosuch" in errors["unknown-model"].message
+    np.testing.assert_array_equal(ok.outputs["output"], np.invert(np.arange(3)))
+    assert idle == 1
+
+
+def test_http_client_timeout_drops_the_connection_and_recovers(server):
+    async def calls(client):
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            # 2000 elements at 0.5 ms each: the model would take a second.
+            await client.infer(
+                "encoder", {"input": (np.arange(2000, dtype=np.int64), "INT64")}, parameters={"delay": 0.0005}, timeout=0.2
+            )
+        waited = time.monotonic() - began
+        idle_after_timeout = len(client._idle)
+        ok = await client.infer("decoder", {"input": (np.arange(4, dtype=np.int64), "INT64")})
+        return waited, idle_after_timeout, ok
+
+    (waited, idle_after_timeout, ok), _ = http_infer(server, calls)
+    assert waited < 1.0
+    assert idle_after_timeout == 0, "a connection abandoned mid-answer is closed, never reused"
+    np.testing.assert_array_equal(ok.outputs["output"], np.invert(np.arange(4)))
+
+
+def test_http_client_concurrent_calls_open_more_connections(server):
+    inputs = [np.arange(i, i + 500, dtype=np.int64) for i in range(16)]
+
+    async def calls(client):
+        return await asyncio.gather(*(client.infer("decoder", {"input": (x, "INT64")}) for x in inputs))
+
+    results, idle = http_infer(server, calls)
+    for x, result in zip(inputs, results):
+        np.testing.assert_array_equal(result.outputs["output"], np.invert(x))
+    assert 1 < idle <= len(inputs)
+
+
+@pytest.mark.parametrize(
+    "array, datatype",
+    [
+        (np.array([b"a", b"", b"\x00bc"], dtype=object), "BYTES"),
+        (np.array([[True, False]]), "BOOL"),
+        (np.arange(6, dtype=np.float16).reshape(2, 3), "FP16"),
+        (np.array(7, dtype=np.uint64), "UINT64"),
+        (np.zeros((0, 3), dtype=np.float32), "FP32"),
+    ],
+)
+def test_http_client_tensor_encoding_round_trips(array, datatype):
+    """Every datatype's binary form, as the client writes inputs and reads outputs."""
+    from tdask.triton_client import _decode_output, _encode_input
+
+    spec, data = _encode_input("x", array, datatype)
+    body = b"header" + bytes(data)
+    decoded, end = _decode_output({**spec, "parameters": {"binary_data_size": spec["parameters"]["binary_data_size"]}}, body, 6)
+    assert end == len(body)
+    assert decoded.shape == array.shape
+    np.testing.assert_array_equal(decoded, array)
+
+
 # ---------------------------------------------------------------------------- config override
 
 

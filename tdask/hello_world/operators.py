@@ -21,7 +21,10 @@ class EncoderDecoder(Operator):
         self.decoder = RemoteOperator(self.parameters.get("decoder", "decoder"))
 
     async def execute(self, requests: list[Request]) -> None:
-        await asyncio.gather(*(self._serve(request) for request in requests))
+        if len(requests) == 1:  # no extra task for the common case
+            await self._serve(requests[0])
+        else:
+            await asyncio.gather(*(self._serve(request) for request in requests))
 
     async def _serve(self, request: Request) -> None:
         sender = request.response_sender()
