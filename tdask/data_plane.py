@@ -1,7 +1,7 @@
 """The data plane: a tensor store on every worker, and fetches over the cluster's comm.
 
-Tensors up to ``tdask.data-plane.inline-threshold`` travel inside messages (serialized with Dask's
-own serialization). Larger ones stay in the store of the worker that produced (or received) them,
+Tensors up to ``tdask.data-plane.inline-threshold`` travel inside messages (plain numpy arrays as
+dtype, shape and bytes; others serialized with Dask's own serialization). Larger ones stay in the store of the worker that produced (or received) them,
 and messages carry a :class:`RemoteTensor` descriptor. Whoever needs the bytes pulls them from the
 owner with a Dask RPC (``tdask_fetch``), so they move once, over TCP or UCX, straight from owner to
 consumer; forwarding a descriptor moves no bytes at all.
@@ -301,17 +301,35 @@ def _remember_wire_form(array: Any, entry: dict[str, Any]) -> None:
         _wire_forms[key] = (weakref.ref(array, lambda _, key=key: _wire_forms.pop(key, None)), entry)
 
 
-def encode_inline(array: Any) -> dict[str, Any]:
-    """A small tensor as Dask serializes it: its header and frames, packed with the message.
+# numpy dtypes whose bytes say everything (no objects, no structured fields): sent as
+# [dtype, shape, bytes]; anything else (cupy, object or structured arrays) goes through Dask.
+_PLAIN_KINDS = frozenset("biufcmMSU")
 
-    (``serialize_bytes`` would give one blob, at five times the cost: measured 25 us against
-    5 us for 8 KB, and 20 us against 3 us back.)
+
+def encode_inline(array: Any) -> dict[str, Any]:
+    """A small tensor as a message entry.
+
+    Plain numpy arrays travel as ``{"nd": [dtype, shape, bytes]}`` (0.8 us to encode 8 KB and
+    0.6 us back, against 5 and 4 us through Dask's ``serialize()``, which pickles the array's
+    type into every header); others as Dask's serialize header and frames.
     """
     known = _wire_forms.get(id(array))
     if known is not None and known[0]() is array and not array.flags.writeable:
         return known[1]
+    if isinstance(array, np.ndarray) and array.dtype.kind in _PLAIN_KINDS:
+        contiguous = np.require(array, requirements="C")
+        return {"nd": [contiguous.dtype.str, list(contiguous.shape), contiguous.reshape(-1).view(np.uint8).data]}
     header, frames = serialize(array, serializers=("dask", "pickle"))
     return {"inline": {"h": header, "f": frames}}
+
+
+def _decode_inline(entry: Mapping[str, Any]) -> Any:
+    plain = entry.get("nd")
+    if plain is not None:
+        dtype, shape, data = plain
+        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    inline = entry["inline"]
+    return deserialize(inline["h"], inline["f"])
 
 
 async def encode_tensors(
@@ -344,9 +362,8 @@ def decode_tensors(entries: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`encode_tensors`: arrays for inline entries, descriptors for the rest."""
     out: dict[str, Any] = {}
     for name, entry in entries.items():
-        if "inline" in entry:
-            inline = entry["inline"]
-            array = deserialize(inline["h"], inline["f"])
+        if "ref" not in entry:
+            array = _decode_inline(entry)
             if isinstance(array, np.ndarray):
                 array.flags.writeable = False  # inputs are read-only: copy before changing one
             _remember_wire_form(array, entry)
