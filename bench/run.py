@@ -30,6 +30,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dask.config
 import numpy as np
 
 from bench.common import CpuMeter, closed_loop, machine, payloads, table, tcp_loopback_seconds, versions
@@ -435,8 +436,8 @@ async def scaling(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) 
 
 
 async def floor(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) -> None:
-    """What one hop costs without Triton: a tdask hop to a Python ``echo`` operator (request plane
-    through the scheduler) vs a bare Dask RPC round trip to the same worker (no request plane) vs a
+    """What one hop costs without Triton: a tdask hop to a Python ``echo`` operator (on the
+    configured request plane, ``tdask.request.plane``) vs a bare Dask RPC round trip to the same worker (no request plane) vs a
     bare Dask RPC to the scheduler; 1e3 int64 elements (inline), 1 and 32 in flight."""
     from distributed.protocol import to_serialize
 
@@ -487,9 +488,10 @@ async def floor(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) ->
                 idle_comms.append(comm)
             return bool(np.array_equal(reply["x"], x))
 
+        plane = dask.config.get("tdask.request.plane")
         for conc in args.concurrency_list:
             for system, call in (
-                ("tdask hop (queue plane)", tdask_hop),
+                (f"tdask hop ({plane} plane)", tdask_hop),
                 ("dask rpc to worker", dask_rpc_worker),
                 ("dask comm to worker (persistent, no pool)", dask_comm_worker),
                 ("dask rpc to scheduler (no payload)", dask_rpc_scheduler),
