@@ -171,43 +171,101 @@ class ResponseStream:
 
 
 class Session:
-    """One comm carrying one-way messages both ways: a writer task batches what is queued,
-    a reader task hands every incoming message to ``on_message``."""
+    """One comm carrying one-way messages both ways: what is sent goes out in batches, a
+    reader task hands every incoming message to ``on_message``.
+
+    The first message sent in an event-loop iteration is written at once: over TCP a small
+    message reaches the socket without the comm ever suspending, which saves a writer task's
+    wake-up (20-30 us measured on every hop of the pipeline at low load). Messages sent later
+    in the same iteration are batched and written together at the end of it, so under load one
+    write carries many. A write that does suspend (UCX, or Dask offloading a large message)
+    finishes in a task; messages sent meanwhile queue behind it.
+    """
 
     def __init__(self, comm: Any, on_message: Callable[[dict[str, Any]], None], name: str) -> None:
         self.comm = comm
         self.name = name
         self._on_message = on_message
         self._outbox: list[dict[str, Any]] = []
-        self._wake = asyncio.Event()
+        self._writing: asyncio.Task[None] | None = None
+        self._wrote_this_iteration = False
+        self._flush_scheduled = False
         self.closed = asyncio.Event()
-        self._writer = asyncio.create_task(self._write_forever())
 
     def send(self, message: dict[str, Any]) -> None:
         if self.closed.is_set():
             raise CommClosedError(f"tdask session {self.name} is closed")
         self._outbox.append(message)
-        self._wake.set()
+        if self._writing is not None or self._flush_scheduled:
+            return  # goes out with the write or the flush already coming
+        loop = asyncio.get_running_loop()
+        if self._wrote_this_iteration:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+            return
+        self._wrote_this_iteration = True
+        loop.call_soon(self._next_iteration)
+        self._write_queued()
 
-    async def _write_forever(self) -> None:
+    def _next_iteration(self) -> None:
+        self._wrote_this_iteration = False
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._outbox and self._writing is None and not self.closed.is_set():
+            self._write_queued()
+
+    def _write_queued(self) -> None:
+        """Start writing the queued batch in the caller's step; hand the rest to a task if it waits."""
+        batch, self._outbox = self._outbox, []
+        # Packed here, once: handed a nested message, distributed would walk it with sizeof to
+        # decide on offloading (35 us per reply, measured) and again to encode it; a bytes
+        # message costs it neither.
+        write = self.comm.write(msgpack.packb(batch, use_bin_type=True))
+        try:
+            awaited = write.send(None)
+        except StopIteration:
+            return
+        except BaseException as exc:  # noqa: BLE001 - any failure ends the session
+            self._write_failed(exc)
+            return
+        self._writing = asyncio.ensure_future(self._finish_write(write, awaited))
+
+    async def _finish_write(self, write: Any, awaited: Any) -> None:
+        """Drive a suspended ``comm.write`` to its end, as its own task would."""
         try:
             while True:
-                await self._wake.wait()
-                self._wake.clear()
-                batch, self._outbox = self._outbox, []
-                if batch:
-                    # Packed here, once: handed a nested message, distributed would walk it
-                    # with sizeof to decide on offloading (35 us per reply, measured) and
-                    # again to encode it; a bytes message costs it neither.
-                    await self.comm.write(msgpack.packb(batch, use_bin_type=True))
-        except (CommClosedError, OSError):
+                try:
+                    if awaited is None:  # a bare yield (asyncio.sleep(0))
+                        await asyncio.sleep(0)
+                    else:
+                        await awaited
+                except asyncio.CancelledError:
+                    write.close()
+                    raise
+                except BaseException:  # noqa: BLE001 - the write itself sees it when resumed
+                    pass
+                awaited = write.send(None)
+        except StopIteration:
             pass
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("tdask session %s: writing failed", self.name)
+        except BaseException as exc:  # noqa: BLE001
+            self._write_failed(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
         finally:
-            self.closed.set()
+            self._writing = None
+        if self._outbox and not self.closed.is_set():
+            self._write_queued()
+
+    def _write_failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, (CommClosedError, OSError, asyncio.CancelledError)):
+            logger.error("tdask session %s: writing failed: %r", self.name, exc)
+        self._outbox = []
+        self.closed.set()
+        # The reader notices the comm going down and runs close(); make sure it does go down.
+        if not self.comm.closed():
+            self.comm.abort()
 
     async def read_forever(self) -> None:
         """Deliver incoming messages until the comm closes."""
@@ -228,8 +286,9 @@ class Session:
 
     async def close(self) -> None:
         self.closed.set()
-        self._writer.cancel()
-        await asyncio.gather(self._writer, return_exceptions=True)
+        if self._writing is not None:
+            self._writing.cancel()
+            await asyncio.gather(self._writing, return_exceptions=True)
         if not self.comm.closed():
             await self.comm.close()
 
