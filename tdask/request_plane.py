@@ -187,7 +187,7 @@ class Session:
         self.name = name
         self._on_message = on_message
         self._outbox: list[dict[str, Any]] = []
-        self._writing: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[Any] | None = None
         self._wrote_this_iteration = False
         self._flush_scheduled = False
         self.closed = asyncio.Event()
@@ -229,33 +229,22 @@ class Session:
         except BaseException as exc:  # noqa: BLE001 - any failure ends the session
             self._write_failed(exc)
             return
-        self._writing = asyncio.ensure_future(self._finish_write(write, awaited))
+        # It waits on a future: a task takes the coroutine over from here. Resumed, the
+        # coroutine's await yields that future again, for which asyncio wants the flag that a
+        # task clears on every future its coroutine yields.
+        if getattr(awaited, "_asyncio_future_blocking", False):
+            awaited._asyncio_future_blocking = False
+        self._writing = asyncio.ensure_future(write)
+        self._writing.add_done_callback(self._write_done)
 
-    async def _finish_write(self, write: Any, awaited: Any) -> None:
-        """Drive a suspended ``comm.write`` to its end, as its own task would."""
-        try:
-            while True:
-                try:
-                    if awaited is None:  # a bare yield (asyncio.sleep(0))
-                        await asyncio.sleep(0)
-                    else:
-                        await awaited
-                except asyncio.CancelledError:
-                    write.close()
-                    raise
-                except BaseException:  # noqa: BLE001 - the write itself sees it when resumed
-                    pass
-                awaited = write.send(None)
-        except StopIteration:
-            pass
-        except BaseException as exc:  # noqa: BLE001
-            self._write_failed(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+    def _write_done(self, task: asyncio.Task[Any]) -> None:
+        self._writing = None
+        if task.cancelled():
             return
-        finally:
-            self._writing = None
-        if self._outbox and not self.closed.is_set():
+        exc = task.exception()
+        if exc is not None:
+            self._write_failed(exc)
+        elif self._outbox and not self.closed.is_set():
             self._write_queued()
 
     def _write_failed(self, exc: BaseException) -> None:

@@ -336,3 +336,45 @@ def test_operator_config_validation():
     with pytest.raises(ValueError, match="model repository"):
         OperatorConfig(name="x", implementation="triton")
     assert OperatorConfig(name="x", implementation=Producer, version=2).key == "x/2"
+
+
+def test_session_writes_in_order_through_a_suspending_write():
+    """A message large enough for Dask to offload its encoding makes ``comm.write`` suspend;
+    the write finishes in a task and what was sent meanwhile follows, in order."""
+    import msgpack
+    from distributed.comm import connect, listen
+    from distributed.comm.utils import OFFLOAD_THRESHOLD
+
+    from tdask.request_plane import Session
+
+    async def go():
+        received: list[dict] = []
+        done = asyncio.Event()
+
+        async def serve(comm):
+            while len(received) < 6:
+                batch = await comm.read()
+                received.extend(msgpack.unpackb(batch, raw=False) if isinstance(batch, bytes) else batch)
+            done.set()
+
+        listener = listen("tcp://127.0.0.1:0", serve)
+        await listener.start()
+        try:
+            comm = await connect(listener.contact_address)
+            session = Session(comm, lambda message: None, "test")
+            session.send({"n": 0, "big": b"x" * (OFFLOAD_THRESHOLD + 1)})
+            assert session._writing is not None, "the big write suspended and a task carries it on"
+            session.send({"n": 1})
+            session.send({"n": 2})
+            await asyncio.sleep(0.05)
+            for n in (3, 4, 5):
+                session.send({"n": n})
+            await asyncio.wait_for(done.wait(), 10)
+            await session.close()
+        finally:
+            listener.stop()
+        return received
+
+    received = asyncio.run(go())
+    assert [m["n"] for m in received] == [0, 1, 2, 3, 4, 5]
+    assert len(received[0]["big"]) > 10 * 2**20
