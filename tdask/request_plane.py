@@ -61,6 +61,7 @@ BROKER_NAME = "tdask-request-broker"
 
 RequestsHandler = Callable[[str, list[dict[str, Any]]], None]
 CancelHandler = Callable[[list[list[str]]], None]
+RequesterLeftHandler = Callable[[str], None]
 
 
 class RequestPlane(abc.ABC):
@@ -89,11 +90,13 @@ class RequestPlane(abc.ABC):
         *,
         on_requests: RequestsHandler,
         on_cancel: CancelHandler,
+        on_requester_left: RequesterLeftHandler | None = None,
     ) -> None:
         """Announce the operators ``worker`` serves (and those whose setup failed there).
 
         Requests for them arrive through ``on_requests(operator_key, requests)``, never more
-        than granted with :meth:`grant`; cancellations through ``on_cancel([[requester, id]])``.
+        than granted with :meth:`grant`; cancellations through ``on_cancel([[requester, id]])``;
+        ``on_requester_left(requester)`` when the scheduler saw a client close.
         """
 
     @abc.abstractmethod
@@ -171,90 +174,43 @@ class ResponseStream:
 
 
 class Session:
-    """One comm carrying one-way messages both ways: what is sent goes out in batches, a
-    reader task hands every incoming message to ``on_message``.
-
-    The first message sent in an event-loop iteration is written at once: over TCP a small
-    message reaches the socket without the comm ever suspending, which saves a writer task's
-    wake-up (20-30 us measured on every hop of the pipeline at low load). Messages sent later
-    in the same iteration are batched and written together at the end of it, so under load one
-    write carries many. A write that does suspend (UCX, or Dask offloading a large message)
-    finishes in a task; messages sent meanwhile queue behind it.
-    """
+    """One comm carrying one-way messages both ways: a writer task batches what is queued,
+    a reader task hands every incoming message to ``on_message``."""
 
     def __init__(self, comm: Any, on_message: Callable[[dict[str, Any]], None], name: str) -> None:
         self.comm = comm
         self.name = name
         self._on_message = on_message
         self._outbox: list[dict[str, Any]] = []
-        self._writing: asyncio.Task[Any] | None = None
-        self._wrote_this_iteration = False
-        self._flush_scheduled = False
+        self._wake = asyncio.Event()
         self.closed = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_forever())
 
     def send(self, message: dict[str, Any]) -> None:
         if self.closed.is_set():
             raise CommClosedError(f"tdask session {self.name} is closed")
         self._outbox.append(message)
-        if self._writing is not None or self._flush_scheduled:
-            return  # goes out with the write or the flush already coming
-        loop = asyncio.get_running_loop()
-        if self._wrote_this_iteration:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-            return
-        self._wrote_this_iteration = True
-        loop.call_soon(self._next_iteration)
-        self._write_queued()
+        self._wake.set()
 
-    def _next_iteration(self) -> None:
-        self._wrote_this_iteration = False
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._outbox and self._writing is None and not self.closed.is_set():
-            self._write_queued()
-
-    def _write_queued(self) -> None:
-        """Start writing the queued batch in the caller's step; hand the rest to a task if it waits."""
-        batch, self._outbox = self._outbox, []
-        # Packed here, once: handed a nested message, distributed would walk it with sizeof to
-        # decide on offloading (35 us per reply, measured) and again to encode it; a bytes
-        # message costs it neither.
-        write = self.comm.write(msgpack.packb(batch, use_bin_type=True))
+    async def _write_forever(self) -> None:
         try:
-            awaited = write.send(None)
-        except StopIteration:
-            return
-        except BaseException as exc:  # noqa: BLE001 - any failure ends the session
-            self._write_failed(exc)
-            return
-        # It waits on a future: a task takes the coroutine over from here. Resumed, the
-        # coroutine's await yields that future again, for which asyncio wants the flag that a
-        # task clears on every future its coroutine yields.
-        if getattr(awaited, "_asyncio_future_blocking", False):
-            awaited._asyncio_future_blocking = False
-        self._writing = asyncio.ensure_future(write)
-        self._writing.add_done_callback(self._write_done)
-
-    def _write_done(self, task: asyncio.Task[Any]) -> None:
-        self._writing = None
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            self._write_failed(exc)
-        elif self._outbox and not self.closed.is_set():
-            self._write_queued()
-
-    def _write_failed(self, exc: BaseException) -> None:
-        if not isinstance(exc, (CommClosedError, OSError, asyncio.CancelledError)):
-            logger.error("tdask session %s: writing failed: %r", self.name, exc)
-        self._outbox = []
-        self.closed.set()
-        # The reader notices the comm going down and runs close(); make sure it does go down.
-        if not self.comm.closed():
-            self.comm.abort()
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._outbox = self._outbox, []
+                if batch:
+                    # Packed here, once: handed a nested message, distributed would walk it
+                    # with sizeof to decide on offloading (35 us per reply, measured) and
+                    # again to encode it; a bytes message costs it neither.
+                    await self.comm.write(msgpack.packb(batch, use_bin_type=True))
+        except (CommClosedError, OSError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("tdask session %s: writing failed", self.name)
+        finally:
+            self.closed.set()
 
     async def read_forever(self) -> None:
         """Deliver incoming messages until the comm closes."""
@@ -275,9 +231,8 @@ class Session:
 
     async def close(self) -> None:
         self.closed.set()
-        if self._writing is not None:
-            self._writing.cancel()
-            await asyncio.gather(self._writing, return_exceptions=True)
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)
         if not self.comm.closed():
             await self.comm.close()
 
@@ -311,6 +266,7 @@ class QueueRequestPlane(RequestPlane):
         self._closed = False
         self._on_requests: RequestsHandler | None = None
         self._on_cancel: CancelHandler | None = None
+        self._on_requester_left: RequesterLeftHandler | None = None
         self.on_orphan_response: Callable[[dict[str, Any]], None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._hosts: dict[str, tuple[float, list[str]]] = {}
@@ -372,6 +328,8 @@ class QueueRequestPlane(RequestPlane):
             self._on_requests(message["operator"], message["requests"])
         elif op == "cancel" and self._on_cancel is not None:
             self._on_cancel(message["keys"])
+        elif op == "requester-left" and self._on_requester_left is not None:
+            self._on_requester_left(message["requester"])
 
     async def submit(self, request: dict[str, Any]) -> ResponseStream:
         session = await self._ensure_session()
@@ -423,9 +381,11 @@ class QueueRequestPlane(RequestPlane):
         *,
         on_requests: RequestsHandler,
         on_cancel: CancelHandler,
+        on_requester_left: RequesterLeftHandler | None = None,
     ) -> None:
         self._on_requests = on_requests
         self._on_cancel = on_cancel
+        self._on_requester_left = on_requester_left
         await self._ensure_session()  # pushes need the session before the first grant
         await self.scheduler.tdask_register(
             worker=worker, requester=self.requester, operators=operators, failures=failures
@@ -597,8 +557,13 @@ class DirectRequestPlane(QueueRequestPlane):
             except Exception:
                 hosts = []
             hosts = [h for h in hosts if h != worker]
-            if not hosts or not await self._send_direct(request, hosts):
-                await self._via_broker(request)
+            try:
+                if not hosts or not await self._send_direct(request, hosts):
+                    await self._via_broker(request)
+            except Exception as exc:  # e.g. this caller's client is closing: nowhere to send it
+                self._streams.pop(request_id, None)
+                lost = WorkerLostError(f"the worker serving the request died and it could not be sent again: {exc}")
+                stream._deliver(error_reply(request_id, lost, worker=worker))
 
     async def cancel(self, request_id: str) -> None:
         entry = self._outstanding.pop(request_id, None)
@@ -937,6 +902,10 @@ class RequestBroker(SchedulerPlugin):
             task = asyncio.create_task(peer.session.close())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        # distributed gives a Client no close hook for the comms it did not open itself: the
+        # workers close the direct-plane comms this client opened to them.
+        for worker in list(self.serving):
+            self._push(worker, {"op": "requester-left", "requester": client})
 
     async def _check_forever(self) -> None:
         """Fail requests queued for an operator nobody hosts, once their wait bound passes."""

@@ -129,7 +129,7 @@ class OperatorHost(WorkerPlugin):
         self._triton_lock = asyncio.Lock()
         self._closing = False
         self._restart: asyncio.Task[Any] | None = None
-        self._direct_sessions: set[Session] = set()
+        self._direct_sessions: dict[Session, str] = {}  # session -> its requester
         self._direct_routes: dict[tuple[str, str], Session] = {}
         self._log_handler: logging.Handler | None = None
 
@@ -276,7 +276,12 @@ class OperatorHost(WorkerPlugin):
             for key, h in self.hosted.items()
         ]
         await plane.register(
-            worker.address, infos, self.failures, on_requests=self._on_requests, on_cancel=self._handle_cancel
+            worker.address,
+            infos,
+            self.failures,
+            on_requests=self._on_requests,
+            on_cancel=self._handle_cancel,
+            on_requester_left=self._requester_left,
         )
         for key, hosted in self.hosted.items():
             plane.grant(key, hosted.config.max_inflight_requests)
@@ -350,17 +355,26 @@ class OperatorHost(WorkerPlugin):
     async def _direct_session(self, comm: Any, requester: str) -> None:
         """A caller's own comm to this worker (the direct request plane): requests in, answers out."""
         session = Session(comm, lambda message: self._on_direct(session, requester, message), f"direct-{requester}")
-        self._direct_sessions.add(session)
+        self._direct_sessions[session] = requester
         try:
             await session.read_forever()
         finally:
-            self._direct_sessions.discard(session)
+            self._direct_sessions.pop(session, None)
             gone = [key for key, route in self._direct_routes.items() if route is session]
             if gone and not self._closing:
                 logger.info("direct caller %s left; cancelling its %d requests", requester, len(gone))
                 self._handle_cancel([list(key) for key in gone])
             for key in gone:
                 self._direct_routes.pop(key, None)
+
+    def _requester_left(self, requester: str) -> None:
+        """The scheduler saw this client close: close its comm here (which cancels its requests)."""
+        for session, owner in list(self._direct_sessions.items()):
+            if owner == requester:
+                logger.info("client %s closed; closing its direct comm", requester)
+                task = asyncio.create_task(session.close())
+                self._tasks.append(task)
+                task.add_done_callback(self._tasks.remove)
 
     def _on_direct(self, session: Session, requester: str, message: dict[str, Any]) -> None:
         if message["op"] == "submit":
