@@ -110,6 +110,7 @@ class _ClientEndpoint:
         self.plane: QueueRequestPlane = make_request_plane(
             client.scheduler, client.id, connection_args=client.connection_args
         )
+        self.plane.owner_closing = lambda: client.status in ("closing", "closed")
         self.peer = client_peer(client)
 
     @classmethod

@@ -111,6 +111,9 @@ class RequestPlane(abc.ABC):
     async def unregister(self, worker: str, *, release_leases: bool) -> None:
         """Stop giving ``worker`` requests; with ``release_leases``, re-queue what it holds."""
 
+    def report(self, stats: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """Publish this worker's serving counters (for the scheduler's ``/tdask`` page)."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Close the session; requests still in flight fail."""
 
@@ -264,6 +267,8 @@ class QueueRequestPlane(RequestPlane):
         self._connecting: asyncio.Lock | None = None
         self._broker_ready = False
         self._closed = False
+        # Set by a Client's endpoint: once its client closes, nothing is sent again.
+        self.owner_closing: Callable[[], bool] = lambda: False
         self._on_requests: RequestsHandler | None = None
         self._on_cancel: CancelHandler | None = None
         self._on_requester_left: RequesterLeftHandler | None = None
@@ -403,6 +408,10 @@ class QueueRequestPlane(RequestPlane):
     async def unregister(self, worker: str, *, release_leases: bool) -> None:
         await self.scheduler.tdask_unregister(worker=worker, release_leases=release_leases)
 
+    def report(self, stats: dict[str, Any]) -> None:
+        if self._session is not None and not self._session.closed.is_set():
+            self._session.send({"op": "stats", "stats": stats})
+
     def _fail_all(self, message: str) -> None:
         for request_id, stream in list(self._streams.items()):
             stream._deliver(error_reply(request_id, {"type": "TdaskError", "message": message}))
@@ -533,7 +542,8 @@ class DirectRequestPlane(QueueRequestPlane):
         await session.read_forever()
         if self._workers.get(worker) is session:
             del self._workers[worker]
-        if not self._closed:
+        closing = self._closed or self.owner_closing()
+        if not closing:
             self._lost[worker] = time.monotonic()
         held = [(rid, entry) for rid, entry in self._outstanding.items() if entry[0] == worker]
         for request_id, (_, request, partial) in held:
@@ -543,10 +553,15 @@ class DirectRequestPlane(QueueRequestPlane):
             if stream is None:
                 continue
             attempt = request.get("attempt", 0)
-            if partial or attempt >= request.get("max_retries", 0) or self._closed:
-                reason = "after streaming part of its answer" if partial else f"and {attempt} retries were used"
+            if partial or attempt >= request.get("max_retries", 0) or closing:
+                if closing:
+                    message = "the comm to the worker serving the request closed while this caller was closing"
+                elif partial:
+                    message = "the worker serving the request died after streaming part of its answer"
+                else:
+                    message = f"the worker serving the request died and {attempt} retries were used"
                 self._streams.pop(request_id, None)
-                lost = WorkerLostError(f"the worker serving the request died {reason}")
+                lost = WorkerLostError(message)
                 stream._deliver(error_reply(request_id, lost, worker=worker))
                 continue
             request["attempt"] = attempt + 1
@@ -635,6 +650,8 @@ class RequestBroker(SchedulerPlugin):
         self.peers: dict[str, _Peer] = {}  # requester id -> peer
         self.serving: dict[str, _Peer] = {}  # worker address -> its serving peer
         self.counts: dict[str, int] = defaultdict(int)
+        # worker -> its serving counters per operator, as it last reported them (all planes)
+        self.worker_stats: dict[str, dict[str, Any]] = {}
         self._checker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.scheduler: Any = None
@@ -682,6 +699,7 @@ class RequestBroker(SchedulerPlugin):
                 self._requester_left(requester)
             if worker is not None and self.serving.get(worker) is peer:
                 del self.serving[worker]
+                self.worker_stats.pop(worker, None)
                 for credits in self.credits.values():
                     credits.pop(worker, None)
 
@@ -697,6 +715,10 @@ class RequestBroker(SchedulerPlugin):
                 self.credit(peer.worker, message["operator"], message["n"])
         elif op == "cancel":
             self.cancel(requester, message["request_ids"])
+        elif op == "stats":
+            peer = self.peers.get(requester)
+            if peer is not None and peer.worker is not None and peer.worker in self.serving:
+                self.worker_stats[peer.worker] = message["stats"]
         else:
             logger.warning("tdask session %s: unknown message %r", requester, op)
 
@@ -739,6 +761,7 @@ class RequestBroker(SchedulerPlugin):
             "queued": {key: len(q) for key, q in self.queues.items() if q},
             "leased": len(self.leases),
             "counts": dict(self.counts),
+            "workers": {worker: stats for worker, stats in sorted(self.worker_stats.items())},
         }
 
     # requests
@@ -894,6 +917,7 @@ class RequestBroker(SchedulerPlugin):
         for failures in self.failures.values():
             failures.pop(worker, None)
         self.serving.pop(worker, None)
+        self.worker_stats.pop(worker, None)
         self._requeue_leases(worker, lost=True)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
@@ -975,11 +999,22 @@ class _RegistryPage(_RegistryJSON):
             for w, m in sorted(by_worker.items())
         )
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(state["counts"].items()))
+        served = "".join(
+            f"<tr><td>{html.escape(worker)}</td><td>{html.escape(key)}</td><td>{s.get('started', 0)}</td>"
+            f"<td>{s.get('inflight', 0)} / {s.get('limit', 0)}</td><td>{s.get('waiting', 0)}</td></tr>"
+            for worker, by_key in state["workers"].items()
+            for key, s in sorted(by_key.items())
+        )
         self.write(
             "<html><head><title>tdask operators</title><meta http-equiv='refresh' content='2'></head><body>"
             "<h2>tdask operators</h2><table border=1 cellpadding=4>"
             "<tr><th>operator</th><th>workers</th><th>addresses</th><th>queued</th></tr>"
-            f"{rows}</table><p>leased (in progress): {state['leased']}</p><p>{html.escape(counts)}</p>"
+            f"{rows}</table>"
+            "<h3>served, by worker (every request plane)</h3><table border=1 cellpadding=4>"
+            "<tr><th>worker</th><th>operator</th><th>requests started</th><th>in flight / limit</th>"
+            f"<th>waiting for a slot</th></tr>{served}</table>"
+            f"<h3>through the scheduler's queues</h3><p>leased (in progress): {state['leased']}</p>"
+            f"<p>{html.escape(counts)}</p>"
             + (f"<h3>setup failures</h3><ul>{failures}</ul>" if failures else "")
             + "</body></html>"
         )

@@ -285,6 +285,19 @@ class OperatorHost(WorkerPlugin):
         )
         for key, hosted in self.hosted.items():
             plane.grant(key, hosted.config.max_inflight_requests)
+        await self._report_forever()
+
+    async def _report_forever(self) -> None:
+        """Tell the scheduler's ``/tdask`` page what this worker serves, whichever plane brought it."""
+        assert self.plane is not None
+        interval = get_seconds("tdask.worker.report-interval") or 2.0
+        last: dict[str, Any] | None = None
+        while True:
+            stats = self.stats()
+            if stats != last:
+                self.plane.report(stats)
+                last = stats
+            await asyncio.sleep(interval)
 
     async def teardown(self, worker: Worker) -> None:
         """Stop taking requests, let in-flight ones finish briefly, hand back the rest, stop."""

@@ -353,8 +353,23 @@ def test_dashboard_pages(deployment, client):
     assert len(state["hosts"]["add/1"]) == 2
     if dask.config.get("tdask.request.plane") == "queue":  # direct requests bypass the broker
         assert state["counts"]["answered"] > 0
+    # Every worker reports what it served, whichever plane brought it (every 2 s, when changed).
+    before = sum(w.get("add/1", {}).get("started", 0) for w in state["workers"].values())
+    op = RemoteOperator("add", client=client)
+    for _ in range(5):
+        op.infer(inputs={"a": np.arange(3), "b": np.arange(3)})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state = json.loads(urllib.request.urlopen(base + "/tdask/operators.json", timeout=10).read())
+        served = sum(w.get("add/1", {}).get("started", 0) for w in state["workers"].values())
+        if served >= before + 5:
+            break
+        time.sleep(0.2)
+    assert served >= before + 5, state["workers"]
+    assert sum(1 for w in state["workers"].values() if "add/1" in w) == 2
     page = urllib.request.urlopen(base + "/tdask", timeout=10).read().decode()
     assert "<td>add/1</td><td>2</td>" in page
+    assert "served, by worker" in page
 
 
 def test_operator_config_validation():
