@@ -248,6 +248,10 @@ def test_hand_started_dask_with_preload(tmp_path):
     _assert_clean(since)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_mid_run_stops_everything(tmp_path):
     """SIGINT while the client runs: exit code 130, and nothing left behind."""
     since = time.time()
@@ -255,6 +259,9 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path):
         [PY, "-m", "tdask.hello_world", "--requests-per-client", "100000", "--dashboard-address", "127.0.0.1:0",
          "--log-dir", str(tmp_path)],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        # A test runner started in the background (e.g. `nohup ... &`) hands its children an
+        # ignored SIGINT, and Python then keeps ignoring it: give the child the default back.
+        preexec_fn=_default_sigint,
     )
     lines = []
     deadline = time.monotonic() + 180
