@@ -108,6 +108,10 @@ def _http_error(status: int, body: bytes) -> TritonHttpError:
     return TritonHttpError(status, message)
 
 
+class _NoAnswer(ConnectionError):
+    """The connection failed before any byte of an answer arrived."""
+
+
 class _Connection:
     __slots__ = ("reader", "writer")
 
@@ -196,16 +200,14 @@ class TritonHttpClient:
         return dict(json.loads(body))
 
     async def _exchange(self, parts: list[Any]) -> tuple[int, dict[str, str], bytes]:
-        reused = bool(self._idle)
-        connection = await self._acquire()
+        connection, reused = await self._acquire()
         try:
             try:
                 status, headers, body = await self._round_trip(connection, parts)
-            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            except _NoAnswer:
                 # A kept-alive connection the server had already closed fails before any
                 # answer: retry once on a fresh one. A fresh connection failing is real.
-                partial = getattr(exc, "partial", b"")
-                if not reused or partial:
+                if not reused:
                     raise
                 connection.close()
                 connection = await self._open()
@@ -220,11 +222,18 @@ class TritonHttpClient:
         return status, headers, body
 
     async def _round_trip(self, connection: _Connection, parts: list[Any]) -> tuple[int, dict[str, str], bytes]:
-        for part in parts:
-            connection.writer.write(part)
-        await connection.writer.drain()
         reader = connection.reader
-        head = await reader.readuntil(b"\r\n\r\n")
+        try:
+            for part in parts:
+                connection.writer.write(part)
+            await connection.writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            raise _NoAnswer("Triton closed the connection without answering") from exc
+        except ConnectionError as exc:
+            raise _NoAnswer(f"the connection to Triton failed before an answer: {exc!r}") from exc
         lines = head.decode("latin-1").split("\r\n")
         try:
             status = int(lines[0].split(" ", 2)[1])
@@ -267,15 +276,16 @@ class TritonHttpClient:
             datatypes[spec["name"]] = spec["datatype"]
         return InferResult(outputs, datatypes, dict(meta.get("parameters") or {}))
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self) -> tuple[_Connection, bool]:
+        """A connection, and whether it was kept alive from an earlier call."""
         if self._closed:
             raise ConnectionError("the Triton HTTP client is closed")
         while self._idle:
             connection = self._idle.pop()
             if connection.usable():
-                return connection
+                return connection, True
             connection.close()
-        return await self._open()
+        return await self._open(), False
 
     async def _open(self) -> _Connection:
         reader, writer = await asyncio.open_connection(self.host, self.port, limit=_STREAM_LIMIT)

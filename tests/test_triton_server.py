@@ -310,6 +310,54 @@ def test_http_client_concurrent_calls_open_more_connections(server):
     assert 1 < idle <= len(inputs)
 
 
+def test_http_client_retries_once_when_a_kept_alive_connection_was_closed():
+    """A server may drop a kept-alive connection just as a request goes out on it: the client
+    sends it again once on a fresh connection; a fresh connection failing is an error."""
+    from tdask.triton_client import TritonHttpClient
+
+    body_header = json.dumps(
+        {"outputs": [{"name": "y", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}]}
+    ).encode()
+    answer = (
+        f"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: {len(body_header)}\r\n"
+        f"Content-Length: {len(body_header) + 8}\r\n\r\n"
+    ).encode() + body_header + np.array([7], dtype=np.int64).tobytes()
+    connections = []
+
+    async def serve(reader, writer):
+        # Answers the first request of each connection; drops the connection on the second.
+        connections.append(writer)
+        for n in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1])
+            await reader.readexactly(length)
+            if n == 1:
+                writer.close()
+                return
+            writer.write(answer)
+            await writer.drain()
+
+    async def go():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = TritonHttpClient("127.0.0.1", port)
+        x = {"x": (np.arange(2, dtype=np.int64), "INT64")}
+        try:
+            first = await client.infer("m", x)
+            second = await client.infer("m", x)  # the kept-alive connection is dropped: retried
+            server.close()
+            await server.wait_closed()
+            with pytest.raises(ConnectionError):
+                await TritonHttpClient("127.0.0.1", port).infer("m", x)  # nobody listens: no retry
+        finally:
+            await client.close()
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert first.outputs["y"].tolist() == second.outputs["y"].tolist() == [7]
+    assert len(connections) == 2, "one retry, on a fresh connection"
+
+
 @pytest.mark.parametrize(
     "array, datatype",
     [
