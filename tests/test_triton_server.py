@@ -305,7 +305,7 @@ def test_http_client_concurrent_calls_open_more_connections(server):
         return await asyncio.gather(*(client.infer("decoder", {"input": (x, "INT64")}) for x in inputs))
 
     results, idle = http_infer(server, calls)
-    for x, result in zip(inputs, results):
+    for x, result in zip(inputs, results, strict=True):
         np.testing.assert_array_equal(result.outputs["output"], np.invert(x))
     assert 1 < idle <= len(inputs)
 
@@ -329,7 +329,8 @@ def test_http_client_retries_once_when_a_kept_alive_connection_was_closed():
         connections.append(writer)
         for n in range(2):
             head = await reader.readuntil(b"\r\n\r\n")
-            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1])
+            lines = head.split(b"\r\n")
+            length = int(next(line for line in lines if line.lower().startswith(b"content-length")).split(b":")[1])
             await reader.readexactly(length)
             if n == 1:
                 writer.close()
