@@ -75,7 +75,7 @@ def _encode_input(name: str, array: np.ndarray, datatype: str) -> tuple[dict[str
         data: Any = serialized.item() if serialized.size else b""
         nbytes = len(data)
     else:
-        data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else b""
+        data = array.reshape(-1).view(np.uint8).data if array.size else b""
         nbytes = array.nbytes
     spec = {"name": name, "shape": list(array.shape), "datatype": datatype, "parameters": {"binary_data_size": nbytes}}
     return spec, data
@@ -254,7 +254,7 @@ class TritonHttpClient:
 
     @staticmethod
     async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
             if size == 0:

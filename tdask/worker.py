@@ -474,7 +474,8 @@ class OperatorHost(WorkerPlugin):
                     self._start_waiting(hosted)
                     # The broker's credit counts its own requests held here (running or
                     # waiting); direct ones never took any, so they give none back.
-                    self._grant(hosted, sum(1 for r in requests if not r._direct))  # type: ignore[attr-defined]
+                    from_broker = [r for r in requests if not r._direct]  # type: ignore[attr-defined]
+                    self._grant(hosted, len(from_broker))
                 for request in requests:
                     self._requests.pop((request._requester, request.request_id), None)  # type: ignore[attr-defined]
 
