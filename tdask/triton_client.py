@@ -7,9 +7,9 @@ from an asyncio process (``docs/performance.md``): ``tritonclient.grpc.aio`` 0.6
 socket on every call); ``tritonclient.http.aio`` (aiohttp) 1.2 ms and 0.45 ms; this client
 0.43 ms and 0.12 ms. It speaks the KServe v2 protocol with Triton's binary tensor extension
 (``Inference-Header-Content-Length``): one JSON header, then the raw tensor bytes, over
-keep-alive HTTP/1.1 connections written and read by the event loop itself. tritonclient still
-manages the server (load, unload, metadata) in :mod:`tdask.triton_server`; its dtype helpers
-are used here.
+keep-alive HTTP/1.1 connections written and read by the event loop itself. tritonclient's gRPC
+client still manages the server (readiness, load, unload) in :mod:`tdask.triton_server`; its
+dtype helpers are used here.
 
 What gRPC did and this does not: a cancelled or timed-out call closes its connection, but
 Triton (2.51) does not cancel an HTTP request whose client went away; it finishes and its
