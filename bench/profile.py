@@ -148,17 +148,24 @@ async def _cprofile_run(out_dir: Path, cluster: Any, call: Any, requests: int, c
         threads[f"worker {by_address[address]} (event-loop thread)"] = reply[address]
     local.dump_stats(str(out_dir / "client.prof"))
     threads["client (bench main thread)"] = summarize_pstats(pstats.Stats(local), n)
-    summary = result.summary()
     return {
         "profiler": "cprofile",
         "concurrency": conc,
         "scheduler_embedded": embedded,
+        **_run_figures(result, cpu, n),
+        "threads": threads,
+    }
+
+
+def _run_figures(result: Any, cpu: dict[str, float], n: int) -> dict[str, Any]:
+    """What every profiled run reports: its speed under the profiler and CPU per request."""
+    summary = result.summary()
+    return {
         "req_per_s_under_profiler": summary["req_per_s"],
         "p50_ms_under_profiler": summary["p50_ms"],
         "errors": summary["errors"],
         "process_cpu_ms_per_request": {k: round(v * 1e3 / n, 3) for k, v in cpu.items()},
         "process_cpu_total_ms_per_request": round(sum(cpu.values()) * 1e3 / n, 3),
-        "threads": threads,
     }
 
 
@@ -212,16 +219,11 @@ async def _pyspy_run(out_dir: Path, cluster: Any, call: Any, requests: int, conc
         except subprocess.TimeoutExpired:
             proc.kill()
     n = max(result.ok, 1)
-    summary = result.summary()
     return {
         "profiler": "pyspy",
         "concurrency": conc,
         "rate_hz": RATE_HZ,
-        "req_per_s_under_profiler": summary["req_per_s"],
-        "p50_ms_under_profiler": summary["p50_ms"],
-        "errors": summary["errors"],
-        "process_cpu_ms_per_request": {k: round(v * 1e3 / n, 3) for k, v in cpu.items()},
-        "process_cpu_total_ms_per_request": round(sum(cpu.values()) * 1e3 / n, 3),
+        **_run_figures(result, cpu, n),
         "processes": {label: summarize_raw(path, n) for label, (_, path) in procs.items()},
     }
 

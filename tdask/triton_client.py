@@ -29,7 +29,7 @@ from urllib.parse import quote
 import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
-__all__ = ["InferResult", "TritonHttpClient", "TritonHttpError", "RESERVED_PARAMETERS"]
+__all__ = ["InferResult", "ReservedParameterError", "TritonHttpClient", "TritonHttpError", "RESERVED_PARAMETERS"]
 
 # Request parameters that Triton interprets itself (tritonclient refuses them too).
 RESERVED_PARAMETERS = frozenset(
@@ -62,11 +62,15 @@ class InferResult:
     parameters: dict[str, Any]
 
 
+class ReservedParameterError(ValueError):
+    """A request parameter that Triton interprets itself (the caller's mistake)."""
+
+
 def check_parameters(parameters: Mapping[str, Any]) -> None:
     """Refuse a reserved request parameter, with tritonclient's wording."""
     for key in parameters:
         if key in RESERVED_PARAMETERS or key.startswith(_RESERVED_PREFIX):
-            raise ValueError(f'Parameter "{key}" is a reserved parameter and cannot be specified.')
+            raise ReservedParameterError(f'Parameter "{key}" is a reserved parameter and cannot be specified.')
 
 
 def _encode_input(name: str, array: np.ndarray, datatype: str) -> tuple[dict[str, Any], Any]:
@@ -156,8 +160,8 @@ class TritonHttpClient:
     ) -> InferResult:
         """Run one inference; ``inputs`` maps names to (C-contiguous array, Triton datatype).
 
-        Raises :class:`TritonHttpError` for an error status, :class:`ValueError` for a reserved
-        parameter, ``TimeoutError`` past ``timeout`` seconds, and ``ConnectionError`` (or
+        Raises :class:`TritonHttpError` for an error status, :class:`ReservedParameterError` for
+        a reserved parameter, ``TimeoutError`` past ``timeout`` seconds, and ``ConnectionError`` (or
         ``asyncio.IncompleteReadError``) when the server goes away.
         """
         if parameters:

@@ -30,7 +30,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
 from tdask.operator import Operator, Request
-from tdask.triton_client import TritonHttpClient, TritonHttpError, check_parameters
+from tdask.triton_client import ReservedParameterError, TritonHttpClient, TritonHttpError
 
 __all__ = ["TritonCoreOperator"]
 
@@ -183,8 +183,7 @@ class TritonCoreOperator(Operator):
             inputs[name] = (array, datatype)
         try:
             parameters = _triton_parameters(request.parameters)
-            check_parameters(parameters)
-        except (TypeError, ValueError) as exc:
+        except TypeError as exc:
             raise request.error(str(exc)) from None
 
         remaining = request.remaining_s
@@ -202,6 +201,8 @@ class TritonCoreOperator(Operator):
             )
         except TimeoutError:
             raise self._timeout(request) from None
+        except ReservedParameterError as exc:
+            raise request.error(str(exc)) from None
         except TritonHttpError as exc:
             if "Stub process" in exc.message and self.server.is_alive():
                 # A python-backend stub died. Triton 2.5x neither restarts it nor unloads the

@@ -26,6 +26,20 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
 
 
+def _signal_and_wait(proc: subprocess.Popen, signum: int, timeout_s: float = 60) -> None:
+    """Ask ``proc`` to stop with ``signum``; kill it and fail if it does not within ``timeout_s``."""
+    proc.send_signal(signum)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _triton_processes(since: float) -> list[psutil.Process]:
     """tritonserver or python-backend stub processes started after ``since`` that are ours:
     descendants of this test process, or orphans (re-parented to init) whose owner died."""
@@ -198,12 +212,7 @@ def test_deploy_then_client(tmp_path):
         assert "encoder_decoder.0 (encoder.0 -> decoder.0)" in answered, answered
         assert "encoder_decoder.0 (encoder.1 -> decoder.0)" in answered, answered
     finally:
-        deploy.send_signal(signal.SIGTERM)
-        try:
-            deploy.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            deploy.kill()
-            raise
+        _signal_and_wait(deploy, signal.SIGTERM)
     assert deploy.returncode == 0, deploy.stdout.read()
     _assert_clean(since)
 
@@ -248,10 +257,6 @@ def test_hand_started_dask_with_preload(tmp_path):
     _assert_clean(since)
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_mid_run_stops_everything(tmp_path):
     """SIGINT while the client runs: exit code 130, and nothing left behind."""
     since = time.time()
@@ -274,11 +279,6 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path):
             break
     assert lines and lines[-1].startswith("logs:"), "".join(lines)
     time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+    _signal_and_wait(proc, signal.SIGINT)
     assert proc.returncode == 130, proc.stdout.read()
     _assert_clean(since)

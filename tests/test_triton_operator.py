@@ -74,8 +74,18 @@ def test_request_parameters_reach_the_model(client):
         ({"input": np.arange(3, dtype=np.int64)}, {"nested": [1, 2]}, ["'nested'", "list"]),
         ({"input": np.arange(3, dtype=np.int64), "bogus": np.arange(3, dtype=np.int64)}, None, ["'bogus'"]),
         ({"input": np.arange(3, dtype=np.int64)}, {"input_copies": "many"}, ["'input_copies'", "many"]),
+        ({"input": np.arange(3, dtype=np.int64)}, {"priority": 1}, ['"priority"', "reserved parameter"]),
     ],
-    ids=["dtype", "shape", "missing", "bad-copies", "unsupported-parameter", "extra-input", "malformed-parameter"],
+    ids=[
+        "dtype",
+        "shape",
+        "missing",
+        "bad-copies",
+        "unsupported-parameter",
+        "extra-input",
+        "malformed-parameter",
+        "reserved-parameter",
+    ],
 )
 def test_bad_requests_are_invalid_request_errors(client, inputs, parameters, expected):
     encoder = RemoteOperator("encoder", client=client)
