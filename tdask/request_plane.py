@@ -47,6 +47,7 @@ from typing import Any
 import msgpack
 from distributed.comm import connect
 from distributed.comm.core import CommClosedError
+from distributed.core import rpc
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from tornado import web
@@ -54,6 +55,7 @@ from tornado import web
 from tdask.config import get_seconds
 from tdask.data_plane import DataPlanePeer, RemoteTensor
 from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError, error_to_msg
+from tdask.wire import WireSession, open_session, wire_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +445,7 @@ class DirectRequestPlane(QueueRequestPlane):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._workers: dict[str, Session] = {}
+        self._workers: dict[str, Session | WireSession] = {}
         self._connecting_to: dict[str, asyncio.Lock] = {}
         self._outstanding: dict[str, tuple[str, dict[str, Any], bool]] = {}  # id -> (worker, request, partial)
         self._load: dict[str, int] = defaultdict(int)
@@ -451,7 +453,7 @@ class DirectRequestPlane(QueueRequestPlane):
         self._last_used: dict[str, int] = {}
         self._lost: dict[str, float] = {}  # worker -> when its comm closed: avoided for a while
 
-    async def _worker_session(self, address: str) -> Session:
+    async def _worker_session(self, address: str) -> Session | WireSession:
         session = self._workers.get(address)
         if session is not None and not session.closed.is_set():
             return session
@@ -461,14 +463,37 @@ class DirectRequestPlane(QueueRequestPlane):
             if session is not None and not session.closed.is_set():
                 return session
             timeout = get_seconds("tdask.data-plane.connect-timeout")
-            comm = await connect(address, timeout=timeout, **self.connection_args)
-            comm.name = f"tdask-direct-{self.requester}"
-            await comm.write({"op": "tdask_direct", "requester": self.requester, "reply": False})
-            session = Session(comm, lambda message: self._on_worker_message(address, message), address)
+            session = await self._open_wire(address, timeout)
+            if session is None:
+                comm = await connect(address, timeout=timeout, **self.connection_args)
+                comm.name = f"tdask-direct-{self.requester}"
+                await comm.write({"op": "tdask_direct", "requester": self.requester, "reply": False})
+                session = Session(comm, lambda message: self._on_worker_message(address, message), address)
             self._workers[address] = session
             task = asyncio.create_task(self._watch_worker(address, session))
-            session.watcher = task  # type: ignore[attr-defined]
+            self._background.add(task)  # held until the session ends
+            task.add_done_callback(self._background.discard)
             return session
+
+    async def _open_wire(self, address: str, timeout: float | None) -> WireSession | None:
+        """The worker's wire session (tdask/wire.py), or None: use Dask's comm.
+
+        A worker that cannot be asked raises (it is unreachable); one whose wire cannot be
+        reached (a firewall that only opens the worker's port) is reached over Dask's comm.
+        """
+        if not wire_wanted(address):
+            return None
+        async with rpc(address, timeout=timeout, connection_args=self.connection_args) as worker:
+            wire = await worker.tdask_wire_address()
+        if not wire:
+            return None
+        try:
+            return await open_session(
+                wire, self.requester, lambda message: self._on_worker_message(address, message), timeout=timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            logger.warning("cannot reach the wire of %s at %s (%s); using Dask's comm instead", address, wire, exc)
+            return None
 
     async def submit(self, request: dict[str, Any]) -> ResponseStream:
         request_id = request["id"]
@@ -537,7 +562,7 @@ class DirectRequestPlane(QueueRequestPlane):
         session = await self._ensure_session()
         session.send({"op": "submit", "request": request})
 
-    async def _watch_worker(self, worker: str, session: Session) -> None:
+    async def _watch_worker(self, worker: str, session: Session | WireSession) -> None:
         """Read the worker's answers; when its comm closes, re-send what it held (bounded)."""
         await session.read_forever()
         if self._workers.get(worker) is session:

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import dask.config
 import yaml
 from distributed import Worker, WorkerPlugin
+from distributed.comm import get_address_host
 from distributed.core import Status
 
 from tdask.config import get_seconds
@@ -44,6 +46,7 @@ from tdask.exceptions import OperatorError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, check_outputs
 from tdask.remote import current_deadline, current_endpoint
 from tdask.request_plane import QueueRequestPlane, Session, make_request_plane
+from tdask.wire import MessageHandler, WireServer, WireSession, wire_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +132,10 @@ class OperatorHost(WorkerPlugin):
         self._triton_lock = asyncio.Lock()
         self._closing = False
         self._restart: asyncio.Task[Any] | None = None
-        self._direct_sessions: dict[Session, str] = {}  # session -> its requester
-        self._direct_routes: dict[tuple[str, str], Session] = {}
+        self._direct_sessions: dict[Session | WireSession, str] = {}  # session -> its requester
+        self._direct_routes: dict[tuple[str, str], Session | WireSession] = {}
+        self.wire: WireServer | None = None
+        self._wire_sessions: set[asyncio.Task[None]] = set()  # serving a wire session each
         self._log_handler: logging.Handler | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -155,8 +160,6 @@ class OperatorHost(WorkerPlugin):
                 logging.getLogger(name).setLevel(self.log_level)
         if self.log_file is None:
             return
-        import dask.config
-
         Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.log_file)
         handler.setFormatter(logging.Formatter(dask.config.get("distributed.admin.log-format")))
@@ -181,6 +184,9 @@ class OperatorHost(WorkerPlugin):
         self.store.install()
         worker.handlers["tdask_host_stats"] = self.stats
         worker.handlers["tdask_direct"] = self._direct_session
+        worker.handlers["tdask_wire_address"] = self._wire_address
+        if wire_wanted(worker.address):
+            await self._start_wire(worker.address)
         self.plane = make_request_plane(
             worker.scheduler,
             f"{worker.address}#{uuid.uuid4().hex[:8]}",
@@ -330,8 +336,13 @@ class OperatorHost(WorkerPlugin):
             await self.store.close()
         worker.handlers.pop("tdask_host_stats", None)
         worker.handlers.pop("tdask_direct", None)
+        worker.handlers.pop("tdask_wire_address", None)
+        if self.wire is not None:
+            await self.wire.close()
+            self.wire = None
         for session in list(self._direct_sessions):
             await session.close()
+        await asyncio.gather(*self._wire_sessions, return_exceptions=True)
         self._stop_log_file()
 
     # -- serving --------------------------------------------------------------------------
@@ -365,9 +376,36 @@ class OperatorHost(WorkerPlugin):
             self._start_batch(hosted, batch)
         return len(batch)
 
+    async def _start_wire(self, address: str) -> None:
+        """Listen for direct callers on the wire (tdask/wire.py), next to the worker's own port."""
+        wire = WireServer(self._accept_wire)
+        port = int(dask.config.get("tdask.worker.wire-port") or 0)
+        try:
+            await wire.start(get_address_host(address), port)
+        except OSError as exc:
+            logger.warning("no wire on %s (port %s: %s): direct callers use Dask's comm", address, port, exc)
+            return
+        self.wire = wire
+        logger.debug("wire of %s listening on %s", address, wire.address)
+
+    def _wire_address(self) -> str | None:
+        """Where direct callers reach this worker's wire (None: use Dask's comm)."""
+        return None if self.wire is None or self._closing else self.wire.address
+
+    def _accept_wire(self, session: WireSession, requester: str) -> MessageHandler:
+        # Not in self._tasks: teardown cancels those first, and its drain still answers here.
+        task = asyncio.create_task(self._serve_direct(session, requester))
+        self._wire_sessions.add(task)
+        task.add_done_callback(self._wire_sessions.discard)
+        return lambda message: self._on_direct(session, requester, message)
+
     async def _direct_session(self, comm: Any, requester: str) -> None:
         """A caller's own comm to this worker (the direct request plane): requests in, answers out."""
         session = Session(comm, lambda message: self._on_direct(session, requester, message), f"direct-{requester}")
+        await self._serve_direct(session, requester)
+
+    async def _serve_direct(self, session: Session | WireSession, requester: str) -> None:
+        """Serve a direct caller until its session closes; then cancel what it left running."""
         self._direct_sessions[session] = requester
         try:
             await session.read_forever()
@@ -389,7 +427,7 @@ class OperatorHost(WorkerPlugin):
                 self._tasks.append(task)
                 task.add_done_callback(self._tasks.remove)
 
-    def _on_direct(self, session: Session, requester: str, message: dict[str, Any]) -> None:
+    def _on_direct(self, session: Session | WireSession, requester: str, message: dict[str, Any]) -> None:
         if message["op"] == "submit":
             request = dict(message["request"])
             request["requester"] = requester

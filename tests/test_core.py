@@ -29,9 +29,10 @@ from tests.operators import Add, Consumer, Echo, Fail, Forward, Identity, Produc
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module", params=["queue", "direct"])
+@pytest.fixture(scope="module", params=["queue", "direct", "direct-dask"])
 def deployment(request):
-    """The same cluster for each request plane (workers inherit the config through their Nanny)."""
+    """The same cluster for each request plane, the direct one on either transport (tdask's wire,
+    or Dask's comm); workers inherit the config through their Nanny."""
     operators = [
         (OperatorConfig(name="identity", implementation=Identity, max_inflight_requests=4), 1),
         (OperatorConfig(name="add", implementation=Add, max_inflight_requests=2), 2),
@@ -42,7 +43,8 @@ def deployment(request):
         (OperatorConfig(name="consumer", implementation=Consumer, max_inflight_requests=4), 1),
         (OperatorConfig(name="echo", implementation=Echo, max_inflight_requests=4), 1),
     ]
-    with dask.config.set({"tdask.request.plane": request.param}):
+    plane, _, transport = request.param.partition("-")
+    with dask.config.set({"tdask.request.plane": plane, "tdask.request.direct-transport": transport or "wire"}):
         with Deployment(operators, dashboard_address="127.0.0.1:0") as dep:
             yield dep
     assert_no_children()
@@ -131,6 +133,33 @@ def test_closing_a_client_closes_its_comms_to_workers(deployment, client):
     assert requester not in after, "a closed client's comms to workers stay open"
     # The shared client's own comms are untouched and still serve.
     assert RemoteOperator("identity", client=client).infer(inputs={"x": np.arange(2)}).outputs["x"].tolist() == [0, 1]
+
+
+def test_direct_sessions_ride_the_configured_transport(client):
+    """On tcp:// the direct plane's sessions are tdask's wire unless configured to be Dask comms
+    (then workers open no port of their own). Workers listen on their wire whichever plane
+    they use themselves: each caller picks its own plane."""
+    from tdask.worker import PLUGIN_NAME
+
+    for name in ("identity", "echo"):
+        RemoteOperator(name, client=client).infer(inputs={"x": np.arange(3)})
+
+    def transports(dask_worker):
+        plugin = dask_worker.plugins[PLUGIN_NAME]
+        return plugin._wire_address(), sorted({type(s).__name__ for s in plugin._direct_sessions})
+
+    found = client.run(transports)
+    if dask.config.get("tdask.request.direct-transport") == "wire":
+        assert all(wire and wire.startswith("127.0.0.1:") for wire, _ in found.values()), found
+    else:
+        assert all(wire is None for wire, _ in found.values()), found
+    kinds = {kind for _, used in found.values() for kind in used}
+    if dask.config.get("tdask.request.plane") == "queue":
+        assert kinds == set(), found
+    elif dask.config.get("tdask.request.direct-transport") == "wire":
+        assert kinds == {"WireSession"}, found
+    else:
+        assert kinds == {"Session"}, found
 
 
 def test_large_tensors_travel_by_reference(deployment, client):
