@@ -437,7 +437,7 @@ async def scaling(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) 
 
 async def floor(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) -> None:
     """What one hop costs without Triton: a tdask hop to a Python ``echo`` operator (on the
-    configured request plane, ``tdask.request.plane``) vs a bare Dask RPC round trip to the same worker (no request plane) vs a
+    configured request plane and transport) vs a bare Dask RPC round trip to the same worker (no request plane) vs a
     bare Dask RPC to the scheduler; 1e3 int64 elements (inline), 1 and 32 in flight."""
     from distributed.protocol import to_serialize
 
@@ -489,9 +489,13 @@ async def floor(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) ->
             return bool(np.array_equal(reply["x"], x))
 
         plane = dask.config.get("tdask.request.plane")
+        if plane == "direct":
+            plane += f" plane, {dask.config.get('tdask.request.direct-transport')} transport"
+        else:
+            plane += " plane"
         for conc in args.concurrency_list:
             for system, call in (
-                (f"tdask hop ({plane} plane)", tdask_hop),
+                (f"tdask hop ({plane})", tdask_hop),
                 ("dask rpc to worker", dask_rpc_worker),
                 ("dask comm to worker (persistent, no pool)", dask_comm_worker),
                 ("dask rpc to scheduler (no payload)", dask_rpc_scheduler),
@@ -692,6 +696,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "versions": versions(),
         "machine": machine(),
         "config": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
+        "tdask_request_config": dict(dask.config.get("tdask.request")),
         "startup_s": {},
         "sections": {},
     }
