@@ -689,6 +689,8 @@ def render(out: dict[str, Any]) -> str:
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    import tdask.config  # noqa: F401  (tdask's dask.config defaults, recorded below)
+
     out: dict[str, Any] = {
         "bench": "tdask",
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
