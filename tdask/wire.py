@@ -6,7 +6,8 @@ Dask's TCP comm such a message costs two coroutines, Tornado's IOStream bufferin
 re-registration per read: a ping-pong between two processes measured 320-360 us round trip on
 this project's 2-core machine, against 120-140 us for an :class:`asyncio.Protocol` on the same
 kind of socket (docs/performance.md). Here a message is handled in the event loop's read
-callback itself, and queued messages go out in one write per loop iteration.
+callback itself, and written at once unless others went out in the same loop iteration (then
+it leaves with them in the next one, one write for the lot).
 
 What does not change: the scheduler sessions, every RPC, and the data plane (tensors above the
 inline threshold) stay on Dask's comm; clusters on ``tls://`` or ``ucx://`` use Dask's comm for
@@ -141,12 +142,16 @@ class WireSession(asyncio.Protocol):
     # -- the Session surface ----------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        """Queue ``message``; everything queued in this loop iteration goes out in one write."""
+        """Write ``message`` now if it is the first of this loop iteration; the ones queued after
+        it in the same iteration leave together, in one write, at the next (a lone message
+        waits for nothing, a burst costs one system call)."""
         if self.closed.is_set() or self._transport is None or self._transport.is_closing():
             raise CommClosedError(f"tdask wire session {self.name} is closed")
         self._outbox.append(message)
-        if not self._paused:
-            self._schedule_flush()
+        if self._paused or self._flush_pending:
+            return  # the flush already scheduled (or resume_writing) writes it, in order
+        self._schedule_flush()
+        self._write_outbox()
 
     def _schedule_flush(self) -> None:
         if not self._flush_pending:
@@ -155,6 +160,9 @@ class WireSession(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_pending = False
+        self._write_outbox()
+
+    def _write_outbox(self) -> None:
         if self._paused or not self._outbox or self._transport is None or self._transport.is_closing():
             return
         batch, self._outbox = self._outbox, []
@@ -177,7 +185,7 @@ class WireSession(asyncio.Protocol):
     async def close(self) -> None:
         """Close after writing what is queued."""
         if self._transport is not None and not self._transport.is_closing():
-            self._flush()
+            self._write_outbox()
             self._transport.close()
         self.closed.set()
 
@@ -197,9 +205,8 @@ async def open_session(
         loop.create_connection(lambda: WireSession(f"to {address}", on_message), host.strip("[]"), int(port)),
         timeout,
     )
-    session.send({"op": "hello", "wire": WIRE_VERSION, "requester": requester})
-    session._flush()  # alone in the first frame, which the server reads with a small limit
-    return session
+    session.send({"op": "hello", "wire": WIRE_VERSION, "requester": requester})  # written at once, alone:
+    return session  # the server reads the first frame with a small limit
 
 
 class WireServer:
