@@ -785,7 +785,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tdask-bench-logs-") as tmp:
         log_dir = Path(args.log_dir or tmp).resolve()
         if {"pipeline", "onehop"} & set(args.only_list):
-            for args.round in range(1, args.rounds + 1):
+            for pipeline_round in range(1, args.rounds + 1):
+                args.round = pipeline_round
                 await triton_baseline(args, log_dir, out)
                 await tdask_pipeline(args, log_dir, out)
             for section, baseline in (("pipeline", "triton_ensemble"), ("onehop", "triton")):
