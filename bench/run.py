@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--rounds",
         type=int,
-        default=1,
+        default=3,
         help="pipeline/onehop: repeat ensemble-then-tdask this many times, each on a fresh server and "
         "deployment; the targets use the median of the per-round ratios",
     )
