@@ -65,9 +65,12 @@ class WireSession(asyncio.Protocol):
     """One connection carrying one-way messages both ways; the same surface as
     :class:`tdask.request_plane.Session` (``send``, ``closed``, ``read_forever``, ``close``)."""
 
-    def __init__(self, name: str, on_message: MessageHandler | None = None) -> None:
+    def __init__(
+        self, name: str, on_message: MessageHandler | None = None, on_close: Callable[[], None] | None = None
+    ) -> None:
         self.name = name
         self.closed = asyncio.Event()
+        self._on_close = on_close
         self._on_message = on_message
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -87,6 +90,8 @@ class WireSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
         self._outbox.clear()
+        if self._on_close is not None:
+            self._on_close()
 
     def pause_writing(self) -> None:
         self._paused = True  # the peer reads slower than we write: keep messages here
@@ -233,12 +238,10 @@ class WireServer:
         return self.address
 
     def _new_session(self) -> WireSession:
-        session = WireSession("incoming")
+        session = WireSession("incoming", on_close=lambda: self._sessions.discard(session))
         session._on_message = lambda message: self._hello(session, message)
         session._limit = _MAX_HELLO
         self._sessions.add(session)
-        task = asyncio.ensure_future(session.closed.wait())
-        task.add_done_callback(lambda _: self._sessions.discard(session))
         return session
 
     def _hello(self, session: WireSession, message: dict[str, Any]) -> None:

@@ -337,11 +337,11 @@ class OperatorHost(WorkerPlugin):
         worker.handlers.pop("tdask_host_stats", None)
         worker.handlers.pop("tdask_direct", None)
         worker.handlers.pop("tdask_wire_address", None)
-        if self.wire is not None:
-            await self.wire.close()
-            self.wire = None
         for session in list(self._direct_sessions):
-            await session.close()
+            await session.close()  # after what they still had to write
+        if self.wire is not None:
+            await self.wire.close()  # and connections that never said hello
+            self.wire = None
         await asyncio.gather(*self._wire_sessions, return_exceptions=True)
         self._stop_log_file()
 
@@ -394,6 +394,7 @@ class OperatorHost(WorkerPlugin):
 
     def _accept_wire(self, session: WireSession, requester: str) -> MessageHandler:
         # Not in self._tasks: teardown cancels those first, and its drain still answers here.
+        self._direct_sessions[session] = requester  # now: _requester_left may come before the task runs
         task = asyncio.create_task(self._serve_direct(session, requester))
         self._wire_sessions.add(task)
         task.add_done_callback(self._wire_sessions.discard)
