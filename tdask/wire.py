@@ -119,6 +119,8 @@ class WireSession(asyncio.Protocol):
                     view[start : start + length], raw=False, use_list=False, strict_map_key=False
                 )
                 offset = start + length
+                if not isinstance(messages, (list, tuple)):
+                    raise ValueError(f"a frame must hold a list of messages, not {type(messages).__name__}")
                 for message in messages:
                     self._deliver(message)
         except Exception as exc:
@@ -245,7 +247,12 @@ class WireServer:
         return session
 
     def _hello(self, session: WireSession, message: dict[str, Any]) -> None:
-        if message.get("op") != "hello" or message.get("wire") != WIRE_VERSION or not message.get("requester"):
+        if (
+            not isinstance(message, dict)
+            or message.get("op") != "hello"
+            or message.get("wire") != WIRE_VERSION
+            or not message.get("requester")
+        ):
             raise WireProtocolError(f"expected a wire version {WIRE_VERSION} hello, got {str(message)[:200]}")
         requester = str(message["requester"])
         session.name = f"from {requester}"

@@ -20,7 +20,8 @@ from tests.operators import Identity
 pytestmark = pytest.mark.timeout(120)
 
 
-def frame(messages: list[dict]) -> bytes:
+def frame(messages: object) -> bytes:
+    """One frame as a peer would write it (a list of message dicts, unless testing otherwise)."""
     payload = msgpack.packb(messages, use_bin_type=True)
     return struct.pack("<I", len(payload)) + payload
 
@@ -91,6 +92,8 @@ def test_frames_split_anywhere_are_reassembled():
         struct.pack("<I", 2**31) + b"x" * 16,  # a huge first frame is refused before it is read
         frame([{"op": "submit", "request": {}}]),  # no hello first
         frame([{"op": "hello", "wire": 999, "requester": "future"}]),  # another wire version
+        frame([["hello"]]),  # a message that is not a dict
+        frame({"op": "hello", "wire": 1, "requester": "x"}),  # a frame that is not a list
     ],
 )
 def test_a_peer_that_does_not_say_hello_is_dropped(opening):
