@@ -293,6 +293,55 @@ def test_cancelling_the_caller_cancels_the_request(deployment, client):
     assert all(s.get("fail/1", {"inflight": 0})["inflight"] == 0 for s in stats.values())
 
 
+def test_a_killed_caller_has_its_requests_cancelled(deployment, client):
+    """A caller process that dies mid-request (SIGKILL: no goodbye on any comm): the worker
+    cancels what it was running for it, whichever plane and transport carried the request."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from distributed import Client
+        from tdask import RemoteOperator
+        async def main():
+            async with Client({deployment.scheduler_address!r}, asynchronous=True) as c:
+                op = RemoteOperator("fail", client=c)
+                await op.infer(parameters={{"mode": "sleep", "seconds": 120}}, timeout=300)
+        asyncio.run(main())
+        """
+    )
+
+    def inflight() -> int:
+        stats = client.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+        return sum(s.get("fail/1", {"inflight": 0})["inflight"] for s in stats.values())
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        # The caller uses the plane and transport of this module's variant.
+        "DASK_TDASK__REQUEST__PLANE": dask.config.get("tdask.request.plane"),
+        "DASK_TDASK__REQUEST__DIRECT_TRANSPORT": dask.config.get("tdask.request.direct-transport"),
+    }
+    caller = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while inflight() == 0:
+            assert caller.poll() is None, "the caller exited before its request ran"
+            assert time.monotonic() < deadline, "the caller's request never started"
+            time.sleep(0.1)
+    finally:
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+    deadline = time.monotonic() + 30
+    while inflight() != 0:
+        assert time.monotonic() < deadline, "the dead caller's request still runs on the worker"
+        time.sleep(0.1)
+
+
 def test_duplicate_request_id_in_flight(deployment):
     async def go(c):
         op = RemoteOperator("fail", client=c)
