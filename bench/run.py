@@ -557,6 +557,11 @@ def _progress(section: str, row: dict[str, Any]) -> None:
     print(f"[{section}] " + " ".join(f"{k}={row[k]}" for k in keys), file=sys.stderr, flush=True)  # noqa: T201
 
 
+def _load_columns(r: dict[str, Any]) -> list[Any]:
+    """The columns every closed-loop run shows: in flight, requests, errors, req/s, p50, p99."""
+    return [r["concurrency"], r["requests"], r["errors"], r["req_per_s"], r["p50_ms"], r["p99_ms"]]
+
+
 def render(out: dict[str, Any]) -> str:
     parts = []
     v, m = out["versions"], out["machine"]
@@ -581,20 +586,8 @@ def render(out: dict[str, Any]) -> str:
             s["runs"], key=lambda r: (r["size"], r["concurrency"], r.get("round", 1), r["system"] != "tdask")
         ):
             ratio = ratios.get((r["size"], r["concurrency"], r.get("round", 1)), {}) if r["system"] == "tdask" else {}
-            rows.append(
-                [
-                    f"{r['system']} (round {r.get('round', 1)})" if rounds else r["system"],
-                    r["size"],
-                    r["concurrency"],
-                    r["requests"],
-                    r["errors"],
-                    r["req_per_s"],
-                    r["p50_ms"],
-                    r["p99_ms"],
-                    ratio.get("throughput_ratio"),
-                    ratio.get("p50_ratio"),
-                ]
-            )
+            system = f"{r['system']} (round {r.get('round', 1)})" if rounds else r["system"]
+            rows.append([system, r["size"], *_load_columns(r), ratio.get("throughput_ratio"), ratio.get("p50_ratio")])
         parts.append(
             table(
                 f"{section}: {label}",
@@ -698,19 +691,7 @@ def render(out: dict[str, Any]) -> str:
         )
     s = out["sections"].get("floor")
     if s:
-        rows = [
-            [
-                r["system"],
-                r["concurrency"],
-                r["requests"],
-                r["errors"],
-                r["req_per_s"],
-                r["p50_ms"],
-                r["p99_ms"],
-                r["cpu_total_ms_per_request"],
-            ]
-            for r in s["runs"]
-        ]
+        rows = [[r["system"], *_load_columns(r), r["cpu_total_ms_per_request"]] for r in s["runs"]]
         parts.append(
             table(
                 "floor: one hop without Triton (1e3 int64 elements)",
