@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import hypothesis.extra.numpy as hnp
@@ -15,6 +16,8 @@ from tdask.hello_world import MODEL_REPOSITORY
 from tests.conftest import assert_no_children, child_pids
 
 pytestmark = pytest.mark.timeout(240)
+
+TEST_MODELS = os.path.join(os.path.dirname(__file__), "models")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,10 @@ def client():
     decoder = OperatorConfig(
         name="decoder", implementation="triton", repository=MODEL_REPOSITORY, max_inflight_requests=4
     )
-    with Deployment([(encoder, 1), (decoder, 1)], dashboard_address="127.0.0.1:0") as deployment:
+    # tests/models/misbehaving: returns the wrong dtype or raises, on request.
+    misbehaving = OperatorConfig(name="misbehaving", implementation="triton", repository=TEST_MODELS)
+    operators = [(encoder, 1), (decoder, 1), (misbehaving, 1)]
+    with Deployment(operators, dashboard_address="127.0.0.1:0") as deployment:
         yield deployment.client
     assert_no_children()
 
@@ -222,19 +228,12 @@ def test_kind_gpu_models_round_trip():
 @pytest.mark.parametrize(
     "mode, message", [("wrong-dtype", "returned output .output. as FP32, its config declares INT64"), ("raise", "misbehaving model raised on purpose")]
 )
-def test_misbehaving_model_gives_operator_error_and_keeps_serving(mode, message):
+def test_misbehaving_model_gives_operator_error_and_keeps_serving(client, mode, message):
     """A model that returns the wrong dtype, or raises: OperatorError for the caller, worker serves on."""
-    import os
-
     from tdask import OperatorError
 
-    repository = os.path.join(os.path.dirname(__file__), "models")
-    before = child_pids()
-    config = OperatorConfig(name="misbehaving", implementation="triton", repository=repository)
-    with Deployment([config], dashboard_address="127.0.0.1:0") as deployment:
-        op = RemoteOperator("misbehaving", client=deployment.client)
-        for _ in range(2):  # the same worker answers again, with the same typed error
-            with pytest.raises(OperatorError, match=message) as info:
-                op.infer(inputs={"input": np.arange(4, dtype=np.int64)}, parameters={"mode": mode}, timeout=30)
-            assert info.value.operator == "misbehaving" and info.value.request_id
-    assert_no_children(ignore=before)
+    op = RemoteOperator("misbehaving", client=client)
+    for _ in range(2):  # the same worker answers again, with the same typed error
+        with pytest.raises(OperatorError, match=message) as info:
+            op.infer(inputs={"input": np.arange(4, dtype=np.int64)}, parameters={"mode": mode}, timeout=30)
+        assert info.value.operator == "misbehaving" and info.value.request_id
