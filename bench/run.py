@@ -251,7 +251,7 @@ async def tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str,
 def compare(out: dict[str, Any], section: str, baseline: str) -> None:
     """tdask / baseline ratios, pairing the runs of the same round (size, concurrency)."""
     runs = out["sections"].get(section, {}).get("runs", [])
-    by_key = {(r["system"], r["size"], r["concurrency"], r.get("round", 1)): r for r in runs}
+    by_key = {(r["system"], r["size"], r["concurrency"], r["round"]): r for r in runs}
     ratios = []
     for (system, size, conc, rnd), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
         if system != "tdask" or (baseline, size, conc, rnd) not in by_key:
@@ -454,8 +454,9 @@ async def scaling(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) 
 
 async def floor(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) -> None:
     """What one hop costs without Triton: a tdask hop to a Python ``echo`` operator (on the
-    configured request plane and transport) vs a bare Dask RPC round trip to the same worker (no request plane) vs a
-    bare Dask RPC to the scheduler; 1e3 int64 elements (inline), 1 and 32 in flight."""
+    configured request plane and transport) vs a bare Dask RPC round trip to the same worker
+    (no request plane) vs a bare Dask RPC to the scheduler; 1e3 int64 elements (inline), 1 and
+    32 in flight."""
     from distributed.protocol import to_serialize
 
     from bench.operators import install_echo_handler
@@ -579,14 +580,14 @@ def render(out: dict[str, Any]) -> str:
             continue
         rows = []
         ratios = {
-            (r["size"], r["concurrency"], r.get("round", 1)): r for r in s.get(f"ratios_tdask_over_{baseline}", [])
+            (r["size"], r["concurrency"], r["round"]): r for r in s.get(f"ratios_tdask_over_{baseline}", [])
         }
-        rounds = len({r.get("round", 1) for r in s["runs"]}) > 1
+        rounds = len({r["round"] for r in s["runs"]}) > 1
         for r in sorted(
-            s["runs"], key=lambda r: (r["size"], r["concurrency"], r.get("round", 1), r["system"] != "tdask")
+            s["runs"], key=lambda r: (r["size"], r["concurrency"], r["round"], r["system"] != "tdask")
         ):
-            ratio = ratios.get((r["size"], r["concurrency"], r.get("round", 1)), {}) if r["system"] == "tdask" else {}
-            system = f"{r['system']} (round {r.get('round', 1)})" if rounds else r["system"]
+            ratio = ratios.get((r["size"], r["concurrency"], r["round"]), {}) if r["system"] == "tdask" else {}
+            system = f"{r['system']} (round {r['round']})" if rounds else r["system"]
             rows.append([system, r["size"], *_load_columns(r), ratio.get("throughput_ratio"), ratio.get("p50_ratio")])
         parts.append(
             table(
@@ -631,7 +632,7 @@ def render(out: dict[str, Any]) -> str:
         for r in out["sections"].get(section, {}).get("runs", []):
             if r["size"] == min(x["size"] for x in out["sections"][section]["runs"]):
                 for label, ms in r["cpu_ms_per_request"].items():
-                    suffix = f" (round {r.get('round', 1)})" if out["config"].get("rounds", 1) > 1 else ""
+                    suffix = f" (round {r['round']})" if out["config"].get("rounds", 1) > 1 else ""
                     cpu_rows.append([f"{r['system']} @{r['concurrency']}{suffix}", label, ms])
     if cpu_rows:
         parts.append(

@@ -2,9 +2,10 @@
 
 Tensors up to ``tdask.data-plane.inline-threshold`` travel inside messages (plain numpy arrays as
 dtype, shape and bytes; others serialized with Dask's own serialization). Larger ones stay in the
-store of the worker that produced (or received) them, and messages carry a :class:`RemoteTensor` descriptor. Whoever needs the bytes pulls them from the
-owner with a Dask RPC (``tdask_fetch``), so they move once, over TCP or UCX, straight from owner to
-consumer; forwarding a descriptor moves no bytes at all.
+store of the worker that produced (or received) them, and messages carry a :class:`RemoteTensor`
+descriptor. Whoever needs the bytes pulls them from the owner with a Dask RPC (``tdask_fetch``),
+so they move once, over TCP or UCX, straight from owner to consumer; forwarding a descriptor
+moves no bytes at all.
 
 Lifetime: whoever receives a descriptor holds it and releases it when done (an operator's
 received tensors are released when the request it serves finishes, unless it forwards them in its

@@ -242,6 +242,10 @@ class Session:
             await self.comm.close()
 
 
+# What carries a direct-plane caller's messages to one worker: a Dask comm, or tdask's wire.
+DirectSession = Session | WireSession
+
+
 class QueueRequestPlane(RequestPlane):
     """Request plane over the scheduler's :class:`RequestBroker`.
 
@@ -445,7 +449,7 @@ class DirectRequestPlane(QueueRequestPlane):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._workers: dict[str, Session | WireSession] = {}
+        self._workers: dict[str, DirectSession] = {}
         self._connecting_to: dict[str, asyncio.Lock] = {}
         self._outstanding: dict[str, tuple[str, dict[str, Any], bool]] = {}  # id -> (worker, request, partial)
         self._load: dict[str, int] = defaultdict(int)
@@ -453,7 +457,7 @@ class DirectRequestPlane(QueueRequestPlane):
         self._last_used: dict[str, int] = {}
         self._lost: dict[str, float] = {}  # worker -> when its comm closed: avoided for a while
 
-    async def _worker_session(self, address: str) -> Session | WireSession:
+    async def _worker_session(self, address: str) -> DirectSession:
         session = self._workers.get(address)
         if session is not None and not session.closed.is_set():
             return session
@@ -562,7 +566,7 @@ class DirectRequestPlane(QueueRequestPlane):
         session = await self._ensure_session()
         session.send({"op": "submit", "request": request})
 
-    async def _watch_worker(self, worker: str, session: Session | WireSession) -> None:
+    async def _watch_worker(self, worker: str, session: DirectSession) -> None:
         """Read the worker's answers; when its comm closes, re-send what it held (bounded)."""
         await session.read_forever()
         if self._workers.get(worker) is session:

@@ -45,7 +45,7 @@ from tdask.data_plane import (
 from tdask.exceptions import OperatorError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, check_outputs
 from tdask.remote import current_deadline, current_endpoint
-from tdask.request_plane import QueueRequestPlane, Session, make_request_plane
+from tdask.request_plane import DirectSession, QueueRequestPlane, Session, make_request_plane
 from tdask.wire import MessageHandler, WireServer, WireSession, wire_wanted
 
 logger = logging.getLogger(__name__)
@@ -132,8 +132,8 @@ class OperatorHost(WorkerPlugin):
         self._triton_lock = asyncio.Lock()
         self._closing = False
         self._restart: asyncio.Task[Any] | None = None
-        self._direct_sessions: dict[Session | WireSession, str] = {}  # session -> its requester
-        self._direct_routes: dict[tuple[str, str], Session | WireSession] = {}
+        self._direct_sessions: dict[DirectSession, str] = {}  # session -> its requester
+        self._direct_routes: dict[tuple[str, str], DirectSession] = {}
         self.wire: WireServer | None = None
         self._wire_sessions: set[asyncio.Task[None]] = set()  # serving a wire session each
         self._log_handler: logging.Handler | None = None
@@ -405,7 +405,7 @@ class OperatorHost(WorkerPlugin):
         session = Session(comm, lambda message: self._on_direct(session, requester, message), f"direct-{requester}")
         await self._serve_direct(session, requester)
 
-    async def _serve_direct(self, session: Session | WireSession, requester: str) -> None:
+    async def _serve_direct(self, session: DirectSession, requester: str) -> None:
         """Serve a direct caller until its session closes; then cancel what it left running."""
         self._direct_sessions[session] = requester
         try:
@@ -428,7 +428,7 @@ class OperatorHost(WorkerPlugin):
                 self._tasks.append(task)
                 task.add_done_callback(self._tasks.remove)
 
-    def _on_direct(self, session: Session | WireSession, requester: str, message: dict[str, Any]) -> None:
+    def _on_direct(self, session: DirectSession, requester: str, message: dict[str, Any]) -> None:
         if message["op"] == "submit":
             request = dict(message["request"])
             request["requester"] = requester

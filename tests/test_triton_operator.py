@@ -226,7 +226,11 @@ def test_kind_gpu_models_round_trip():
 
 
 @pytest.mark.parametrize(
-    "mode, message", [("wrong-dtype", "returned output .output. as FP32, its config declares INT64"), ("raise", "misbehaving model raised on purpose")]
+    "mode, message",
+    [
+        ("wrong-dtype", "returned output .output. as FP32, its config declares INT64"),
+        ("raise", "misbehaving model raised on purpose"),
+    ],
 )
 def test_misbehaving_model_gives_operator_error_and_keeps_serving(client, mode, message):
     """A model that returns the wrong dtype, or raises: OperatorError for the caller, worker serves on."""
