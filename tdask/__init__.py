@@ -14,7 +14,7 @@ from tdask.exceptions import (
 )
 from tdask.operator import Operator, OperatorConfig, Request, ResponseSender
 from tdask.remote import RemoteOperator, Response
-from tdask.worker import OperatorHost
+from tdask.host import OperatorHost
 
 __all__ = [
     "DataPlaneError",

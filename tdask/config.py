@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
 
 import dask.config
@@ -66,3 +67,27 @@ def _install_log_handler() -> None:
 
 
 _install_log_handler()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSettings:
+    """The settings one request needs, read once when it is made (not at every step)."""
+
+    timeout_s: float | None
+    unavailable_timeout_s: float
+    rehost_timeout_s: float
+    max_retries: int
+    max_input_bytes: int
+    inline_threshold: int
+
+    @classmethod
+    def read(cls) -> RequestSettings:
+        """Snapshot ``tdask.request.*`` and the inline threshold from ``dask.config`` now."""
+        return cls(
+            timeout_s=get_seconds("tdask.request.timeout"),
+            unavailable_timeout_s=get_seconds("tdask.request.unavailable-timeout") or 0.0,
+            rehost_timeout_s=get_seconds("tdask.request.rehost-timeout") or 0.0,
+            max_retries=int(dask.config.get("tdask.request.max-retries")),
+            max_input_bytes=get_bytes("tdask.request.max-input-bytes"),
+            inline_threshold=get_bytes("tdask.data-plane.inline-threshold"),
+        )

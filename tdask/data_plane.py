@@ -15,20 +15,19 @@ own outputs, which hands them on). A time-to-live sweep drops what nobody releas
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from distributed.core import send_recv
-from distributed.protocol import deserialize, serialize, to_serialize
+from distributed.protocol import to_serialize
 
-from tdask.config import get_bytes, get_seconds
+from tdask import context
+from tdask.config import get_seconds
 from tdask.exceptions import DataPlaneError
 
 if TYPE_CHECKING:
@@ -38,12 +37,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RemoteTensor", "TensorStore"]
 
-
-def is_array(value: Any) -> bool:
-    """True for numpy arrays and for device arrays that Dask can serialize (cupy)."""
-    if isinstance(value, np.ndarray):
-        return True
-    return type(value).__module__.split(".")[0] == "cupy" and hasattr(value, "__cuda_array_interface__")
+# The data plane's Dask comm handlers on every worker (both halves live in this file;
+# tdask.protocol.Rpc lists them with the others).
+FETCH = "tdask_fetch"
+PUT = "tdask_put"
+RELEASE = "tdask_release"
+STORE_STATS = "tdask_store_stats"
 
 
 def _device_of(array: Any) -> str:
@@ -124,7 +123,7 @@ class DataPlanePeer:
 
     async def fetch(self, tensor: RemoteTensor) -> Any:
         try:
-            reply = await call_peer(self.pool, tensor.owner, "tdask_fetch", tensor_id=tensor.tensor_id)
+            reply = await call_peer(self.pool, tensor.owner, FETCH, tensor_id=tensor.tensor_id)
         except (TimeoutError, OSError) as exc:
             raise DataPlaneError(
                 f"could not fetch tensor {tensor.tensor_id} from {tensor.owner}: {exc}", worker=tensor.owner
@@ -142,7 +141,7 @@ class DataPlanePeer:
     async def place(self, address: str, array: Any) -> RemoteTensor:
         """Put ``array`` into the store of the worker at ``address``."""
         tensor = _describe(address, uuid.uuid4().hex, array)
-        await call_peer(self.pool, address, "tdask_put", tensor_id=tensor.tensor_id, data=to_serialize(array))
+        await call_peer(self.pool, address, PUT, tensor_id=tensor.tensor_id, data=to_serialize(array))
         return tensor
 
     async def release(self, tensors: Iterable[RemoteTensor]) -> None:
@@ -152,7 +151,7 @@ class DataPlanePeer:
             by_owner.setdefault(tensor.owner, []).append(tensor.tensor_id)
         for owner, ids in by_owner.items():
             try:
-                await call_peer(self.pool, owner, "tdask_release", tensor_ids=ids)
+                await call_peer(self.pool, owner, RELEASE, tensor_ids=ids)
             except Exception as exc:  # owner gone: its store went with it
                 logger.debug("release of %d tensors on %s failed: %s", len(ids), owner, exc)
 
@@ -188,10 +187,10 @@ class TensorStore(DataPlanePeer):
         """Register the comm handlers and start the time-to-live sweep."""
         self.worker.handlers.update(
             {
-                "tdask_fetch": self._handle_fetch,
-                "tdask_put": self._handle_put,
-                "tdask_release": self._handle_release,
-                "tdask_store_stats": self.stats,
+                FETCH: self._handle_fetch,
+                PUT: self._handle_put,
+                RELEASE: self._handle_release,
+                STORE_STATS: self.stats,
             }
         )
         self._sweeper = asyncio.create_task(self._sweep_forever())
@@ -200,7 +199,7 @@ class TensorStore(DataPlanePeer):
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        for name in ("tdask_fetch", "tdask_put", "tdask_release", "tdask_store_stats"):
+        for name in (FETCH, PUT, RELEASE, STORE_STATS):
             self.worker.handlers.pop(name, None)
         if self._tensors:
             logger.info("tensor store of %s closing with %d tensors", self.address, len(self._tensors))
@@ -287,109 +286,14 @@ class TensorStore(DataPlanePeer):
                 )
 
 
-# -- messages -------------------------------------------------------------------------------
-
-
-# Arrays that arrived inline keep their wire form, so that an orchestrator forwarding them
-# unchanged does not serialize them again. Only read-only arrays (as deserialized ones are)
-# qualify, so a cached form can never go stale.
-_wire_forms: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = {}
-
-
-def _remember_wire_form(array: Any, entry: dict[str, Any]) -> None:
-    if isinstance(array, np.ndarray) and not array.flags.writeable:
-        key = id(array)
-        _wire_forms[key] = (weakref.ref(array, lambda _, key=key: _wire_forms.pop(key, None)), entry)
-
-
-# numpy dtypes whose bytes say everything (no objects, no structured fields): sent as
-# [dtype, shape, bytes]; anything else (cupy, object or structured arrays) goes through Dask.
-_PLAIN_KINDS = frozenset("biufcmMSU")
-
-
-def encode_inline(array: Any) -> dict[str, Any]:
-    """A small tensor as a message entry.
-
-    Plain numpy arrays travel as ``{"nd": [dtype, shape, bytes]}`` (0.8 us to encode 8 KB and
-    0.6 us back, against 5 and 4 us through Dask's ``serialize()``, which pickles the array's
-    type into every header); others as Dask's serialize header and frames.
-    """
-    known = _wire_forms.get(id(array))
-    if known is not None and known[0]() is array and not array.flags.writeable:
-        return known[1]
-    if isinstance(array, np.ndarray) and array.dtype.kind in _PLAIN_KINDS:
-        contiguous = np.require(array, requirements="C")
-        return {"nd": [contiguous.dtype.str, list(contiguous.shape), contiguous.reshape(-1).view(np.uint8).data]}
-    header, frames = serialize(array, serializers=("dask", "pickle"))
-    return {"inline": {"h": header, "f": frames}}
-
-
-def _decode_inline(entry: Mapping[str, Any]) -> Any:
-    plain = entry.get("nd")
-    if plain is not None:
-        dtype, shape, data = plain
-        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
-    inline = entry["inline"]
-    return deserialize(inline["h"], inline["f"])
-
-
-async def encode_tensors(
-    tensors: Mapping[str, Any],
-    place: Any,
-    threshold: int | None = None,
-) -> tuple[dict[str, Any], list[RemoteTensor]]:
-    """Turn arrays and descriptors into message entries.
-
-    Arrays above ``threshold`` are handed to ``place`` (an async callable storing them and
-    returning a descriptor). Returns the entries and the descriptors created here.
-    """
-    if threshold is None:
-        threshold = get_bytes("tdask.data-plane.inline-threshold")
-    entries: dict[str, Any] = {}
-    placed: list[RemoteTensor] = []
-    for name, value in tensors.items():
-        if isinstance(value, RemoteTensor):
-            entries[name] = {"ref": value.to_msg()}
-        elif value.nbytes <= threshold:
-            entries[name] = encode_inline(value)
-        else:
-            tensor = await place(value)
-            placed.append(tensor)
-            entries[name] = {"ref": tensor.to_msg()}
-    return entries, placed
-
-
-def decode_tensors(entries: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`encode_tensors`: arrays for inline entries, descriptors for the rest."""
-    out: dict[str, Any] = {}
-    for name, entry in entries.items():
-        if "ref" not in entry:
-            array = _decode_inline(entry)
-            if isinstance(array, np.ndarray):
-                array.flags.writeable = False  # inputs are read-only: copy before changing one
-            _remember_wire_form(array, entry)
-            out[name] = array
-        else:
-            out[name] = RemoteTensor.from_msg(entry["ref"])
-    return out
-
-
-def tensors_in(values: Iterable[Any]) -> list[RemoteTensor]:
-    return [v for v in values if isinstance(v, RemoteTensor)]
-
-
 # -- who is fetching: the operator's worker, else the default client ------------------------
-
-current_store: contextvars.ContextVar[TensorStore | None] = contextvars.ContextVar(
-    "tdask_current_store", default=None
-)
 
 
 def current_peer() -> DataPlanePeer:
     """The data-plane endpoint of the running code: its worker's store, or the client's."""
-    store = current_store.get()
-    if store is not None:
-        return store
+    serving = context.current.get()
+    if serving is not None:
+        return serving.store
     from distributed import get_client
 
     return client_peer(get_client())
@@ -421,8 +325,3 @@ class TensorScope:
     def hand_on(self, tensors: Iterable[RemoteTensor]) -> None:
         for tensor in tensors:
             self.tensors.pop(tensor.tensor_id, None)
-
-
-current_scope: contextvars.ContextVar[TensorScope | None] = contextvars.ContextVar(
-    "tdask_current_scope", default=None
-)

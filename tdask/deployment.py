@@ -25,8 +25,8 @@ from distributed.utils import LoopRunner, SyncMethodMixin
 
 from tdask.exceptions import OperatorUnavailableError
 from tdask.operator import OperatorConfig
-from tdask.request_plane import QueueRequestPlane
-from tdask.worker import OperatorHost
+from tdask.host import OperatorHost
+from tdask.request_plane import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -260,22 +260,22 @@ class Deployment(SyncMethodMixin):
         connection_args = (self.security or Security()).get_connection_args("client")
         scheduler = rpc(self.scheduler_address, connection_args=connection_args)
         try:
-            await self._poll_registry(QueueRequestPlane(scheduler, "tdask-deployment"))
+            await self._poll_registry(Registry(scheduler))
         finally:
             await scheduler.close_rpc()
 
-    async def _poll_registry(self, plane: QueueRequestPlane) -> None:
+    async def _poll_registry(self, registry: Registry) -> None:
         expected: dict[str, int] = {}
         for config in self.workers_spec.values():
             expected[config.key] = expected.get(config.key, 0) + 1
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
-            registry = await plane.operators()
+            state = await registry.operators()
             names = set(self.workers_spec)
-            hosts = registry["hosts"]
+            hosts = state["hosts"]
             if all(len(hosts.get(k, [])) >= n for k, n in expected.items()):
                 return
-            failures = {k: v for k, v in registry["failures"].items() if any(c.name == k for c in self.workers_spec.values())}
+            failures = {k: v for k, v in state["failures"].items() if any(c.name == k for c in self.workers_spec.values())}
             if failures:
                 raise OperatorUnavailableError(f"operators failed to start: {failures}")
             if time.monotonic() > deadline:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tdask.exceptions import InvalidRequestError, OperatorError
+from tdask.exceptions import InvalidRequestError
+from tdask.protocol import operator_key
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["Operator", "OperatorConfig", "OperatorContext", "Request", "ResponseSender"]
 
 TRITON = "triton"
+# Where the "triton" implementation lives: resolved by name, so operators know no Triton code.
+TRITON_IMPLEMENTATION = "tdask.triton.operator:TritonCoreOperator"
 
 
 @dataclass(kw_only=True)
@@ -110,11 +113,7 @@ class OperatorConfig:
 
     def resolve(self) -> type[Operator]:
         """Import the implementation class (on the worker, where it runs)."""
-        impl = self.implementation
-        if impl == TRITON:
-            from tdask.triton_operator import TritonCoreOperator
-
-            return TritonCoreOperator
+        impl = TRITON_IMPLEMENTATION if self.implementation == TRITON else self.implementation
         if not isinstance(impl, str):
             return impl
         module_name, _, class_name = impl.partition(":")
@@ -126,11 +125,6 @@ class OperatorConfig:
         if not (isinstance(cls, type) and issubclass(cls, Operator)):
             raise TypeError(f"operator {self.name!r}: {impl!r} is not an Operator subclass")
         return cls
-
-
-def operator_key(name: str, version: int | None = None) -> str:
-    """Queue name of an operator version; ``None`` means the default version 1."""
-    return f"{name}/{version or 1}"
 
 
 def _import_from(module_name: str, repository: str | None) -> Any:
@@ -241,6 +235,8 @@ class Request:
         deadline: float | None,
         store: TensorStore,
         send: SendFn,
+        requester: str = "",
+        via_broker: bool = False,
     ) -> None:
         self.request_id = request_id
         self.operator = operator
@@ -253,6 +249,12 @@ class Request:
         self._sender: ResponseSender | None = None
         self.cancelled = asyncio.Event()
         self.finished = False
+        #: Who sent the request (a client id, or a worker's requester name).
+        self.requester = requester
+        #: Whether the broker leased it here (it holds a broker credit until it finishes).
+        self.via_broker = via_broker
+        #: The requests executed together with this one (itself included), set by the host.
+        self.batch: tuple[Request, ...] = ()
 
     @property
     def remaining_s(self) -> float | None:
@@ -314,20 +316,3 @@ class ResponseSender:
                 "final": final,
             },
         )
-
-
-def check_outputs(operator: str, request_id: str, outputs: Mapping[str, Any]) -> None:
-    """Refuse outputs that are not arrays or tensor descriptors, naming the culprit."""
-    from tdask.data_plane import RemoteTensor, is_array
-
-    for name, value in outputs.items():
-        if not isinstance(name, str):
-            raise OperatorError(
-                f"output name {name!r} is not a string", operator=operator, request_id=request_id
-            )
-        if not (is_array(value) or isinstance(value, RemoteTensor)):
-            raise OperatorError(
-                f"output {name!r} is a {type(value).__name__}, expected a numpy/cupy array or RemoteTensor",
-                operator=operator,
-                request_id=request_id,
-            )

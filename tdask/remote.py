@@ -8,7 +8,6 @@ return awaitables (``infer``) and async iterators (``stream``).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import random
 import time
@@ -17,20 +16,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import dask.config
-import numpy as np
 from dask.utils import parse_timedelta
 
-from tdask.config import get_bytes, get_seconds
-from tdask.data_plane import (
-    DataPlanePeer,
-    RemoteTensor,
-    client_peer,
-    current_scope,
-    decode_tensors,
-    encode_tensors,
-    is_array,
-)
+from tdask import context, protocol
+from tdask.config import RequestSettings
+from tdask.data_plane import DataPlanePeer, RemoteTensor, client_peer
 from tdask.exceptions import (
     DataPlaneError,
     InvalidRequestError,
@@ -39,8 +29,8 @@ from tdask.exceptions import (
     TdaskError,
     error_from_msg,
 )
-from tdask.operator import operator_key
-from tdask.request_plane import QueueRequestPlane, ResponseStream, make_request_plane
+from tdask.protocol import ResponseMsg, operator_key
+from tdask.request_plane import BrokerSession, Registry, RequestPlane, ResponseStream, make_request_plane
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +82,6 @@ class Response:
             await self._peer.release(remote)
 
 
-# The worker-side host sets this while an operator serves a request, so that RemoteOperator
-# used inside an operator talks through its worker (see tdask.worker).
-current_endpoint: contextvars.ContextVar[Any] = contextvars.ContextVar("tdask_endpoint", default=None)
-# ...and this to the deadline of the request being served: calls made while serving it
-# inherit it unless they pass their own timeout, so every hop waits at most what is left.
-current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("tdask_deadline", default=None)
-
-
 class _ClientEndpoint:
     """Request plane and data plane of a Client (one per client, created on first use)."""
 
@@ -107,9 +89,8 @@ class _ClientEndpoint:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.plane: QueueRequestPlane = make_request_plane(
-            client.scheduler, client.id, connection_args=client.connection_args
-        )
+        broker = BrokerSession(Registry(client.scheduler), client.id, connection_args=client.connection_args)
+        self.plane: RequestPlane = make_request_plane(broker, connection_args=client.connection_args)
         self.plane.owner_closing = lambda: client.status in ("closing", "closed")
         self.peer = client_peer(client)
 
@@ -121,25 +102,26 @@ class _ClientEndpoint:
             client._tdask_endpoint = endpoint
         return endpoint
 
-    async def place(self, key: str, array: Any) -> RemoteTensor:
+    async def place(self, key: str, array: Any, wait_s: float) -> RemoteTensor:
         """Put a large client input into the store of a worker hosting its operator.
 
-        A host that cannot be reached (it just died) is skipped for the next one.
+        Waits up to ``wait_s`` for a host; a host that cannot be reached (it just died) is
+        skipped for the next one.
         """
-        hosts = await self._wait_for_hosts(key)
+        hosts = await self._wait_for_hosts(key, wait_s)
         errors = []
         for address in random.sample(hosts, len(hosts)):
             try:
                 return await self.peer.place(address, array)
             except (TimeoutError, OSError) as exc:
                 errors.append(f"{address}: {exc}")
-                self.plane.forget_hosts(key)
+                self.plane.registry.forget_hosts(key)
         raise DataPlaneError(f"could not place an input for {key} on any of its hosts: {'; '.join(errors)}")
 
-    async def _wait_for_hosts(self, key: str) -> list[str]:
-        deadline = time.monotonic() + (get_seconds("tdask.request.unavailable-timeout") or 0.0)
+    async def _wait_for_hosts(self, key: str, wait_s: float) -> list[str]:
+        deadline = time.monotonic() + wait_s
         while True:
-            hosts = await self.plane.hosts(key)
+            hosts = await self.plane.registry.hosts(key)
             if hosts:
                 return hosts
             if time.monotonic() >= deadline:
@@ -178,9 +160,9 @@ class RemoteOperator:
     # -- facade --
     def _endpoint(self) -> Any:
         if self._client is None:
-            endpoint = current_endpoint.get()
-            if endpoint is not None:
-                return endpoint
+            serving = context.current.get()
+            if serving is not None:
+                return serving.endpoint
             from distributed import get_client
 
             self._client = get_client()
@@ -273,21 +255,20 @@ class _Call(AsyncIterator[Response]):
             raise InvalidRequestError(
                 f"request_id must be a non-empty string, got {request_id!r}", operator=op.name
             )
-        self.inputs = _check_inputs(op.name, self.request_id, inputs)
-        self.parameters = _check_parameters(op.name, self.request_id, parameters)
-        inherited = current_deadline.get()
+        self.settings = settings = RequestSettings.read()  # once per call
+        self.inputs = protocol.check_inputs(op.name, self.request_id, inputs, settings.max_input_bytes)
+        self.parameters = protocol.check_parameters(op.name, self.request_id, parameters)
+        serving = context.current.get()
+        inherited = serving.deadline if serving is not None else None
+        timeout_s: float | None
         if timeout is USE_DEFAULT and inherited is not None:
             timeout_s = max(inherited - time.time(), 1e-3)
         elif timeout is USE_DEFAULT:
-            timeout_s = get_seconds("tdask.request.timeout")
+            timeout_s = settings.timeout_s
         elif timeout is None:
             timeout_s = None
         else:
-            timeout_s = parse_timedelta(timeout, default="seconds")
-            if timeout_s is None or timeout_s <= 0:
-                raise InvalidRequestError(
-                    f"timeout must be positive, got {timeout!r}", operator=op.name, request_id=self.request_id
-                )
+            timeout_s = _positive_seconds(timeout, op.name, self.request_id)
         self.deadline = None if timeout_s is None else time.time() + timeout_s
         self.timeout_s = timeout_s
         self.fetch = endpoint.fetch_default if fetch is None else fetch
@@ -301,21 +282,22 @@ class _Call(AsyncIterator[Response]):
         return cls(message, operator=self.op.name, request_id=self.request_id, worker=worker)
 
     async def _send(self) -> None:
-        entries, self.placed = await encode_tensors(
-            self.inputs, lambda array: self.endpoint.place(self.op.key, array)
+        settings = self.settings
+        entries, self.placed = await protocol.encode_tensors(
+            self.inputs,
+            lambda array: self.endpoint.place(self.op.key, array, settings.unavailable_timeout_s),
+            settings.inline_threshold,
         )
-        request = {
-            "id": self.request_id,
-            "operator": self.op.key,
-            "name": self.op.name,
-            "parameters": self.parameters,
-            "inputs": entries,
-            "deadline": self.deadline,
-            "attempt": 0,
-            "max_retries": int(dask.config.get("tdask.request.max-retries")),
-            "host_wait_s": get_seconds("tdask.request.unavailable-timeout") or 0.0,
-            "rehost_wait_s": get_seconds("tdask.request.rehost-timeout") or 0.0,
-        }
+        request = protocol.request_msg(
+            request_id=self.request_id,
+            operator=self.op.key,
+            parameters=self.parameters,
+            inputs=entries,
+            deadline=self.deadline,
+            max_retries=settings.max_retries,
+            host_wait_s=settings.unavailable_timeout_s,
+            rehost_wait_s=settings.rehost_timeout_s,
+        )
         try:
             self.stream = await self.endpoint.plane.submit(request)
         except ValueError as exc:
@@ -341,7 +323,7 @@ class _Call(AsyncIterator[Response]):
     def _may_resend(self) -> bool:
         return (
             self.yielded == 0
-            and self.resends < int(dask.config.get("tdask.request.max-retries"))
+            and self.resends < self.settings.max_retries
             and (self.deadline is None or self.deadline > time.time())
         )
 
@@ -374,7 +356,7 @@ class _Call(AsyncIterator[Response]):
             request_id=self.request_id,
             operator=self.op.name,
             worker=reply.get("worker"),
-            outputs=decode_tensors(reply.get("outputs") or {}),
+            outputs=protocol.decode_tensors(reply.get("outputs") or {}),
             parameters=reply.get("parameters") or {},
             final=bool(reply.get("final")),
             _peer=self.endpoint.peer,
@@ -388,9 +370,9 @@ class _Call(AsyncIterator[Response]):
                     await response.release()
                     raise
             else:
-                scope = current_scope.get()
-                if scope is not None:
-                    scope.add(received)
+                serving = context.current.get()
+                if serving is not None:
+                    serving.scope.add(received)
         self.yielded += 1
         return response
 
@@ -420,65 +402,14 @@ class _Call(AsyncIterator[Response]):
         await self.aclose()
 
 
-def _check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
-    if inputs is None:
-        return {}
-    if not isinstance(inputs, Mapping):
+def _positive_seconds(timeout: Any, operator: str, request_id: str) -> float:
+    """``timeout`` (seconds, or a string such as ``"200ms"``) as positive seconds, else InvalidRequestError."""
+    try:
+        seconds = parse_timedelta(timeout, default="seconds")
+    except (ValueError, TypeError, KeyError) as exc:
         raise InvalidRequestError(
-            f"inputs must be a mapping of names to arrays, got {type(inputs).__name__}",
-            operator=operator,
-            request_id=request_id,
-        )
-    out: dict[str, Any] = {}
-    total = 0
-    for name, value in inputs.items():
-        if not isinstance(name, str) or not name:
-            raise InvalidRequestError(f"input name {name!r} is not a string", operator=operator, request_id=request_id)
-        if isinstance(value, RemoteTensor):
-            out[name] = value
-            total += value.nbytes
-            continue
-        if not is_array(value):
-            raise InvalidRequestError(
-                f"input {name!r} is a {type(value).__name__}, expected a numpy/cupy array or RemoteTensor",
-                operator=operator,
-                request_id=request_id,
-            )
-        if value.dtype == object:
-            raise InvalidRequestError(
-                f"input {name!r} has dtype object, which cannot be sent", operator=operator, request_id=request_id
-            )
-        if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
-            value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
-        out[name] = value
-        total += int(value.nbytes)
-    limit = get_bytes("tdask.request.max-input-bytes")
-    if total > limit:
-        raise InvalidRequestError(
-            f"inputs total {total} bytes, over the limit of {limit} (tdask.request.max-input-bytes)",
-            operator=operator,
-            request_id=request_id,
-        )
-    return out
-
-
-_SCALARS = (str, int, float, bool)
-
-
-def _check_parameters(operator: str, request_id: str, parameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    if parameters is None:
-        return {}
-    if not isinstance(parameters, Mapping):
-        raise InvalidRequestError(
-            f"parameters must be a mapping, got {type(parameters).__name__}", operator=operator, request_id=request_id
-        )
-    for key, value in parameters.items():
-        if not isinstance(key, str):
-            raise InvalidRequestError(f"parameter name {key!r} is not a string", operator=operator, request_id=request_id)
-        if not isinstance(value, _SCALARS):
-            raise InvalidRequestError(
-                f"parameter {key!r} is a {type(value).__name__}; parameters must be str, int, float or bool",
-                operator=operator,
-                request_id=request_id,
-            )
-    return dict(parameters)
+            f"timeout {timeout!r} is not a duration: {exc}", operator=operator, request_id=request_id
+        ) from None
+    if seconds is None or not seconds > 0:
+        raise InvalidRequestError(f"timeout must be positive, got {timeout!r}", operator=operator, request_id=request_id)
+    return float(seconds)

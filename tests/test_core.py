@@ -87,7 +87,7 @@ def test_many_concurrent_requests_spread_and_bounded(deployment, client):
 def test_broker_credits_come_back_to_the_limit(deployment, client):
     """After a burst, the broker holds exactly max_inflight_requests credits per worker: requests
     sent directly to a worker took none, so finishing them must not grant any."""
-    from tdask.request_plane import BROKER_NAME
+    from tdask.request_plane.broker import BROKER_NAME
 
     async def go(c):
         op = RemoteOperator("add", client=c)
@@ -108,10 +108,10 @@ def test_closing_a_client_closes_its_comms_to_workers(deployment, client):
     """distributed has no close hook for comms a Client did not open itself: the broker tells
     the workers, which close the direct-plane comms of that client, while its process (and
     event loop) lives on."""
-    from tdask.worker import PLUGIN_NAME
+    from tdask.host import PLUGIN_NAME
 
     def requesters(dask_worker):
-        return sorted(set(dask_worker.plugins[PLUGIN_NAME]._direct_sessions.values()))
+        return sorted(set(dask_worker.plugins[PLUGIN_NAME].direct.sessions.values()))
 
     async def main():
         closed = await Client(deployment.scheduler_address, asynchronous=True)
@@ -139,14 +139,14 @@ def test_direct_sessions_ride_the_configured_transport(client):
     """On tcp:// the direct plane's sessions are tdask's wire unless configured to be Dask comms
     (then workers open no port of their own). Workers listen on their wire whichever plane
     they use themselves: each caller picks its own plane."""
-    from tdask.worker import PLUGIN_NAME
+    from tdask.host import PLUGIN_NAME
 
     for name in ("identity", "echo"):
         RemoteOperator(name, client=client).infer(inputs={"x": np.arange(3)})
 
     def transports(dask_worker):
         plugin = dask_worker.plugins[PLUGIN_NAME]
-        return plugin._wire_address(), sorted({type(s).__name__ for s in plugin._direct_sessions})
+        return plugin.direct._wire_address(), sorted({type(s).__name__ for s in plugin.direct.sessions})
 
     found = client.run(transports)
     if dask.config.get("tdask.request.direct-transport") == "wire":
@@ -469,7 +469,7 @@ def test_session_writes_in_order_through_a_suspending_write():
     from distributed.comm import connect, listen
     from distributed.comm.utils import OFFLOAD_THRESHOLD
 
-    from tdask.request_plane import Session
+    from tdask.request_plane.session import Session
 
     async def go():
         received: list[dict] = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tdask import Deployment, OperatorConfig, RemoteOperator
-from tdask.worker import PLUGIN_NAME
+from tdask.host import PLUGIN_NAME
 from tests.conftest import assert_no_children, child_pids, store_stats
 from tests.operators import Consumer, Forward, Identity, Producer
 
@@ -30,7 +30,7 @@ def test_tls_end_to_end():
         workers = dep.worker_addresses()
         assert all(addr.startswith("tls://127.0.0.1:") for addr in workers.values()), workers
         # tdask's wire has no TLS of its own: on tls:// every direct session is a Dask TLS comm.
-        wires = dep.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME]._wire_address())
+        wires = dep.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct._wire_address())
         assert set(wires.values()) == {None}, wires
         big = np.arange(1_000_000)
         response = RemoteOperator("identity", client=dep.client).infer(inputs={"x": big})

@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tdask.triton_server import TritonServer, TritonServerError, find_tritonserver, merge_model_config
+from tdask.triton.server import TritonServer, TritonServerError, find_tritonserver, merge_model_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -213,7 +213,7 @@ def test_bad_parameters_answer_with_an_error(client, model, inputs, parameters, 
 
 def http_infer(server: TritonServer, calls):
     """Run ``calls(client)`` (a coroutine function) with a fresh TritonHttpClient, then close it."""
-    from tdask.triton_client import TritonHttpClient
+    from tdask.triton.http_client import TritonHttpClient
 
     async def go():
         client = TritonHttpClient.from_url(server.http_url)
@@ -248,7 +248,7 @@ def test_http_client_round_trip(server, size):
 
 
 def test_http_client_errors_keep_triton_status_and_message(server):
-    from tdask.triton_client import TritonHttpError
+    from tdask.triton.http_client import TritonHttpError
 
     three = (np.arange(3, dtype=np.int64), "INT64")
 
@@ -313,7 +313,7 @@ def test_http_client_concurrent_calls_open_more_connections(server):
 def test_http_client_retries_once_when_a_kept_alive_connection_was_closed():
     """A server may drop a kept-alive connection just as a request goes out on it: the client
     sends it again once on a fresh connection; a fresh connection failing is an error."""
-    from tdask.triton_client import TritonHttpClient
+    from tdask.triton.http_client import TritonHttpClient
 
     body_header = json.dumps(
         {"outputs": [{"name": "y", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}]}
@@ -371,7 +371,7 @@ def test_http_client_retries_once_when_a_kept_alive_connection_was_closed():
 )
 def test_http_client_tensor_encoding_round_trips(array, datatype):
     """Every datatype's binary form, as the client writes inputs and reads outputs."""
-    from tdask.triton_client import _decode_output, _encode_input
+    from tdask.triton.http_client import _decode_output, _encode_input
 
     spec, data = _encode_input("x", array, datatype)
     body = b"header" + bytes(data)
@@ -537,7 +537,7 @@ def test_server_does_not_outlive_its_owner(tmp_path, how):
     script = textwrap.dedent(
         f"""
         import asyncio, json, os, signal, sys, time
-        from tdask.triton_server import TritonServer
+        from tdask.triton.server import TritonServer
         server = TritonServer(model_repository={str(MODELS)!r}, log_dir={str(tmp_path)!r}, name="owned")
         async def go():
             await server.start()

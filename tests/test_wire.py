@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tdask import Deployment, OperatorConfig, RemoteOperator
-from tdask.wire import WireServer, WireSession, open_session
+from tdask.request_plane.wire import WireServer, WireSession, open_session
 from tests.conftest import assert_no_children
 from tests.operators import Identity
 
@@ -129,16 +129,16 @@ def test_closing_the_server_closes_its_sessions():
 def test_unreachable_wire_falls_back_to_dask_comm():
     """A worker whose wire cannot be reached (here: its listener closed, as a firewall would make
     it) is still served, over Dask's comm; with the wire port taken, a worker starts without one."""
-    from tdask.worker import PLUGIN_NAME
+    from tdask.host import PLUGIN_NAME
 
     def close_wire(dask_worker):
         plugin = dask_worker.plugins[PLUGIN_NAME]
-        plugin.wire._server.close()  # the address stays advertised: callers dial it and fail
-        return plugin.wire.address
+        plugin.direct.wire._server.close()  # the address stays advertised: callers dial it and fail
+        return plugin.direct.wire.address
 
     def transports(dask_worker):
         plugin = dask_worker.plugins[PLUGIN_NAME]
-        return plugin._wire_address(), sorted({type(s).__name__ for s in plugin._direct_sessions})
+        return plugin.direct._wire_address(), sorted({type(s).__name__ for s in plugin.direct.sessions})
 
     operators = [OperatorConfig(name="identity", implementation=Identity)]
     with Deployment(operators, dashboard_address=None) as dep:

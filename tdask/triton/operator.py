@@ -30,7 +30,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
 from tdask.operator import Operator, Request
-from tdask.triton_client import ReservedParameterError, TritonHttpClient, TritonHttpError
+from tdask.triton.http_client import ReservedParameterError, TritonHttpClient, TritonHttpError
 
 __all__ = ["TritonCoreOperator"]
 

@@ -192,6 +192,9 @@ class WireSession(asyncio.Protocol):
             return
         self._transport.writelines([_HEADER.pack(len(payload)), payload])
 
+    async def drain(self) -> None:
+        """Wait while writing is paused (placeholder until the bounded buffer lands)."""
+
     async def read_forever(self) -> None:
         """Return once the connection is closed (messages are delivered as they arrive)."""
         await self.closed.wait()
@@ -210,13 +213,13 @@ class WireSession(asyncio.Protocol):
 
 
 async def open_session(
-    address: str, requester: str, on_message: MessageHandler, *, timeout: float | None
+    address: str, requester: str, on_message: MessageHandler, *, timeout: float | None, ssl_context: Any = None
 ) -> WireSession:
     """Connect to a worker's wire (``host:port``) and say who we are."""
     host, _, port = address.rpartition(":")
     loop = asyncio.get_running_loop()
     _, session = await asyncio.wait_for(
-        loop.create_connection(lambda: WireSession(f"to {address}", on_message), host.strip("[]"), int(port)),
+        loop.create_connection(lambda: WireSession(f"to {address}", on_message), host.strip("[]"), int(port), ssl=ssl_context),
         timeout,
     )
     session.send({"op": "hello", "wire": WIRE_VERSION, "requester": requester})  # written at once, alone:
@@ -232,9 +235,9 @@ class WireServer:
         self._sessions: set[WireSession] = set()  # until they close: aborted with the server
         self.address: str | None = None
 
-    async def start(self, host: str, port: int = 0) -> str:
+    async def start(self, host: str, port: int = 0, *, ssl_context: Any = None) -> str:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_session, host, port)
+        self._server = await loop.create_server(self._new_session, host, port, ssl=ssl_context)
         bound = self._server.sockets[0].getsockname()
         self.address = f"[{host}]:{bound[1]}" if ":" in host else f"{host}:{bound[1]}"
         return self.address

@@ -1,0 +1,46 @@
+"""The serving context: what the code running inside an operator's ``execute`` is serving.
+
+One context variable, set by the worker host (:mod:`tdask.host.serving`) for each batch it runs,
+read by the caller side (:class:`tdask.RemoteOperator` calls made inside an operator go through
+the operator's own worker and inherit the request's deadline) and by the data plane (fetches use
+the worker's store; descriptors received are released when the request finishes).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tdask.data_plane import TensorScope, TensorStore
+
+__all__ = ["ServingContext", "current"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServingContext:
+    """What one running batch serves.
+
+    Attributes
+    ----------
+    endpoint
+        The request and data plane that :class:`tdask.RemoteOperator` uses from inside an
+        operator (the worker's own, see :class:`tdask.host.plugin.WorkerEndpoint`).
+    store
+        The worker's tensor store.
+    scope
+        The descriptors received while serving this batch (released when it finishes, unless
+        handed on in a response).
+    deadline
+        The latest deadline of the batch's requests (epoch seconds; ``None``: no deadline);
+        calls made while serving inherit it.
+    """
+
+    endpoint: Any
+    store: TensorStore
+    scope: TensorScope
+    deadline: float | None
+
+
+current: contextvars.ContextVar[ServingContext | None] = contextvars.ContextVar("tdask_serving", default=None)

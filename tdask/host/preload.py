@@ -1,0 +1,77 @@
+"""``--preload tdask.worker``: host tdask operators on a worker started by ``dask worker``.
+
+``dask worker ADDR --preload tdask.worker --tdask-operator '{"name": ..., "implementation": ...}'``
+(and the same with ``dask cuda worker``). The preload adds an :class:`~tdask.host.plugin.OperatorHost`;
+distributed only logs preload failures, so the host records them in the scheduler's registry,
+where callers get :class:`~tdask.exceptions.OperatorUnavailableError` with the worker's message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import click
+import yaml
+from distributed import Worker
+
+from tdask.host.plugin import PLUGIN_NAME, OperatorHost
+from tdask.operator import OperatorConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["dask_setup", "parse_operator_option"]
+
+def parse_operator_option(text: str) -> list[OperatorConfig]:
+    """Read ``--tdask-operator``: a JSON object or list, or ``@path`` to a JSON/YAML file."""
+    if text.startswith("@"):
+        data = yaml.safe_load(Path(text[1:]).read_text())
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}") from None
+    items = data if isinstance(data, list) else [data]
+    configs = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise click.BadParameter(f"expected an object describing an operator, got {item!r}")
+        try:
+            configs.append(OperatorConfig(**item))
+        except (TypeError, ValueError) as exc:
+            raise click.BadParameter(str(exc)) from None
+    return configs
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option(
+    "--tdask-operator",
+    "operators",
+    multiple=True,
+    required=True,
+    help='An operator to host, as JSON ({"name": ..., "implementation": ..., ...}) or @file.',
+)
+@click.option("--tdask-log-dir", "log_dir", default=None, help="Directory for Triton's and operators' logs.")
+async def dask_setup(worker: Worker, operators: tuple[str, ...], log_dir: str | None) -> None:
+    """Host tdask operators on a worker started with ``--preload tdask.worker``."""
+    configs = [config for text in operators for config in parse_operator_option(text)]
+    host = OperatorHost(configs, log_dir=log_dir)
+    started = time.monotonic()
+    try:
+        await worker.plugin_add(plugin=host, name=PLUGIN_NAME, catch_errors=False)
+    except Exception as exc:
+        # distributed only logs preload failures; the host already recorded them in the
+        # scheduler's registry, so callers get OperatorUnavailableError with this message.
+        logger.error("tdask preload failed on %s: %s", worker.address, exc)
+        worker.log_event("tdask", {"action": "preload-failed", "error": str(exc)})
+        return
+    logger.info(
+        "tdask hosting %s on %s (setup %.1fs)",
+        [c.key for c in configs],
+        worker.address,
+        time.monotonic() - started,
+    )
+
+

@@ -1,0 +1,322 @@
+"""Serving on a worker: slots, batches, cancellation and answers, whichever plane brought a request.
+
+Each hosted operator runs at most ``max_inflight_requests`` requests at once; what does not fit
+waits here in arrival order. Requests leased by the broker hold a broker credit until their batch
+returns; direct ones hold none. Every request gets exactly one final answer, sent back on the
+plane it came through (the caller's direct session, else the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tdask import context, protocol
+from tdask.config import RequestSettings
+from tdask.data_plane import TensorScope, TensorStore
+from tdask.exceptions import OperatorError, TdaskError, error_to_msg
+from tdask.operator import Operator, OperatorConfig, Request
+from tdask.protocol import RequestMsg, ResponseMsg
+from tdask.request_plane import DirectServer, QueueServer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Hosted", "Serving"]
+
+
+@dataclass
+class Hosted:
+    """One operator on this worker, with its in-flight accounting."""
+
+    config: OperatorConfig
+    operator: Operator
+    inflight: int = 0
+    max_inflight_seen: int = 0
+    started: int = 0
+    waiting: deque[RequestMsg] = field(default_factory=deque)  # admitted, no free slot yet
+    batches: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class Serving:
+    """Runs the requests of a worker's operators and answers them.
+
+    Parameters
+    ----------
+    worker_address
+        The worker's address (responses name it).
+    store
+        The worker's tensor store (large outputs are kept there).
+    endpoint
+        What :class:`tdask.RemoteOperator` uses from inside an operator (the worker's own planes).
+    queue
+        The worker's queue-plane server (credits, answers to broker requests).
+    direct
+        The worker's direct-plane server (answers to direct requests).
+    keep_unanswered
+        True while the worker is beyond repair (restarting): failed requests are then not
+        answered, so that their callers serve them again elsewhere once the worker has left.
+    """
+
+    def __init__(
+        self,
+        *,
+        worker_address: str,
+        store: TensorStore,
+        endpoint: Any,
+        queue: QueueServer,
+        direct: DirectServer,
+        keep_unanswered: Callable[[], bool],
+    ) -> None:
+        self.worker_address = worker_address
+        self.store = store
+        self.endpoint = endpoint
+        self.queue = queue
+        self.direct = direct
+        self.keep_unanswered = keep_unanswered
+        self.hosted: dict[str, Hosted] = {}
+        self.closing = False
+        self._running: dict[tuple[str, str], tuple[Request, asyncio.Task[None]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- admission -------------------------------------------------------------------------
+
+    def on_direct(self, request: RequestMsg) -> bool:
+        """A request from a direct caller; False when its operator is not (or no longer) here."""
+        hosted = self.hosted.get(request["operator"])
+        if hosted is None or self.closing:
+            return False
+        self._admit(hosted, [request])
+        return True
+
+    def on_leased(self, key: str, requests: list[RequestMsg]) -> None:
+        """Requests pushed by the broker, never more than the slots granted to it."""
+        hosted = self.hosted.get(key)
+        if hosted is None or self.closing:
+            return  # arrived while we stop: our leases on them are handed back at unregister
+        for request in requests:
+            request["via_broker"] = True
+        self._admit(hosted, requests)
+
+    def _admit(self, hosted: Hosted, requests: list[RequestMsg]) -> None:
+        """Run what fits in the free slots now; the rest waits here, in arrival order.
+
+        The broker never pushes more than the slots granted to it, but direct requests fill
+        slots too: nothing ever runs beyond ``max_inflight_requests``.
+        """
+        free = hosted.config.max_inflight_requests - hosted.inflight
+        if free >= len(requests) and not hosted.waiting:
+            self._start_batch(hosted, requests)
+            return
+        hosted.waiting.extend(requests)
+        self._start_waiting(hosted)
+
+    def _start_waiting(self, hosted: Hosted) -> None:
+        free = hosted.config.max_inflight_requests - hosted.inflight
+        batch = [hosted.waiting.popleft() for _ in range(min(free, len(hosted.waiting)))]
+        if batch:
+            self._start_batch(hosted, batch)
+
+    def grant_all(self) -> None:
+        """Give the broker every operator's slots (once, after registering)."""
+        for key, hosted in self.hosted.items():
+            self.queue.grant(key, hosted.config.max_inflight_requests)
+
+    def _grant(self, hosted: Hosted, n: int) -> None:
+        if n and not self.closing:
+            self.queue.grant(hosted.config.key, n)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _start_batch(self, hosted: Hosted, messages: list[RequestMsg]) -> None:
+        settings = RequestSettings.read()  # once per batch, not per response
+        requests = [
+            Request(
+                request_id=message["id"],
+                operator=hosted.config.name,
+                version=hosted.config.version,
+                inputs=protocol.decode_tensors(message.get("inputs") or {}),
+                parameters=dict(message.get("parameters") or {}),
+                deadline=message.get("deadline"),
+                store=self.store,
+                send=lambda request, response: self._answer(request, response, settings),
+                requester=message["requester"],
+                via_broker=bool(message.get("via_broker")),
+            )
+            for message in messages
+        ]
+        batch = tuple(requests)
+        for request in requests:
+            request.batch = batch
+        hosted.inflight += len(requests)
+        hosted.started += len(requests)
+        hosted.max_inflight_seen = max(hosted.max_inflight_seen, hosted.inflight)
+        task = asyncio.create_task(self._run_batch(hosted, requests))
+        hosted.batches.add(task)
+        for request in requests:
+            self._running[(request.requester, request.request_id)] = (request, task)
+
+    async def _run_batch(self, hosted: Hosted, requests: list[Request]) -> None:
+        scope = TensorScope()
+        deadlines = [r.deadline for r in requests]
+        context.current.set(
+            context.ServingContext(
+                endpoint=self.endpoint,
+                store=self.store,
+                scope=scope,
+                deadline=None if None in deadlines else max(d for d in deadlines if d is not None),
+            )
+        )
+        error: BaseException | None = None
+        cancelled = False
+        try:
+            await hosted.operator.execute(requests)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception as exc:
+            error = exc
+            logger.warning(
+                "operator %s raised on requests %s: %r",
+                hosted.config.key,
+                [r.request_id for r in requests],
+                exc,
+                exc_info=not isinstance(exc, TdaskError),
+            )
+        finally:
+            try:
+                if not cancelled or not self.closing:
+                    for request in requests:
+                        if request.finished or request.cancelled.is_set():
+                            continue
+                        if error is None:
+                            error = OperatorError("the operator returned without sending a final response")
+                        await request.response_sender().send(error=error)
+            except Exception:
+                logger.exception("answering failed requests of %s failed", hosted.config.key)
+            finally:
+                if scope.tensors:
+                    await self.store.release(list(scope.tensors.values()))
+                hosted.inflight -= len(requests)
+                hosted.batches.discard(asyncio.current_task())  # type: ignore[arg-type]
+                if not self.closing:
+                    self._start_waiting(hosted)
+                    # The broker's credit counts its own requests held here (running or
+                    # waiting); direct ones never took any, so they give none back.
+                    self._grant(hosted, sum(1 for r in requests if r.via_broker))
+                for request in requests:
+                    self._running.pop((request.requester, request.request_id), None)
+
+    async def _answer(self, request: Request, response: dict[str, Any], settings: RequestSettings) -> None:
+        """Encode one response (large outputs into the store) and send it back where the request came from."""
+        if request.cancelled.is_set():
+            return
+        error = response["error"]
+        if error is not None and self.keep_unanswered():
+            # Failed because this worker is beyond repair (its Triton died): keep the lease, so
+            # the request is served again once this worker has left, instead of failing it.
+            logger.warning("not answering request %s of %s: this worker is restarting", request.request_id, request.operator)
+            return
+        outputs = response["outputs"]
+        parameters = response["parameters"]
+        final = response["final"]
+        if error is None:
+            try:
+                protocol.check_outputs(request.operator, request.request_id, outputs)
+                protocol.check_response_parameters(request.operator, request.request_id, parameters)
+            except OperatorError as exc:
+                logger.error("operator %s answered request %s badly: %s", request.operator, request.request_id, exc)
+                error, outputs, parameters, final = exc, {}, {}, True
+                request.finished = True
+        entries: dict[str, Any] = {}
+        serving = context.current.get()
+        if error is None:
+            entries, _ = await protocol.encode_tensors(outputs, self._place, settings.inline_threshold)
+            if serving is not None:
+                serving.scope.hand_on(protocol.tensors_in(outputs.values()))
+        message: ResponseMsg = protocol.response_msg(
+            request_id=request.request_id,
+            requester=request.requester,
+            operator=f"{request.operator}/{request.version}",
+            worker=self.worker_address,
+            outputs=entries,
+            parameters=parameters if error is None else {},
+            error=None if error is None else error_to_msg(error, request.operator),
+            final=final,
+        )
+        if final and serving is not None and serving.scope.tensors and all(r.finished for r in request.batch):
+            # The batch is done with what it received: free it before the caller hears back,
+            # so "answered" implies "intermediate tensors released".
+            received, serving.scope.tensors = list(serving.scope.tensors.values()), {}
+            await self.store.release(received)
+        route = self.direct.route(message)
+        try:
+            if route is not None:
+                route.send(protocol.replies([message]))
+                await route.drain()
+            else:
+                self.queue.respond(message)
+        except Exception as exc:
+            logger.error("could not deliver response to %s of %s: %s", request.request_id, request.operator, exc)
+
+    async def _place(self, array: Any) -> Any:
+        return self.store.put(array)
+
+    # -- cancellation ----------------------------------------------------------------------
+
+    def cancel(self, keys: list[list[str]]) -> None:
+        """Cancel requests by ``[requester, request_id]``: waiting ones never run; running ones are told."""
+        wanted = {(requester, request_id) for requester, request_id in keys}
+        for hosted in self.hosted.values():
+            dropped = [m for m in hosted.waiting if (m["requester"], m["id"]) in wanted]
+            if dropped:
+                hosted.waiting = deque(m for m in hosted.waiting if (m["requester"], m["id"]) not in wanted)
+                self._grant(hosted, sum(1 for m in dropped if m.get("via_broker")))
+        self.direct.forget(list(wanted))
+        tasks = set()
+        for key in wanted:
+            entry = self._running.get(key)
+            if entry is None:
+                continue
+            request, task = entry
+            request.cancelled.set()
+            logger.info("request %s of %s cancelled by its caller", request.request_id, request.operator)
+            tasks.add(task)
+        for task in tasks:
+            siblings = [r for r, t in self._running.values() if t is task]
+            if all(r.cancelled.is_set() or r.finished for r in siblings):
+                task.cancel()
+
+    def release_orphan(self, reply: ResponseMsg) -> None:
+        """A reply nobody waits for reached this worker's caller plane: free what it refers to."""
+        refs = protocol.refs_in(reply.get("outputs"))
+        if refs:
+            task = asyncio.create_task(self.store.release(refs))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # -- teardown and stats ----------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Let running batches finish for at most ``timeout`` seconds, then cancel the rest."""
+        batches = [t for h in self.hosted.values() for t in h.batches]
+        if batches:
+            _, pending = await asyncio.wait(batches, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def stats(self) -> dict[str, Any]:
+        """In-flight accounting per operator (``max_inflight_seen`` proves the limit held)."""
+        return {
+            key: {
+                "inflight": h.inflight,
+                "max_inflight_seen": h.max_inflight_seen,
+                "limit": h.config.max_inflight_requests,
+                "started": h.started,
+                "waiting": len(h.waiting),
+            }
+            for key, h in self.hosted.items()
+        }

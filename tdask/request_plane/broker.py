@@ -1,0 +1,402 @@
+"""The scheduler's half of the request plane: the operator registry and the request queues.
+
+Installed on the scheduler by the first caller or worker that needs it
+(:meth:`tdask.request_plane.registry.Registry.ensure_broker`), so a plain ``dask scheduler``
+works.
+
+Why not ``distributed.Queue``: its ``get`` is not cancelled when the consumer's connection
+drops, so a worker that dies while waiting still takes the next item, which is then lost; and it
+does not know which worker holds which item. The broker adds exactly that: a request handed to a
+worker is *leased* to it until its final response; when the worker leaves, its leases are
+re-queued (bounded retries) or answered with :class:`~tdask.exceptions.WorkerLostError`.
+
+Every requester and every serving worker keeps one session with the broker
+(:class:`tdask.request_plane.queue.BrokerSession`). Workers grant *credits* (free request slots)
+per operator; the broker pushes queued requests to the host with the most credits and pushes
+responses to their requester. Registry calls (register, hosts, ...) are plain RPCs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from tdask import protocol
+from tdask.data_plane import DataPlanePeer
+from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError
+from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
+from tdask.request_plane import dashboard
+from tdask.request_plane.session import Session
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BROKER_NAME", "RequestBroker"]
+
+BROKER_NAME = "tdask-request-broker"
+
+
+@dataclass
+class _Lease:
+    request: dict[str, Any]
+    worker: str
+    partial: bool = False  # a non-final response went out: re-serving would duplicate it
+
+
+@dataclass
+class _Peer:
+    """A connected requester (and, when ``worker`` is set, a serving worker)."""
+
+    requester: str
+    worker: str | None
+    session: Session
+
+
+class RequestBroker(SchedulerPlugin):
+    """Scheduler extension holding request queues, leases, sessions and the operator registry.
+
+    All methods run on the scheduler's event loop, so no locking is needed. RPC handlers:
+    ``tdask_register/unregister/hosts/operators``; ``tdask_session`` opens a session.
+    """
+
+    name = BROKER_NAME
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.queues: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        self.hosts: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        self.credits: dict[str, dict[str, int]] = defaultdict(dict)
+        self.last_used: dict[str, dict[str, int]] = defaultdict(dict)
+        self._ticks = 0
+        self.failures: dict[str, dict[str, str]] = defaultdict(dict)
+        self.leases: dict[tuple[str, str], _Lease] = {}
+        self.peers: dict[str, _Peer] = {}  # requester id -> peer
+        self.serving: dict[str, _Peer] = {}  # worker address -> its serving peer
+        self.counts: dict[str, int] = defaultdict(int)
+        # worker -> its serving counters per operator, as it last reported them (all planes)
+        self.worker_stats: dict[str, dict[str, Any]] = {}
+        self._checker: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.scheduler: Any = None
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers.update(
+            {
+                Rpc.SESSION: self.session,
+                Rpc.REGISTER: self.register,
+                Rpc.UNREGISTER: self.unregister,
+                Rpc.HOSTS: self.get_hosts,
+                Rpc.OPERATORS: self.get_operators,
+            }
+        )
+        self._checker = asyncio.create_task(self._check_forever())
+        app = getattr(scheduler, "http_application", None)
+        if app is not None:  # next to the dashboard: /tdask (a page) and /tdask/operators.json
+            dashboard.install(app, self)
+
+    async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            await asyncio.gather(self._checker, return_exceptions=True)
+        for peer in list(self.peers.values()):
+            await peer.session.close()
+
+    # sessions
+    async def session(self, comm: Any, requester: str, worker: str | None = None) -> None:
+        """Serve one requester's (or worker's) session until its comm closes."""
+        session = Session(comm, lambda message: self._on_message(requester, message), requester)
+        peer = _Peer(requester, worker, session)
+        old = self.peers.get(requester)
+        self.peers[requester] = peer
+        if worker is not None:
+            self.serving[worker] = peer
+        if old is not None:
+            await old.session.close()
+        try:
+            await session.read_forever()
+        finally:
+            if self.peers.get(requester) is peer:
+                del self.peers[requester]
+                self._requester_left(requester)
+            if worker is not None and self.serving.get(worker) is peer:
+                del self.serving[worker]
+                self.worker_stats.pop(worker, None)
+                for credits in self.credits.values():
+                    credits.pop(worker, None)
+
+    def _on_message(self, requester: str, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == Op.SUBMIT:
+            request = message["request"]
+            protocol.check_request(request)
+            request["requester"] = requester  # whoever says otherwise, answers go back to its sender
+            self.submit(request)
+        elif op == Op.RESPOND:
+            self.respond(message["responses"])
+        elif op == Op.CREDIT:
+            peer = self.peers.get(requester)
+            if peer is not None and peer.worker is not None:
+                self.credit(peer.worker, message["operator"], message["n"])
+        elif op == Op.CANCEL:
+            self.cancel(requester, message["request_ids"])
+        elif op == Op.STATS:
+            peer = self.peers.get(requester)
+            if peer is not None and peer.worker is not None and peer.worker in self.serving:
+                self.worker_stats[peer.worker] = message["stats"]
+        else:
+            logger.warning("tdask session %s: unknown message %r", requester, op)
+
+    def _push(self, worker: str, message: dict[str, Any]) -> bool:
+        peer = self.serving.get(worker)
+        if peer is None or peer.session.closed.is_set():
+            return False
+        peer.session.send(message)
+        return True
+
+    # registry
+    def register(
+        self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]
+    ) -> None:
+        for op in operators:
+            self.hosts[op["key"]][worker] = op
+        for name, message in failures.items():
+            self.failures[name][worker] = message
+        logger.info(
+            "worker %s hosts %s%s",
+            worker,
+            [op["key"] for op in operators],
+            f"; failed: {sorted(failures)}" if failures else "",
+        )
+
+    def unregister(self, worker: str, release_leases: bool) -> None:
+        for key, hosts in self.hosts.items():
+            hosts.pop(worker, None)
+            self.credits[key].pop(worker, None)
+        if release_leases:
+            self._requeue_leases(worker, lost=False)
+
+    def get_hosts(self, operator: str) -> list[str]:
+        return list(self.hosts.get(operator, {}))
+
+    def get_operators(self) -> dict[str, Any]:
+        return {
+            "hosts": {key: sorted(hosts) for key, hosts in self.hosts.items() if hosts},
+            "failures": {name: dict(f) for name, f in self.failures.items() if f},
+            "queued": {key: len(q) for key, q in self.queues.items() if q},
+            "leased": len(self.leases),
+            "counts": dict(self.counts),
+            "workers": {worker: stats for worker, stats in sorted(self.worker_stats.items())},
+        }
+
+    # requests
+    def submit(self, request: dict[str, Any]) -> None:
+        request["submitted"] = time.time()
+        self.counts["submitted"] += 1
+        key = request["operator"]
+        self.queues[key].append(request)
+        self._dispatch(key)
+
+    def credit(self, worker: str, operator: str, n: int) -> None:
+        if worker not in self.hosts.get(operator, ()):
+            return  # unregistered meanwhile: it takes nothing more
+        credits = self.credits[operator]
+        credits[worker] = credits.get(worker, 0) + n
+        self._dispatch(operator)
+
+    def _dispatch(self, key: str) -> None:
+        """Hand queued requests of ``key`` to hosts with free slots, most free slots first."""
+        queue, credits = self.queues[key], self.credits[key]
+        if not queue or not credits:
+            return
+        pushes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        now = time.time()
+        last_used = self.last_used[key]
+        while queue and credits:
+            # Most free slots first; among equals, the one idle longest (round robin).
+            worker = max(credits, key=lambda w: (credits[w], -last_used.get(w, 0)))
+            self._ticks += 1
+            last_used[worker] = self._ticks
+            request = queue.popleft()
+            if request.get("deadline") is not None and request["deadline"] < now:
+                self._answer_error(request, RequestTimeoutError("deadline passed while queued"))
+                continue
+            self.leases[(request["requester"], request["id"])] = _Lease(request, worker)
+            pushes[worker].append(request)
+            credits[worker] -= 1
+            if credits[worker] <= 0:
+                del credits[worker]
+        for worker, requests in pushes.items():
+            if self._push(worker, protocol.requests(key, requests)):
+                self.counts["served"] += len(requests)
+                continue
+            # Its session is gone (it is leaving): take the requests back, give it no more.
+            logger.warning("worker %s has no session; re-queueing %d requests", worker, len(requests))
+            for request in reversed(requests):
+                del self.leases[(request["requester"], request["id"])]
+                queue.appendleft(request)
+            credits.pop(worker, None)
+        if queue and credits:
+            self._dispatch(key)
+
+    def cancel(self, requester: str, request_ids: list[str]) -> None:
+        ids = set(request_ids)
+        for key, queue in self.queues.items():
+            if any(r["requester"] == requester and r["id"] in ids for r in queue):
+                self.queues[key] = deque(r for r in queue if not (r["requester"] == requester and r["id"] in ids))
+        by_worker: dict[str, list[list[str]]] = defaultdict(list)
+        for request_id in ids:
+            lease = self.leases.pop((requester, request_id), None)
+            if lease is not None:
+                by_worker[lease.worker].append([requester, request_id])
+        self.counts["cancelled"] += len(ids)
+        for worker, keys in by_worker.items():
+            self._push(worker, protocol.withdraw(keys))
+
+    def _requester_left(self, requester: str) -> None:
+        """A requester's session closed: nobody waits for its requests any more."""
+        queued = [r["id"] for q in self.queues.values() for r in q if r["requester"] == requester]
+        leased = [rid for (req, rid) in self.leases if req == requester]
+        if queued or leased:
+            logger.info("requester %s left; cancelling its %d requests", requester, len(queued) + len(leased))
+            self.cancel(requester, queued + leased)
+
+    def respond(self, responses: list[dict[str, Any]]) -> None:
+        for response in responses:
+            key = (response["requester"], response["id"])
+            lease = self.leases.get(key)
+            if lease is None or lease.worker != response.get("worker"):
+                # Cancelled, timed out, or re-served elsewhere: this answer is stale.
+                self.counts["dropped"] += 1
+                self._release_refs(response)
+                continue
+            if response.get("final"):
+                del self.leases[key]
+                self.counts["answered"] += 1
+            else:
+                lease.partial = True
+            self._reply(response)
+
+    # internals
+    def _reply(self, response: dict[str, Any]) -> None:
+        peer = self.peers.get(response["requester"])
+        if peer is None or peer.session.closed.is_set():
+            self.counts["dropped"] += 1
+            self._release_refs(response)
+            return
+        peer.session.send(protocol.replies([response]))
+
+    def _answer_error(self, request: dict[str, Any], error: TdaskError, worker: str | None = None) -> None:
+        self.counts["failed"] += 1
+        self._reply(
+            protocol.error_reply(
+                request["id"], error, requester=request["requester"], operator=request["operator"], worker=worker
+            )
+        )
+
+    def _release_refs(self, response: dict[str, Any]) -> None:
+        """Nobody will read this response: free the tensors it refers to at their owners."""
+        refs = protocol.refs_in(response.get("outputs"))
+        if refs:
+            task = asyncio.create_task(DataPlanePeer(self.scheduler.rpc).release(refs))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _requeue_leases(self, worker: str, *, lost: bool) -> None:
+        held = [(key, lease) for key, lease in self.leases.items() if lease.worker == worker]
+        for key, lease in held:
+            del self.leases[key]
+            request = lease.request
+            name = request["operator"]
+            request["submitted"] = time.time()  # its wait for a host starts again
+            if not lost:
+                self.queues[name].appendleft(request)
+                self._dispatch(name)
+            elif lease.partial or request.get("attempt", 0) >= request.get("max_retries", 0):
+                reason = "after streaming part of its answer" if lease.partial else (
+                    f"and {request.get('attempt', 0)} retries were used"
+                )
+                self._answer_error(
+                    request,
+                    WorkerLostError(f"the worker serving the request died {reason}"),
+                    worker=worker,
+                )
+            else:
+                request["attempt"] = request.get("attempt", 0) + 1
+                self.counts["retried"] += 1
+                logger.warning(
+                    "re-queueing request %s of %s held by lost worker %s (attempt %d)",
+                    request["id"],
+                    name,
+                    worker,
+                    request["attempt"],
+                )
+                self.queues[name].appendleft(request)
+                self._dispatch(name)
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        for key, hosts in self.hosts.items():
+            hosts.pop(worker, None)
+            self.credits[key].pop(worker, None)
+            self.last_used[key].pop(worker, None)
+        for failures in self.failures.values():
+            failures.pop(worker, None)
+        self.serving.pop(worker, None)
+        self.worker_stats.pop(worker, None)
+        self._requeue_leases(worker, lost=True)
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        peer = self.peers.get(client)  # a client's requester id is its client id
+        if peer is not None:
+            task = asyncio.create_task(peer.session.close())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        # distributed gives a Client no close hook for the comms it did not open itself: the
+        # workers close the direct-plane comms this client opened to them.
+        for worker in list(self.serving):
+            self._push(worker, protocol.requester_left(client))
+
+    async def _check_forever(self) -> None:
+        """Fail requests queued for an operator nobody hosts, once their wait bound passes."""
+        while True:
+            await asyncio.sleep(0.1)
+            try:
+                self._check_unhosted()
+            except Exception:
+                logger.exception("request broker check failed")
+
+    def _check_unhosted(self) -> None:
+        now = time.time()
+        for key, queue in self.queues.items():
+            if not queue or self.hosts.get(key):
+                continue
+            name = key.rsplit("/", 1)[0]
+            failures = self.failures.get(name) or {}
+            kept: deque[dict[str, Any]] = deque()
+            # An operator that had hosts (a worker restarting) gets longer to come back than one
+            # nobody ever hosted (most likely a wrong name).
+            had_hosts = key in self.hosts
+            for request in queue:
+                waited = now - request["submitted"]
+                limit = request.get("rehost_wait_s", 60.0) if had_hosts else request.get("host_wait_s", 10.0)
+                if failures or waited >= limit:
+                    self._answer_error(request, self._unavailable(key, failures, waited))
+                elif request.get("deadline") is not None and request["deadline"] < now:
+                    self._answer_error(request, RequestTimeoutError("deadline passed while queued"))
+                else:
+                    kept.append(request)
+            self.queues[key] = kept
+
+    def _unavailable(self, key: str, failures: dict[str, str], waited: float) -> OperatorUnavailableError:
+        if failures:
+            detail = "; ".join(f"{w}: {m}" for w, m in sorted(failures.items()))
+            return OperatorUnavailableError(f"operator {key} failed to start on every worker that hosts it: {detail}")
+        known = sorted(k for k, hosts in self.hosts.items() if hosts)
+        return OperatorUnavailableError(
+            f"no worker hosts operator {key} (waited {waited:.1f}s); hosted operators: {known or 'none'}"
+        )

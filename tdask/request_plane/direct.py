@@ -1,0 +1,436 @@
+"""The direct plane, both halves: each caller sends requests straight to a worker hosting the operator.
+
+Caller side (:class:`DirectRequestPlane`): the host with the fewest of this caller's requests in
+flight (round robin among equals), over the caller's own session to it: tdask's wire
+(:mod:`tdask.request_plane.wire`) on ``tcp://`` and ``tls://`` clusters, else a Dask comm
+(:mod:`tdask.request_plane.session`). The scheduler's broker stays the registry and the
+fallback: a request for an operator nobody hosts yet, or refused by a worker that is stopping,
+goes through the queue plane, which waits for a host and fails clearly after its bound. The
+caller holds the lease: when its session to a worker closes (the worker died), the requests it
+held there are sent again elsewhere (bounded by ``max_retries``) or fail with
+:class:`~tdask.exceptions.WorkerLostError`.
+
+Worker side (:class:`DirectServer`): accepts callers' sessions (the ``tdask_direct`` comm
+handler and the wire listener), hands their requests to the worker host, routes answers back on
+the session they came from, and cancels what a caller left running when its session closes.
+
+Compared with the queue plane, a hop crosses two processes instead of four; load balancing is
+per caller instead of global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import dask.config
+from distributed.comm import get_address_host
+from distributed.comm.core import CommClosedError
+from distributed.core import rpc
+
+from tdask import protocol
+from tdask.config import get_seconds
+from tdask.exceptions import WorkerLostError
+from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_request
+from tdask.request_plane.base import RequestPlane, ResponseStream, Transport
+from tdask.request_plane.queue import QueueRequestPlane
+from tdask.request_plane.registry import Registry
+from tdask.request_plane.session import Session, open_session
+from tdask.request_plane.wire import WireServer, WireSession, wire_wanted
+from tdask.request_plane.wire import open_session as open_wire
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DirectRequestPlane", "DirectServer"]
+
+# A worker whose session just closed is most likely dead: the registry may list it until the
+# scheduler notices, and dialing it would stall for the connect timeout.
+_AVOID_LOST_S = 10.0
+
+
+class DirectRequestPlane(RequestPlane):
+    """Caller plane sending each request straight to a worker (``tdask.request.plane: direct``).
+
+    Parameters
+    ----------
+    fallback
+        The queue plane of this caller (registry and sessions shared), used for requests no
+        worker can take directly.
+    connection_args
+        The client's or worker's ``connection_args`` (TLS).
+    """
+
+    def __init__(self, fallback: QueueRequestPlane, *, connection_args: dict[str, Any] | None = None) -> None:
+        self.fallback = fallback
+        self.registry: Registry = fallback.registry
+        self.requester = fallback.requester
+        self.connection_args = connection_args or {}
+        self.owner_closing: Callable[[], bool] = lambda: False
+        self._streams: dict[str, ResponseStream] = {}
+        self._workers: dict[str, Transport] = {}
+        self._connecting_to: dict[str, asyncio.Lock] = {}
+        self._outstanding: dict[str, tuple[str, RequestMsg, bool]] = {}  # id -> (worker, request, partial)
+        self._load: dict[str, int] = defaultdict(int)
+        self._ticks = 0
+        self._last_used: dict[str, int] = {}
+        self._lost: dict[str, float] = {}  # worker -> when its session closed: avoided for a while
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- sessions --------------------------------------------------------------------------
+
+    async def _worker_session(self, address: str) -> Transport:
+        session = self._workers.get(address)
+        if session is not None and not session.closed.is_set():
+            return session
+        lock = self._connecting_to.setdefault(address, asyncio.Lock())
+        async with lock:
+            session = self._workers.get(address)
+            if session is not None and not session.closed.is_set():
+                return session
+            timeout = get_seconds("tdask.data-plane.connect-timeout")
+            session = await self._open_wire(address, timeout)
+            if session is None:
+                session = await open_session(
+                    address,
+                    Rpc.DIRECT,
+                    lambda message: self._on_worker_message(address, message),
+                    name=f"tdask-direct-{self.requester}",
+                    connection_args=self.connection_args,
+                    timeout=timeout,
+                    requester=self.requester,
+                )
+            self._workers[address] = session
+            self._spawn(self._watch_worker(address, session))  # held until the session ends
+            return session
+
+    async def _open_wire(self, address: str, timeout: float | None) -> WireSession | None:
+        """The worker's wire session, or None: use Dask's comm.
+
+        A worker that cannot be asked raises (it is unreachable); one whose wire cannot be
+        reached (a firewall that only opens the worker's port) is reached over Dask's comm.
+        """
+        if not wire_wanted(address):
+            return None
+        async with rpc(address, timeout=timeout, connection_args=self.connection_args) as worker:
+            wire = await getattr(worker, Rpc.WIRE_ADDRESS)()
+        if not wire:
+            return None
+        try:
+            return await open_wire(
+                wire,
+                self.requester,
+                lambda message: self._on_worker_message(address, message),
+                timeout=timeout,
+                ssl_context=self.connection_args.get("ssl_context"),
+            )
+        except (OSError, TimeoutError) as exc:
+            logger.warning("cannot reach the wire of %s at %s (%s); using Dask's comm instead", address, wire, exc)
+            return None
+
+    @property
+    def on_orphan(self) -> Callable[[ResponseMsg], None] | None:
+        """Called with replies nobody waits for (shared with the fallback queue plane)."""
+        return self.fallback.on_orphan
+
+    @on_orphan.setter
+    def on_orphan(self, handler: Callable[[ResponseMsg], None] | None) -> None:
+        self.fallback.on_orphan = handler
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def submit(self, request: RequestMsg, stream: ResponseStream | None = None) -> ResponseStream:
+        request_id = request["id"]
+        if request_id in self._streams or request_id in self.fallback._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        hosts = await self.registry.hosts(request["operator"])
+        if not hosts:
+            return await self.fallback.submit(request, stream)  # the broker waits for a host, or fails clearly
+        stream = stream or ResponseStream(request_id)
+        self._streams[request_id] = stream
+        request["requester"] = self.requester
+        try:
+            sent = await self._send_direct(request, hosts)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        if not sent:
+            del self._streams[request_id]
+            return await self.fallback.submit(request, stream)
+        return stream
+
+    async def _send_direct(self, request: RequestMsg, hosts: list[str]) -> bool:
+        now = time.monotonic()
+        candidates = [h for h in hosts if now - self._lost.get(h, -1e9) > _AVOID_LOST_S]
+        message = protocol.submit(request)
+        while candidates:
+            worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
+            # Count it before awaiting the connection, so that concurrent submits spread.
+            self._ticks += 1
+            self._last_used[worker] = self._ticks
+            self._load[worker] += 1
+            try:
+                session = await self._worker_session(worker)
+                session.send(message)
+            except (OSError, CommClosedError) as exc:
+                self._load[worker] -= 1
+                logger.info("cannot reach %s for request %s of %s: %s", worker, request["id"], request["operator"], exc)
+                self._lost[worker] = time.monotonic()
+                self.registry.forget_hosts(request["operator"])
+                candidates = [c for c in candidates if c != worker]
+                continue
+            except BaseException:
+                self._load[worker] -= 1
+                raise
+            self._outstanding[request["id"]] = (worker, request, False)
+            await session.drain()
+            return True
+        return False
+
+    def _on_worker_message(self, worker: str, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == Op.REFUSED:  # the worker stopped hosting it: go through the broker
+            entry = self._outstanding.pop(message["id"], None)
+            if entry is not None:
+                self._load[worker] -= 1
+                self.registry.forget_hosts(entry[1]["operator"])
+                self._spawn(self._via_broker(entry[1]))
+            return
+        if op != Op.REPLIES:
+            logger.warning("direct session to %s: unexpected %r", worker, op)
+            return
+        for reply in message["replies"]:
+            request_id = reply["id"]
+            entry = self._outstanding.get(request_id)
+            if entry is not None:
+                if reply["final"]:
+                    del self._outstanding[request_id]
+                    self._load[worker] -= 1
+                else:
+                    self._outstanding[request_id] = (entry[0], entry[1], True)
+            stream = self._streams.get(request_id)
+            if stream is None:
+                if self.on_orphan is not None:
+                    self.on_orphan(reply)  # nobody waits for it: free what it refers to
+                continue
+            if reply["final"]:
+                del self._streams[request_id]
+            stream.deliver(reply)
+
+    async def _via_broker(self, request: RequestMsg) -> None:
+        stream = self._streams.pop(request["id"], None)
+        if stream is None:
+            return
+        try:
+            await self.fallback.submit(request, stream)
+        except Exception as exc:
+            stream.deliver(protocol.error_reply(request["id"], WorkerLostError(f"could not re-send: {exc}")))
+
+    async def _watch_worker(self, worker: str, session: Transport) -> None:
+        """When a worker's session closes, re-send what it held (bounded), else fail it."""
+        await session.read_forever()
+        if self._workers.get(worker) is session:
+            del self._workers[worker]
+        closing = self._closed or self.owner_closing()
+        if not closing:
+            self._lost[worker] = time.monotonic()
+        held = [(rid, entry) for rid, entry in self._outstanding.items() if entry[0] == worker]
+        for request_id, (_, request, partial) in held:
+            del self._outstanding[request_id]
+            self._load[worker] -= 1
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            attempt = request.get("attempt", 0)
+            if partial or attempt >= request.get("max_retries", 0) or closing:
+                if closing:
+                    message = "the session to the worker serving the request closed while this caller was closing"
+                elif partial:
+                    message = "the worker serving the request died after streaming part of its answer"
+                else:
+                    message = f"the worker serving the request died and {attempt} retries were used"
+                del self._streams[request_id]
+                stream.deliver(protocol.error_reply(request_id, WorkerLostError(message), worker=worker))
+                continue
+            request["attempt"] = attempt + 1
+            logger.warning("re-sending request %s of %s held by lost worker %s", request_id, request["operator"], worker)
+            self.registry.forget_hosts(request["operator"])
+            try:
+                hosts = await self.registry.hosts(request["operator"])
+            except Exception:
+                hosts = []
+            hosts = [h for h in hosts if h != worker]
+            try:
+                if not hosts or not await self._send_direct(request, hosts):
+                    await self._via_broker(request)
+            except Exception as exc:  # e.g. this caller's client is closing: nowhere to send it
+                self._streams.pop(request_id, None)
+                lost = WorkerLostError(f"the worker serving the request died and it could not be sent again: {exc}")
+                stream.deliver(protocol.error_reply(request_id, lost, worker=worker))
+
+    async def cancel(self, request_id: str) -> None:
+        entry = self._outstanding.pop(request_id, None)
+        if entry is None:
+            self._streams.pop(request_id, None)
+            await self.fallback.cancel(request_id)
+            return
+        self._streams.pop(request_id, None)
+        self._load[entry[0]] -= 1
+        session = self._workers.get(entry[0])
+        if session is not None and not session.closed.is_set():
+            session.send(protocol.cancel([request_id]))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for session in list(self._workers.values()):
+            await session.close()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        streams, self._streams = self._streams, {}
+        for request_id, stream in streams.items():
+            stream.deliver(protocol.error_reply(request_id, {"type": "TdaskError", "message": "the request plane was closed"}))
+        await self.fallback.aclose()
+
+
+# -- the worker's half ---------------------------------------------------------------------
+
+SubmitHandler = Callable[[RequestMsg], bool]
+CancelHandler = Callable[[list[list[str]]], None]
+
+
+class DirectServer:
+    """A worker's side of the direct plane: callers' sessions in, answers back on them.
+
+    Parameters
+    ----------
+    worker
+        The Dask worker.
+    on_submit
+        Takes a request (``requester`` set) and returns False when this worker does not (or no
+        longer) host its operator; the caller is then told to go through the broker.
+    on_cancel
+        Cancels requests by ``[requester, request_id]`` keys.
+    """
+
+    def __init__(self, worker: Any, *, on_submit: SubmitHandler, on_cancel: CancelHandler) -> None:
+        self.worker = worker
+        self._on_submit = on_submit
+        self._on_cancel = on_cancel
+        self.sessions: dict[Transport, str] = {}  # session -> its requester
+        self._routes: dict[tuple[str, str], Transport] = {}  # (requester, id) -> where to answer
+        self.wire: WireServer | None = None
+        self._serving: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        """Install the comm handlers and, where wanted, listen on the wire."""
+        self.worker.handlers[Rpc.DIRECT] = self._comm_session
+        self.worker.handlers[Rpc.WIRE_ADDRESS] = self._wire_address
+        if wire_wanted(self.worker.address):
+            await self._start_wire()
+
+    async def _start_wire(self) -> None:
+        """Listen for direct callers on the wire, on the host of the worker's own address."""
+        wire = WireServer(self._accept_wire)
+        port = int(dask.config.get("tdask.worker.wire-port") or 0)
+        ssl_context = self.worker.security.get_listen_args("worker").get("ssl_context")
+        try:
+            await wire.start(get_address_host(self.worker.address), port, ssl_context=ssl_context)
+        except OSError as exc:
+            logger.warning("no wire on %s (port %s: %s): direct callers use Dask's comm", self.worker.address, port, exc)
+            return
+        self.wire = wire
+        logger.debug("wire of %s listening on %s", self.worker.address, wire.address)
+
+    def _wire_address(self) -> str | None:
+        """Where direct callers reach this worker's wire (None: use Dask's comm)."""
+        return None if self.wire is None or self._closing else self.wire.address
+
+    def _accept_wire(self, session: WireSession, requester: str) -> Callable[[dict[str, Any]], None]:
+        self.sessions[session] = requester  # now: requester_left may come before the task runs
+        task = asyncio.create_task(self._serve(session, requester))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+        return lambda message: self._on_message(session, requester, message)
+
+    async def _comm_session(self, comm: Any, requester: str) -> None:
+        """A caller's own Dask comm to this worker: requests in, answers out."""
+        session = Session(
+            comm, lambda message: self._on_message(session, requester, message), f"direct-{requester}"
+        )
+        await self._serve(session, requester)
+
+    async def _serve(self, session: Transport, requester: str) -> None:
+        """Serve a caller until its session closes; then cancel what it left running."""
+        self.sessions[session] = requester
+        try:
+            await session.read_forever()
+        finally:
+            self.sessions.pop(session, None)
+            gone = [key for key, route in self._routes.items() if route is session]
+            for key in gone:
+                del self._routes[key]
+            if gone and not self._closing:
+                logger.info("direct caller %s left; cancelling its %d requests", requester, len(gone))
+                self._on_cancel([list(key) for key in gone])
+
+    def _on_message(self, session: Transport, requester: str, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == Op.SUBMIT:
+            request = message["request"]
+            check_request(request)
+            request = dict(request)
+            request["requester"] = requester
+            key = (requester, request["id"])
+            self._routes[key] = session
+            if self._closing or not self._on_submit(request):  # type: ignore[arg-type]
+                # Not (or no longer) ours: say so; the caller goes through the broker instead.
+                self._routes.pop(key, None)
+                session.send(protocol.refused(request["id"]))
+        elif op == Op.CANCEL:
+            self._on_cancel([[requester, request_id] for request_id in message["request_ids"]])
+        else:
+            raise ProtocolError(f"a direct caller may not send {op!r}")
+
+    def route(self, response: ResponseMsg) -> Transport | None:
+        """The session that ``response`` goes back on (None: it came through the broker)."""
+        key = (response["requester"] or "", response["id"])
+        return self._routes.pop(key, None) if response["final"] else self._routes.get(key)
+
+    def forget(self, keys: list[tuple[str, str]]) -> None:
+        """Drop the routes of cancelled requests (no answer goes back for them)."""
+        for key in keys:
+            self._routes.pop(key, None)
+
+    def requester_left(self, requester: str) -> None:
+        """The scheduler saw this client close: close its sessions here (which cancels its requests)."""
+        for session, owner in list(self.sessions.items()):
+            if owner == requester:
+                logger.info("client %s closed; closing its direct session", requester)
+                task = asyncio.create_task(session.close())
+                self._serving.add(task)  # type: ignore[arg-type]
+                task.add_done_callback(self._serving.discard)  # type: ignore[arg-type]
+
+    def stop_accepting(self) -> None:
+        """From now on, refuse new requests and tell no caller about the wire."""
+        self._closing = True
+
+    async def close(self) -> None:
+        """Close every session (after what they still had to write), then the listener."""
+        self._closing = True
+        self.worker.handlers.pop(Rpc.DIRECT, None)
+        self.worker.handlers.pop(Rpc.WIRE_ADDRESS, None)
+        for session in list(self.sessions):
+            await session.close()
+        if self.wire is not None:
+            await self.wire.close()  # and connections that never said hello
+            self.wire = None
+        await asyncio.gather(*self._serving, return_exceptions=True)

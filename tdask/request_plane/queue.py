@@ -1,0 +1,258 @@
+"""The queue plane, both halves: requests through per-operator queues on the scheduler's broker.
+
+Every requester (a client, or a worker calling operators) and every serving worker keeps one
+:class:`BrokerSession`, a Dask comm to the scheduler carrying one-way messages both ways. On the
+caller's side, :class:`QueueRequestPlane` submits requests and routes the broker's replies to
+their streams; on the worker's side, :class:`QueueServer` registers the operators the worker
+hosts, grants *credits* (free slots), receives leased requests and sends responses. A worker's
+caller plane and its server share its one session. The scheduler's half is
+:class:`tdask.request_plane.broker.RequestBroker`.
+
+Everything passes through the scheduler, so messages carry small tensors and descriptors only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from distributed.comm.core import CommClosedError
+
+from tdask import protocol
+from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
+from tdask.request_plane.base import RequestPlane, ResponseStream
+from tdask.request_plane.registry import Registry
+from tdask.request_plane.session import Session, open_session
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BrokerSession", "QueueRequestPlane", "QueueServer"]
+
+RequestsHandler = Callable[[str, list[RequestMsg]], None]
+WithdrawHandler = Callable[[list[list[str]]], None]
+RequesterLeftHandler = Callable[[str], None]
+RepliesHandler = Callable[[list[ResponseMsg]], None]
+
+
+class BrokerSession:
+    """This process's one session with the scheduler's broker, opened on first use.
+
+    Parameters
+    ----------
+    registry
+        The scheduler's registry (its RPC is also where the session connects).
+    requester
+        Names this requester to the broker (a client's id, or a worker's address and a suffix).
+    worker
+        The serving worker's address, when this session also serves requests.
+    connection_args
+        The client's or worker's ``connection_args`` (so TLS and UCX work).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        requester: str,
+        *,
+        worker: str | None = None,
+        connection_args: dict[str, Any] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.requester = requester
+        self.worker = worker
+        self.connection_args = connection_args or {}
+        self._session: Session | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+        self._closed = False
+        # Who handles what arrives (set by the caller plane and the server sharing the session).
+        self.on_replies: RepliesHandler | None = None
+        self.on_requests: RequestsHandler | None = None
+        self.on_withdraw: WithdrawHandler | None = None
+        self.on_requester_left: RequesterLeftHandler | None = None
+        self.on_lost: Callable[[], None] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None and not self._session.closed.is_set()
+
+    async def ensure(self) -> Session:
+        """The open session, connecting (and installing the broker) if needed."""
+        if self._closed:
+            raise RuntimeError("this request plane is closed")
+        if self._session is not None and not self._session.closed.is_set():
+            return self._session
+        async with self._connecting:
+            if self._session is not None and not self._session.closed.is_set():
+                return self._session
+            await self.registry.ensure_broker()
+            session = await open_session(
+                self.registry.address,
+                Rpc.SESSION,
+                self._on_message,
+                name=f"tdask-session-{self.requester}",
+                connection_args=self.connection_args,
+                requester=self.requester,
+                worker=self.worker,
+            )
+            self._session = session
+            self._reader = asyncio.create_task(self._read(session))
+            return session
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send on the open session; ``CommClosedError`` when there is none."""
+        session = self._session
+        if session is None or session.closed.is_set():
+            raise CommClosedError("the tdask session to the scheduler is closed")
+        session.send(message)
+
+    async def _read(self, session: Session) -> None:
+        await session.read_forever()
+        logger.debug("tdask session %s to the scheduler closed", self.requester)
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == Op.REPLIES:
+            if self.on_replies is not None:
+                self.on_replies(message["replies"])
+        elif op == Op.REQUESTS:
+            if self.on_requests is not None:
+                self.on_requests(message["operator"], message["requests"])
+        elif op == Op.WITHDRAW:
+            if self.on_withdraw is not None:
+                self.on_withdraw(message["keys"])
+        elif op == Op.REQUESTER_LEFT:
+            if self.on_requester_left is not None:
+                self.on_requester_left(message["requester"])
+        else:
+            logger.warning("tdask session %s: unexpected %r from the broker", self.requester, op)
+
+    async def aclose(self) -> None:
+        """Close the session (idempotent)."""
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+class QueueRequestPlane(RequestPlane):
+    """Caller plane through the scheduler's broker (``tdask.request.plane: queue``).
+
+    Global load balancing (the broker pushes each request to the host with the most free
+    slots), at the cost of two more process crossings per hop than the direct plane.
+
+    Parameters
+    ----------
+    broker
+        This process's session with the broker.
+    """
+
+    def __init__(self, broker: BrokerSession) -> None:
+        self.broker = broker
+        self.registry = broker.registry
+        self.requester = broker.requester
+        self._streams: dict[str, ResponseStream] = {}
+        self.owner_closing: Callable[[], bool] = lambda: False
+        # Replies nobody waits for (their request was cancelled): the worker host releases
+        # the tensors they refer to.
+        self.on_orphan: Callable[[ResponseMsg], None] | None = None
+        broker.on_replies = self._on_replies
+        broker.on_lost = self._on_lost
+
+    async def submit(self, request: RequestMsg, stream: ResponseStream | None = None) -> ResponseStream:
+        request_id = request["id"]
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        session = await self.broker.ensure()
+        stream = stream or ResponseStream(request_id)
+        self._streams[request_id] = stream
+        request["requester"] = self.requester
+        session.send(protocol.submit(request))
+        return stream
+
+    def _on_replies(self, replies: list[ResponseMsg]) -> None:
+        for reply in replies:
+            stream = self._streams.get(reply["id"])
+            if stream is None:
+                if self.on_orphan is not None:
+                    self.on_orphan(reply)
+                continue
+            if reply["final"]:
+                del self._streams[reply["id"]]
+            stream.deliver(reply)
+
+    async def cancel(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None and self.broker.is_open:
+            self.broker.send(protocol.cancel([request_id]))
+
+    def _on_lost(self) -> None:
+        if self._streams and not self.broker._closed:
+            logger.warning(
+                "tdask session %s to the scheduler closed with %d requests in flight",
+                self.requester,
+                len(self._streams),
+            )
+        self._fail_all("lost the connection to the scheduler")
+
+    def _fail_all(self, message: str) -> None:
+        streams, self._streams = self._streams, {}
+        for request_id, stream in streams.items():
+            stream.deliver(protocol.error_reply(request_id, {"type": "TdaskError", "message": message}))
+
+    async def aclose(self) -> None:
+        await self.broker.aclose()
+        self._fail_all("the request plane was closed")
+
+
+class QueueServer:
+    """A worker's serving half of the queue plane: registration, credits, leased requests, answers.
+
+    The worker host hands it its handlers at :meth:`register`; requests pushed by the broker
+    arrive through ``on_requests(operator_key, requests)``, never more than granted with
+    :meth:`grant`.
+    """
+
+    def __init__(self, broker: BrokerSession) -> None:
+        if broker.worker is None:
+            raise ValueError("a QueueServer needs a worker's broker session")
+        self.broker = broker
+        self.worker = broker.worker
+
+    async def register(
+        self,
+        operators: list[dict[str, Any]],
+        failures: dict[str, str],
+        *,
+        on_requests: RequestsHandler,
+        on_withdraw: WithdrawHandler,
+        on_requester_left: RequesterLeftHandler,
+    ) -> None:
+        """Announce the operators this worker serves (and those whose setup failed here)."""
+        self.broker.on_requests = on_requests
+        self.broker.on_withdraw = on_withdraw
+        self.broker.on_requester_left = on_requester_left
+        await self.broker.ensure()  # pushes need the session before the first grant
+        await self.broker.registry.register(self.worker, self.broker.requester, operators, failures)
+
+    def grant(self, operator_key: str, n: int) -> None:
+        """Allow ``n`` more requests of ``operator_key`` to be pushed to this worker."""
+        if n > 0 and self.broker.is_open:
+            self.broker.send(protocol.credit(operator_key, n))
+
+    def respond(self, response: ResponseMsg) -> None:
+        """Send a response to the broker (which relays it to its requester)."""
+        self.broker.send(protocol.respond([response]))
+
+    def report(self, stats: dict[str, Any]) -> None:
+        """Publish this worker's serving counters (the scheduler's ``/tdask`` page)."""
+        if self.broker.is_open:
+            self.broker.send(protocol.stats(stats))
+
+    async def unregister(self, *, release_leases: bool) -> None:
+        """Stop being given requests; with ``release_leases``, hand back what this worker holds."""
+        await self.broker.registry.unregister(self.worker, release_leases=release_leases)
