@@ -222,7 +222,7 @@ class Deployment(SyncMethodMixin):
         return str(self.log_dir / f"{name}.log")
 
     async def _start_processes(self) -> None:
-        specs = {
+        specs: dict[str, dict[str, Any]] = {
             name: {"cls": Nanny, "options": self._worker_options(name, config)}
             for name, config in self.workers_spec.items()
         }
@@ -308,10 +308,15 @@ class Deployment(SyncMethodMixin):
                 await self.client.close()
             self.client = None
         if self.nannies:
-            await asyncio.gather(*(n.close(reason="tdask-deployment-close") for n in self.nannies.values()), return_exceptions=True)
+            await asyncio.gather(
+                *(n.close(reason="tdask-deployment-close") for n in self.nannies.values()),
+                return_exceptions=True,
+            )
             self.nannies.clear()
         if self.cluster is not None:
-            await self.cluster.close()
+            closing = self.cluster.close()  # an awaitable: the cluster is asynchronous
+            assert closing is not None
+            await closing
             self.cluster = None
         self.status = "closed"
 

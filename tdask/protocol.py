@@ -123,10 +123,9 @@ def check_message(message: Any) -> str:
     if type(message) is not dict:
         raise ProtocolError(f"a message must be a dict, got {type(message).__name__}")
     op = message.get("op")
-    fields = _FIELDS.get(op) if type(op) is str else None
-    if fields is None:
+    if type(op) is not str or op not in _FIELDS:
         raise ProtocolError(f"unknown message op {str(op)[:100]!r}")
-    for name in fields:
+    for name in _FIELDS[op]:
         if name not in message:
             raise ProtocolError(f"message {op!r} lacks its field {name!r}")
     return op
@@ -315,7 +314,11 @@ _wire_forms: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = {}
 def _remember_wire_form(array: Any, entry: dict[str, Any]) -> None:
     if isinstance(array, np.ndarray) and not array.flags.writeable:
         key = id(array)
-        _wire_forms[key] = (weakref.ref(array, lambda _, key=key: _wire_forms.pop(key, None)), entry)
+
+        def forget(_: object, key: int = key) -> None:
+            _wire_forms.pop(key, None)
+
+        _wire_forms[key] = (weakref.ref(array, forget), entry)
 
 
 # numpy dtypes whose bytes say everything (no objects, no structured fields): sent as
@@ -331,8 +334,8 @@ def encode_inline(array: Any) -> dict[str, Any]:
     type into every header); others as Dask's serialize header and frames.
     """
     known = _wire_forms.get(id(array))
-    if known is not None and known[0]() is array and not array.flags.writeable:
-        return known[1]
+    if known is not None and known[0]() is array and isinstance(array, np.ndarray) and not array.flags.writeable:
+        return known[1]  # the array this id named is still alive: the form is its own
     if isinstance(array, np.ndarray) and array.dtype.kind in _PLAIN_KINDS:
         contiguous = np.require(array, requirements="C")
         return {"nd": [contiguous.dtype.str, list(contiguous.shape), contiguous.reshape(-1).view(np.uint8).data]}

@@ -99,7 +99,7 @@ class _ClientEndpoint:
         endpoint = getattr(client, "_tdask_endpoint", None)
         if endpoint is None:
             endpoint = cls(client)
-            client._tdask_endpoint = endpoint
+            setattr(client, "_tdask_endpoint", endpoint)  # noqa: B010 - a Client has no slot for it
         return endpoint
 
     async def place(self, key: str, array: Any, wait_s: float) -> RemoteTensor:
@@ -175,9 +175,10 @@ class RemoteOperator:
         if client.asynchronous:
             return False
         try:
-            return asyncio.get_running_loop() is not client.loop.asyncio_loop
+            running = asyncio.get_running_loop()
         except RuntimeError:
             return True
+        return client.loop is None or running is not getattr(client.loop, "asyncio_loop", None)
 
     def infer(
         self,
@@ -327,7 +328,7 @@ class _Call(AsyncIterator[Response]):
             and (self.deadline is None or self.deadline > time.time())
         )
 
-    async def _next_reply(self) -> dict[str, Any]:
+    async def _next_reply(self) -> ResponseMsg:
         if self.stream is None:
             await self._send()
         assert self.stream is not None
@@ -347,10 +348,11 @@ class _Call(AsyncIterator[Response]):
             await self._release_inputs(reply)
         return reply
 
-    async def _to_response(self, reply: dict[str, Any]) -> Response:
-        if reply.get("error"):
+    async def _to_response(self, reply: ResponseMsg) -> Response:
+        error = reply.get("error")
+        if error:
             raise error_from_msg(
-                reply["error"], operator=self.op.name, request_id=self.request_id, worker=reply.get("worker")
+                error, operator=self.op.name, request_id=self.request_id, worker=reply.get("worker")
             )
         response = Response(
             request_id=self.request_id,
@@ -376,7 +378,7 @@ class _Call(AsyncIterator[Response]):
         self.yielded += 1
         return response
 
-    async def _release_inputs(self, reply: dict[str, Any]) -> None:
+    async def _release_inputs(self, reply: ResponseMsg) -> None:
         if not self.placed:
             return
         echoed = {e["ref"]["id"] for e in (reply.get("outputs") or {}).values() if "ref" in e}

@@ -260,7 +260,11 @@ class OperatorHost(WorkerPlugin):
                 )
                 await server.start()
                 loop = asyncio.get_running_loop()
-                server.add_exit_callback(lambda rc: loop.call_soon_threadsafe(self._triton_exited, rc))
+
+                def exited(returncode: int) -> None:  # in the server's watcher thread
+                    loop.call_soon_threadsafe(self._triton_exited, returncode)
+
+                server.add_exit_callback(exited)
                 self._triton = server
             return self._triton
 

@@ -200,7 +200,9 @@ class Serving:
                 if scope.tensors:
                     await self.store.release(list(scope.tensors.values()))
                 hosted.inflight -= len(requests)
-                hosted.batches.discard(asyncio.current_task())  # type: ignore[arg-type]
+                current = asyncio.current_task()
+                if current is not None:
+                    hosted.batches.discard(current)
                 if not self.closing:
                     self._start_waiting(hosted)
                     # The broker's credit counts its own requests held here (running or

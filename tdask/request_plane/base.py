@@ -14,7 +14,7 @@ import abc
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from tdask.protocol import RequestMsg, ResponseMsg
 
@@ -23,6 +23,7 @@ __all__ = ["MessageHandler", "RequestPlane", "ResponseStream", "Transport"]
 MessageHandler = Callable[[dict[str, Any]], None]
 
 
+@runtime_checkable
 class Transport(Protocol):
     """One connection carrying one-way messages (dicts, see :mod:`tdask.protocol`) both ways.
 

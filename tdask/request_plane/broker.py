@@ -43,7 +43,7 @@ BROKER_NAME = "tdask-request-broker"
 
 @dataclass
 class _Lease:
-    request: dict[str, Any]
+    request: RequestMsg
     worker: str
     partial: bool = False  # a non-final response went out: re-serving would duplicate it
 
@@ -68,7 +68,7 @@ class RequestBroker(SchedulerPlugin):
     idempotent = True
 
     def __init__(self) -> None:
-        self.queues: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        self.queues: dict[str, deque[RequestMsg]] = defaultdict(deque)
         self.hosts: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
         self.credits: dict[str, dict[str, int]] = defaultdict(dict)
         self.last_used: dict[str, dict[str, int]] = defaultdict(dict)
@@ -195,7 +195,7 @@ class RequestBroker(SchedulerPlugin):
         }
 
     # requests
-    def submit(self, request: dict[str, Any]) -> None:
+    def submit(self, request: RequestMsg) -> None:
         request["submitted"] = time.time()
         self.counts["submitted"] += 1
         key = request["operator"]
@@ -214,7 +214,7 @@ class RequestBroker(SchedulerPlugin):
         queue, credits = self.queues[key], self.credits[key]
         if not queue or not credits:
             return
-        pushes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        pushes: dict[str, list[RequestMsg]] = defaultdict(list)
         now = time.time()
         last_used = self.last_used[key]
         while queue and credits:
@@ -223,7 +223,8 @@ class RequestBroker(SchedulerPlugin):
             self._ticks += 1
             last_used[worker] = self._ticks
             request = queue.popleft()
-            if request.get("deadline") is not None and request["deadline"] < now:
+            deadline = request.get("deadline")
+            if deadline is not None and deadline < now:
                 self._answer_error(request, RequestTimeoutError("deadline passed while queued"))
                 continue
             self.leases[(request["requester"], request["id"])] = _Lease(request, worker)
@@ -266,9 +267,9 @@ class RequestBroker(SchedulerPlugin):
             logger.info("requester %s left; cancelling its %d requests", requester, len(queued) + len(leased))
             self.cancel(requester, queued + leased)
 
-    def respond(self, responses: list[dict[str, Any]]) -> None:
+    def respond(self, responses: list[ResponseMsg]) -> None:
         for response in responses:
-            key = (response["requester"], response["id"])
+            key = (response["requester"] or "", response["id"])
             lease = self.leases.get(key)
             if lease is None or lease.worker != response.get("worker"):
                 # Cancelled, timed out, or re-served elsewhere: this answer is stale.
@@ -283,15 +284,15 @@ class RequestBroker(SchedulerPlugin):
             self._reply(response)
 
     # internals
-    def _reply(self, response: dict[str, Any]) -> None:
-        peer = self.peers.get(response["requester"])
+    def _reply(self, response: ResponseMsg) -> None:
+        peer = self.peers.get(response["requester"] or "")
         if peer is None or peer.session.closed.is_set():
             self.counts["dropped"] += 1
             self._release_refs(response)
             return
         peer.session.send(protocol.replies([response]))
 
-    def _answer_error(self, request: dict[str, Any], error: TdaskError, worker: str | None = None) -> None:
+    def _answer_error(self, request: RequestMsg, error: TdaskError, worker: str | None = None) -> None:
         self.counts["failed"] += 1
         self._reply(
             protocol.error_reply(
@@ -299,7 +300,7 @@ class RequestBroker(SchedulerPlugin):
             )
         )
 
-    def _release_refs(self, response: dict[str, Any]) -> None:
+    def _release_refs(self, response: ResponseMsg) -> None:
         """Nobody will read this response: free the tensors it refers to at their owners."""
         refs = protocol.refs_in(response.get("outputs"))
         if refs:
@@ -377,7 +378,7 @@ class RequestBroker(SchedulerPlugin):
                 continue
             name = key.rsplit("/", 1)[0]
             failures = self.failures.get(name) or {}
-            kept: deque[dict[str, Any]] = deque()
+            kept: deque[RequestMsg] = deque()
             # An operator that had hosts (a worker restarting) gets longer to come back than one
             # nobody ever hosted (most likely a wrong name).
             had_hosts = key in self.hosts
@@ -386,7 +387,7 @@ class RequestBroker(SchedulerPlugin):
                 limit = request.get("rehost_wait_s", 60.0) if had_hosts else request.get("host_wait_s", 10.0)
                 if failures or waited >= limit:
                     self._answer_error(request, self._unavailable(key, failures, waited))
-                elif request.get("deadline") is not None and request["deadline"] < now:
+                elif (deadline := request.get("deadline")) is not None and deadline < now:
                     self._answer_error(request, RequestTimeoutError("deadline passed while queued"))
                 else:
                     kept.append(request)

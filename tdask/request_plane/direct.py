@@ -416,8 +416,8 @@ class DirectServer:
             if owner == requester:
                 logger.info("client %s closed; closing its direct session", requester)
                 task = asyncio.create_task(session.close())
-                self._serving.add(task)  # type: ignore[arg-type]
-                task.add_done_callback(self._serving.discard)  # type: ignore[arg-type]
+                self._serving.add(task)
+                task.add_done_callback(self._serving.discard)
 
     def stop_accepting(self) -> None:
         """From now on, refuse new requests and tell no caller about the wire."""

@@ -1,0 +1,224 @@
+"""tdask.protocol: every message round-trips through msgpack as the transports carry it, and what is
+not a message is refused; the tensor codec and the input/output checks."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import msgpack
+import numpy as np
+import pytest
+from distributed.comm import connect, listen
+
+from tdask import InvalidRequestError, OperatorError, RemoteTensor, protocol
+from tdask.exceptions import WorkerLostError
+from tdask.protocol import Op, ProtocolError, check_message
+from tdask.request_plane.base import Transport
+from tdask.request_plane.session import Session
+from tdask.request_plane.wire import WireSession
+
+
+def _wire_round_trip(message: object) -> object:
+    """What a peer receives: packed like the transports pack, unpacked like they unpack."""
+    packed = msgpack.packb([message], use_bin_type=True)
+    return msgpack.unpackb(packed, raw=False, use_list=False, strict_map_key=False)[0]
+
+
+REQUEST = protocol.request_msg(
+    request_id="r1",
+    operator="encoder/1",
+    parameters={"a": 1, "b": "x", "c": 0.5, "d": True},
+    inputs={"x": protocol.encode_inline(np.arange(4))},
+    deadline=1.5e9,
+    max_retries=2,
+    host_wait_s=10.0,
+    rehost_wait_s=60.0,
+)
+RESPONSE = protocol.response_msg(
+    request_id="r1",
+    requester="client-1",
+    operator="encoder/1",
+    worker="tcp://127.0.0.1:1",
+    outputs={"y": {"ref": RemoteTensor("tcp://127.0.0.1:1", "t1", "int64", (2, 3), 48).to_msg()}},
+    parameters={"k": "v"},
+    error=None,
+    final=True,
+)
+# One example of every message, built by its constructor.
+MESSAGES = {
+    Op.HELLO: protocol.hello("client-1", 1),
+    Op.SUBMIT: protocol.submit(REQUEST),
+    Op.CANCEL: protocol.cancel(["r1", "r2"]),
+    Op.CREDIT: protocol.credit("encoder/1", 3),
+    Op.RESPOND: protocol.respond([RESPONSE]),
+    Op.STATS: protocol.stats({"encoder/1": {"inflight": 1}}),
+    Op.REQUESTS: protocol.requests("encoder/1", [REQUEST]),
+    Op.WITHDRAW: protocol.withdraw([["client-1", "r1"]]),
+    Op.REQUESTER_LEFT: protocol.requester_left("client-1"),
+    Op.REPLIES: protocol.replies([RESPONSE, protocol.error_reply("r2", WorkerLostError("gone"))]),
+    Op.REFUSED: protocol.refused("r1"),
+}
+
+
+def _plain(value: object) -> object:
+    """Tuples (as msgpack gives them back) as lists, for comparison."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value
+
+
+def test_every_op_has_a_constructor_and_an_example():
+    ops = {v for k, v in vars(Op).items() if k.isupper()}
+    assert ops == set(MESSAGES) == set(protocol._FIELDS)
+    constructors = {name for name, fn in vars(protocol).items() if inspect.isfunction(fn)}
+    for op in ops:
+        assert op.replace("-", "_") in constructors, f"no constructor for {op!r}"
+
+
+@pytest.mark.parametrize("op", sorted(MESSAGES))
+def test_every_message_round_trips(op):
+    message = MESSAGES[op]
+    received = _wire_round_trip(message)
+    assert check_message(received) == op
+    assert _plain(received) == _plain(message)
+
+
+def test_decoded_tensors_survive_the_round_trip():
+    received = _wire_round_trip(protocol.submit(REQUEST))
+    inputs = protocol.decode_tensors(received["request"]["inputs"])
+    assert inputs["x"].tolist() == [0, 1, 2, 3]
+    outputs = protocol.decode_tensors(_wire_round_trip(protocol.respond([RESPONSE]))["responses"][0]["outputs"])
+    assert outputs["y"] == RemoteTensor("tcp://127.0.0.1:1", "t1", "int64", (2, 3), 48)
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        ([1, 2], "must be a dict"),
+        ("submit", "must be a dict"),
+        ({"no": "op"}, "unknown message op"),
+        ({"op": 7}, "unknown message op"),
+        ({"op": "launch-missiles"}, "unknown message op"),
+        ({"op": "submit"}, "lacks its field 'request'"),
+        ({"op": "credit", "operator": "a/1"}, "lacks its field 'n'"),
+    ],
+)
+def test_what_is_not_a_message_is_refused(message, why):
+    with pytest.raises(ProtocolError, match=why):
+        check_message(_wire_round_trip(message))
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        "not a dict",
+        {"operator": "a/1"},
+        {"id": 1, "operator": "a/1"},
+        {"id": "r", "operator": "a/1", "inputs": [1]},
+        {"id": "r", "operator": "a/1", "parameters": "x"},
+        {"id": "r", "operator": "a/1", "deadline": "soon"},
+    ],
+)
+def test_malformed_requests_are_refused(request_):
+    with pytest.raises(ProtocolError):
+        protocol.check_request(request_)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(10, dtype=np.int64),
+        np.float32(3.5) * np.ones((2, 3), dtype=np.float32),
+        np.array(7, dtype=np.int8),  # 0-d stays 0-d
+        np.arange(12).reshape(3, 4)[:, ::2],  # not contiguous
+        np.array([b"ab", b"c"]),
+        np.array(["é", "xyz"]),
+        np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),  # structured: through Dask's serialization
+    ],
+)
+def test_tensor_codec_round_trips(array):
+    entry = _wire_round_trip(protocol.encode_inline(array))
+    decoded = protocol.decode_tensors({"x": entry})["x"]
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    assert np.array_equal(decoded, array)
+    assert not decoded.flags.writeable  # inputs are read-only
+
+
+def test_an_array_forwarded_unchanged_reuses_its_wire_form():
+    entry = protocol.encode_inline(np.arange(5))
+    decoded = protocol.decode_tensors({"x": entry})["x"]
+    assert protocol.encode_inline(decoded) is entry
+    changed = decoded.copy()
+    assert protocol.encode_inline(changed) is not entry
+
+
+def test_encode_tensors_places_what_is_above_the_threshold():
+    placed = []
+
+    async def place(array):
+        tensor = RemoteTensor("tcp://127.0.0.1:1", f"t{len(placed)}", str(array.dtype), array.shape, array.nbytes)
+        placed.append(tensor)
+        return tensor
+
+    small, large = np.arange(4), np.arange(1000)
+    entries, created = asyncio.run(protocol.encode_tensors({"s": small, "l": large}, place, threshold=100))
+    assert "nd" in entries["s"] and "ref" in entries["l"]
+    assert created == placed and len(placed) == 1
+    assert protocol.refs_in(entries) == placed
+
+
+def test_checks_name_the_operator_and_the_request():
+    with pytest.raises(InvalidRequestError) as info:
+        protocol.check_inputs("op", "r9", {"x": [1, 2]}, max_bytes=1 << 20)
+    assert info.value.operator == "op" and info.value.request_id == "r9"
+    with pytest.raises(InvalidRequestError, match="over the limit"):
+        protocol.check_inputs("op", "r9", {"x": np.zeros(100)}, max_bytes=10)
+    with pytest.raises(InvalidRequestError, match="dtype object"):
+        protocol.check_inputs("op", "r9", {"x": np.array([object()])}, max_bytes=1 << 20)
+    with pytest.raises(InvalidRequestError, match="parameters must be str"):
+        protocol.check_parameters("op", "r9", {"p": [1]})
+    with pytest.raises(OperatorError, match="expected a numpy/cupy array"):
+        protocol.check_outputs("op", "r9", {"y": "text"})
+    with pytest.raises(OperatorError, match="str/int/float/bool"):
+        protocol.check_response_parameters("op", "r9", {"k": None})
+
+
+def test_both_transports_fulfil_one_contract():
+    for cls in (Session, WireSession):
+        for name in ("send", "drain", "read_forever", "close", "abort"):
+            assert callable(getattr(cls, name, None)), f"{cls.__name__} lacks {name}"
+
+
+def test_a_dask_comm_peer_that_breaks_the_protocol_is_disconnected():
+    """A Session (Dask comm) closes the connection of a peer sending a non-message, on real sockets."""
+
+    async def main():
+        received = []
+        served = asyncio.get_running_loop().create_future()
+
+        async def serve(comm):
+            session = Session(comm, received.append, "test")
+            assert isinstance(session, Transport)
+            await session.read_forever()
+            served.set_result(session.closed.is_set())
+
+        listener = listen("tcp://127.0.0.1:0", serve)
+        await listener.start()
+        try:
+            comm = await connect(listener.contact_address)
+            await comm.write(msgpack.packb([protocol.refused("ok")], use_bin_type=True))
+            await comm.write(msgpack.packb([{"op": "launch-missiles"}], use_bin_type=True))
+            closed = await asyncio.wait_for(served, 10)
+            await comm.close()
+        finally:
+            listener.stop()
+        return received, closed
+
+    received, closed = asyncio.run(main())
+    assert closed
+    assert [m["op"] for m in received] == [Op.REFUSED]  # the valid message before it was delivered
