@@ -18,7 +18,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 
-from tdask.triton_server import TritonServer
+from tdask.triton.server import TritonServer
 
 LOG_DIR = None
 MODELS = Path(__file__).resolve().parent.parent / "tdask" / "models"

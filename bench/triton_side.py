@@ -48,7 +48,7 @@ def model_overrides(instances: int = 1) -> dict[str, dict[str, Any]]:
 @contextlib.asynccontextmanager
 async def ensemble_server(log_dir: str | None = None, instances: int = 1) -> AsyncIterator[Any]:
     """A running TritonServer with encoder, decoder and the ensemble loaded."""
-    from tdask.triton_server import TritonServer
+    from tdask.triton.server import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="tdask-bench-repo-") as tmp:
         repo = assemble_repository(Path(tmp))

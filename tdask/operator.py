@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["Operator", "OperatorConfig", "OperatorContext", "Request", "ResponseSender"]
 
 TRITON = "triton"
+#: The class ``implementation="triton"`` stands for, imported by name on the worker: operators know no Triton.
+TRITON_IMPLEMENTATION = "tdask.triton.operator:TritonCoreOperator"
 
 
 @dataclass(kw_only=True)
@@ -76,8 +78,7 @@ class OperatorConfig:
             or self.max_inflight_requests < 1
         ):
             raise ValueError(
-                f"operator {self.name!r}: max_inflight_requests must be an int >= 1, "
-                f"got {self.max_inflight_requests!r}"
+                f"operator {self.name!r}: max_inflight_requests must be an int >= 1, got {self.max_inflight_requests!r}"
             )
         if not isinstance(self.parameters, Mapping):
             raise ValueError(f"operator {self.name!r}: parameters must be a mapping")
@@ -85,8 +86,7 @@ class OperatorConfig:
         if isinstance(impl, str):
             if impl != TRITON and ":" not in impl:
                 raise ValueError(
-                    f"operator {self.name!r}: implementation must be a class, 'module:Class' or "
-                    f"'triton', got {impl!r}"
+                    f"operator {self.name!r}: implementation must be a class, 'module:Class' or 'triton', got {impl!r}"
                 )
         elif not (isinstance(impl, type) and issubclass(impl, Operator)):
             raise ValueError(f"operator {self.name!r}: implementation {impl!r} is not an Operator subclass")
@@ -111,14 +111,14 @@ class OperatorConfig:
     def resolve(self) -> type[Operator]:
         """Import the implementation class (on the worker, where it runs)."""
         impl = self.implementation
-        if impl == TRITON:
-            from tdask.triton_operator import TritonCoreOperator
-
-            return TritonCoreOperator
         if not isinstance(impl, str):
             return impl
+        repository = self.repository
+        if impl == TRITON:
+            # The repository holds Triton models, not operator modules.
+            impl, repository = TRITON_IMPLEMENTATION, None
         module_name, _, class_name = impl.partition(":")
-        module = _import_from(module_name, self.repository)
+        module = _import_from(module_name, repository)
         try:
             cls = getattr(module, class_name)
         except AttributeError:
@@ -322,9 +322,7 @@ def check_outputs(operator: str, request_id: str, outputs: Mapping[str, Any]) ->
 
     for name, value in outputs.items():
         if not isinstance(name, str):
-            raise OperatorError(
-                f"output name {name!r} is not a string", operator=operator, request_id=request_id
-            )
+            raise OperatorError(f"output name {name!r} is not a string", operator=operator, request_id=request_id)
         if not (is_array(value) or isinstance(value, RemoteTensor)):
             raise OperatorError(
                 f"output {name!r} is a {type(value).__name__}, expected a numpy/cupy array or RemoteTensor",

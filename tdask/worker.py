@@ -236,7 +236,7 @@ class OperatorHost(WorkerPlugin):
         """This worker's Triton server, started on first use over all its Triton repositories."""
         async with self._triton_lock:
             if self._triton is None:
-                from tdask.triton_server import TritonServer
+                from tdask.triton.server import TritonServer
 
                 assert self.worker is not None
                 repositories = sorted({c.repository for c in self.operators if c.is_triton and c.repository})

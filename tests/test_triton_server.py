@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tdask.triton_server import TritonServer, TritonServerError, find_tritonserver, merge_model_config
+from tdask.triton import TritonServer, TritonServerError, find_tritonserver, merge_model_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -213,7 +213,7 @@ def test_bad_parameters_answer_with_an_error(client, model, inputs, parameters, 
 
 def http_infer(server: TritonServer, calls):
     """Run ``calls(client)`` (a coroutine function) with a fresh TritonHttpClient, then close it."""
-    from tdask.triton_client import TritonHttpClient
+    from tdask.triton.http_client import TritonHttpClient
 
     async def go():
         client = TritonHttpClient.from_url(server.http_url)
@@ -248,7 +248,7 @@ def test_http_client_round_trip(server, size):
 
 
 def test_http_client_errors_keep_triton_status_and_message(server):
-    from tdask.triton_client import TritonHttpError
+    from tdask.triton.http_client import TritonHttpError
 
     three = (np.arange(3, dtype=np.int64), "INT64")
 
@@ -313,15 +313,19 @@ def test_http_client_concurrent_calls_open_more_connections(server):
 def test_http_client_retries_once_when_a_kept_alive_connection_was_closed():
     """A server may drop a kept-alive connection just as a request goes out on it: the client
     sends it again once on a fresh connection; a fresh connection failing is an error."""
-    from tdask.triton_client import TritonHttpClient
+    from tdask.triton.http_client import TritonHttpClient
 
     body_header = json.dumps(
         {"outputs": [{"name": "y", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}]}
     ).encode()
     answer = (
-        f"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: {len(body_header)}\r\n"
-        f"Content-Length: {len(body_header) + 8}\r\n\r\n"
-    ).encode() + body_header + np.array([7], dtype=np.int64).tobytes()
+        (
+            f"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: {len(body_header)}\r\n"
+            f"Content-Length: {len(body_header) + 8}\r\n\r\n"
+        ).encode()
+        + body_header
+        + np.array([7], dtype=np.int64).tobytes()
+    )
     connections = []
 
     async def serve(reader, writer):
@@ -371,7 +375,7 @@ def test_http_client_retries_once_when_a_kept_alive_connection_was_closed():
 )
 def test_http_client_tensor_encoding_round_trips(array, datatype):
     """Every datatype's binary form, as the client writes inputs and reads outputs."""
-    from tdask.triton_client import _decode_output, _encode_input
+    from tdask.triton.http_client import _decode_output, _encode_input
 
     spec, data = _encode_input("x", array, datatype)
     body = b"header" + bytes(data)
@@ -494,6 +498,39 @@ def test_tdask_tritonserver_must_be_executable(monkeypatch, tmp_path):
         find_tritonserver()
 
 
+def test_python_backend_stub_of_the_bundle_and_of_an_install(tmp_path):
+    from tdask.triton.binary import TritonBinary, python_backend_stub
+
+    bundled = find_tritonserver()
+    if bundled.bundle_root is not None:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        assert python_backend_stub(bundled) == (
+            bundled.bundle_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        )
+    # A container-style install: <prefix>/bin/tritonserver and <prefix>/backends/python/<stub>.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tritonserver").touch()
+    install = TritonBinary(path=tmp_path / "bin" / "tritonserver")
+    assert python_backend_stub(install) is None
+    stub = tmp_path / "backends" / "python" / "triton_python_backend_stub"
+    stub.parent.mkdir(parents=True)
+    stub.touch()
+    assert python_backend_stub(install) == stub
+
+
+def test_unparsable_config_pbtxt_is_a_clear_error(tmp_path):
+    from tdask.triton.model_config import ModelConfigError, read_model_config
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.pbtxt").write_text('name: "broken"\ninstance_groups [ { count: 1 } ]\n')
+    with pytest.raises(ModelConfigError, match="cannot parse"):
+        read_model_config([tmp_path], "broken")
+    assert read_model_config([tmp_path], "absent") == {}
+    server = TritonServer(model_repository=tmp_path)  # never started: reading configs needs no process
+    with pytest.raises(TritonServerError, match="cannot parse"):
+        server.build_model_config("broken", {"parameters": {"a": 1}})
+
+
 def test_killed_server_is_detected_and_cleaned_up(tmp_path):
     # The hang bounds below sit far from both outcomes: what is tested answers in well under a
     # second, the hangs it rules out would last 60 s (client timeout, stop_timeout_s). They were
@@ -537,7 +574,7 @@ def test_server_does_not_outlive_its_owner(tmp_path, how):
     script = textwrap.dedent(
         f"""
         import asyncio, json, os, signal, sys, time
-        from tdask.triton_server import TritonServer
+        from tdask.triton.server import TritonServer
         server = TritonServer(model_repository={str(MODELS)!r}, log_dir={str(tmp_path)!r}, name="owned")
         async def go():
             await server.start()
