@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Operator", "OperatorConfig", "OperatorContext", "Request", "ResponseSender"]
 
 TRITON = "triton"
-# Where the "triton" implementation lives: resolved by name, so operators know no Triton code.
+#: The class ``implementation="triton"`` stands for, imported by name on the worker: operators know no Triton.
 TRITON_IMPLEMENTATION = "tdask.triton.operator:TritonCoreOperator"
 
 
@@ -79,8 +79,7 @@ class OperatorConfig:
             or self.max_inflight_requests < 1
         ):
             raise ValueError(
-                f"operator {self.name!r}: max_inflight_requests must be an int >= 1, "
-                f"got {self.max_inflight_requests!r}"
+                f"operator {self.name!r}: max_inflight_requests must be an int >= 1, got {self.max_inflight_requests!r}"
             )
         if not isinstance(self.parameters, Mapping):
             raise ValueError(f"operator {self.name!r}: parameters must be a mapping")
@@ -88,8 +87,7 @@ class OperatorConfig:
         if isinstance(impl, str):
             if impl != TRITON and ":" not in impl:
                 raise ValueError(
-                    f"operator {self.name!r}: implementation must be a class, 'module:Class' or "
-                    f"'triton', got {impl!r}"
+                    f"operator {self.name!r}: implementation must be a class, 'module:Class' or 'triton', got {impl!r}"
                 )
         elif not (isinstance(impl, type) and issubclass(impl, Operator)):
             raise ValueError(f"operator {self.name!r}: implementation {impl!r} is not an Operator subclass")
@@ -113,11 +111,15 @@ class OperatorConfig:
 
     def resolve(self) -> type[Operator]:
         """Import the implementation class (on the worker, where it runs)."""
-        impl = TRITON_IMPLEMENTATION if self.implementation == TRITON else self.implementation
+        impl = self.implementation
         if not isinstance(impl, str):
             return impl
+        repository = self.repository
+        if impl == TRITON:
+            # The repository holds Triton models, not operator modules.
+            impl, repository = TRITON_IMPLEMENTATION, None
         module_name, _, class_name = impl.partition(":")
-        module = _import_from(module_name, self.repository)
+        module = _import_from(module_name, repository)
         try:
             cls = getattr(module, class_name)
         except AttributeError:

@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tdask.triton.server import TritonServer, TritonServerError, find_tritonserver, merge_model_config
+from tdask.triton import TritonServer, TritonServerError, find_tritonserver, merge_model_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -319,9 +319,13 @@ def test_http_client_retries_once_when_a_kept_alive_connection_was_closed():
         {"outputs": [{"name": "y", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}]}
     ).encode()
     answer = (
-        f"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: {len(body_header)}\r\n"
-        f"Content-Length: {len(body_header) + 8}\r\n\r\n"
-    ).encode() + body_header + np.array([7], dtype=np.int64).tobytes()
+        (
+            f"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: {len(body_header)}\r\n"
+            f"Content-Length: {len(body_header) + 8}\r\n\r\n"
+        ).encode()
+        + body_header
+        + np.array([7], dtype=np.int64).tobytes()
+    )
     connections = []
 
     async def serve(reader, writer):
@@ -492,6 +496,39 @@ def test_tdask_tritonserver_must_be_executable(monkeypatch, tmp_path):
     monkeypatch.setenv("TDASK_TRITONSERVER", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="TDASK_TRITONSERVER"):
         find_tritonserver()
+
+
+def test_python_backend_stub_of_the_bundle_and_of_an_install(tmp_path):
+    from tdask.triton.binary import TritonBinary, python_backend_stub
+
+    bundled = find_tritonserver()
+    if bundled.bundle_root is not None:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        assert python_backend_stub(bundled) == (
+            bundled.bundle_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        )
+    # A container-style install: <prefix>/bin/tritonserver and <prefix>/backends/python/<stub>.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tritonserver").touch()
+    install = TritonBinary(path=tmp_path / "bin" / "tritonserver")
+    assert python_backend_stub(install) is None
+    stub = tmp_path / "backends" / "python" / "triton_python_backend_stub"
+    stub.parent.mkdir(parents=True)
+    stub.touch()
+    assert python_backend_stub(install) == stub
+
+
+def test_unparsable_config_pbtxt_is_a_clear_error(tmp_path):
+    from tdask.triton.model_config import ModelConfigError, read_model_config
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.pbtxt").write_text('name: "broken"\ninstance_groups [ { count: 1 } ]\n')
+    with pytest.raises(ModelConfigError, match="cannot parse"):
+        read_model_config([tmp_path], "broken")
+    assert read_model_config([tmp_path], "absent") == {}
+    server = TritonServer(model_repository=tmp_path)  # never started: reading configs needs no process
+    with pytest.raises(TritonServerError, match="cannot parse"):
+        server.build_model_config("broken", {"parameters": {"a": 1}})
 
 
 def test_killed_server_is_detected_and_cleaned_up(tmp_path):

@@ -8,7 +8,7 @@ socket on every call); ``tritonclient.http.aio`` (aiohttp) 1.2 ms and 0.45 ms; t
 0.43 ms and 0.12 ms. It speaks the KServe v2 protocol with Triton's binary tensor extension
 (``Inference-Header-Content-Length``): one JSON header, then the raw tensor bytes, over
 keep-alive HTTP/1.1 connections written and read by the event loop itself. tritonclient's gRPC
-client still manages the server (readiness, load, unload) in :mod:`tdask.triton_server`; its
+client still manages the server (readiness, load, unload) in :mod:`tdask.triton.server`; its
 dtype helpers are used here.
 
 What gRPC did and this does not: a cancelled or timed-out call closes its connection, but
@@ -45,7 +45,15 @@ _MAX_IDLE = 64
 
 
 class TritonHttpError(Exception):
-    """Triton answered with an HTTP error status; ``message`` is Triton's own text."""
+    """Triton answered with an HTTP error status.
+
+    Attributes
+    ----------
+    status : int
+        The HTTP status (400: invalid request, 404: unknown model, 500: the model failed).
+    message : str
+        Triton's own text.
+    """
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
@@ -55,7 +63,17 @@ class TritonHttpError(Exception):
 
 @dataclass
 class InferResult:
-    """One inference's outputs (read-only arrays over the response body) and parameters."""
+    """One inference's answer.
+
+    Attributes
+    ----------
+    outputs : dict of str to numpy.ndarray
+        Read-only arrays over the response body.
+    datatypes : dict of str to str
+        Each output's Triton datatype, as the server sent it.
+    parameters : dict
+        The response's parameters.
+    """
 
     outputs: dict[str, np.ndarray]
     datatypes: dict[str, str]
@@ -67,7 +85,13 @@ class ReservedParameterError(ValueError):
 
 
 def check_parameters(parameters: Mapping[str, Any]) -> None:
-    """Refuse a reserved request parameter, with tritonclient's wording."""
+    """Refuse a reserved request parameter, with tritonclient's wording.
+
+    Raises
+    ------
+    ReservedParameterError
+        A key of ``parameters`` is one Triton interprets itself (or starts with ``triton_``).
+    """
     for key in parameters:
         if key in RESERVED_PARAMETERS or key.startswith(_RESERVED_PREFIX):
             raise ReservedParameterError(f'Parameter "{key}" is a reserved parameter and cannot be specified.')
@@ -135,6 +159,11 @@ class TritonHttpClient:
 
     One connection carries one request at a time; concurrent calls open more. A connection
     whose call fails, times out or is cancelled is closed, never reused half-read.
+
+    Parameters
+    ----------
+    host, port
+        The server's HTTP endpoint (``127.0.0.1`` and :attr:`TritonServer.http_url`'s port).
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -144,7 +173,7 @@ class TritonHttpClient:
 
     @classmethod
     def from_url(cls, url: str) -> TritonHttpClient:
-        """From ``host:port`` (e.g. :attr:`TritonServer.http_url`)."""
+        """Make a client for ``host:port`` (e.g. :attr:`TritonServer.http_url`)."""
         host, _, port = url.rpartition(":")
         return cls(host, int(port))
 
@@ -158,11 +187,38 @@ class TritonHttpClient:
         parameters: Mapping[str, str | bool | int | float] | None = None,
         timeout: float | None = None,
     ) -> InferResult:
-        """Run one inference; ``inputs`` maps names to (C-contiguous array, Triton datatype).
+        """Run one inference.
 
-        Raises :class:`TritonHttpError` for an error status, :class:`ReservedParameterError` for
-        a reserved parameter, ``TimeoutError`` past ``timeout`` seconds, and ``ConnectionError`` (or
-        ``asyncio.IncompleteReadError``) when the server goes away.
+        Parameters
+        ----------
+        model
+            The model's name.
+        inputs
+            Input names to (C-contiguous array, Triton datatype).
+        model_version
+            A version, or ``""`` for the one Triton picks.
+        request_id
+            Triton's request id (shows in its logs).
+        parameters
+            Request parameters for the model.
+        timeout
+            Seconds the call may take; ``None``: no bound.
+
+        Returns
+        -------
+        InferResult
+            The outputs, their datatypes and the response parameters.
+
+        Raises
+        ------
+        TritonHttpError
+            Triton answered with an error status.
+        ReservedParameterError
+            A parameter is one Triton interprets itself.
+        TimeoutError
+            No answer within ``timeout`` seconds.
+        ConnectionError, asyncio.IncompleteReadError
+            The server went away.
         """
         if parameters:
             check_parameters(parameters)
@@ -196,7 +252,13 @@ class TritonHttpClient:
         return self._parse(status, headers, body)
 
     async def model_metadata(self, model: str) -> dict[str, Any]:
-        """The model's metadata (``name``, ``versions``, ``inputs``, ``outputs``) as JSON."""
+        """Fetch the model's metadata (``name``, ``versions``, ``inputs``, ``outputs``) as JSON.
+
+        Raises
+        ------
+        TritonHttpError
+            Triton answered with an error status (404: no such model loaded).
+        """
         head = f"GET /v2/models/{quote(model, safe='')} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n"
         status, headers, body = await self._exchange([head.encode()])
         if status != 200:
@@ -281,7 +343,7 @@ class TritonHttpClient:
         return InferResult(outputs, datatypes, dict(meta.get("parameters") or {}))
 
     async def _acquire(self) -> tuple[_Connection, bool]:
-        """A connection, and whether it was kept alive from an earlier call."""
+        """Return a connection, and whether it was kept alive from an earlier call."""
         if self._closed:
             raise ConnectionError("the Triton HTTP client is closed")
         while self._idle:

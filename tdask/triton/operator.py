@@ -1,11 +1,11 @@
 """``TritonCoreOperator``: an operator that is one model of a Triton model repository.
 
 The model runs on the worker's own Triton Inference Server (one real ``tritonserver`` per
-worker process, started on first use by the worker plugin, see :mod:`tdask.triton_server`).
+worker process, started on first use by the worker plugin, see :mod:`tdask.triton.server`).
 At setup the operator loads its model in explicit mode, with the override given as
 ``OperatorConfig.parameters["config"]`` merged into the repository's ``config.pbtxt`` (typically
 ``instance_group`` and ``parameters``); each request then becomes one inference on
-127.0.0.1 over Triton's HTTP endpoint (:mod:`tdask.triton_client` says why not gRPC).
+127.0.0.1 over Triton's HTTP endpoint (:mod:`tdask.triton.http_client` says why not gRPC).
 
 Errors keep their meaning across the boundary: Triton's INVALID_ARG (HTTP 400: bad dtype, shape,
 missing or unexpected input, and the models' own parameter checks) becomes
@@ -28,22 +28,12 @@ from typing import Any
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype
 
+from tdask.config import get_seconds
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
 from tdask.operator import Operator, Request
 from tdask.triton.http_client import ReservedParameterError, TritonHttpClient, TritonHttpError
 
 __all__ = ["TritonCoreOperator"]
-
-_DEFAULT_LOAD_TIMEOUT_S = 300.0
-
-
-def _load_timeout_s() -> float | None:
-    """Bound on a model load: ``tdask.triton.load-timeout`` (``null``: unbounded), default 5 minutes."""
-    import dask.config
-    from dask.utils import parse_timedelta
-
-    value = dask.config.get("tdask.triton.load-timeout", _DEFAULT_LOAD_TIMEOUT_S)
-    return None if value is None else float(parse_timedelta(value, default="seconds"))
 
 
 def _config_override(value: Any, operator: str) -> dict[str, Any] | None:
@@ -79,7 +69,7 @@ def _triton_parameters(parameters: Mapping[str, Any]) -> dict[str, str | bool | 
 
 
 def _host_array(value: Any) -> np.ndarray:
-    """A C-contiguous numpy array for the wire; cupy arrays are copied to the host."""
+    """Return a C-contiguous numpy array for the wire; cupy arrays are copied to the host."""
     # np.require, not np.ascontiguousarray: the latter turns a 0-d array into a 1-d one.
     if isinstance(value, np.ndarray):
         return np.require(value, requirements="C")
@@ -108,7 +98,7 @@ class TritonCoreOperator(Operator):
         self.model = str(self.parameters.get("model", self.name))
         self.override = _config_override(self.parameters.get("config"), self.name)
         self.server = await self.context.triton_server()
-        await self.server.load_model(self.model, self.override, timeout_s=_load_timeout_s())
+        await self.server.load_model(self.model, self.override, timeout_s=get_seconds("tdask.triton.load-timeout"))
         self.client = TritonHttpClient.from_url(self.server.http_url)
         metadata = await self.client.model_metadata(self.model)
         # name -> (Triton datatype, dims with -1 for "any"): checked before a request goes out,
@@ -234,13 +224,11 @@ class TritonCoreOperator(Operator):
         """Refuse an input the model does not declare, or of another dtype or rank."""
         spec = self.input_specs.get(name)
         if spec is None:
-            raise request.error(
-                f"model {self.model!r} has no input {name!r} (its inputs: {sorted(self.input_specs)})"
-            )
+            raise request.error(f"model {self.model!r} has no input {name!r} (its inputs: {sorted(self.input_specs)})")
         want_type, dims = spec
         if datatype != want_type:
             raise request.error(f"input {name!r} is {datatype}, model {self.model!r} expects {want_type}")
-        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
+        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape, strict=True)):
             raise request.error(
                 f"input {name!r} has shape {list(shape)}, model {self.model!r} expects {dims} (-1: any size)"
             )

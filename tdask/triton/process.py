@@ -1,0 +1,316 @@
+"""The ``tritonserver`` process and what it leaves behind: start, watch, stop and sweep up.
+
+A server runs in its own process group with its python-backend stubs, gets SIGKILL when its
+parent dies (:func:`make_pdeathsig`), and names its shared-memory regions with a prefix of its
+own (:func:`new_shm_prefix`), so that whatever a killed server leaves can be found and removed:
+by its owner (:func:`killpg`, :func:`remove_shm_regions`), by a finalizer
+(:func:`terminate_at_exit`), or by the next server started on the host
+(:func:`sweep_stale_leftovers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LOG_TAIL_LINES",
+    "NUDGE_INTERVAL_S",
+    "SHM_DIR",
+    "WORKDIR_PREFIX",
+    "ProcessWatch",
+    "free_port",
+    "group_members",
+    "killpg",
+    "log_tail",
+    "make_pdeathsig",
+    "new_shm_prefix",
+    "nudge",
+    "remove_shm_regions",
+    "sweep_stale",
+    "sweep_stale_leftovers",
+    "terminate_at_exit",
+]
+
+#: Lines of the server log quoted in errors.
+LOG_TAIL_LINES = 40
+#: How often a stopping server is nudged (see :func:`nudge`).
+NUDGE_INTERVAL_S = 0.25
+#: Where the python backend keeps its shared-memory regions.
+SHM_DIR = Path("/dev/shm")
+#: Prefix of a server's temporary working directory: ``tdask-triton-<owner pid>-<name>-...``.
+WORKDIR_PREFIX = "tdask-triton-"
+_STALE_AFTER_S = 60.0
+_ERROR_LINE = re.compile(r"^E\d{4} |unrecognized option|error:|failed to", re.IGNORECASE)
+
+
+def free_port() -> int:
+    """Return a port free on 127.0.0.1 right now.
+
+    The server may still lose a race for it; :meth:`TritonServer.start` retries then.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def make_pdeathsig() -> Callable[[], None] | None:
+    """Return a ``preexec_fn`` that makes the server get SIGKILL when its parent dies.
+
+    So a worker killed with SIGKILL (e.g. by a Nanny) does not leave its server behind. SIGKILL,
+    not SIGTERM: an orphaned server has nobody to answer, and a graceful Triton stop takes 3 to
+    11 s; its stubs notice the death within about 2 s and exit, and the shared-memory regions
+    they leave are swept by the next server started on the host (after a minute).
+
+    Linux ties this to the thread that forked: :meth:`TritonServer.start` must run in a thread
+    that lives as long as the server (a worker's event-loop thread does). The libc call is
+    resolved here, in the parent, so the child only makes one foreign call between fork and exec.
+
+    Returns
+    -------
+    callable or None
+        ``None`` where the platform has no ``prctl`` (not Linux, or no libc found).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return None
+    prctl = ctypes.CDLL(libc_name, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    return preexec
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Return the live (non-zombie) processes in process group ``pgid``: the server and its stubs."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def killpg(pgid: int, sig: int) -> None:
+    """Send ``sig`` to process group ``pgid``; a group that is gone (or not ours) is ignored."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def new_shm_prefix() -> str:
+    """Return a fresh prefix for one server's shared-memory regions (``tdask<pid>-<hex>_``).
+
+    One per server, so that servers on one host never share a region and a server's owner
+    (or :func:`sweep_stale_leftovers`) can remove what a killed server left.
+    """
+    return f"tdask{os.getpid()}-{secrets.token_hex(4)}_"
+
+
+def remove_shm_regions(prefix: str) -> None:
+    """Unlink the python backend's shared-memory regions named ``prefix*``.
+
+    Triton removes them on a clean stop; a SIGKILLed server or stub leaves them behind.
+    """
+    if not SHM_DIR.is_dir():
+        return
+    for region in SHM_DIR.glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            region.unlink()
+
+
+def sweep_stale(owner_pattern: re.Pattern[str], directory: Path) -> None:
+    """Remove entries of ``directory`` left by tdask processes that died without cleaning up.
+
+    ``owner_pattern`` captures the owner's pid; an entry goes only when that process is gone and
+    the entry is older than a minute (so a server still shutting down keeps its files).
+    """
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        match = owner_pattern.match(entry.name)
+        if not match or psutil.pid_exists(int(match.group(1))):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < _STALE_AFTER_S:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+
+
+def sweep_stale_leftovers(tmp: Path) -> None:
+    """Remove the working directories (in ``tmp``) and shared-memory regions of dead owners."""
+    sweep_stale(re.compile(rf"{WORKDIR_PREFIX}(\d+)-"), tmp)
+    sweep_stale(re.compile(r"tdask(\d+)-[0-9a-f]+_"), SHM_DIR)
+
+
+def nudge(port: int | None) -> None:
+    """Open and close a TCP connection to ``port`` on 127.0.0.1, ignoring any failure.
+
+    Measured with the bundled Triton 2.51: after large transfers its gRPC server shutdown
+    sometimes idles about ten seconds after the last request before the process exits
+    (half of the stops took 11 s instead of 3 s); a connection attempt every 0.25 s during the
+    stop wakes it (all of 13 stops took 3 s).
+    """
+    if port is None:
+        return
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        pass
+
+
+def log_tail(path: Path | None, offset: int, lines: int = LOG_TAIL_LINES) -> str:
+    """Return what of the log after ``offset`` explains a failure: its error lines, then its last lines.
+
+    The error lines come first because Triton often buries them (a bad flag is followed by the
+    whole usage text). Reads at most the last 256 KiB.
+
+    Parameters
+    ----------
+    path
+        The log file (``None``: no log, an empty answer).
+    offset
+        Where this server's part of the (appended) log starts.
+    lines
+        How many last lines to quote.
+    """
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            start = max(offset, end - 256 * 1024)
+            f.seek(start)
+            text = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    last = text[-lines:]
+    errors = [line for line in text[: len(text) - len(last)] if _ERROR_LINE.search(line)][:10]
+    if errors:
+        return "\n".join([*errors, "[...]", *last])
+    return "\n".join(last)
+
+
+class ProcessWatch:
+    """Waits for the server process in a daemon thread and tells whoever registered.
+
+    Kept apart from :class:`~tdask.triton.server.TritonServer` so that the thread holds no
+    reference to the server object (which must stay collectable for its finalizer to run).
+
+    Parameters
+    ----------
+    process
+        The process to wait for.
+    on_exit
+        The first callback, called with the exit status in the watcher thread.
+
+    Attributes
+    ----------
+    exited : threading.Event
+        Set once the process has exited (``returncode`` is set before).
+    returncode : int or None
+        The exit status, once the process has exited.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], on_exit: Callable[[int], object]) -> None:
+        self.process = process
+        self.exited = threading.Event()
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[int], object]] = [on_exit]
+        self._thread = threading.Thread(target=self._run, name=f"tdask-triton-watch-{process.pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        returncode = self.process.wait()
+        with self._lock:
+            self.returncode = returncode
+            self.exited.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback(returncode)
+            except Exception:  # a caller's bug must not hide the others' notifications
+                logger.exception("Triton exit callback %r failed", callback)
+
+    def add_callback(self, callback: Callable[[int], object]) -> None:
+        """Call ``callback(returncode)`` at exit, or now (in this thread) if the process has exited."""
+        with self._lock:
+            if not self.exited.is_set():
+                self._callbacks.append(callback)
+                return
+            returncode = self.returncode
+        assert returncode is not None
+        callback(returncode)
+
+    def remove_callback(self, callback: Callable[[int], object]) -> None:
+        """Forget ``callback``; one not registered (or already called) is ignored."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+
+def terminate_at_exit(
+    process: subprocess.Popen[bytes], workdir: str | None, shm_prefix: str, grpc_port: int | None, grace_s: float
+) -> None:
+    """Stop a server its owner forgot (or could not) stop, then drop its files (a finalizer).
+
+    Parameters
+    ----------
+    process
+        The server.
+    workdir
+        Its working directory, removed at the end.
+    shm_prefix
+        Its shared-memory prefix (see :func:`remove_shm_regions`).
+    grpc_port
+        Its gRPC port, nudged while it stops (see :func:`nudge`).
+    grace_s
+        How long SIGTERM may take before the whole process group gets SIGKILL.
+    """
+    try:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while process.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=NUDGE_INTERVAL_S)
+                nudge(grpc_port)
+        killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=1)
+    finally:
+        remove_shm_regions(shm_prefix)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
