@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import dask.config
 import distributed  # noqa: F401  (loads distributed.admin.log-format)
@@ -25,15 +26,18 @@ with open(_defaults_path) as f:
 dask.config.update_defaults(_defaults)
 
 
-# Settings are read where they are used (on every request), so that dask.config.set applies at
-# once; parsing the same string again is what costs, so parsed values are memoized by value.
+# Settings are read when they are needed (a request snapshots its own once, RequestSettings), so
+# that dask.config.set applies to the next request; parsing is memoized by value.
 _parse_bytes = functools.lru_cache(maxsize=256)(parse_bytes)
 _parse_seconds = functools.lru_cache(maxsize=256)(functools.partial(parse_timedelta, default="seconds"))
 
 
 def get_seconds(key: str) -> float | None:
     """Read a duration setting (``"5s"``, ``10``, ``null``) as seconds."""
-    value = dask.config.get(key)
+    return _seconds(dask.config.get(key))
+
+
+def _seconds(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, timedelta):
@@ -82,12 +86,32 @@ class RequestSettings:
 
     @classmethod
     def read(cls) -> RequestSettings:
-        """Snapshot ``tdask.request.*`` and the inline threshold from ``dask.config`` now."""
-        return cls(
-            timeout_s=get_seconds("tdask.request.timeout"),
-            unavailable_timeout_s=get_seconds("tdask.request.unavailable-timeout") or 0.0,
-            rehost_timeout_s=get_seconds("tdask.request.rehost-timeout") or 0.0,
-            max_retries=int(dask.config.get("tdask.request.max-retries")),
-            max_input_bytes=get_bytes("tdask.request.max-input-bytes"),
-            inline_threshold=get_bytes("tdask.data-plane.inline-threshold"),
+        """Snapshot ``tdask.request.*`` and the inline threshold from ``dask.config`` now.
+
+        One lookup of the ``tdask`` subtree; the parsed snapshot is cached by the raw values, so
+        ``dask.config.set`` still applies to the next request and a request pays no parsing.
+        """
+        tree = dask.config.get("tdask")
+        request, data_plane = tree["request"], tree["data-plane"]
+        return _request_settings(
+            request["timeout"],
+            request["unavailable-timeout"],
+            request["rehost-timeout"],
+            request["max-retries"],
+            request["max-input-bytes"],
+            data_plane["inline-threshold"],
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _request_settings(
+    timeout: Any, unavailable: Any, rehost: Any, max_retries: Any, max_input: Any, inline: Any
+) -> RequestSettings:
+    return RequestSettings(
+        timeout_s=_seconds(timeout),
+        unavailable_timeout_s=_seconds(unavailable) or 0.0,
+        rehost_timeout_s=_seconds(rehost) or 0.0,
+        max_retries=int(max_retries),
+        max_input_bytes=max_input if isinstance(max_input, int) else _parse_bytes(max_input),
+        inline_threshold=inline if isinstance(inline, int) else _parse_bytes(inline),
+    )

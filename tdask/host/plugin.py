@@ -192,9 +192,7 @@ class OperatorHost(WorkerPlugin):
         )
         self.queue = QueueServer(self.broker)
         self.plane = make_request_plane(self.broker, connection_args=worker.connection_args)
-        self.direct = DirectServer(
-            worker, on_submit=lambda request: self._serving().on_direct(request), on_cancel=self._cancel
-        )
+        self.direct = DirectServer(worker)
         self.serving = Serving(
             worker_address=worker.address,
             store=self.store,
@@ -204,6 +202,7 @@ class OperatorHost(WorkerPlugin):
             keep_unanswered=self._beyond_repair,
         )
         self.plane.on_orphan = self.serving.release_orphan
+        self.direct.serve(on_submit=self.serving.on_direct, on_cancel=self.serving.cancel)
         worker.handlers[Rpc.HOST_STATS] = self.serving.stats
         await self.direct.start()
         context = OperatorContext(
@@ -226,14 +225,6 @@ class OperatorHost(WorkerPlugin):
                 f"tdask operators failed to start on {worker.address}: "
                 + "; ".join(f"{name}: {msg}" for name, msg in self.failures.items())
             )
-
-    def _serving(self) -> Serving:
-        assert self.serving is not None
-        return self.serving
-
-    def _cancel(self, keys: list[list[str]]) -> None:
-        if self.serving is not None:
-            self.serving.cancel(keys)
 
     async def _build(self, config: OperatorConfig, context: OperatorContext) -> Operator:
         cls = config.resolve()

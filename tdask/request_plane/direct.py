@@ -313,22 +313,27 @@ class DirectServer:
     ----------
     worker
         The Dask worker.
-    on_submit
-        Takes a request (``requester`` set) and returns False when this worker does not (or no
-        longer) host its operator; the caller is then told to go through the broker.
-    on_cancel
-        Cancels requests by ``[requester, request_id]`` keys.
     """
 
-    def __init__(self, worker: Any, *, on_submit: SubmitHandler, on_cancel: CancelHandler) -> None:
+    def __init__(self, worker: Any) -> None:
         self.worker = worker
-        self._on_submit = on_submit
-        self._on_cancel = on_cancel
+        self._on_submit: SubmitHandler = lambda request: False
+        self._on_cancel: CancelHandler = lambda keys: None
         self.sessions: dict[Transport, str] = {}  # session -> its requester
         self._routes: dict[tuple[str, str], Transport] = {}  # (requester, id) -> where to answer
         self.wire: WireServer | None = None
         self._serving: set[asyncio.Task[None]] = set()
         self._closing = False
+
+    def serve(self, *, on_submit: SubmitHandler, on_cancel: CancelHandler) -> None:
+        """Say who serves the requests.
+
+        ``on_submit`` takes a request (``requester`` set) and returns False when this worker does
+        not (or no longer) host its operator: the caller is then told to go through the broker.
+        ``on_cancel`` cancels requests by ``[requester, request_id]`` keys.
+        """
+        self._on_submit = on_submit
+        self._on_cancel = on_cancel
 
     async def start(self) -> None:
         """Install the comm handlers and, where wanted, listen on the wire."""
