@@ -45,6 +45,49 @@ def children() -> list[psutil.Process]:
     return out
 
 
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "the condition never held",
+) -> Any:
+    """Poll ``predicate()`` every ``interval`` s until it returns something truthy, and return it.
+
+    After ``timeout`` s, fail with ``message`` (or what ``message()`` says of the state then).
+    A predicate may fail early itself (``assert proc.poll() is None``).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message() if callable(message) else message} (waited {timeout} s)")
+        time.sleep(interval)
+    return value
+
+
+async def async_wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "the condition never held",
+) -> Any:
+    """:func:`wait_for` inside an event loop: ``predicate()`` may return an awaitable."""
+    import inspect
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message() if callable(message) else message} (waited {timeout} s)")
+        await asyncio.sleep(interval)
+
+
 def child_pids() -> set[int]:
     return {p.pid for p in children()}
 
@@ -54,23 +97,21 @@ def assert_no_children(timeout: float = 15.0, ignore: set[int] | None = None) ->
 
     ``ignore``: processes that existed before (a module-scoped cluster still in use).
     """
-    import time
-
     ignore = ignore or set()
-    deadline = time.monotonic() + timeout
-    while True:
-        procs = [p for p in children() if p.pid not in ignore]
-        if not procs:
-            return
-        if time.monotonic() > deadline:
-            desc = []
-            for p in procs:
-                try:
-                    desc.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-                except psutil.Error:
-                    pass
-            raise AssertionError(f"processes left behind: {desc}")
-        time.sleep(0.2)
+
+    def left() -> list[psutil.Process]:
+        return [p for p in children() if p.pid not in ignore]
+
+    def describe() -> str:
+        desc = []
+        for p in left():
+            try:
+                desc.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            except psutil.Error:
+                pass
+        return f"processes left behind: {desc}"
+
+    wait_for(lambda: not left(), timeout, interval=0.2, message=describe)
 
 
 def store_stats(client: Client) -> dict[str, dict[str, int]]:

@@ -88,6 +88,7 @@ def test_broker_credits_come_back_to_the_limit(deployment, client):
     """After a burst, the broker holds exactly max_inflight_requests credits per worker: requests
     sent directly to a worker took none, so finishing them must not grant any."""
     from tdask.request_plane.broker import BROKER_NAME
+    from tests.conftest import wait_for
 
     async def go(c):
         op = RemoteOperator("add", client=c)
@@ -98,10 +99,11 @@ def test_broker_credits_come_back_to_the_limit(deployment, client):
     def credits(dask_scheduler):
         return dict(dask_scheduler.plugins[BROKER_NAME].credits["add/1"])
 
-    deadline = time.monotonic() + 10
-    while (found := client.run_on_scheduler(credits)) != dict.fromkeys(found, 2) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the last grants may still be on their way
-    assert len(found) == 2 and set(found.values()) == {2}, found
+    def back_to_the_limit() -> bool:  # the last grants may still be on their way
+        found = client.run_on_scheduler(credits)
+        return len(found) == 2 and set(found.values()) == {2}
+
+    wait_for(back_to_the_limit, message=lambda: f"broker credits of add/1: {client.run_on_scheduler(credits)}")
 
 
 def test_closing_a_client_closes_its_comms_to_workers(deployment, client):
@@ -109,6 +111,7 @@ def test_closing_a_client_closes_its_comms_to_workers(deployment, client):
     the workers, which close the direct-plane comms of that client, while its process (and
     event loop) lives on."""
     from tdask.host import PLUGIN_NAME
+    from tests.conftest import async_wait_for
 
     def requesters(dask_worker):
         return sorted(set(dask_worker.plugins[PLUGIN_NAME].direct.sessions.values()))
@@ -118,19 +121,21 @@ def test_closing_a_client_closes_its_comms_to_workers(deployment, client):
         for name in ("identity", "echo"):
             await RemoteOperator(name, client=closed).infer(inputs={"x": np.arange(3)})
         async with Client(deployment.scheduler_address, asynchronous=True) as observer:
-            before = [r for rs in (await observer.run(requesters)).values() for r in rs]
-            await closed.close()
-            for _ in range(200):
-                after = [r for rs in (await observer.run(requesters)).values() for r in rs]
-                if closed.id not in after:
-                    break
-                await asyncio.sleep(0.05)
-        return closed.id, before, after
 
-    requester, before, after = asyncio.run(main())
+            async def all_requesters() -> list[str]:
+                return [r for rs in (await observer.run(requesters)).values() for r in rs]
+
+            async def gone() -> bool:
+                return closed.id not in await all_requesters()
+
+            before = await all_requesters()
+            await closed.close()
+            await async_wait_for(gone, message="a closed client's comms to workers stay open")
+        return closed.id, before
+
+    requester, before = asyncio.run(main())
     plane = dask.config.get("tdask.request.plane")
     assert (requester in before) == (plane == "direct"), before
-    assert requester not in after, "a closed client's comms to workers stay open"
     # The shared client's own comms are untouched and still serve.
     assert RemoteOperator("identity", client=client).infer(inputs={"x": np.arange(2)}).outputs["x"].tolist() == [0, 1]
 
@@ -279,18 +284,26 @@ def test_deadline_then_slot_is_free(client):
 
 
 def test_cancelling_the_caller_cancels_the_request(deployment, client):
+    from tests.conftest import async_wait_for
+
     async def go(c):
+        async def inflight() -> int:
+            stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+            return sum(s.get("fail/1", {"inflight": 0})["inflight"] for s in stats.values())
+
+        async def idle() -> bool:
+            return await inflight() == 0
+
         op = RemoteOperator("fail", client=c)
         task = asyncio.create_task(op.infer(parameters={"mode": "sleep", "seconds": 30}))
-        await asyncio.sleep(0.5)
+        await async_wait_for(inflight, message="the request never started on the worker")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.3)
-        return await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+        # The operator sleeps 30 s: only the cancellation reaching the worker frees its slot sooner.
+        await async_wait_for(idle, message="the cancelled request still runs on the worker")
 
-    stats = run_async(deployment.scheduler_address, go)
-    assert all(s.get("fail/1", {"inflight": 0})["inflight"] == 0 for s in stats.values())
+    run_async(deployment.scheduler_address, go)
 
 
 def test_a_killed_caller_has_its_requests_cancelled(deployment, client):
@@ -301,6 +314,8 @@ def test_a_killed_caller_has_its_requests_cancelled(deployment, client):
     import subprocess
     import sys
     import textwrap
+
+    from tests.conftest import wait_for
 
     script = textwrap.dedent(
         f"""
@@ -326,27 +341,31 @@ def test_a_killed_caller_has_its_requests_cancelled(deployment, client):
         "DASK_TDASK__REQUEST__PLANE": dask.config.get("tdask.request.plane"),
         "DASK_TDASK__REQUEST__DIRECT_TRANSPORT": dask.config.get("tdask.request.direct-transport"),
     }
+
+    def running() -> int:
+        assert caller.poll() is None, "the caller exited before its request ran"
+        return inflight()
+
     caller = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
-        deadline = time.monotonic() + 60
-        while inflight() == 0:
-            assert caller.poll() is None, "the caller exited before its request ran"
-            assert time.monotonic() < deadline, "the caller's request never started"
-            time.sleep(0.1)
+        wait_for(running, timeout=60, interval=0.1, message="the caller's request never started")
     finally:
         caller.send_signal(signal.SIGKILL)
         caller.wait()
-    deadline = time.monotonic() + 30
-    while inflight() != 0:
-        assert time.monotonic() < deadline, "the dead caller's request still runs on the worker"
-        time.sleep(0.1)
+    wait_for(lambda: inflight() == 0, timeout=30, message="the dead caller's request still runs on the worker")
 
 
 def test_duplicate_request_id_in_flight(deployment):
+    from tests.conftest import async_wait_for
+
     async def go(c):
+        async def running() -> int:
+            stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+            return sum(s.get("fail/1", {"inflight": 0})["inflight"] for s in stats.values())
+
         op = RemoteOperator("fail", client=c)
         first = asyncio.create_task(op.infer(parameters={"mode": "sleep", "seconds": 0.5}, request_id="same"))
-        await asyncio.sleep(0.1)
+        await async_wait_for(running, message="the first request never started on the worker")
         with pytest.raises(InvalidRequestError, match="already in flight"):
             await op.infer(parameters={"mode": "sleep", "seconds": 0}, request_id="same")
         return await first
@@ -425,6 +444,8 @@ def test_dashboard_pages(deployment, client):
     import json
     import urllib.request
 
+    from tests.conftest import wait_for
+
     base = deployment.dashboard_link.rsplit("/status", 1)[0]
     assert base.startswith("http://127.0.0.1:")
     state = json.loads(urllib.request.urlopen(base + "/tdask/operators.json", timeout=10).read())
@@ -436,14 +457,13 @@ def test_dashboard_pages(deployment, client):
     op = RemoteOperator("add", client=client)
     for _ in range(5):
         op.infer(inputs={"a": np.arange(3), "b": np.arange(3)})
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def served() -> int:
+        nonlocal state
         state = json.loads(urllib.request.urlopen(base + "/tdask/operators.json", timeout=10).read())
-        served = sum(w.get("add/1", {}).get("started", 0) for w in state["workers"].values())
-        if served >= before + 5:
-            break
-        time.sleep(0.2)
-    assert served >= before + 5, state["workers"]
+        return sum(w.get("add/1", {}).get("started", 0) for w in state["workers"].values())
+
+    wait_for(lambda: served() >= before + 5, interval=0.2, message=lambda: f"5 requests unreported: {state['workers']}")
     assert sum(1 for w in state["workers"].values() if "add/1" in w) == 2
     page = urllib.request.urlopen(base + "/tdask", timeout=10).read().decode()
     assert "<td>add/1</td><td>2</td>" in page
@@ -470,6 +490,7 @@ def test_session_writes_in_order_through_a_suspending_write():
     from distributed.comm.utils import OFFLOAD_THRESHOLD
 
     from tdask.request_plane.session import Session
+    from tests.conftest import async_wait_for
 
     async def go():
         received: list[dict] = []
@@ -490,7 +511,8 @@ def test_session_writes_in_order_through_a_suspending_write():
             await asyncio.sleep(0)  # the write starts and suspends on the offload thread
             session.send({"n": 1})
             session.send({"n": 2})
-            await asyncio.sleep(0.05)
+            # The suspended write completes (the big message arrives); the session writes on.
+            await async_wait_for(lambda: received, message="the big message never arrived")
             for n in (3, 4, 5):
                 session.send({"n": n})
             await asyncio.wait_for(done.wait(), 10)

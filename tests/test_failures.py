@@ -52,9 +52,13 @@ def test_sigkill_with_requests_in_flight_loses_nothing(deployment):
     import asyncio
     import signal
 
-    from tests.conftest import run_async
+    from tests.conftest import async_wait_for, run_async
 
     async def go(c):
+        async def both_full() -> bool:
+            stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+            return [s["slow/1"]["inflight"] for s in stats.values() if "slow/1" in s] == [2, 2]
+
         op = RemoteOperator("slow", client=c)
         info = await c.scheduler.identity(n_workers=-1)
         victim = next(a for a, w in info["workers"].items() if str(w["name"]) == "slow.0")
@@ -65,7 +69,7 @@ def test_sigkill_with_requests_in_flight_loses_nothing(deployment):
             )
             for i in range(8)
         ]
-        await asyncio.sleep(0.5)  # both workers now hold two requests each
+        await async_wait_for(both_full, message="the two slow workers never ran two requests each")
         before = (await c.scheduler.tdask_operators())["counts"]
         os.kill(pid, signal.SIGKILL)
         responses = await asyncio.gather(*tasks)
@@ -85,25 +89,40 @@ def test_queued_request_cancelled_is_never_served(deployment):
     import asyncio
 
     from tdask import RequestTimeoutError
-    from tests.conftest import run_async
+    from tdask.request_plane import BROKER_NAME
+    from tests.conftest import async_wait_for, run_async
 
     async def go(c):
+        async def slots(key: str) -> list[int]:
+            stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+            return [s["slow/1"][key] for s in stats.values() if "slow/1" in s]
+
+        async def started() -> int:
+            return sum(await slots("started"))
+
+        async def all_busy() -> bool:
+            return await slots("inflight") == [2, 2]
+
+        def credits(dask_scheduler) -> list[int]:
+            return sorted(dask_scheduler.plugins[BROKER_NAME].credits["slow/1"].values())
+
+        async def settled() -> bool:
+            # Both workers idle with nothing waiting, and every credit back with the broker: a
+            # request still queued anywhere would have been started by now.
+            idle = await slots("inflight") + await slots("waiting") == [0, 0, 0, 0]
+            return idle and await c.run_on_scheduler(credits) == [2, 2]
+
         op = RemoteOperator("slow", client=c)
         busy = [
             asyncio.create_task(op.infer(inputs={"a": np.ones(1), "b": np.ones(1)}, parameters={"delay": 1.5}))
             for _ in range(4)
         ]
-        await asyncio.sleep(0.3)
-
-        async def started():
-            stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
-            return sum(s["slow/1"]["started"] for s in stats.values() if "slow/1" in s)
-
+        await async_wait_for(all_busy, message="the four busy requests never all ran")
         before = await started()
         with pytest.raises(RequestTimeoutError):
             await op.infer(inputs={"a": np.ones(1), "b": np.ones(1)}, timeout=0.3, request_id="never")
         await asyncio.gather(*busy)
-        await asyncio.sleep(0.2)
+        await async_wait_for(settled, message="the slow workers and the broker never settled")
         return before, await started(), await c.scheduler.tdask_operators()
 
     before, after, broker = run_async(deployment.scheduler_address, go)
@@ -112,6 +131,8 @@ def test_queued_request_cancelled_is_never_served(deployment):
 
 
 def test_poison_request_exhausts_retries(deployment):
+    from tests.conftest import wait_for
+
     op = RemoteOperator("dies", client=deployment.client)
     with dask.config.set({"tdask.request.max-retries": 1}):
         with pytest.raises(WorkerLostError, match="died and 1 retries were used") as info:
@@ -120,15 +141,16 @@ def test_poison_request_exhausts_retries(deployment):
     assert info.value.worker.startswith("tcp://127.0.0.1:")
     # The nannies restarted the workers, which serve again.
     assert RemoteOperator("identity", client=deployment.client).infer(inputs={"x": np.ones(2)}).final
-    deadline = time.monotonic() + 60
-    while True:
+    errors: list[Exception] = []
+
+    def serves() -> bool:
         try:
-            op.infer(parameters={}, timeout=5)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            return op.infer(parameters={}, timeout=5).final
+        except Exception as exc:
+            errors.append(exc)
+            return False
+
+    wait_for(serves, timeout=60, interval=0.2, message=lambda: f"'dies' never served again: {errors[-1:]}")
 
 
 def test_setup_failure_fails_the_deployment():
@@ -157,6 +179,8 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 def test_hand_started_scheduler_and_preloaded_workers(tmp_path):
     """`dask scheduler` + `dask worker --preload tdask.worker` serve requests; a broken preload is reported."""
+    from tests.conftest import wait_for
+
     dask_bin = os.path.join(os.path.dirname(sys.executable), "dask")
     scheduler_file = tmp_path / "scheduler.json"
     procs = [
@@ -165,12 +189,13 @@ def test_hand_started_scheduler_and_preloaded_workers(tmp_path):
              "--scheduler-file", str(scheduler_file)]
         )
     ]
+
+    def scheduler_up() -> bool:
+        assert procs[0].poll() is None, procs[0].stdout.read()
+        return scheduler_file.exists()
+
     try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
-            assert time.monotonic() < deadline, "scheduler did not start"
-            assert procs[0].poll() is None, procs[0].stdout.read()
-            time.sleep(0.1)
+        wait_for(scheduler_up, timeout=60, interval=0.1, message="scheduler did not start")
         address = json.loads(scheduler_file.read_text())["address"]
         identity = json.dumps({"name": "identity", "implementation": "tests.operators:Identity", "max_inflight_requests": 2})
         broken = json.dumps({"name": "broken", "implementation": "tests.operators:Broken"})
@@ -206,6 +231,8 @@ def test_hand_started_scheduler_and_preloaded_workers(tmp_path):
 def test_attach_to_running_scheduler():
     from distributed import Scheduler
 
+    from tests.conftest import async_wait_for
+
     before = child_pids()
 
     import asyncio
@@ -221,11 +248,9 @@ def test_attach_to_running_scheduler():
                 assert response.outputs["x"].sum() == 3
             # The deployment stopped its own workers and left the scheduler running.
             assert scheduler.status.name == "running"
-            for _ in range(100):
-                if not scheduler.workers:
-                    break
-                await asyncio.sleep(0.1)
-            assert not scheduler.workers
+            await async_wait_for(
+                lambda: not scheduler.workers, message=lambda: f"workers still registered: {list(scheduler.workers)}"
+            )
 
     asyncio.run(main())
     assert_no_children(ignore=before)

@@ -61,11 +61,15 @@ def _triton_processes(since: float) -> list[psutil.Process]:
 
 
 def _assert_clean(since: float) -> None:
+    from tests.conftest import wait_for
+
     assert_no_children()
-    deadline = time.monotonic() + 15
-    while _triton_processes(since):
-        assert time.monotonic() < deadline, f"Triton processes left: {_triton_processes(since)}"
-        time.sleep(0.2)
+    wait_for(
+        lambda: not _triton_processes(since),
+        timeout=15,
+        interval=0.2,
+        message=lambda: f"Triton processes left: {_triton_processes(since)}",
+    )
 
 
 def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -74,18 +78,24 @@ def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[s
 
 def _dask_scheduler(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     """A real `dask scheduler` on 127.0.0.1, and its address once it is up."""
+    from tests.conftest import wait_for
+
     scheduler_file = tmp_path / "scheduler.json"
     proc = subprocess.Popen(
         [os.path.join(os.path.dirname(PY), "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
          "--no-dashboard", "--scheduler-file", str(scheduler_file)],
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while not scheduler_file.exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise AssertionError("dask scheduler did not start")
-        time.sleep(0.1)
+
+    def up() -> bool:
+        assert proc.poll() is None, "dask scheduler exited"
+        return scheduler_file.exists()
+
+    try:
+        wait_for(up, timeout=60, interval=0.1, message="dask scheduler did not start")
+    except AssertionError:
+        proc.kill()
+        raise
     return proc, json.loads(scheduler_file.read_text())["address"]
 
 
@@ -259,6 +269,8 @@ def test_hand_started_dask_with_preload(tmp_path):
 
 def test_ctrl_c_mid_run_stops_everything(tmp_path):
     """SIGINT while the client runs: exit code 130, and nothing left behind."""
+    from tests.conftest import wait_for
+
     since = time.time()
     proc = subprocess.Popen(
         [PY, "-m", "tdask.hello_world", "--requests-per-client", "100000", "--dashboard-address", "127.0.0.1:0",
@@ -278,7 +290,14 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path):
         if line.startswith("logs:"):  # deployed; the client starts now
             break
     assert lines and lines[-1].startswith("logs:"), "".join(lines)
-    time.sleep(2)
+
+    def answering() -> bool:  # tqdm's progress bar, one "\r"-ended line per refresh
+        line = proc.stdout.readline()
+        assert line, "the hello world ended before SIGINT: " + "".join(lines)
+        lines.append(line)
+        return re.search(r"client 0: .*\| *[1-9]\d*/100000 ", line) is not None
+
+    wait_for(answering, timeout=60, interval=0, message=lambda: "no request answered: " + "".join(lines[-5:]))
     _signal_and_wait(proc, signal.SIGINT)
     assert proc.returncode == 130, proc.stdout.read()
     _assert_clean(since)

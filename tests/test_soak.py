@@ -27,6 +27,8 @@ KILLS = max(2, REQUESTS // 5000)
 
 @pytest.mark.parametrize("plane", ["queue", "direct"])
 def test_soak_with_worker_kills(record_property, plane):
+    from tests.conftest import async_wait_for
+
     before = child_pids()
     operators = [(OperatorConfig(name="add", implementation=Add, max_inflight_requests=8), 3)]
     with dask.config.set({"tdask.request.plane": plane}), Deployment(operators, dashboard_address=None) as dep:
@@ -63,8 +65,7 @@ def test_soak_with_worker_kills(record_property, plane):
                 rng = random.Random(0)
                 for k in range(KILLS):
                     target = (k + 1) * REQUESTS // (KILLS + 1)
-                    while done < target:
-                        await asyncio.sleep(0.05)
+                    await async_wait_for(lambda t=target: done >= t, timeout=600, message=f"kill {k}: requests stalled")
                     info = await c.scheduler.identity(n_workers=-1)
                     victim = rng.choice(sorted(info["workers"]))
                     pid = (await c.run(os.getpid, workers=[victim]))[victim]

@@ -124,7 +124,7 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
 
     import psutil
 
-    from tests.conftest import run_async
+    from tests.conftest import async_wait_for, run_async
 
     before = child_pids()  # the module's deployment, when it is up
     decoder = OperatorConfig(name="decoder", implementation="triton", repository=MODEL_REPOSITORY)
@@ -133,6 +133,10 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
         (server,) = [p for p in psutil.Process(worker_pid).children(recursive=True) if p.name() == victim]
 
         async def go(c):
+            async def in_triton() -> int:
+                stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+                return sum(s["decoder/1"]["inflight"] for s in stats.values())
+
             op = RemoteOperator("decoder", client=c)
             data = [np.arange(i, i + 1000, dtype=np.int64) for i in range(6)]
             tasks = [
@@ -141,7 +145,7 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
                 )
                 for d in data
             ]
-            await asyncio.sleep(0.5)  # one request in Triton, the others queued
+            await async_wait_for(in_triton, message="no request reached the decoder")  # the others queue behind it
             server.send_signal(signal.SIGKILL)
             responses = await asyncio.gather(*tasks)
             return data, responses

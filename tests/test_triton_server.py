@@ -59,15 +59,6 @@ def shm_regions(prefix: str) -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").glob(f"{prefix}*"))
 
 
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
-
-
 def infer(client, model, inputs, parameters=None, outputs=None):
     """``inputs``: {name: array}; returns the InferResult."""
     tensors = []
@@ -409,6 +400,8 @@ def test_merge_model_config_overrides_only_what_is_given():
 
 
 def test_config_override_changes_instances_and_parameters(tmp_path):
+    from tests.conftest import wait_for
+
     server = start_server(tmp_path, "override")
     try:
         override = {"instance_group": [{"kind": "KIND_CPU", "count": 2}], "parameters": {"input_copies": "3"}}
@@ -437,7 +430,7 @@ def test_config_override_changes_instances_and_parameters(tmp_path):
             asyncio.run(server.load_model("decoder", {"instance_groups": [{"count": 2}]}))
 
         asyncio.run(server.unload_model("encoder"))
-        assert wait_until(lambda: len(server_processes(server.pid)) == 1, 10)  # stubs gone, server left
+        wait_for(lambda: len(server_processes(server.pid)) == 1, message="the encoder's stubs outlived its unload")
     finally:
         pid = server.pid
         asyncio.run(server.stop())
@@ -571,6 +564,8 @@ def test_killed_server_is_detected_and_cleaned_up(tmp_path):
 @pytest.mark.parametrize("how", ["exit-without-stop", "sigkill-owner"])
 def test_server_does_not_outlive_its_owner(tmp_path, how):
     """The finalizer (normal exit) or the parent-death signal (owner SIGKILLed) ends the server."""
+    from tests.conftest import wait_for
+
     script = textwrap.dedent(
         f"""
         import asyncio, json, os, signal, sys, time
@@ -590,6 +585,10 @@ def test_server_does_not_outlive_its_owner(tmp_path, how):
     assert done.stdout, done.stderr
     info = json.loads(done.stdout.splitlines()[0])
     pid = info["pid"]
-    assert wait_until(lambda: server_processes(pid) == [], 20), [p.cmdline() for p in server_processes(pid)]
+    wait_for(
+        lambda: server_processes(pid) == [],
+        timeout=20,
+        message=lambda: f"outlived its owner: {[p.cmdline() for p in server_processes(pid)]}",
+    )
     if how == "exit-without-stop":  # a SIGKILLed server's regions wait for the next start's sweep
         assert shm_regions(info["shm"]) == []

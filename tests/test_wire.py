@@ -113,11 +113,14 @@ def test_a_peer_that_does_not_say_hello_is_dropped(opening):
 
 
 def test_closing_the_server_closes_its_sessions():
+    from tests.conftest import async_wait_for
+
     async def main():
         server, _ = await echo_server()
-        session = await open_session(server.address, "tester", lambda message: None, timeout=5)
+        echoes: list[dict] = []
+        session = await open_session(server.address, "tester", echoes.append, timeout=5)
         session.send({"ping": 1})
-        await asyncio.sleep(0.1)
+        await async_wait_for(lambda: echoes, message="the server never echoed the ping")  # the session is live
         await server.close()
         await asyncio.wait_for(session.read_forever(), 10)
         with pytest.raises(Exception, match="closed"):
