@@ -89,7 +89,7 @@ def test_queued_request_cancelled_is_never_served(deployment):
     import asyncio
 
     from tdask import RequestTimeoutError
-    from tdask.request_plane import BROKER_NAME
+    from tdask.request_plane.broker import BROKER_NAME
     from tests.conftest import async_wait_for, run_async
 
     async def go(c):
