@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tdask import Deployment, OperatorConfig, RemoteOperator
-from tdask.hello_world import gpu_unavailable_reason
+from tdask.cli import gpu_unavailable_reason
 from tests.conftest import store_stats
 from tests.operators import Consumer, Echo, Forward, Producer
 
@@ -16,7 +16,9 @@ pytestmark = pytest.mark.timeout(300)
 
 _GPU_REASON = gpu_unavailable_reason()
 _UCX_REASON = (
-    None if importlib.util.find_spec("distributed_ucxx") else "distributed-ucxx is not installed (pip install 'tdask[ucx]')"
+    None
+    if importlib.util.find_spec("distributed_ucxx")
+    else "distributed-ucxx is not installed (pip install 'tdask[ucx]')"
 )
 
 
@@ -44,7 +46,9 @@ def test_ucxx_protocol_forwarding():
     with Deployment(operators, protocol="ucxx", dashboard_address=None) as dep:
         assert dep.scheduler_address.startswith("ucxx://127.0.0.1:")
         n = 100_000
-        response = RemoteOperator("forward", client=dep.client).infer(inputs={"start": np.array([0.0])}, parameters={"n": n})
+        response = RemoteOperator("forward", client=dep.client).infer(
+            inputs={"start": np.array([0.0])}, parameters={"n": n}
+        )
         assert response.outputs["sum"][0] == np.arange(n, dtype=np.float64).sum()
         stats = store_stats(dep.client)
         assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == n * 8

@@ -82,9 +82,20 @@ def _dask_scheduler(tmp_path: Path) -> tuple[subprocess.Popen, str]:
 
     scheduler_file = tmp_path / "scheduler.json"
     proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(PY), "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-         "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            os.path.join(os.path.dirname(PY), "dask"),
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(scheduler_file),
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
     def up() -> bool:
@@ -120,8 +131,19 @@ def test_embedded_two_clients(tmp_path):
 def test_embedded_encoder_only_with_copies(tmp_path):
     since = time.time()
     result = _run(
-        ["-m", "tdask.hello_world", *FAST, "--operator", "encoder", "--encoder-input-copies", "3",
-         "--input-size-stdev", "50", "--log-dir", str(tmp_path)]
+        [
+            "-m",
+            "tdask.hello_world",
+            *FAST,
+            "--operator",
+            "encoder",
+            "--encoder-input-copies",
+            "3",
+            "--input-size-stdev",
+            "50",
+            "--log-dir",
+            str(tmp_path),
+        ]
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Correct: 10/10" in result.stdout
@@ -164,7 +186,7 @@ def test_embedded_on_a_running_scheduler(tmp_path):
 
 
 def test_gpu_flag_without_gpu_is_a_usage_error(tmp_path):
-    from tdask.hello_world import gpu_unavailable_reason
+    from tdask.cli import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason is None:
@@ -193,9 +215,27 @@ def test_bad_flag_values(flags, message, tmp_path):
 def test_deploy_then_client(tmp_path):
     since = time.time()
     deploy = subprocess.Popen(
-        [PY, "-m", "tdask.hello_world.deploy", "--dashboard-address", "127.0.0.1:0", "--encoders", "2", "2", "1", "CPU",
-         "--encoder-input-copies", "2", "--log-dir", str(tmp_path)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        [
+            PY,
+            "-m",
+            "tdask.hello_world.deploy",
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--encoders",
+            "2",
+            "2",
+            "1",
+            "CPU",
+            "--encoder-input-copies",
+            "2",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
     )
     try:
         address = None
@@ -212,8 +252,18 @@ def test_deploy_then_client(tmp_path):
                 break
         assert address, "".join(lines)
         result = _run(
-            ["-m", "tdask.hello_world.client", "--scheduler-address", address, "--clients", "2",
-             "--requests-per-client", "10", "--encoder-input-copies", "2"]
+            [
+                "-m",
+                "tdask.hello_world.client",
+                "--scheduler-address",
+                address,
+                "--clients",
+                "2",
+                "--requests-per-client",
+                "10",
+                "--encoder-input-copies",
+                "2",
+            ]
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Correct: 20/20" in result.stdout
@@ -238,21 +288,45 @@ def test_hand_started_dask_with_preload(tmp_path):
         specs = {
             "encoder.0": {"name": "encoder", "implementation": "triton", "repository": MODEL_REPOSITORY},
             "decoder.0": {"name": "decoder", "implementation": "triton", "repository": MODEL_REPOSITORY},
-            "encoder_decoder.0": {"name": "encoder_decoder", "implementation": "tdask.hello_world.operators:EncoderDecoder"},
+            "encoder_decoder.0": {
+                "name": "encoder_decoder",
+                "implementation": "tdask.hello_world.operators:EncoderDecoder",
+            },
         }
         for name, spec in specs.items():
             procs.append(
                 subprocess.Popen(
-                    [dask_bin, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
-                     "--name", name, "--preload", "tdask.worker", "--tdask-operator", json.dumps(spec),
-                     "--tdask-log-dir", str(tmp_path)],
-                    env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    [
+                        dask_bin,
+                        "worker",
+                        address,
+                        "--host",
+                        "127.0.0.1",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--name",
+                        name,
+                        "--preload",
+                        "tdask.worker",
+                        "--tdask-operator",
+                        json.dumps(spec),
+                        "--tdask-log-dir",
+                        str(tmp_path),
+                    ],
+                    env=_env(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
                 )
             )
         env = {**_env(), "DASK_TDASK__REQUEST__UNAVAILABLE_TIMEOUT": "120s"}
         result = subprocess.run(
             [PY, "-m", "tdask.hello_world.client", "--scheduler-address", address, "--requests-per-client", "10"],
-            env=env, capture_output=True, text=True, timeout=240, cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=ROOT,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Correct: 10/10" in result.stdout
@@ -273,9 +347,22 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path):
 
     since = time.time()
     proc = subprocess.Popen(
-        [PY, "-m", "tdask.hello_world", "--requests-per-client", "100000", "--dashboard-address", "127.0.0.1:0",
-         "--log-dir", str(tmp_path)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        [
+            PY,
+            "-m",
+            "tdask.hello_world",
+            "--requests-per-client",
+            "100000",
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
         # A test runner started in the background (e.g. `nohup ... &`) hands its children an
         # ignored SIGINT, and Python then keeps ignoring it: give the child the default back.
         preexec_fn=_default_sigint,

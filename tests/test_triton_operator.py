@@ -140,9 +140,7 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
             op = RemoteOperator("decoder", client=c)
             data = [np.arange(i, i + 1000, dtype=np.int64) for i in range(6)]
             tasks = [
-                asyncio.create_task(
-                    op.infer(inputs={"input": np.invert(d)}, parameters={"delay": 0.0003}, timeout=120)
-                )
+                asyncio.create_task(op.infer(inputs={"input": np.invert(d)}, parameters={"delay": 0.0003}, timeout=120))
                 for d in data
             ]
             await async_wait_for(in_triton, message="no request reached the decoder")  # the others queue behind it
@@ -151,7 +149,7 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
             return data, responses
 
         data, responses = run_async(deployment.scheduler_address, go)
-        for d, r in zip(data, responses):
+        for d, r in zip(data, responses, strict=True):
             np.testing.assert_array_equal(r.outputs["output"], d)
         (new_pid,) = deployment.client.run(os.getpid).values()
         assert new_pid != worker_pid, "the Nanny started a fresh worker (with a fresh Triton server)"
@@ -171,7 +169,9 @@ _DTYPES = ["int8", "int32", "int64", "uint64", "float32", "float64", "bool"]
 )
 def test_property_encoder_answers_or_refuses_clearly(client, dtype, shape, copies):
     """Any dtype, rank and copies value: a correct answer, or an InvalidRequestError; never anything else."""
-    data = np.zeros(shape, dtype=dtype) if dtype == "bool" else np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    data = (
+        np.zeros(shape, dtype=dtype) if dtype == "bool" else np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    )
     encoder = RemoteOperator("encoder", client=client)
     valid = dtype == "int64" and len(shape) == 1 and isinstance(copies, int) and copies >= 1
     if str(copies) == "2":
@@ -204,7 +204,7 @@ def test_every_listener_is_loopback_triton_included(client):
 
 
 def _gpu_reason() -> str | None:
-    from tdask.hello_world import gpu_unavailable_reason
+    from tdask.cli import gpu_unavailable_reason
 
     return gpu_unavailable_reason()
 

@@ -1,14 +1,16 @@
-"""``python -m tdask.hello_world``: deploy on an embedded local cluster, run the client, stop."""
+"""``python -m tdask.hello_world`` (``tdask hello-world``): deploy on an embedded cluster, run the client, stop."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 import click
 
-from tdask.hello_world import common_options, deployed, deployment_options
-from tdask.hello_world.client import client_options, run_clients
+from tdask.cli import common_options, deployed
+from tdask.hello_world import deployment_options
+from tdask.hello_world.client import ClientReport, client_options, run_clients
 from tdask.hello_world.deploy import build_deployment
 
 
@@ -23,14 +25,14 @@ def main(
     operator: str,
     input_size_mean: int,
     input_size_stdev: float,
-    **deploy_kwargs,  # type: ignore[no-untyped-def]
+    **deploy_kwargs: Any,
 ) -> None:
     """Run the whole hello world: exit code 0 only when every response was correct."""
     # Everything runs in this process tree, so a throw-away certificate is enough for TLS.
     deployment = build_deployment(**deploy_kwargs, temporary_tls=True)
     with deployed(deployment, interrupted_exit_code=130):
 
-        async def run():  # type: ignore[no-untyped-def]
+        async def run() -> ClientReport:
             from distributed import Client
 
             async with Client(deployment.scheduler_address, asynchronous=True, security=deployment.security) as c:

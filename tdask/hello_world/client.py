@@ -1,4 +1,4 @@
-"""``python -m tdask.hello_world.client``: send requests to a running hello world and check them.
+"""``python -m tdask.hello_world.client`` (``tdask client``): send requests to a running hello world and check them.
 
 Each client sends its requests of random int64 arrays, checks that every output equals its
 input, and shows a progress bar naming the worker that answered last. Throughput counts the
@@ -11,15 +11,17 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 import numpy as np
 from distributed import Client
 from tqdm.auto import tqdm
 
+from tdask.cli import common_options, configure_logging, install_sigterm_as_interrupt, tls_security
 from tdask.exceptions import TdaskError
-from tdask.hello_world import common_options, configure_logging, install_sigterm_as_interrupt, tls_security
 from tdask.remote import RemoteOperator, Response
 
 logger = logging.getLogger("tdask.hello_world")
@@ -40,14 +42,19 @@ class ClientReport:
 
     @property
     def ok(self) -> bool:
+        """Whether there were requests and every one was answered correctly."""
         return self.requests > 0 and self.correct == self.requests
 
     @property
     def throughput(self) -> float:
+        """Requests per second over the time the requests took."""
         return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def summary(self) -> str:
-        p50, p90, p99 = (np.percentile(self.latencies_s, q) * 1e3 for q in (50, 90, 99)) if self.latencies_s else (0, 0, 0)
+        """Return the report the hello world prints (throughput, latency, ``Correct: n/m``, who answered)."""
+        p50, p90, p99 = (
+            (np.percentile(self.latencies_s, q) * 1e3 for q in (50, 90, 99)) if self.latencies_s else (0, 0, 0)
+        )
         lines = [
             f"Throughput: {self.throughput:.2f} req/s Total Time: {self.elapsed_s:.3f} s "
             "(request time only: first request sent to last response received; start-up excluded)",
@@ -60,7 +67,7 @@ class ClientReport:
 
 
 def expected_output(operator: str, data: np.ndarray, copies: int) -> np.ndarray:
-    """What a correct answer looks like for each operator."""
+    """Return what a correct answer to ``data`` looks like for ``operator``."""
     if operator == "encoder":
         return np.invert(np.tile(data, copies))
     return data  # encoder_decoder, and decoder fed with the encoding of data
@@ -82,6 +89,7 @@ async def run_clients(
     """Run ``clients`` concurrent clients against ``operator`` and verify every output."""
     report = ClientReport()
     op = RemoteOperator(operator, client=client)
+    assert client.scheduler is not None  # set once the client is connected
     info = await client.scheduler.identity(n_workers=-1)
     names = {addr: str(w.get("name", addr)) for addr, w in info["workers"].items()}
 
@@ -93,8 +101,14 @@ async def run_clients(
 
     async def one_client(index: int) -> None:
         rng = np.random.default_rng(seed + index)
-        bar = tqdm(total=requests_per_client, desc=f"client {index}", position=index, disable=not progress,
-                   leave=True, file=sys.stderr)
+        bar = tqdm(
+            total=requests_per_client,
+            desc=f"client {index}",
+            position=index,
+            disable=not progress,
+            leave=True,
+            file=sys.stderr,
+        )
         slots = asyncio.Semaphore(max_inflight_per_client)
 
         async def one_request(i: int) -> None:
@@ -135,16 +149,26 @@ async def run_clients(
     return report
 
 
-def client_options(fn):  # type: ignore[no-untyped-def]
+def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the flags of the hello world's clients."""
     options = [
         click.option("--requests-per-client", type=click.IntRange(min=1), default=100, show_default=True),
-        click.option("--clients", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Concurrent clients."),
-        click.option("--max-inflight-per-client", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Requests each client keeps in flight."),
+        click.option("--clients", type=click.IntRange(min=1), default=1, show_default=True, help="Concurrent clients."),
+        click.option(
+            "--max-inflight-per-client",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Requests each client keeps in flight.",
+        ),
         click.option("--operator", type=click.Choice(OPERATORS), default="encoder_decoder", show_default=True),
-        click.option("--input-size-mean", type=click.IntRange(min=0), default=1000, show_default=True,
-                     help="Mean number of int64 elements per request."),
+        click.option(
+            "--input-size-mean",
+            type=click.IntRange(min=0),
+            default=1000,
+            show_default=True,
+            help="Mean number of int64 elements per request.",
+        ),
         click.option("--input-size-stdev", type=click.FloatRange(min=0), default=0.0, show_default=True),
     ]
     for option in reversed(options):
@@ -155,9 +179,14 @@ def client_options(fn):  # type: ignore[no-untyped-def]
 @click.command()
 @common_options
 @client_options
-@click.option("--encoder-input-copies", type=click.IntRange(min=1), default=1, show_default=True,
-              help="The copies the deployment's encoder makes (to check --operator encoder/decoder).")
-def main(scheduler_address: str | None, log_level: str, encoder_input_copies: int, **client_kwargs) -> None:  # type: ignore[no-untyped-def]
+@click.option(
+    "--encoder-input-copies",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="The copies the deployment's encoder makes (to check --operator encoder/decoder).",
+)
+def main(scheduler_address: str | None, log_level: str, encoder_input_copies: int, **client_kwargs: Any) -> None:
     """Send requests to the hello world running at --scheduler-address and check every answer."""
     if not scheduler_address:
         raise click.UsageError("--scheduler-address is required (start one with python -m tdask.hello_world.deploy)")
@@ -172,7 +201,7 @@ def main(scheduler_address: str | None, log_level: str, encoder_input_copies: in
     sys.exit(0 if report.ok else 1)
 
 
-async def _main(address: str, copies: int, kwargs: dict) -> ClientReport:  # type: ignore[type-arg]
+async def _main(address: str, copies: int, kwargs: dict[str, Any]) -> ClientReport:
     # tls:// addresses take their certificates from Dask's config (distributed.comm.tls.*).
     security = tls_security("tls", temporary=False) if address.startswith("tls://") else None
     async with Client(address, asynchronous=True, timeout=30, security=security) as client:

@@ -1,30 +1,23 @@
-"""``python -m tdask.hello_world.deploy``: keep the hello world deployed until Ctrl-C or SIGTERM."""
+"""``python -m tdask.hello_world.deploy`` (``tdask deploy``): keep the hello world deployed until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
+from tdask.cli import common_options, configure_logging, deployed, prepare_log_dir, tls_security
 from tdask.deployment import Deployment
-from tdask.hello_world import (
-    check_gpu_request,
-    common_options,
-    configure_logging,
-    deployed,
-    deployment_options,
-    hello_world_operators,
-    prepare_log_dir,
-    tls_security,
-)
+from tdask.hello_world import PythonGroup, TritonGroup, check_gpu_request, deployment_options, hello_world_operators
 
 
 def build_deployment(
     *,
     scheduler_address: str | None,
-    encoders,
-    decoders,
-    encoder_decoders,
+    encoders: TritonGroup,
+    decoders: TritonGroup,
+    encoder_decoders: PythonGroup,
     encoder_delay_per_token: float,
     decoder_delay_per_token: float,
     encoder_input_copies: int,
@@ -34,7 +27,7 @@ def build_deployment(
     dashboard_address: str,
     log_level: str,
     temporary_tls: bool = False,
-) -> Deployment:  # type: ignore[no-untyped-def]
+) -> Deployment:
     """Turn the shared flags into a (not yet started) Deployment.
 
     ``temporary_tls``: with ``--protocol tls`` and no certificates in Dask's config, make a
@@ -66,7 +59,7 @@ def build_deployment(
 @click.command()
 @common_options
 @deployment_options
-def main(**kwargs) -> None:  # type: ignore[no-untyped-def]
+def main(**kwargs: Any) -> None:
     """Deploy encoder, decoder and encoder_decoder, print how to reach them, and wait."""
     deployment = build_deployment(**kwargs)
     # Ctrl-C / SIGTERM is how this command is meant to end: exit code 0.
@@ -74,7 +67,11 @@ def main(**kwargs) -> None:  # type: ignore[no-untyped-def]
         click.echo(
             "run the client with:\n"
             f"  python -m tdask.hello_world.client --scheduler-address {deployment.scheduler_address}"
-            + (f" --encoder-input-copies {kwargs['encoder_input_copies']}" if kwargs["encoder_input_copies"] != 1 else "")
+            + (
+                f" --encoder-input-copies {kwargs['encoder_input_copies']}"
+                if kwargs["encoder_input_copies"] != 1
+                else ""
+            )
         )
         click.echo("deployed; press Ctrl-C to stop", err=True)
         while True:
