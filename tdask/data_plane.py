@@ -67,6 +67,7 @@ class RemoteTensor:
     device: str = "cpu"
 
     def to_msg(self) -> dict[str, Any]:
+        """The descriptor as a message entry (see :mod:`tdask.protocol`)."""
         return {
             "owner": self.owner,
             "id": self.tensor_id,
@@ -78,6 +79,7 @@ class RemoteTensor:
 
     @classmethod
     def from_msg(cls, msg: Mapping[str, Any]) -> RemoteTensor:
+        """Inverse of :meth:`to_msg`."""
         return cls(
             owner=msg["owner"],
             tensor_id=msg["id"],
@@ -196,6 +198,7 @@ class TensorStore(DataPlanePeer):
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def close(self) -> None:
+        """Stop the sweep, remove the handlers and drop every tensor still held."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
@@ -213,6 +216,7 @@ class TensorStore(DataPlanePeer):
         return tensor
 
     async def fetch(self, tensor: RemoteTensor) -> Any:
+        """The tensor's array: from this store when it is ours, else pulled from its owner."""
         if tensor.owner == self.worker.address:
             entry = self._tensors.get(tensor.tensor_id)
             if entry is None:
@@ -224,6 +228,7 @@ class TensorStore(DataPlanePeer):
         return await super().fetch(tensor)
 
     async def release(self, tensors: Iterable[RemoteTensor]) -> None:
+        """Drop ours here; tell other owners about theirs (best effort)."""
         remote = []
         for tensor in tensors:
             if tensor.owner == self.worker.address:

@@ -120,10 +120,12 @@ class Deployment(SyncMethodMixin):
     # -- properties --
     @property
     def loop(self) -> Any:
+        """The event loop the deployment runs on."""
         return self._loop_runner.loop
 
     @property
     def scheduler_address(self) -> str:
+        """The scheduler's address (started here, or the one joined)."""
         if self.cluster is not None:
             return self.cluster.scheduler_address
         if self.scheduler_address_given is None:
@@ -132,6 +134,7 @@ class Deployment(SyncMethodMixin):
 
     @property
     def dashboard_link(self) -> str | None:
+        """The dashboard's URL, when the deployment started a scheduler with one."""
         if self.cluster is not None and self.dashboard_address is not None:
             try:
                 return self.cluster.dashboard_link

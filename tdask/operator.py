@@ -107,6 +107,7 @@ class OperatorConfig:
 
     @property
     def is_triton(self) -> bool:
+        """Whether this operator is a model of a Triton repository."""
         return self.implementation == TRITON
 
     def resolve(self) -> type[Operator]:
@@ -171,9 +172,11 @@ class OperatorContext:
         return await self._triton_server()
 
     def restart_worker(self, reason: str) -> None:
-        """Give up on this worker: it closes (its Nanny starts a fresh one) and the requests it
-        holds, unanswered, are served again elsewhere. For states an operator cannot recover
-        from in place, such as a dead Triton server or python-backend stub."""
+        """Give up on this worker: it closes and its Nanny starts a fresh one.
+
+        The requests it holds, unanswered, are served again elsewhere. For states an operator
+        cannot recover from in place, such as a dead Triton server or python-backend stub.
+        """
         self._restart_worker(reason)
 
 

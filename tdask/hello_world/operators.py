@@ -17,10 +17,12 @@ class EncoderDecoder(Operator):
     """
 
     async def setup(self) -> None:
+        """Handles to the encoder and decoder (names from ``parameters``)."""
         self.encoder = RemoteOperator(self.parameters.get("encoder", "encoder"))
         self.decoder = RemoteOperator(self.parameters.get("decoder", "decoder"))
 
     async def execute(self, requests: list[Request]) -> None:
+        """Serve each request: encoder, then decoder by reference."""
         if len(requests) == 1:  # no extra task for the common case
             await self._serve(requests[0])
         else:

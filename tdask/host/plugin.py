@@ -237,7 +237,7 @@ class OperatorHost(WorkerPlugin):
         return operator
 
     async def _triton_server(self) -> Any:
-        """This worker's Triton server, started on first use over all its Triton repositories."""
+        """The worker's Triton server, started on first use over all its Triton repositories."""
         async with self._triton_lock:
             if self._triton is None:
                 from tdask.triton.server import TritonServer

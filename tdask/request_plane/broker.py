@@ -85,6 +85,7 @@ class RequestBroker(SchedulerPlugin):
         self.scheduler: Any = None
 
     async def start(self, scheduler: Any) -> None:
+        """Install the handlers, the unhosted-request check and the ``/tdask`` pages."""
         self.scheduler = scheduler
         scheduler.handlers.update(
             {
@@ -101,6 +102,7 @@ class RequestBroker(SchedulerPlugin):
             dashboard.install(app, self)
 
     async def close(self) -> None:
+        """Stop the check and close every session."""
         if self._checker is not None:
             self._checker.cancel()
             await asyncio.gather(self._checker, return_exceptions=True)
@@ -163,6 +165,7 @@ class RequestBroker(SchedulerPlugin):
     def register(
         self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]
     ) -> None:
+        """Record the operators ``worker`` hosts and the setup failures it saw (``tdask_register``)."""
         for op in operators:
             self.hosts[op["key"]][worker] = op
         for name, message in failures.items():
@@ -175,6 +178,7 @@ class RequestBroker(SchedulerPlugin):
         )
 
     def unregister(self, worker: str, release_leases: bool) -> None:
+        """Forget ``worker`` as a host; with ``release_leases``, re-queue what it holds (``tdask_unregister``)."""
         for key, hosts in self.hosts.items():
             hosts.pop(worker, None)
             self.credits[key].pop(worker, None)
@@ -182,9 +186,11 @@ class RequestBroker(SchedulerPlugin):
             self._requeue_leases(worker, lost=False)
 
     def get_hosts(self, operator: str) -> list[str]:
+        """The workers hosting ``operator`` now (``tdask_hosts``)."""
         return list(self.hosts.get(operator, {}))
 
     def get_operators(self) -> dict[str, Any]:
+        """The registry, queue depths, counters and worker reports (``tdask_operators``)."""
         return {
             "hosts": {key: sorted(hosts) for key, hosts in self.hosts.items() if hosts},
             "failures": {name: dict(f) for name, f in self.failures.items() if f},
@@ -196,6 +202,7 @@ class RequestBroker(SchedulerPlugin):
 
     # requests
     def submit(self, request: RequestMsg) -> None:
+        """Queue a request and hand it to a host with a free slot, if any."""
         request["submitted"] = time.time()
         self.counts["submitted"] += 1
         key = request["operator"]
@@ -203,6 +210,7 @@ class RequestBroker(SchedulerPlugin):
         self._dispatch(key)
 
     def credit(self, worker: str, operator: str, n: int) -> None:
+        """``worker`` has ``n`` more free slots for ``operator``."""
         if worker not in self.hosts.get(operator, ()):
             return  # unregistered meanwhile: it takes nothing more
         credits = self.credits[operator]
@@ -246,6 +254,7 @@ class RequestBroker(SchedulerPlugin):
             self._dispatch(key)
 
     def cancel(self, requester: str, request_ids: list[str]) -> None:
+        """Withdraw requests: dropped if queued, the holding worker told if leased."""
         ids = set(request_ids)
         for key, queue in self.queues.items():
             if any(r["requester"] == requester and r["id"] in ids for r in queue):
@@ -268,6 +277,7 @@ class RequestBroker(SchedulerPlugin):
             self.cancel(requester, queued + leased)
 
     def respond(self, responses: list[ResponseMsg]) -> None:
+        """Relay responses to their requesters; a final one ends the lease, stale ones are dropped."""
         for response in responses:
             key = (response["requester"] or "", response["id"])
             lease = self.leases.get(key)
@@ -341,6 +351,7 @@ class RequestBroker(SchedulerPlugin):
                 self._dispatch(name)
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        """A worker left: forget it, and re-serve or fail the requests it held."""
         for key, hosts in self.hosts.items():
             hosts.pop(worker, None)
             self.credits[key].pop(worker, None)
@@ -352,6 +363,7 @@ class RequestBroker(SchedulerPlugin):
         self._requeue_leases(worker, lost=True)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
+        """A client closed: close its session here and its direct sessions on the workers."""
         peer = self.peers.get(client)  # a client's requester id is its client id
         if peer is not None:
             task = asyncio.create_task(peer.session.close())

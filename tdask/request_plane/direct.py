@@ -149,6 +149,7 @@ class DirectRequestPlane(RequestPlane):
     # -- requests --------------------------------------------------------------------------
 
     async def submit(self, request: RequestMsg, stream: ResponseStream | None = None) -> ResponseStream:
+        """Send ``request`` to a host directly, or through the broker when none can take it."""
         request_id = request["id"]
         if request_id in self._streams or request_id in self.fallback._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -278,6 +279,7 @@ class DirectRequestPlane(RequestPlane):
                 stream.deliver(protocol.error_reply(request_id, lost, worker=worker))
 
     async def cancel(self, request_id: str) -> None:
+        """Cancel on the worker holding it, or through the broker."""
         entry = self._outstanding.pop(request_id, None)
         if entry is None:
             self._streams.pop(request_id, None)
@@ -290,6 +292,7 @@ class DirectRequestPlane(RequestPlane):
             session.send(protocol.cancel([request_id]))
 
     async def aclose(self) -> None:
+        """Close every worker session; requests in flight fail; then the fallback."""
         self._closed = True
         for session in list(self._workers.values()):
             await session.close()

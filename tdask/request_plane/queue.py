@@ -37,7 +37,7 @@ RepliesHandler = Callable[[list[ResponseMsg]], None]
 
 
 class BrokerSession:
-    """This process's one session with the scheduler's broker, opened on first use.
+    """The process's one session with the scheduler's broker, opened on first use.
 
     Parameters
     ----------
@@ -76,6 +76,7 @@ class BrokerSession:
 
     @property
     def is_open(self) -> bool:
+        """Whether the session is connected now."""
         return self._session is not None and not self._session.closed.is_set()
 
     async def ensure(self) -> Session:
@@ -165,6 +166,7 @@ class QueueRequestPlane(RequestPlane):
         broker.on_lost = self._on_lost
 
     async def submit(self, request: RequestMsg, stream: ResponseStream | None = None) -> ResponseStream:
+        """Queue ``request`` at the broker; its replies arrive on the returned stream."""
         request_id = request["id"]
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -187,6 +189,7 @@ class QueueRequestPlane(RequestPlane):
             stream.deliver(reply)
 
     async def cancel(self, request_id: str) -> None:
+        """Withdraw the request at the broker (never served if queued, cancelled if leased)."""
         if self._streams.pop(request_id, None) is not None and self.broker.is_open:
             self.broker.send(protocol.cancel([request_id]))
 
@@ -205,6 +208,7 @@ class QueueRequestPlane(RequestPlane):
             stream.deliver(protocol.error_reply(request_id, {"type": "TdaskError", "message": message}))
 
     async def aclose(self) -> None:
+        """Close the session; requests in flight fail."""
         await self.broker.aclose()
         self._fail_all("the request plane was closed")
 
