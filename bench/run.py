@@ -317,7 +317,7 @@ async def dataplane(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]
         await forward.infer(parameters={"nbytes": 8 * 1024})  # connections up, code warm
         before = await store_stats(cluster)
         moved = 0
-        for nbytes, reps in zip(args.dataplane_size_list, args.dataplane_rep_list):
+        for nbytes, reps in zip(args.dataplane_size_list, args.dataplane_rep_list, strict=True):
             await forward.infer(parameters={"nbytes": nbytes})  # the producer builds its array once
             moved += nbytes
             fetch_s, total_s, bad = [], [], 0
@@ -415,7 +415,12 @@ async def scaling(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) 
                 for delay in delays:
                     used: dict[str, Counter[str]] = {"encoder": Counter(), "decoder": Counter()}
 
-                    async def call(i: int, delay: float = delay, used: dict[str, Counter[str]] = used) -> bool:
+                    async def call(
+                        i: int,
+                        delay: float = delay,
+                        used: dict[str, Counter[str]] = used,
+                        ed: RemoteOperator = ed,
+                    ) -> bool:
                         x = data[i % len(data)]
                         params = {"delay": delay} if delay else None
                         response = await ed.infer(inputs={"input": x}, parameters=params)

@@ -63,8 +63,9 @@ def _summary(calls: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 async def trace(size: int, warmup: int) -> dict[str, Any]:
-    import tdask
     from distributed import Client
+
+    import tdask
     from tdask import Deployment, RemoteOperator
     from tdask.hello_world import PythonGroup, TritonGroup, hello_world_operators
 

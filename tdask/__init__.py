@@ -12,9 +12,9 @@ from tdask.exceptions import (
     TdaskError,
     WorkerLostError,
 )
+from tdask.host import OperatorHost
 from tdask.operator import Operator, OperatorConfig, Request, ResponseSender
 from tdask.remote import RemoteOperator, Response
-from tdask.host import OperatorHost
 
 __all__ = [
     "DataPlaneError",

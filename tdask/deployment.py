@@ -24,8 +24,8 @@ from distributed.security import Security
 from distributed.utils import LoopRunner, SyncMethodMixin
 
 from tdask.exceptions import OperatorUnavailableError
-from tdask.operator import OperatorConfig
 from tdask.host import OperatorHost
+from tdask.operator import OperatorConfig
 from tdask.request_plane import Registry
 
 logger = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ def test_many_concurrent_requests_spread_and_bounded(deployment, client):
         responses = await asyncio.gather(
             *(op.infer(inputs={"a": a, "b": b}, parameters={"delay": 0.005}) for a, b in inputs)
         )
-        for (a, b), r in zip(inputs, responses):
+        for (a, b), r in zip(inputs, responses, strict=True):
             np.testing.assert_array_equal(r.outputs["out"], a + b)
         return responses
 
