@@ -4,11 +4,14 @@ from tdask import config  # noqa: F401  (first: installs tdask's dask.config def
 from tdask.data_plane import RemoteTensor
 from tdask.deployment import Deployment
 from tdask.exceptions import (
+    ClientClosedError,
     DataPlaneError,
     InvalidRequestError,
     OperatorError,
     OperatorUnavailableError,
+    RequestCancelledError,
     RequestTimeoutError,
+    SchedulerLostError,
     TdaskError,
     WorkerLostError,
 )
@@ -17,6 +20,7 @@ from tdask.operator import Operator, OperatorConfig, Request, ResponseSender
 from tdask.remote import RemoteOperator, Response
 
 __all__ = [
+    "ClientClosedError",
     "DataPlaneError",
     "Deployment",
     "InvalidRequestError",
@@ -28,9 +32,11 @@ __all__ = [
     "RemoteOperator",
     "RemoteTensor",
     "Request",
+    "RequestCancelledError",
     "RequestTimeoutError",
     "Response",
     "ResponseSender",
+    "SchedulerLostError",
     "TdaskError",
     "WorkerLostError",
 ]

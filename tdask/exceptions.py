@@ -6,10 +6,14 @@ traced to its origin::
 
     TdaskError
     ├── OperatorUnavailableError      no worker hosts the operator (or its setup failed)
-    ├── InvalidRequestError           bad input: dtype, shape, missing/extra input, parameters
+    ├── InvalidRequestError           bad input: dtype, shape, missing/extra input, parameters,
+    │                                 timeout, or a tensor form tdask does not decode
     ├── OperatorError                 the operator (or its Triton model) raised
     ├── WorkerLostError               the worker serving the request died, retries exhausted
+    ├── SchedulerLostError            the scheduler (tdask's broker and registry) cannot be reached
     ├── RequestTimeoutError           the request's deadline passed (also a ``TimeoutError``)
+    ├── RequestCancelledError         the request was cancelled before its final response
+    ├── ClientClosedError             the caller's ``Client`` closed with the request in flight
     └── DataPlaneError                a tensor could not be fetched from its owner
 
 Errors cross process boundaries as small dicts (:func:`error_to_msg` / :func:`error_from_msg`)
@@ -27,7 +31,10 @@ __all__ = [
     "InvalidRequestError",
     "OperatorError",
     "WorkerLostError",
+    "SchedulerLostError",
     "RequestTimeoutError",
+    "RequestCancelledError",
+    "ClientClosedError",
     "DataPlaneError",
 ]
 
@@ -100,8 +107,53 @@ class RequestTimeoutError(TdaskError, TimeoutError):
     """The request's deadline passed before its final response arrived."""
 
 
+class SchedulerLostError(TdaskError):
+    """The scheduler, which runs tdask's broker and registry, cannot be reached.
+
+    Requests queued or leased through the broker when it went are lost with it; new requests
+    that need the registry (no host of their operator is known to the caller) fail with this
+    until the scheduler is back.
+    """
+
+
+class RequestCancelledError(TdaskError):
+    """The request was cancelled before its final response, by something other than its caller.
+
+    For example the operator's task was cancelled on its worker, or a streamed request was read
+    again after it had been closed. A caller cancelling its own task still sees
+    ``asyncio.CancelledError``, as asyncio requires.
+    """
+
+
+class ClientClosedError(TdaskError):
+    """The caller's ``distributed.Client`` closed with the request in flight.
+
+    Also raised for a request made through a client that is already closed.
+    """
+
+
 class DataPlaneError(TdaskError):
-    """A tensor could not be fetched: its owner left, or it was already released."""
+    """A tensor could not be fetched: its owner left, or it was already released.
+
+    ``owner`` and ``tensor_id`` name the tensor that could not be read (when known), so that a
+    caller can tell a tensor it placed itself (it places it again and re-sends the request)
+    from one it only forwarded (the error goes back to whoever placed that one).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        owner: str | None = None,
+        tensor_id: str | None = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.owner = owner
+        self.tensor_id = tensor_id
+
+    def _context(self) -> dict[str, Any]:
+        return {**super()._context(), "owner": self.owner, "tensor_id": self.tensor_id}
 
 
 _ERRORS: dict[str, type[TdaskError]] = {
@@ -112,7 +164,10 @@ _ERRORS: dict[str, type[TdaskError]] = {
         InvalidRequestError,
         OperatorError,
         WorkerLostError,
+        SchedulerLostError,
         RequestTimeoutError,
+        RequestCancelledError,
+        ClientClosedError,
         DataPlaneError,
     )
 }
@@ -126,13 +181,15 @@ def error_to_msg(exc: BaseException, operator: str | None = None) -> dict[str, A
     """
     if isinstance(exc, TdaskError):
         foreign = exc.operator is not None and exc.operator != operator
-        return {
+        msg: dict[str, Any] = {
             "type": type(exc).__name__,
             "message": str(exc) if foreign else exc.message,
             "remote_type": exc.remote_type or type(exc).__name__,
-            "traceback": exc.remote_traceback
-            or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "traceback": exc.remote_traceback or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         }
+        if isinstance(exc, DataPlaneError):
+            msg["owner"], msg["tensor_id"] = exc.owner, exc.tensor_id
+        return msg
     return {
         "type": "OperatorError",
         "message": f"{type(exc).__name__}: {exc}",
@@ -150,6 +207,9 @@ def error_from_msg(
 ) -> TdaskError:
     """Rebuild the typed error described by :func:`error_to_msg`, with its context."""
     cls = _ERRORS.get(msg.get("type", ""), OperatorError)
+    extra: dict[str, Any] = {}
+    if cls is DataPlaneError:
+        extra = {"owner": msg.get("owner"), "tensor_id": msg.get("tensor_id")}
     return cls(
         msg.get("message", "unknown error"),
         operator=operator,
@@ -157,4 +217,5 @@ def error_from_msg(
         worker=worker,
         remote_type=msg.get("remote_type"),
         remote_traceback=msg.get("traceback"),
+        **extra,
     )

@@ -138,7 +138,10 @@ def test_malformed_requests_are_refused(request_):
         np.arange(12).reshape(3, 4)[:, ::2],  # not contiguous
         np.array([b"ab", b"c"]),
         np.array(["é", "xyz"]),
-        np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),  # structured: through Dask's serialization
+        np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),  # structured: its field list travels
+        np.zeros(2, dtype=[("a", "i4", (2,)), ("b", [("x", "u1"), ("y", "<f4")])]),  # sub-arrays, nested
+        np.zeros(3, dtype="V4"),  # raw bytes
+        np.array(["2024-01-01", "2025-06-30"], dtype="datetime64[s]"),
     ],
 )
 def test_tensor_codec_round_trips(array):
@@ -222,3 +225,49 @@ def test_a_dask_comm_peer_that_breaks_the_protocol_is_disconnected():
     received, closed = asyncio.run(main())
     assert closed
     assert [m["op"] for m in received] == [Op.REFUSED]  # the valid message before it was delivered
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that a peer's pickle ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ({"nd": ["|O", [1], b"\0" * 8]}, "Python objects"),
+        ({"nd": [[["a", "|O"]], [1], b"\0" * 8]}, "Python objects"),
+        ({"nd": ["<i8", [2], b"\0" * 8]}, "cannot decode"),  # 8 bytes are not 2 int64
+        ({"nd": ["<i8", [-1], b"\0" * 8]}, "malformed shape"),
+        ({"nd": ["<i8", "1", b"\0" * 8]}, "malformed shape"),
+        ({"nd": [{"evil": 1}, [1], b"\0" * 8]}, "dtype must be"),
+        ({"nd": ["<i8", [1]]}, "expected \\[dtype, shape, bytes\\]"),
+        ({"nd": ["<i8", [1], "text"]}, "must be bytes"),
+        ({"blob": b"x"}, "unknown tensor entry"),
+        ({"ref": {"owner": 1}}, "malformed descriptor"),
+        ("not an entry", "not a tensor entry"),
+    ],
+)
+def test_what_is_not_an_array_form_is_refused(entry, why):
+    with pytest.raises(InvalidRequestError, match=why):
+        protocol.decode_tensors({"x": _wire_round_trip(entry)})
+
+
+def test_a_pickled_inline_tensor_is_refused_and_never_unpickled(tmp_path):
+    """Dask's serialization of an object (what tdask once accepted as "inline") is not decoded."""
+    from distributed.protocol import serialize
+
+    marker = tmp_path / "unpickled"
+    for serializers in (("pickle",), ("dask", "pickle")):
+        header, frames = serialize(_Marker(str(marker)), serializers=serializers)
+        entry = _wire_round_trip({"inline": {"h": header, "f": frames}})
+        with pytest.raises(InvalidRequestError, match="pickled or Dask-serialized objects are refused"):
+            protocol.decode_tensors({"x": entry})
+    assert not marker.exists()

@@ -9,6 +9,7 @@ plane it came through (the caller's direct session, else the broker).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 from tdask import context, protocol
 from tdask.config import RequestSettings
 from tdask.data_plane import TensorScope, TensorStore
-from tdask.exceptions import OperatorError, TdaskError, error_to_msg
+from tdask.exceptions import InvalidRequestError, OperatorError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, Request
 from tdask.protocol import RequestMsg, ResponseMsg
 from tdask.request_plane import DirectServer, QueueServer
@@ -133,12 +134,13 @@ class Serving:
 
     def _start_batch(self, hosted: Hosted, messages: list[RequestMsg]) -> None:
         settings = RequestSettings.read()  # once per batch, not per response
-        requests = [
-            Request(
+        requests = []
+        for message in messages:
+            request = Request(
                 request_id=message["id"],
                 operator=hosted.config.name,
                 version=hosted.config.version,
-                inputs=protocol.decode_tensors(message.get("inputs") or {}),
+                inputs={},
                 parameters=dict(message.get("parameters") or {}),
                 deadline=message.get("deadline"),
                 store=self.store,
@@ -146,8 +148,14 @@ class Serving:
                 requester=message["requester"],
                 via_broker=bool(message.get("via_broker")),
             )
-            for message in messages
-        ]
+            try:
+                request.inputs = protocol.decode_tensors(message.get("inputs") or {})
+            except InvalidRequestError as exc:
+                self._refuse(hosted, request, exc, settings)
+                continue
+            requests.append(request)
+        if not requests:
+            return
         batch = tuple(requests)
         for request in requests:
             request.batch = batch
@@ -211,6 +219,19 @@ class Serving:
                 for request in requests:
                     self._running.pop((request.requester, request.request_id), None)
 
+    def _refuse(self, hosted: Hosted, request: Request, exc: InvalidRequestError, settings: RequestSettings) -> None:
+        """Answer a request whose inputs cannot be decoded, without running it."""
+        logger.warning("request %s of %s refused: %s", request.request_id, hosted.config.key, exc.message)
+        request.finished = True
+        error = InvalidRequestError(exc.message, operator=hosted.config.name, request_id=request.request_id)
+        response = {"outputs": {}, "parameters": {}, "error": error, "final": True}
+        # A fresh context: this may run while a finishing batch's serving context is current.
+        task = asyncio.create_task(self._answer(request, response, settings), context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        if request.via_broker:
+            self._grant(hosted, 1)
+
     async def _answer(self, request: Request, response: dict[str, Any], settings: RequestSettings) -> None:
         """Encode one response (large outputs into the store) and send it back where the request came from."""
         if request.cancelled.is_set():
@@ -219,7 +240,9 @@ class Serving:
         if error is not None and self.keep_unanswered():
             # Failed because this worker is beyond repair (its Triton died): keep the lease, so
             # the request is served again once this worker has left, instead of failing it.
-            logger.warning("not answering request %s of %s: this worker is restarting", request.request_id, request.operator)
+            logger.warning(
+                "not answering request %s of %s: this worker is restarting", request.request_id, request.operator
+            )
             return
         outputs = response["outputs"]
         parameters = response["parameters"]
