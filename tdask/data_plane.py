@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from distributed.comm import connect
+from distributed.comm.core import CommClosedError
 from distributed.core import send_recv
 from distributed.protocol import to_serialize
 
@@ -31,6 +33,7 @@ from tdask.config import get_seconds
 from tdask.exceptions import DataPlaneError
 
 if TYPE_CHECKING:
+    from distributed.comm import Comm
     from distributed.core import ConnectionPool
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ FETCH = "tdask_fetch"
 PUT = "tdask_put"
 RELEASE = "tdask_release"
 STORE_STATS = "tdask_store_stats"
+# distributed's stream message telling a worker that another worker was removed.
+_REMOVE_WORKER = "remove-worker"
 
 
 def _device_of(array: Any) -> str:
@@ -100,18 +105,118 @@ class RemoteTensor:
         )
 
 
-async def call_peer(pool: ConnectionPool, address: str, op: str, **kwargs: Any) -> Any:
-    """One RPC to a worker, giving up on connecting after ``tdask.data-plane.connect-timeout``.
+# -- who is gone: peers known dead, so that nobody waits out a connect timeout on them -------
 
-    Distributed's pooled calls retry a refused connection for the whole comm connect timeout
-    (30 s); a peer that died should be noticed in seconds, not half a minute.
+# Worker addresses known to be gone (their connection was refused, or the scheduler removed them),
+# and since when. Addresses of new workers are fresh ports, so a mark is rarely wrong; it expires
+# anyway, and evidence of life (the registry listing the address) clears it.
+_GONE_TTL_S = 60.0
+_gone: dict[str, float] = {}
+# The first connection attempt to a peer; a refusal is known after at most this long.
+_FIRST_ATTEMPT_S = 0.1
+
+
+class PeerGoneError(ConnectionError):
+    """A peer is gone: it refused the connection, or the scheduler removed it."""
+
+
+def mark_gone(address: str) -> None:
+    """Remember that the worker at ``address`` is gone (its store went with it)."""
+    if address not in _gone:
+        logger.debug("peer %s is gone", address)
+    _gone[address] = time.monotonic()
+
+
+def is_gone(address: str) -> bool:
+    """Whether ``address`` is known to be gone (one dict lookup when nothing is)."""
+    since = _gone.get(address)
+    if since is None:
+        return False
+    if time.monotonic() - since > _GONE_TTL_S:
+        _gone.pop(address, None)
+        return False
+    return True
+
+
+def forget_gone(addresses: Iterable[str], older_than: float = 0.0) -> None:
+    """These addresses are alive after all, unless marked gone less than ``older_than`` s ago.
+
+    The registry calls this with the hosts it lists: a worker the scheduler still lists seconds
+    after it was marked gone is a new one that got the same port, not the dead one.
+    """
+    if _gone:
+        now = time.monotonic()
+        for address in addresses:
+            since = _gone.get(address)
+            if since is not None and now - since >= older_than:
+                del _gone[address]
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection error says the peer refused (no process listens there any more)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError) or "ConnectionRefusedError" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+async def connect_peer(
+    address: str,
+    timeout: float | None,
+    *,
+    pool: ConnectionPool | None = None,
+    connection_args: dict[str, Any] | None = None,
+    mark: bool = True,
+) -> Comm:
+    """A comm to ``address`` (from ``pool`` when given), failing at once when the peer is gone.
+
+    distributed's ``connect`` retries a refused connection until its timeout (5 s here, 30 s by
+    default): a peer that died would cost that much each time. Here the first attempt is bounded
+    to 0.1 s, and a refusal raises :class:`PeerGoneError` at once (``mark``: and remembers the
+    address as gone; not for a scheduler, which may come back at the same address). Attempts
+    that merely time out are retried, longer each time, until ``timeout``.
+    """
+    if mark and is_gone(address):
+        raise PeerGoneError(f"{address} is gone")
+    deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
+    attempt = _FIRST_ATTEMPT_S
+    while True:
+        left = max(deadline - time.monotonic(), 1e-3)
+        try:
+            if pool is not None:
+                return await pool.connect(address, timeout=min(attempt, left))
+            return await connect(address, timeout=min(attempt, left), **(connection_args or {}))
+        except OSError as exc:
+            if _refused(exc):
+                if mark:
+                    mark_gone(address)
+                raise PeerGoneError(f"{address} refused the connection: it is gone") from exc
+            if (mark and is_gone(address)) or time.monotonic() >= deadline:
+                raise
+            attempt *= 4
+
+
+async def call_peer(pool: ConnectionPool, address: str, op: str, *, mark: bool = True, **kwargs: Any) -> Any:
+    """One RPC to a worker (or, with ``mark=False``, the scheduler) over ``pool``.
+
+    Gives up on connecting after ``tdask.data-plane.connect-timeout``, and at once when the
+    peer is gone (:func:`connect_peer`). A pooled comm found broken is replaced once: a live
+    peer answers on a fresh one, a dead one refuses it.
     """
     timeout = get_seconds("tdask.data-plane.connect-timeout")
-    comm = await pool.connect(address, timeout=timeout)
-    try:
-        return await send_recv(comm=comm, op=op, **kwargs)
-    finally:
-        pool.reuse(address, comm)
+    for fresh in (False, True):
+        comm = await connect_peer(address, timeout, pool=pool, mark=mark)
+        try:
+            return await send_recv(comm=comm, op=op, **kwargs)
+        except CommClosedError:
+            if fresh:
+                raise
+        finally:
+            pool.reuse(address, comm)
 
 
 class DataPlanePeer:
@@ -124,17 +229,23 @@ class DataPlanePeer:
         self.pulled_bytes = 0
 
     async def fetch(self, tensor: RemoteTensor) -> Any:
+        """Pull ``tensor``'s bytes from its owner (:class:`DataPlaneError` when they are gone)."""
         try:
             reply = await call_peer(self.pool, tensor.owner, FETCH, tensor_id=tensor.tensor_id)
         except (TimeoutError, OSError) as exc:
             raise DataPlaneError(
-                f"could not fetch tensor {tensor.tensor_id} from {tensor.owner}: {exc}", worker=tensor.owner
+                f"could not fetch tensor {tensor.tensor_id} from {tensor.owner}: {exc}",
+                worker=tensor.owner,
+                owner=tensor.owner,
+                tensor_id=tensor.tensor_id,
             ) from exc
         if reply.get("status") != "OK":
             raise DataPlaneError(
                 f"tensor {tensor.tensor_id} is not in the store of {tensor.owner} "
                 "(released, expired, or its worker restarted)",
                 worker=tensor.owner,
+                owner=tensor.owner,
+                tensor_id=tensor.tensor_id,
             )
         self.pulls += 1
         self.pulled_bytes += tensor.nbytes
@@ -147,10 +258,14 @@ class DataPlanePeer:
         return tensor
 
     async def release(self, tensors: Iterable[RemoteTensor]) -> None:
-        """Tell owners that these tensors are no longer needed (best effort)."""
+        """Tell owners that these tensors are no longer needed (best effort).
+
+        Owners known to be gone are skipped: their store went with them.
+        """
         by_owner: dict[str, list[str]] = {}
         for tensor in tensors:
-            by_owner.setdefault(tensor.owner, []).append(tensor.tensor_id)
+            if not is_gone(tensor.owner):
+                by_owner.setdefault(tensor.owner, []).append(tensor.tensor_id)
         for owner, ids in by_owner.items():
             try:
                 await call_peer(self.pool, owner, RELEASE, tensor_ids=ids)
@@ -184,6 +299,7 @@ class TensorStore(DataPlanePeer):
         self.released = 0
         self.expired = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._removed_handler: Any = None
 
     def install(self) -> None:
         """Register the comm handlers and start the time-to-live sweep."""
@@ -195,6 +311,17 @@ class TensorStore(DataPlanePeer):
                 STORE_STATS: self.stats,
             }
         )
+        # The scheduler tells every worker when another one is removed ("remove-worker"): from
+        # then on, its tensors are known gone here without dialling it.
+        self._removed_handler = self.worker.stream_handlers.get(_REMOVE_WORKER)
+
+        def removed(worker: str, **kwargs: Any) -> Any:
+            mark_gone(worker)
+            if self._removed_handler is not None:
+                return self._removed_handler(worker=worker, **kwargs)
+            return None
+
+        self.worker.stream_handlers[_REMOVE_WORKER] = removed
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def close(self) -> None:
@@ -204,6 +331,8 @@ class TensorStore(DataPlanePeer):
             await asyncio.gather(self._sweeper, return_exceptions=True)
         for name in (FETCH, PUT, RELEASE, STORE_STATS):
             self.worker.handlers.pop(name, None)
+        if self._removed_handler is not None:
+            self.worker.stream_handlers[_REMOVE_WORKER] = self._removed_handler
         if self._tensors:
             logger.info("tensor store of %s closing with %d tensors", self.address, len(self._tensors))
         self._tensors.clear()
@@ -221,7 +350,10 @@ class TensorStore(DataPlanePeer):
             entry = self._tensors.get(tensor.tensor_id)
             if entry is None:
                 raise DataPlaneError(
-                    f"tensor {tensor.tensor_id} is not in this worker's store", worker=tensor.owner
+                    f"tensor {tensor.tensor_id} is not in this worker's store",
+                    worker=tensor.owner,
+                    owner=tensor.owner,
+                    tensor_id=tensor.tensor_id,
                 )
             self.local_gets += 1
             return entry[0]

@@ -20,7 +20,7 @@ from dask.utils import parse_timedelta
 
 from tdask import context, protocol
 from tdask.config import RequestSettings
-from tdask.data_plane import DataPlanePeer, RemoteTensor, client_peer
+from tdask.data_plane import DataPlanePeer, RemoteTensor, client_peer, is_gone
 from tdask.exceptions import (
     DataPlaneError,
     InvalidRequestError,
@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from distributed import Client
 
 __all__ = ["RemoteOperator", "Response"]
+
+
+# Releases that nobody waits for (after a failed attempt); held here so they are not collected.
+_background: set[asyncio.Task[Any]] = set()
 
 
 class _UseDefault:
@@ -114,7 +118,7 @@ class _ClientEndpoint:
         for address in random.sample(hosts, len(hosts)):
             try:
                 return await self.peer.place(address, array)
-            except (TimeoutError, OSError) as exc:
+            except (TimeoutError, OSError) as exc:  # a refused (dead) host fails at once
                 errors.append(f"{address}: {exc}")
                 self.plane.registry.forget_hosts(key)
         raise DataPlaneError(f"could not place an input for {key} on any of its hosts: {'; '.join(errors)}")
@@ -122,9 +126,10 @@ class _ClientEndpoint:
     async def _wait_for_hosts(self, key: str, wait_s: float) -> list[str]:
         deadline = time.monotonic() + wait_s
         while True:
-            hosts = await self.plane.registry.hosts(key)
+            hosts = [h for h in await self.plane.registry.hosts(key) if not is_gone(h)]
             if hosts:
                 return hosts
+            self.plane.registry.forget_hosts(key)
             if time.monotonic() >= deadline:
                 raise OperatorUnavailableError(f"no worker hosts operator {key}; cannot place its inputs")
             await asyncio.sleep(0.1)
@@ -286,6 +291,16 @@ class _Call(AsyncIterator[Response]):
         return cls(message, operator=self.op.name, request_id=self.request_id, worker=worker)
 
     async def _send(self) -> None:
+        try:
+            await self._place_and_submit()
+        except TdaskError as exc:  # raised below this call (no host, no scheduler): say which request
+            exc.operator = exc.operator or self.op.name
+            exc.request_id = exc.request_id or self.request_id
+            raise
+        except ValueError as exc:  # the plane refused it (e.g. this request id is already in flight)
+            raise self._error(InvalidRequestError, str(exc)) from None
+
+    async def _place_and_submit(self) -> None:
         settings = self.settings
         entries, self.placed = await protocol.encode_tensors(
             self.inputs,
@@ -302,10 +317,7 @@ class _Call(AsyncIterator[Response]):
             host_wait_s=settings.unavailable_timeout_s,
             rehost_wait_s=settings.rehost_timeout_s,
         )
-        try:
-            self.stream = await self.endpoint.plane.submit(request)
-        except ValueError as exc:
-            raise self._error(InvalidRequestError, str(exc)) from None
+        self.stream = await self.endpoint.plane.submit(request)
 
     async def __anext__(self) -> Response:
         while True:
@@ -316,13 +328,24 @@ class _Call(AsyncIterator[Response]):
                 return await self._to_response(reply)
             except DataPlaneError as exc:
                 # A tensor of this request died with its worker (an input we placed there, or
-                # an output not yet fetched): like a lost worker, serve the request again.
-                if not self._may_resend():
+                # an output not yet fetched): like a lost worker, serve the request again,
+                # placing the inputs anew. One we only forwarded cannot be placed again here:
+                # the error goes back at once to whoever placed it.
+                if self._forwarded(exc) or not self._may_resend():
                     raise
                 self.resends += 1
-                logger.warning("request %s of %s: %s; sending it again", self.request_id, self.op.name, exc)
+                logger.warning("request %s of %s: %s; sending it again", self.request_id, self.op.name, exc.message)
                 self.finished = False
                 await self._send()
+
+    def _forwarded(self, exc: DataPlaneError) -> bool:
+        """Whether the tensor that failed is one this call only forwards (a caller's descriptor)."""
+        forwarded = [t for t in self.inputs.values() if isinstance(t, RemoteTensor)]
+        if not forwarded:
+            return False
+        if exc.tensor_id is not None:
+            return any(t.tensor_id == exc.tensor_id for t in forwarded)
+        return exc.owner is not None and any(t.owner == exc.owner for t in forwarded)
 
     def _may_resend(self) -> bool:
         return (
@@ -348,8 +371,18 @@ class _Call(AsyncIterator[Response]):
             ) from None
         if reply.get("final"):
             self.finished = True
-            await self._release_inputs(reply)
+            if reply.get("error"):
+                self._release_soon()  # never let a release (maybe at a dead owner) hold up a retry
+            else:
+                await self._release_inputs(reply)
         return reply
+
+    def _release_soon(self) -> None:
+        placed, self.placed = self.placed, []
+        if placed:
+            task = asyncio.create_task(self.endpoint.peer.release(placed))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     async def _to_response(self, reply: ResponseMsg) -> Response:
         error = reply.get("error")

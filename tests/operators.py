@@ -108,7 +108,9 @@ class Consumer(Operator):
             if "data" not in request.inputs:
                 raise InvalidRequestError("Consumer needs 'data'", operator=self.name, request_id=request.request_id)
             data = (await request.fetch_inputs())["data"]
-            await request.response_sender().send(outputs={"sum": np.array([data.sum()])}, parameters={"n": int(data.size)})
+            await request.response_sender().send(
+                outputs={"sum": np.array([data.sum()])}, parameters={"n": int(data.size)}
+            )
 
 
 class Broken(Operator):
@@ -142,3 +144,15 @@ class Echo(Operator):
     async def execute(self, requests):
         for request in requests:
             await request.response_sender().send(outputs=dict(request.inputs), parameters=dict(request.parameters))
+
+
+class Relay(Operator):
+    """Hands its inputs, by reference, to ``sink`` and answers with what ``sink`` answered."""
+
+    async def setup(self):
+        self.sink = RemoteOperator(self.parameters.get("sink", "sink"))
+
+    async def execute(self, requests):
+        for request in requests:
+            answer = await self.sink.infer(inputs=dict(request.inputs), parameters=request.parameters)
+            await request.response_sender().send(outputs=answer.outputs, parameters=answer.parameters)

@@ -29,7 +29,13 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from tdask import protocol
 from tdask.data_plane import DataPlanePeer
-from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError
+from tdask.exceptions import (
+    DataPlaneError,
+    OperatorUnavailableError,
+    RequestTimeoutError,
+    TdaskError,
+    WorkerLostError,
+)
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
 from tdask.request_plane import dashboard
 from tdask.request_plane.session import Session
@@ -162,9 +168,7 @@ class RequestBroker(SchedulerPlugin):
         return True
 
     # registry
-    def register(
-        self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]
-    ) -> None:
+    def register(self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]) -> None:
         """Record the operators ``worker`` hosts and the setup failures it saw (``tdask_register``)."""
         for op in operators:
             self.hosts[op["key"]][worker] = op
@@ -328,9 +332,13 @@ class RequestBroker(SchedulerPlugin):
             if not lost:
                 self.queues[name].appendleft(request)
                 self._dispatch(name)
+            elif self._answer_lost_inputs(request, worker):
+                continue
             elif lease.partial or request.get("attempt", 0) >= request.get("max_retries", 0):
-                reason = "after streaming part of its answer" if lease.partial else (
-                    f"and {request.get('attempt', 0)} retries were used"
+                reason = (
+                    "after streaming part of its answer"
+                    if lease.partial
+                    else (f"and {request.get('attempt', 0)} retries were used")
                 )
                 self._answer_error(
                     request,
@@ -350,8 +358,22 @@ class RequestBroker(SchedulerPlugin):
                 self.queues[name].appendleft(request)
                 self._dispatch(name)
 
+    def _answer_lost_inputs(self, request: RequestMsg, worker: str) -> bool:
+        """Answer ``request`` with :class:`DataPlaneError` if an input of it was stored on ``worker``.
+
+        Serving it again would only fail when its inputs are fetched; the caller places them
+        again and re-sends it instead (no retry spent on a worker already dead).
+        """
+        for tensor in protocol.refs_in(request.get("inputs")):
+            if tensor.owner == worker:
+                message = f"input tensor {tensor.tensor_id} was stored on {worker}, which died; place it again"
+                self._answer_error(request, DataPlaneError(message, owner=worker, tensor_id=tensor.tensor_id), worker)
+                self.counts["lost_inputs"] += 1
+                return True
+        return False
+
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        """A worker left: forget it, and re-serve or fail the requests it held."""
+        """The scheduler removed ``worker``: forget what it hosted, re-serve or answer what it held."""
         for key, hosts in self.hosts.items():
             hosts.pop(worker, None)
             self.credits[key].pop(worker, None)
@@ -361,6 +383,9 @@ class RequestBroker(SchedulerPlugin):
         self.serving.pop(worker, None)
         self.worker_stats.pop(worker, None)
         self._requeue_leases(worker, lost=True)
+        for name, queue in self.queues.items():  # queued requests whose inputs lived there
+            if any(t.owner == worker for r in queue for t in protocol.refs_in(r.get("inputs"))):
+                self.queues[name] = deque(r for r in queue if not self._answer_lost_inputs(r, worker))
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         """A client closed: close its session here and its direct sessions on the workers."""

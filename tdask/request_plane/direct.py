@@ -30,11 +30,12 @@ from typing import Any
 import dask.config
 from distributed.comm import get_address_host
 from distributed.comm.core import CommClosedError
-from distributed.core import rpc
+from distributed.core import send_recv
 
 from tdask import protocol
 from tdask.config import get_seconds
-from tdask.exceptions import WorkerLostError
+from tdask.data_plane import connect_peer, is_gone
+from tdask.exceptions import ClientClosedError, DataPlaneError, TdaskError, WorkerLostError
 from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_request
 from tdask.request_plane.base import RequestPlane, ResponseStream, Transport
 from tdask.request_plane.queue import QueueRequestPlane
@@ -102,6 +103,7 @@ class DirectRequestPlane(RequestPlane):
                     name=f"tdask-direct-{self.requester}",
                     connection_args=self.connection_args,
                     timeout=timeout,
+                    gone_if_refused=True,
                     requester=self.requester,
                 )
             self._workers[address] = session
@@ -116,8 +118,11 @@ class DirectRequestPlane(RequestPlane):
         """
         if not wire_wanted(address):
             return None
-        async with rpc(address, timeout=timeout, connection_args=self.connection_args) as worker:
-            wire = await getattr(worker, Rpc.WIRE_ADDRESS)()
+        comm = await connect_peer(address, timeout, connection_args=self.connection_args)  # refused: at once
+        try:
+            wire = await send_recv(comm=comm, op=Rpc.WIRE_ADDRESS)
+        finally:
+            await comm.close()
         if not wire:
             return None
         try:
@@ -171,7 +176,7 @@ class DirectRequestPlane(RequestPlane):
 
     async def _send_direct(self, request: RequestMsg, hosts: list[str]) -> bool:
         now = time.monotonic()
-        candidates = [h for h in hosts if now - self._lost.get(h, -1e9) > _AVOID_LOST_S]
+        candidates = [h for h in hosts if now - self._lost.get(h, -1e9) > _AVOID_LOST_S and not is_gone(h)]
         message = protocol.submit(request)
         while candidates:
             worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
@@ -199,12 +204,15 @@ class DirectRequestPlane(RequestPlane):
 
     def _on_worker_message(self, worker: str, message: dict[str, Any]) -> None:
         op = message["op"]
-        if op == Op.REFUSED:  # the worker stopped hosting it: go through the broker
+        if op == Op.REFUSED:
+            # The worker does not (or no longer) host it: it is leaving. Another host takes the
+            # request; that spends no retry (the worker never ran it).
             entry = self._outstanding.pop(message["id"], None)
             if entry is not None:
                 self._load[worker] -= 1
+                self._lost[worker] = time.monotonic()
                 self.registry.forget_hosts(entry[1]["operator"])
-                self._spawn(self._via_broker(entry[1]))
+                self._spawn(self._resend(entry[1], exclude=worker))
             return
         if op != Op.REPLIES:
             logger.warning("direct session to %s: unexpected %r", worker, op)
@@ -227,17 +235,42 @@ class DirectRequestPlane(RequestPlane):
                 del self._streams[request_id]
             stream.deliver(reply)
 
+    def _fail(self, request: RequestMsg, error: TdaskError, worker: str | None = None) -> None:
+        stream = self._streams.pop(request["id"], None)
+        if stream is not None:
+            stream.deliver(protocol.error_reply(request["id"], error, worker=worker))
+
+    async def _resend(self, request: RequestMsg, exclude: str) -> None:
+        """Send ``request`` again, straight to another live host, else through the broker."""
+        if request["id"] not in self._streams:
+            return  # cancelled meanwhile
+        try:
+            hosts = [h for h in await self.registry.hosts(request["operator"]) if h != exclude]
+            if not hosts or not await self._send_direct(request, hosts):
+                await self._via_broker(request)
+        except TdaskError as exc:  # e.g. the scheduler is gone too: nowhere to send it
+            self._fail(request, exc, exclude)
+        except Exception as exc:
+            self._fail(request, WorkerLostError(f"the request could not be sent again: {exc}"), exclude)
+
     async def _via_broker(self, request: RequestMsg) -> None:
         stream = self._streams.pop(request["id"], None)
         if stream is None:
             return
         try:
             await self.fallback.submit(request, stream)
+        except TdaskError as exc:
+            stream.deliver(protocol.error_reply(request["id"], exc))
         except Exception as exc:
             stream.deliver(protocol.error_reply(request["id"], WorkerLostError(f"could not re-send: {exc}")))
 
     async def _watch_worker(self, worker: str, session: Transport) -> None:
-        """When a worker's session closes, re-send what it held (bounded), else fail it."""
+        """When a worker's session closes, re-send what it held (bounded), else fail it.
+
+        A request whose inputs were stored on that worker is not re-sent (its inputs died with
+        it): it is answered with :class:`DataPlaneError` at once, and its caller places the
+        inputs again and re-sends it, spending no retry on a worker already dead.
+        """
         await session.read_forever()
         if self._workers.get(worker) is session:
             del self._workers[worker]
@@ -245,38 +278,35 @@ class DirectRequestPlane(RequestPlane):
         if not closing:
             self._lost[worker] = time.monotonic()
         held = [(rid, entry) for rid, entry in self._outstanding.items() if entry[0] == worker]
+        resend = []
         for request_id, (_, request, partial) in held:
             del self._outstanding[request_id]
             self._load[worker] -= 1
-            stream = self._streams.get(request_id)
-            if stream is None:
+            if request_id not in self._streams:
                 continue
             attempt = request.get("attempt", 0)
-            if partial or attempt >= request.get("max_retries", 0) or closing:
-                if closing:
-                    message = "the session to the worker serving the request closed while this caller was closing"
-                elif partial:
-                    message = "the worker serving the request died after streaming part of its answer"
-                else:
-                    message = f"the worker serving the request died and {attempt} retries were used"
-                del self._streams[request_id]
-                stream.deliver(protocol.error_reply(request_id, WorkerLostError(message), worker=worker))
-                continue
-            request["attempt"] = attempt + 1
-            logger.warning("re-sending request %s of %s held by lost worker %s", request_id, request["operator"], worker)
-            self.registry.forget_hosts(request["operator"])
-            try:
-                hosts = await self.registry.hosts(request["operator"])
-            except Exception:
-                hosts = []
-            hosts = [h for h in hosts if h != worker]
-            try:
-                if not hosts or not await self._send_direct(request, hosts):
-                    await self._via_broker(request)
-            except Exception as exc:  # e.g. this caller's client is closing: nowhere to send it
-                self._streams.pop(request_id, None)
-                lost = WorkerLostError(f"the worker serving the request died and it could not be sent again: {exc}")
-                stream.deliver(protocol.error_reply(request_id, lost, worker=worker))
+            lost_inputs = [t for t in protocol.refs_in(request.get("inputs")) if t.owner == worker]
+            if closing:
+                self._fail(request, ClientClosedError("the client closed while the request was in flight"), worker)
+            elif partial:
+                message = "the worker serving the request died after streaming part of its answer"
+                self._fail(request, WorkerLostError(message), worker)
+            elif lost_inputs:
+                tensor = lost_inputs[0]
+                message = f"input tensor {tensor.tensor_id} was stored on {worker}, which died; place it again"
+                self._fail(request, DataPlaneError(message, owner=worker, tensor_id=tensor.tensor_id), worker)
+            elif attempt >= request.get("max_retries", 0):
+                message = f"the worker serving the request died and {attempt} retries were used"
+                self._fail(request, WorkerLostError(message), worker)
+            else:
+                request["attempt"] = attempt + 1
+                logger.warning(
+                    "re-sending request %s of %s held by lost worker %s", request_id, request["operator"], worker
+                )
+                self.registry.forget_hosts(request["operator"])
+                resend.append(request)
+        for request in resend:
+            await self._resend(request, exclude=worker)
 
     async def cancel(self, request_id: str) -> None:
         """Cancel on the worker holding it, or through the broker."""
@@ -299,7 +329,8 @@ class DirectRequestPlane(RequestPlane):
         await asyncio.gather(*self._background, return_exceptions=True)
         streams, self._streams = self._streams, {}
         for request_id, stream in streams.items():
-            stream.deliver(protocol.error_reply(request_id, {"type": "TdaskError", "message": "the request plane was closed"}))
+            closed = ClientClosedError("the request plane closed while the request was in flight")
+            stream.deliver(protocol.error_reply(request_id, closed))
         await self.fallback.aclose()
 
 
@@ -353,7 +384,9 @@ class DirectServer:
         try:
             await wire.start(get_address_host(self.worker.address), port, ssl_context=ssl_context)
         except OSError as exc:
-            logger.warning("no wire on %s (port %s: %s): direct callers use Dask's comm", self.worker.address, port, exc)
+            logger.warning(
+                "no wire on %s (port %s: %s): direct callers use Dask's comm", self.worker.address, port, exc
+            )
             return
         self.wire = wire
         logger.debug("wire of %s listening on %s", self.worker.address, wire.address)
@@ -371,9 +404,7 @@ class DirectServer:
 
     async def _comm_session(self, comm: Any, requester: str) -> None:
         """A caller's own Dask comm to this worker: requests in, answers out."""
-        session = Session(
-            comm, lambda message: self._on_message(session, requester, message), f"direct-{requester}"
-        )
+        session = Session(comm, lambda message: self._on_message(session, requester, message), f"direct-{requester}")
         await self._serve(session, requester)
 
     async def _serve(self, session: Transport, requester: str) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 from distributed.comm.core import CommClosedError
 
 from tdask import protocol
+from tdask.config import get_seconds
+from tdask.exceptions import ClientClosedError, SchedulerLostError, TdaskError
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
 from tdask.request_plane.base import RequestPlane, ResponseStream
 from tdask.request_plane.registry import Registry
@@ -82,22 +84,28 @@ class BrokerSession:
     async def ensure(self) -> Session:
         """The open session, connecting (and installing the broker) if needed."""
         if self._closed:
-            raise RuntimeError("this request plane is closed")
+            raise ClientClosedError("this request plane is closed (its client or worker closed)")
         if self._session is not None and not self._session.closed.is_set():
             return self._session
         async with self._connecting:
             if self._session is not None and not self._session.closed.is_set():
                 return self._session
-            await self.registry.ensure_broker()
-            session = await open_session(
-                self.registry.address,
-                Rpc.SESSION,
-                self._on_message,
-                name=f"tdask-session-{self.requester}",
-                connection_args=self.connection_args,
-                requester=self.requester,
-                worker=self.worker,
-            )
+            try:
+                await self.registry.ensure_broker()
+                session = await open_session(
+                    self.registry.address,
+                    Rpc.SESSION,
+                    self._on_message,
+                    name=f"tdask-session-{self.requester}",
+                    connection_args=self.connection_args,
+                    timeout=get_seconds("tdask.data-plane.connect-timeout"),
+                    requester=self.requester,
+                    worker=self.worker,
+                )
+            except OSError as exc:
+                raise SchedulerLostError(
+                    f"cannot open a session with tdask's broker on the scheduler at {self.registry.address}: {exc}"
+                ) from None
             self._session = session
             self._reader = asyncio.create_task(self._read(session))
             return session
@@ -112,6 +120,7 @@ class BrokerSession:
     async def _read(self, session: Session) -> None:
         await session.read_forever()
         logger.debug("tdask session %s to the scheduler closed", self.requester)
+        self.registry.broker_lost()  # a scheduler that comes back must get the broker again
         if self.on_lost is not None:
             self.on_lost()
 
@@ -194,23 +203,30 @@ class QueueRequestPlane(RequestPlane):
             self.broker.send(protocol.cancel([request_id]))
 
     def _on_lost(self) -> None:
-        if self._streams and not self.broker._closed:
+        if self.broker._closed or self.owner_closing():
+            self._fail_all(ClientClosedError("the client closed while the request was in flight"))
+            return
+        if self._streams:
             logger.warning(
                 "tdask session %s to the scheduler closed with %d requests in flight",
                 self.requester,
                 len(self._streams),
             )
-        self._fail_all("lost the connection to the scheduler")
+        self._fail_all(
+            SchedulerLostError(
+                f"lost the connection to the scheduler at {self.registry.address}, which held the request"
+            )
+        )
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, error: TdaskError) -> None:
         streams, self._streams = self._streams, {}
         for request_id, stream in streams.items():
-            stream.deliver(protocol.error_reply(request_id, {"type": "TdaskError", "message": message}))
+            stream.deliver(protocol.error_reply(request_id, error))
 
     async def aclose(self) -> None:
-        """Close the session; requests in flight fail."""
+        """Close the session; requests in flight fail with :class:`ClientClosedError`."""
         await self.broker.aclose()
-        self._fail_all("the request plane was closed")
+        self._fail_all(ClientClosedError("the request plane closed while the request was in flight"))
 
 
 class QueueServer:

@@ -6,19 +6,27 @@ installed on the scheduler on first use by whoever needs it, so a plain ``dask s
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
+from distributed.core import PooledRPCCall
 from distributed.protocol.pickle import dumps
 
+from tdask.data_plane import call_peer, forget_gone
+from tdask.exceptions import SchedulerLostError
 from tdask.protocol import Rpc
 from tdask.request_plane.broker import BROKER_NAME, RequestBroker
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Registry"]
 
 # How long a caller trusts the hosts the registry gave it; a host that cannot be reached drops
 # the entry at once (forget_hosts).
 _HOSTS_TTL_S = 1.0
+# A mark "gone" older than this on a host the scheduler lists is a new worker on the same port.
+_GONE_STALE_S = 5.0
 
 
 class Registry:
@@ -34,31 +42,82 @@ class Registry:
         self.scheduler = scheduler
         self._broker_ready = False
         self._hosts: dict[str, tuple[float, list[str]]] = {}
+        # While the scheduler cannot be reached: when to ask it again (hosts come from the cache).
+        self._retry_at = 0.0
 
     @property
     def address(self) -> str:
         """The scheduler's address."""
         return str(self.scheduler.address)
 
+    async def _call(self, op: str, **kwargs: Any) -> Any:
+        """One RPC to the scheduler; a scheduler that is gone fails at once (``OSError``).
+
+        Over the caller's connection pool when it has one (a ``Client``'s or a ``Worker``'s), so
+        that a refused connection is not retried for distributed's whole connect timeout.
+        """
+        try:
+            if isinstance(self.scheduler, PooledRPCCall):
+                return await call_peer(self.scheduler.pool, self.address, op, mark=False, **kwargs)
+            return await getattr(self.scheduler, op)(**kwargs)
+        except OSError:
+            self._broker_ready = False  # a scheduler that comes back has no broker yet
+            raise
+
+    def broker_lost(self) -> None:
+        """The session with the broker closed: install it again before the next use."""
+        self._broker_ready = False
+
     async def ensure_broker(self) -> None:
         """Install the broker on the scheduler once (idempotent across clients and workers)."""
         if not self._broker_ready:
-            await self.scheduler.register_scheduler_plugin(
-                plugin=dumps(RequestBroker()), name=BROKER_NAME, idempotent=True
+            await self._call(
+                "register_scheduler_plugin", plugin=dumps(RequestBroker()), name=BROKER_NAME, idempotent=True
             )
             self._broker_ready = True
 
+    async def _broker_call(self, op: str, **kwargs: Any) -> Any:
+        """A broker RPC; installs the broker again when the scheduler has none (it restarted)."""
+        await self.ensure_broker()
+        result = await self._call(op, **kwargs)
+        if result is None:  # distributed answers None for a handler it does not have
+            self._broker_ready = False
+            await self.ensure_broker()
+            result = await self._call(op, **kwargs)
+        return result
+
     async def hosts(self, operator_key: str) -> list[str]:
-        """Addresses of the workers hosting ``operator_key``, as the registry said at most a second ago."""
+        """Addresses of the workers hosting ``operator_key``, as the registry said at most a second ago.
+
+        When the scheduler cannot be reached, the hosts last known are used (and the scheduler
+        asked again at most once a second); with none known, :class:`SchedulerLostError`.
+        """
         now = time.monotonic()
         cached = self._hosts.get(operator_key)
-        if cached is not None and now - cached[0] <= _HOSTS_TTL_S:
+        if cached is not None and (now - cached[0] <= _HOSTS_TTL_S or now < self._retry_at):
             return cached[1]
-        await self.ensure_broker()
-        hosts = await getattr(self.scheduler, Rpc.HOSTS)(operator=operator_key)
+        try:
+            hosts = await self._broker_call(Rpc.HOSTS, operator=operator_key)
+        except OSError as exc:
+            self._retry_at = now + _HOSTS_TTL_S
+            if cached is not None:
+                logger.warning(
+                    "the scheduler at %s cannot be reached (%s); using the hosts of %s known %.1fs ago",
+                    self.address,
+                    exc,
+                    operator_key,
+                    now - cached[0],
+                )
+                return cached[1]
+            raise SchedulerLostError(
+                f"the scheduler at {self.address} cannot be reached ({exc}), and no host of {operator_key} "
+                "is known here"
+            ) from None
+        self._retry_at = 0.0
         if hosts:  # an empty answer is asked again next time
             self._hosts[operator_key] = (now, hosts)
-        return hosts
+            forget_gone(hosts, older_than=_GONE_STALE_S)
+        return list(hosts or [])
 
     def forget_hosts(self, operator_key: str) -> None:
         """Drop the cached hosts of ``operator_key`` (one of them could not be reached)."""
@@ -66,18 +125,15 @@ class Registry:
 
     async def operators(self) -> dict[str, Any]:
         """The registry: hosts per operator, setup failures, queue depths and serving counters."""
-        await self.ensure_broker()
-        return await getattr(self.scheduler, Rpc.OPERATORS)()
+        return await self._broker_call(Rpc.OPERATORS)
 
     async def register(
         self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]
     ) -> None:
         """Announce the operators ``worker`` hosts (and those whose setup failed there)."""
         await self.ensure_broker()
-        await getattr(self.scheduler, Rpc.REGISTER)(
-            worker=worker, requester=requester, operators=operators, failures=failures
-        )
+        await self._call(Rpc.REGISTER, worker=worker, requester=requester, operators=operators, failures=failures)
 
     async def unregister(self, worker: str, *, release_leases: bool) -> None:
         """Stop giving ``worker`` requests; with ``release_leases``, re-queue what it holds."""
-        await getattr(self.scheduler, Rpc.UNREGISTER)(worker=worker, release_leases=release_leases)
+        await self._call(Rpc.UNREGISTER, worker=worker, release_leases=release_leases)

@@ -13,9 +13,9 @@ import logging
 from typing import Any
 
 import msgpack
-from distributed.comm import connect
 from distributed.comm.core import CommClosedError
 
+from tdask.data_plane import connect_peer
 from tdask.protocol import ProtocolError, check_message
 from tdask.request_plane.base import MessageHandler
 
@@ -116,13 +116,16 @@ async def open_session(
     name: str,
     connection_args: dict[str, Any],
     timeout: float | None = None,
+    gone_if_refused: bool = False,
     **handshake: Any,
 ) -> Session:
     """Connect to ``address`` and open a session with its comm handler ``handler``.
 
     ``handshake`` is passed to the handler (e.g. ``requester=...``); the handler keeps the comm.
+    A refused connection fails at once (``OSError``); with ``gone_if_refused`` (a worker, not
+    the scheduler) the address is then remembered as gone (:func:`tdask.data_plane.connect_peer`).
     """
-    comm = await connect(address, timeout=timeout, **connection_args)
+    comm = await connect_peer(address, timeout, connection_args=connection_args, mark=gone_if_refused)
     comm.name = name
     await comm.write({"op": handler, "reply": False, **handshake})
     return Session(comm, on_message, name)
