@@ -8,6 +8,7 @@ return awaitables (``infer``) and async iterators (``stream``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import time
@@ -22,10 +23,12 @@ from tdask import context, protocol
 from tdask.config import RequestSettings
 from tdask.data_plane import DataPlanePeer, RemoteTensor, client_peer, is_gone
 from tdask.exceptions import (
+    ClientClosedError,
     DataPlaneError,
     InvalidRequestError,
     OperatorError,
     OperatorUnavailableError,
+    RequestCancelledError,
     RequestTimeoutError,
     TdaskError,
     error_from_msg,
@@ -96,8 +99,13 @@ class _ClientEndpoint:
         self.client = client
         broker = BrokerSession(Registry(client.scheduler), client.id, connection_args=client.connection_args)
         self.plane: RequestPlane = make_request_plane(broker, connection_args=client.connection_args)
-        self.plane.owner_closing = lambda: client.status in ("closing", "closed")
+        self.plane.owner_closing = lambda: self.closed
         self.peer = client_peer(client)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client is closed or closing (no request can be sent through it)."""
+        return self.client.status in ("closing", "closed")
 
     @classmethod
     def of(cls, client: Client) -> _ClientEndpoint:
@@ -204,10 +212,20 @@ class RemoteOperator:
         For a streaming operator, ``infer`` returns the last response that carried outputs.
         """
         endpoint = self._endpoint()
-        coro = self._infer(endpoint, inputs, parameters, request_id, timeout, fetch)
+        request_id = uuid.uuid4().hex if request_id is None else request_id
         if self._is_blocking(endpoint):
-            return endpoint.client.sync(lambda: coro)
-        return coro
+            _check_open(endpoint, self.name, request_id)
+            coro = self._infer(endpoint, inputs, parameters, request_id, timeout, fetch)
+            try:
+                return endpoint.client.sync(lambda: coro)
+            except (asyncio.CancelledError, concurrent.futures.CancelledError):
+                # Not this thread's own cancellation (it is no asyncio task): the client's loop
+                # cancelled the call, e.g. while shutting down.
+                _check_open(endpoint, self.name, request_id)
+                raise RequestCancelledError(
+                    "the request was cancelled in the client's event loop", operator=self.name, request_id=request_id
+                ) from None
+        return self._infer(endpoint, inputs, parameters, request_id, timeout, fetch)
 
     def stream(
         self,
@@ -242,6 +260,14 @@ class RemoteOperator:
         return best
 
 
+def _check_open(endpoint: Any, operator: str, request_id: str | None) -> None:
+    """Raise :class:`ClientClosedError` when ``endpoint``'s client is closed (or closing)."""
+    if getattr(endpoint, "closed", False):
+        raise ClientClosedError(
+            "the client this request would go through is closed", operator=operator, request_id=request_id
+        )
+
+
 def _sync_iter(client: Client, call: _Call) -> Iterator[Response]:
     try:
         while True:
@@ -264,6 +290,7 @@ class _Call(AsyncIterator[Response]):
         self.request_id = request_id if request_id is not None else uuid.uuid4().hex
         if not isinstance(self.request_id, str) or not self.request_id:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}", operator=op.name)
+        _check_open(endpoint, op.name, self.request_id)
         self.settings = settings = RequestSettings.read()  # once per call
         self.inputs = protocol.check_inputs(op.name, self.request_id, inputs, settings.max_input_bytes)
         self.parameters = protocol.check_parameters(op.name, self.request_id, parameters)
@@ -284,6 +311,7 @@ class _Call(AsyncIterator[Response]):
         self.stream: ResponseStream | None = None
         self.placed: list[RemoteTensor] = []
         self.finished = False
+        self.cancelled = False  # closed before its final response
         self.yielded = 0
         self.resends = 0
 
@@ -321,6 +349,8 @@ class _Call(AsyncIterator[Response]):
 
     async def __anext__(self) -> Response:
         while True:
+            if self.cancelled:
+                raise self._error(RequestCancelledError, "the request was cancelled (its stream was closed)")
             if self.finished:
                 raise StopAsyncIteration
             reply = await self._next_reply()
@@ -431,6 +461,7 @@ class _Call(AsyncIterator[Response]):
         """Cancel the request if it has not finished, and release what it placed."""
         if not self.finished:
             self.finished = True
+            self.cancelled = True
             if self.stream is not None:
                 await asyncio.shield(self.endpoint.plane.cancel(self.request_id))
             if self.placed:
@@ -448,7 +479,7 @@ def _positive_seconds(timeout: Any, operator: str, request_id: str) -> float:
     """``timeout`` (seconds, or a string such as ``"200ms"``) as positive seconds, else InvalidRequestError."""
     try:
         seconds = parse_timedelta(timeout, default="seconds")
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise InvalidRequestError(
             f"timeout {timeout!r} is not a duration: {exc}", operator=operator, request_id=request_id
         ) from None

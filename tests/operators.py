@@ -61,6 +61,8 @@ class Fail(Operator):
                 await sender.send(outputs={})
             elif mode == "exit":
                 os._exit(1)
+            elif mode == "cancel":  # the operator's own task is cancelled (not by the caller)
+                raise asyncio.CancelledError
 
 
 class Streamer(Operator):

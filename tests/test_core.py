@@ -14,6 +14,7 @@ from distributed import Client
 from hypothesis import HealthCheck, given, settings
 
 from tdask import (
+    ClientClosedError,
     Deployment,
     InvalidRequestError,
     OperatorConfig,
@@ -21,6 +22,7 @@ from tdask import (
     OperatorUnavailableError,
     RemoteOperator,
     RemoteTensor,
+    RequestCancelledError,
     RequestTimeoutError,
 )
 from tests.conftest import assert_no_children, run_async, store_stats
@@ -170,9 +172,7 @@ def test_direct_sessions_ride_the_configured_transport(client):
 def test_large_tensors_travel_by_reference(deployment, client):
     before = store_stats(client)
     n = 10 * 2**20 // 8  # 10 MiB of float64
-    response = RemoteOperator("forward", client=client).infer(
-        inputs={"start": np.array([1.0])}, parameters={"n": n}
-    )
+    response = RemoteOperator("forward", client=client).infer(inputs={"start": np.array([1.0])}, parameters={"n": n})
     expected = np.arange(1.0, 1.0 + n).sum()
     assert response.outputs["sum"][0] == expected
     after = store_stats(client)
@@ -267,6 +267,68 @@ def test_unknown_operator_fails_after_bounded_wait(client):
     with dask.config.set({"tdask.request.unavailable-timeout": "0.5s"}):
         with pytest.raises(OperatorUnavailableError):
             RemoteOperator("add", version=7, client=client).infer(inputs={"a": np.ones(1), "b": np.ones(1)})
+
+
+@pytest.mark.parametrize("timeout", [-1, -0.5, "-1s", 0, "soon", [1]])
+def test_bad_timeouts_are_invalid_requests(client, timeout):
+    with pytest.raises(InvalidRequestError, match="timeout") as info:
+        RemoteOperator("identity", client=client).infer(inputs={"x": np.ones(1)}, timeout=timeout, request_id="bad-t")
+    assert info.value.operator == "identity" and info.value.request_id == "bad-t"
+
+
+def test_a_request_in_flight_when_its_client_closes(deployment):
+    """The request ends with ClientClosedError naming it; a request through the closed client too."""
+    from tests.conftest import async_wait_for
+
+    async def main():
+        async with Client(deployment.scheduler_address, asynchronous=True) as observer:
+
+            async def running() -> int:
+                stats = await observer.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+                return sum(s.get("fail/1", {"inflight": 0})["inflight"] for s in stats.values())
+
+            c = await Client(deployment.scheduler_address, asynchronous=True)
+            op = RemoteOperator("fail", client=c)
+            task = asyncio.create_task(
+                op.infer(parameters={"mode": "sleep", "seconds": 30}, timeout=60, request_id="in-flight")
+            )
+            await async_wait_for(running, message="the request never started on the worker")
+            await c.close()
+            with pytest.raises(ClientClosedError) as in_flight:
+                await asyncio.wait_for(task, 20)
+            with pytest.raises(ClientClosedError) as after:
+                await op.infer(inputs={}, request_id="after-close")
+
+            async def idle() -> bool:
+                return await running() == 0
+
+            # The operator sleeps 30 s: only the worker cancelling the closed client's request frees it.
+            await async_wait_for(idle, timeout=20, message="the closed client's request still runs on the worker")
+            return in_flight.value, after.value
+
+    in_flight, after = asyncio.run(main())
+    assert (in_flight.operator, in_flight.request_id) == ("fail", "in-flight"), in_flight
+    assert (after.operator, after.request_id) == ("fail", "after-close"), after
+
+
+def test_an_operator_task_cancelled_on_its_worker_is_request_cancelled(client):
+    with pytest.raises(RequestCancelledError, match="cancelled on worker") as info:
+        RemoteOperator("fail", client=client).infer(parameters={"mode": "cancel"}, request_id="cancelled-there")
+    assert info.value.operator == "fail" and info.value.request_id == "cancelled-there"
+
+
+def test_reading_a_closed_stream_is_request_cancelled(deployment):
+    async def go(c):
+        call = RemoteOperator("streamer", client=c).stream(parameters={"count": 3}, request_id="closed-early")
+        first = await call.__anext__()
+        await call.aclose()
+        with pytest.raises(RequestCancelledError) as info:
+            await call.__anext__()
+        return first, info.value
+
+    first, error = run_async(deployment.scheduler_address, go)
+    assert first.outputs["i"].tolist() == [0]
+    assert error.operator == "streamer" and error.request_id == "closed-early"
 
 
 def test_deadline_then_slot_is_free(client):
@@ -389,12 +451,16 @@ _SCALARS = st.one_of(
         st.sampled_from(_DTYPES).flatmap(
             lambda dtype: hnp.arrays(
                 dtype,
-                st.one_of(hnp.array_shapes(min_dims=0, max_dims=3, max_side=6), st.sampled_from([(20_000,), (0,), (3, 0)])),
+                st.one_of(
+                    hnp.array_shapes(min_dims=0, max_dims=3, max_side=6), st.sampled_from([(20_000,), (0,), (3, 0)])
+                ),
             )
         ),
         max_size=3,
     ),
-    parameters=st.dictionaries(st.text(max_size=10, alphabet=st.characters(blacklist_categories=("Cs",))), _SCALARS, max_size=4),
+    parameters=st.dictionaries(
+        st.text(max_size=10, alphabet=st.characters(blacklist_categories=("Cs",))), _SCALARS, max_size=4
+    ),
 )
 def test_property_any_tensor_and_parameters_round_trip(client, arrays, parameters):
     """Any dtype/shape (inline or through a worker's store) and any scalar parameters come back intact."""
@@ -408,8 +474,15 @@ def test_property_any_tensor_and_parameters_round_trip(client, arrays, parameter
 
 
 @settings(max_examples=30, deadline=None)
-@given(bad=st.one_of(st.lists(st.integers(), max_size=3), st.none(), st.dictionaries(st.text(), st.integers(), max_size=2),
-                     st.text(max_size=5), st.builds(object)))
+@given(
+    bad=st.one_of(
+        st.lists(st.integers(), max_size=3),
+        st.none(),
+        st.dictionaries(st.text(), st.integers(), max_size=2),
+        st.text(max_size=5),
+        st.builds(object),
+    )
+)
 def test_property_non_array_inputs_and_parameters_are_refused(client, bad):
     op = RemoteOperator("echo", client=client)
     with pytest.raises(InvalidRequestError, match="input 'x' is a"):

@@ -19,7 +19,7 @@ from typing import Any
 from tdask import context, protocol
 from tdask.config import RequestSettings
 from tdask.data_plane import TensorScope, TensorStore
-from tdask.exceptions import InvalidRequestError, OperatorError, TdaskError, error_to_msg
+from tdask.exceptions import InvalidRequestError, OperatorError, RequestCancelledError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, Request
 from tdask.protocol import RequestMsg, ResponseMsg
 from tdask.request_plane import DirectServer, QueueServer
@@ -199,7 +199,11 @@ class Serving:
                     for request in requests:
                         if request.finished or request.cancelled.is_set():
                             continue
-                        if error is None:
+                        if error is None and cancelled:  # cancelled here, not by its caller
+                            error = RequestCancelledError(
+                                f"the operator's task was cancelled on worker {self.worker_address}"
+                            )
+                        elif error is None:
                             error = OperatorError("the operator returned without sending a final response")
                         await request.response_sender().send(error=error)
             except Exception:
