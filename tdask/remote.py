@@ -227,6 +227,49 @@ class RemoteOperator:
                 ) from None
         return self._infer(endpoint, inputs, parameters, request_id, timeout, fetch)
 
+    def wait(self, timeout: float | str = 60) -> Any:
+        """Wait until a worker hosts this operator; return the addresses of its hosts.
+
+        Blocks from a synchronous client, else returns an awaitable. Useful before the first
+        request to a cluster whose workers are still starting (a request for a name nobody
+        ever hosted fails at once once every worker has started, see docs/design.md).
+
+        Parameters
+        ----------
+        timeout
+            Seconds (or ``"2min"``) to wait at most.
+
+        Raises
+        ------
+        OperatorUnavailableError
+            No worker hosts it within ``timeout``, or its setup failed on every worker that tried.
+        """
+        endpoint = self._endpoint()
+        timeout_s = _positive_seconds(timeout, self.name, None)
+        if self._is_blocking(endpoint):
+            _check_open(endpoint, self.name, None)
+            return endpoint.client.sync(lambda: self._wait(endpoint, timeout_s))
+        return self._wait(endpoint, timeout_s)
+
+    async def _wait(self, endpoint: Any, timeout_s: float) -> list[str]:
+        registry = endpoint.plane.registry
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = await registry.operators()
+            hosts = state["hosts"].get(self.key)
+            if hosts:
+                return list(hosts)
+            failures = state["failures"].get(self.name)
+            if failures:
+                detail = "; ".join(f"{w}: {m}" for w, m in sorted(failures.items()))
+                raise OperatorUnavailableError(f"operator {self.key} failed to start: {detail}", operator=self.name)
+            if time.monotonic() >= deadline:
+                raise OperatorUnavailableError(
+                    f"no worker hosts operator {self.key} after {timeout_s:g}s; hosted: {sorted(state['hosts'])}",
+                    operator=self.name,
+                )
+            await asyncio.sleep(0.1)
+
     def stream(
         self,
         inputs: Mapping[str, Any] | None = None,
@@ -475,7 +518,7 @@ class _Call(AsyncIterator[Response]):
         await self.aclose()
 
 
-def _positive_seconds(timeout: Any, operator: str, request_id: str) -> float:
+def _positive_seconds(timeout: Any, operator: str, request_id: str | None) -> float:
     """``timeout`` (seconds, or a string such as ``"200ms"``) as positive seconds, else InvalidRequestError."""
     try:
         seconds = parse_timedelta(timeout, default="seconds")

@@ -331,6 +331,19 @@ def test_reading_a_closed_stream_is_request_cancelled(deployment):
     assert error.operator == "streamer" and error.request_id == "closed-early"
 
 
+def test_unknown_operator_fails_at_once_in_a_started_cluster(client):
+    """Nobody ever registered the name and every worker has finished starting: no wait."""
+    import dask
+
+    start = time.monotonic()
+    with dask.config.set({"tdask.request.unavailable-timeout": "60s"}):
+        with pytest.raises(OperatorUnavailableError, match="none ever did") as info:
+            RemoteOperator("no-such-op", client=client).infer(request_id="r-wrong-name")
+    assert time.monotonic() - start < 10, "answered at once, not after the 60 s wait"
+    assert info.value.operator == "no-such-op" and info.value.request_id == "r-wrong-name"
+    assert "add/1" in str(info.value), "the error lists the operators that are hosted"
+
+
 def test_deadline_then_slot_is_free(client):
     op = RemoteOperator("fail", client=client)
     with pytest.raises(RequestTimeoutError) as info:

@@ -185,8 +185,17 @@ def test_hand_started_scheduler_and_preloaded_workers(tmp_path):
     scheduler_file = tmp_path / "scheduler.json"
     procs = [
         _popen(
-            [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-             "--scheduler-file", str(scheduler_file)]
+            [
+                dask_bin,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ]
         )
     ]
 
@@ -197,13 +206,30 @@ def test_hand_started_scheduler_and_preloaded_workers(tmp_path):
     try:
         wait_for(scheduler_up, timeout=60, interval=0.1, message="scheduler did not start")
         address = json.loads(scheduler_file.read_text())["address"]
-        identity = json.dumps({"name": "identity", "implementation": "tests.operators:Identity", "max_inflight_requests": 2})
+        identity = json.dumps(
+            {"name": "identity", "implementation": "tests.operators:Identity", "max_inflight_requests": 2}
+        )
         broken = json.dumps({"name": "broken", "implementation": "tests.operators:Broken"})
         for name, spec in [("identity.0", identity), ("broken.0", broken)]:
             procs.append(
                 _popen(
-                    [dask_bin, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
-                     "--name", name, "--no-nanny", "--preload", "tdask.worker", "--tdask-operator", spec]
+                    [
+                        dask_bin,
+                        "worker",
+                        address,
+                        "--host",
+                        "127.0.0.1",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--name",
+                        name,
+                        "--no-nanny",
+                        "--preload",
+                        "tdask.worker",
+                        "--tdask-operator",
+                        spec,
+                    ]
                 )
             )
         with Client(address, timeout=60) as client:
@@ -253,4 +279,49 @@ def test_attach_to_running_scheduler():
             )
 
     asyncio.run(main())
+    assert_no_children(ignore=before)
+
+
+def test_unknown_operator_waits_while_the_cluster_starts():
+    """A name nobody hosts yet waits while the cluster has no (started) worker, and is served once
+    a worker hosting it arrives; once every worker has started, a name nobody ever hosted fails
+    at once."""
+    import asyncio
+
+    from distributed import Scheduler
+
+    from tests.conftest import async_wait_for
+
+    before = child_pids()
+
+    async def main():
+        async with Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0", dashboard=False) as scheduler:
+            async with Client(scheduler.address, asynchronous=True) as client:
+                began = time.monotonic()
+                with dask.config.set({"tdask.request.unavailable-timeout": "1s"}):
+                    with pytest.raises(OperatorUnavailableError, match=r"waited \d"):
+                        await RemoteOperator("nope", client=client).infer(timeout=30)
+                waited = time.monotonic() - began
+                with dask.config.set({"tdask.request.unavailable-timeout": "120s"}):
+                    pending = asyncio.create_task(
+                        RemoteOperator("identity", client=client).infer(inputs={"x": np.ones(2)}, timeout=150)
+                    )
+                    await asyncio.sleep(0)
+                    async with Deployment(
+                        [OperatorConfig(name="identity", implementation=Identity)],
+                        scheduler_address=scheduler.address,
+                        asynchronous=True,
+                    ):
+                        response = await asyncio.wait_for(pending, 120)
+                        began = time.monotonic()
+                        with pytest.raises(OperatorUnavailableError, match="none ever did"):
+                            await RemoteOperator("nope", client=client).infer(timeout=30)
+                        at_once = time.monotonic() - began
+                await async_wait_for(lambda: not scheduler.workers, message="workers still registered")
+                return waited, response, at_once
+
+    waited, response, at_once = asyncio.run(main())
+    assert waited >= 0.9, "no worker yet: the request waited for its bound"
+    assert response.outputs["x"].tolist() == [1.0, 1.0]
+    assert at_once < 10, "every worker started: answered at once, not after the 120 s wait"
     assert_no_children(ignore=before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -277,68 +278,72 @@ def test_deploy_then_client(tmp_path):
     _assert_clean(since)
 
 
-def test_hand_started_dask_with_preload(tmp_path):
-    from tdask.hello_world import MODEL_REPOSITORY
-
-    since = time.time()
-    dask_bin = os.path.join(os.path.dirname(PY), "dask")
-    scheduler, address = _dask_scheduler(tmp_path)
-    procs = [scheduler]
+_LISTENERS = """
+import json, sys, psutil
+found = []
+for pid in map(int, sys.argv[2:]):
     try:
-        specs = {
-            "encoder.0": {"name": "encoder", "implementation": "triton", "repository": MODEL_REPOSITORY},
-            "decoder.0": {"name": "decoder", "implementation": "triton", "repository": MODEL_REPOSITORY},
-            "encoder_decoder.0": {
-                "name": "encoder_decoder",
-                "implementation": "tdask.hello_world.operators:EncoderDecoder",
-            },
-        }
-        for name, spec in specs.items():
-            procs.append(
-                subprocess.Popen(
-                    [
-                        dask_bin,
-                        "worker",
-                        address,
-                        "--host",
-                        "127.0.0.1",
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                        "--name",
-                        name,
-                        "--preload",
-                        "tdask.worker",
-                        "--tdask-operator",
-                        json.dumps(spec),
-                        "--tdask-log-dir",
-                        str(tmp_path),
-                    ],
-                    env=_env(),
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        env = {**_env(), "DASK_TDASK__REQUEST__UNAVAILABLE_TIMEOUT": "120s"}
-        result = subprocess.run(
-            [PY, "-m", "tdask.hello_world.client", "--scheduler-address", address, "--requests-per-client", "10"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            cwd=ROOT,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "Correct: 10/10" in result.stdout
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append([proc.pid, conn.laddr.ip, conn.laddr.port])
+    except psutil.Error:
+        pass
+json.dump(found, open(sys.argv[1], "w"))
+"""
+
+
+def test_readme_hand_started_recipe_as_written(tmp_path):
+    """The README's hand-started block, pasted as one block (on free ports): every listener is on
+    127.0.0.1, the client waits for the three operators, names their workers, and is answered."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"paste it as one block\):\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    scheduler_port, dashboard_port = _free_port(), _free_port()
+    block = block.replace("8786", str(scheduler_port)).replace("8787", str(dashboard_port))
+    listeners = tmp_path / "listeners.json"
+    script = tmp_path / "recipe.sh"
+    script.write_text(
+        block
+        + "status=$?\n"
+        + f"python -c {shlex.quote(_LISTENERS)} {listeners} $(jobs -p)\n"
+        + "kill $(jobs -p)\nwait\nexit $status\n"
+    )
+    since = time.time()
+    env = {**_env(), "PATH": os.pathsep.join([os.path.dirname(PY), os.environ["PATH"]])}
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        env=env,
+        cwd=tmp_path,
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = proc.communicate(timeout=240)
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc.poll() is None:  # only what this test started: the script's own process group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out + err[-3000:]
+    for name in ("encoder", "decoder", "encoder_decoder"):
+        assert f"ready: {name} on {name}.0" in out, out
+    assert "Correct: 100/100" in out, out
+    assert "Answered by: encoder_decoder.0 (encoder.0 -> decoder.0) x100" in out, out
+    found = json.loads(listeners.read_text())
+    assert len(found) >= 2 + 3 * 4, found  # scheduler + dashboard; per worker: nanny, worker, HTTP, wire
+    # gRPC (Triton's) binds 127.0.0.1 on a dual-stack socket, which shows as the IPv4-mapped form.
+    assert {ip for _, ip, _ in found} <= {"127.0.0.1", "::ffff:127.0.0.1"}, found
     _assert_clean(since)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_ctrl_c_mid_run_stops_everything(tmp_path):

@@ -90,14 +90,24 @@ async def run_clients(
     report = ClientReport()
     op = RemoteOperator(operator, client=client)
     assert client.scheduler is not None  # set once the client is connected
-    info = await client.scheduler.identity(n_workers=-1)
-    names = {addr: str(w.get("name", addr)) for addr, w in info["workers"].items()}
+    scheduler = client.scheduler
+    names: dict[str, str] = {}
 
-    def who(response: Response) -> str:
+    async def learn_names() -> None:
+        info = await scheduler.identity(n_workers=-1)
+        names.update({addr: str(w.get("name", addr)) for addr, w in info["workers"].items()})
+
+    await learn_names()
+    answered_by: dict[tuple[str, ...], int] = {}  # (worker, encoder, decoder) addresses -> count
+
+    def who(route: tuple[str, ...]) -> str:
         """``encoder_decoder.0 (encoder.1 -> decoder.0)``: the worker, and those it called."""
-        worker = names.get(response.worker or "", response.worker or "?")
-        called = [names.get(response.parameters.get(k, ""), "") for k in ("encoder", "decoder")]
-        return f"{worker} ({' -> '.join(called)})" if all(called) else worker
+        worker, *called = (names.get(address, address) for address in route)
+        return f"{worker} ({' -> '.join(called)})" if called and all(called) else worker
+
+    def route_of(response: Response) -> tuple[str, ...]:
+        called = tuple(response.parameters.get(k, "") for k in ("encoder", "decoder"))
+        return (response.worker or "?", *called) if all(called) else (response.worker or "?",)
 
     async def one_client(index: int) -> None:
         rng = np.random.default_rng(seed + index)
@@ -129,8 +139,9 @@ async def run_clients(
                     return
                 report.latencies_s.append(time.perf_counter() - start)
                 report.requests += 1
-                worker = who(response)
-                report.workers[worker] = report.workers.get(worker, 0) + 1
+                route = route_of(response)
+                answered_by[route] = answered_by.get(route, 0) + 1
+                worker = who(route)
                 got = response.outputs.get("output")
                 want = expected_output(operator, data, copies)
                 if got is not None and got.dtype == np.int64 and np.array_equal(got, want):
@@ -146,6 +157,10 @@ async def run_clients(
     start = time.perf_counter()
     await asyncio.gather(*(one_client(i) for i in range(clients)))
     report.elapsed_s = time.perf_counter() - start
+    if any(address not in names for route in answered_by for address in route):
+        await learn_names()  # workers that joined meanwhile (restarted ones) are named too
+    for route, count in answered_by.items():
+        report.workers[who(route)] = report.workers.get(who(route), 0) + count
     return report
 
 
@@ -186,14 +201,35 @@ def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="The copies the deployment's encoder makes (to check --operator encoder/decoder).",
 )
-def main(scheduler_address: str | None, log_level: str, encoder_input_copies: int, **client_kwargs: Any) -> None:
+@click.option(
+    "--wait-for",
+    default="",
+    metavar="OPERATOR[,OPERATOR...]",
+    help="Before sending, wait until these operators are hosted (print who hosts them).",
+)
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=180.0,
+    show_default=True,
+    help="Seconds --wait-for may wait.",
+)
+def main(
+    scheduler_address: str | None,
+    log_level: str,
+    encoder_input_copies: int,
+    wait_for: str,
+    wait_timeout: float,
+    **client_kwargs: Any,
+) -> None:
     """Send requests to the hello world running at --scheduler-address and check every answer."""
     if not scheduler_address:
         raise click.UsageError("--scheduler-address is required (start one with python -m tdask.hello_world.deploy)")
     configure_logging(log_level)
     install_sigterm_as_interrupt()
+    waits = [name.strip() for name in wait_for.split(",") if name.strip()]
     try:
-        report = asyncio.run(_main(scheduler_address, encoder_input_copies, client_kwargs))
+        report = asyncio.run(_main(scheduler_address, encoder_input_copies, client_kwargs, waits, wait_timeout))
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -201,11 +237,32 @@ def main(scheduler_address: str | None, log_level: str, encoder_input_copies: in
     sys.exit(0 if report.ok else 1)
 
 
-async def _main(address: str, copies: int, kwargs: dict[str, Any]) -> ClientReport:
+async def _main(
+    address: str, copies: int, kwargs: dict[str, Any], wait_for: list[str], wait_timeout: float
+) -> ClientReport:
     # tls:// addresses take their certificates from Dask's config (distributed.comm.tls.*).
     security = tls_security("tls", temporary=False) if address.startswith("tls://") else None
     async with Client(address, asynchronous=True, timeout=30, security=security) as client:
+        if wait_for:
+            await wait_for_operators(client, wait_for, wait_timeout)
         return await run_clients(client, encoder_input_copies=copies, **kwargs)
+
+
+async def wait_for_operators(client: Client, operators: list[str], timeout_s: float) -> None:
+    """Wait until every one of ``operators`` is hosted, then print which workers host each."""
+    deadline = time.monotonic() + timeout_s
+    hosts = {}
+    for name in operators:
+        left = max(deadline - time.monotonic(), 1e-3)
+        try:
+            hosts[name] = await RemoteOperator(name, client=client).wait(timeout=left)
+        except TdaskError as exc:
+            raise click.ClickException(str(exc)) from None
+    assert client.scheduler is not None
+    info = await client.scheduler.identity(n_workers=-1)
+    names = {addr: str(w.get("name", addr)) for addr, w in info["workers"].items()}
+    for name, addresses in hosts.items():
+        click.echo(f"ready: {name} on {', '.join(sorted(names.get(a, a) for a in addresses))}")
 
 
 if __name__ == "__main__":

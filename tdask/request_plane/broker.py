@@ -89,10 +89,16 @@ class RequestBroker(SchedulerPlugin):
         self._checker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.scheduler: Any = None
+        # Whether the cluster's workers finished starting: those that registered with the broker
+        # (a tdask worker registers right after its operators started), and when each joined.
+        self.registered: set[str] = set()
+        self.joined: dict[str, float] = {}
 
     async def start(self, scheduler: Any) -> None:
         """Install the handlers, the unhosted-request check and the ``/tdask`` pages."""
         self.scheduler = scheduler
+        now = time.time()
+        self.joined = {address: now for address in scheduler.workers}  # joined before the broker
         scheduler.handlers.update(
             {
                 Rpc.SESSION: self.session,
@@ -170,6 +176,7 @@ class RequestBroker(SchedulerPlugin):
     # registry
     def register(self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]) -> None:
         """Record the operators ``worker`` hosts and the setup failures it saw (``tdask_register``)."""
+        self.registered.add(worker)
         for op in operators:
             self.hosts[op["key"]][worker] = op
         for name, message in failures.items():
@@ -210,8 +217,34 @@ class RequestBroker(SchedulerPlugin):
         request["submitted"] = time.time()
         self.counts["submitted"] += 1
         key = request["operator"]
+        if key not in self.hosts and self._all_started(request.get("host_wait_s", 10.0)):
+            # Nobody ever registered it, and no worker is still starting: a wrong name, most
+            # likely; waiting would not help (docs/design.md, "Unknown operators").
+            self._answer_error(request, self._unavailable(key, self._failures_of(key), 0.0, started=True))
+            return
         self.queues[key].append(request)
         self._dispatch(key)
+
+    def _failures_of(self, key: str) -> dict[str, str]:
+        return self.failures.get(key.rsplit("/", 1)[0]) or {}
+
+    def _all_started(self, grace_s: float) -> bool:
+        """Whether every worker of the cluster finished starting (and there is at least one).
+
+        A worker has finished starting once it registered with the broker (tdask workers do so
+        right after their operators started, before which the scheduler does not even know
+        them), or once it joined the scheduler more than ``grace_s`` ago (a worker without
+        tdask never registers).
+        """
+        workers = self.scheduler.workers if self.scheduler is not None else {}
+        if not workers:
+            return False  # a cluster without workers is most likely still starting
+        now = time.time()
+        return all(w in self.registered or now - self.joined.get(w, now) >= grace_s for w in workers)
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        """Note when ``worker`` joined (see :meth:`_all_started`)."""
+        self.joined[worker] = time.time()
 
     def credit(self, worker: str, operator: str, n: int) -> None:
         """``worker`` has ``n`` more free slots for ``operator``."""
@@ -382,6 +415,8 @@ class RequestBroker(SchedulerPlugin):
             failures.pop(worker, None)
         self.serving.pop(worker, None)
         self.worker_stats.pop(worker, None)
+        self.registered.discard(worker)
+        self.joined.pop(worker, None)
         self._requeue_leases(worker, lost=True)
         for name, queue in self.queues.items():  # queued requests whose inputs lived there
             if any(t.owner == worker for r in queue for t in protocol.refs_in(r.get("inputs"))):
@@ -413,28 +448,40 @@ class RequestBroker(SchedulerPlugin):
         for key, queue in self.queues.items():
             if not queue or self.hosts.get(key):
                 continue
-            name = key.rsplit("/", 1)[0]
-            failures = self.failures.get(name) or {}
+            failures = self._failures_of(key)
             kept: deque[RequestMsg] = deque()
             # An operator that had hosts (a worker restarting) gets longer to come back than one
-            # nobody ever hosted (most likely a wrong name).
+            # nobody ever hosted (most likely a wrong name), which fails as soon as every worker
+            # of the cluster has finished starting.
             had_hosts = key in self.hosts
             for request in queue:
                 waited = now - request["submitted"]
-                limit = request.get("rehost_wait_s", 60.0) if had_hosts else request.get("host_wait_s", 10.0)
+                if had_hosts:
+                    limit = request.get("rehost_wait_s", 60.0)
+                else:
+                    wait_s = request.get("host_wait_s", 10.0)
+                    limit = 0.0 if self._all_started(wait_s) else wait_s
                 if failures or waited >= limit:
-                    self._answer_error(request, self._unavailable(key, failures, waited))
+                    started = not had_hosts and limit == 0.0
+                    self._answer_error(request, self._unavailable(key, failures, waited, started=started))
                 elif (deadline := request.get("deadline")) is not None and deadline < now:
                     self._answer_error(request, RequestTimeoutError("deadline passed while queued"))
                 else:
                     kept.append(request)
             self.queues[key] = kept
 
-    def _unavailable(self, key: str, failures: dict[str, str], waited: float) -> OperatorUnavailableError:
+    def _unavailable(
+        self, key: str, failures: dict[str, str], waited: float, *, started: bool = False
+    ) -> OperatorUnavailableError:
         if failures:
             detail = "; ".join(f"{w}: {m}" for w, m in sorted(failures.items()))
             return OperatorUnavailableError(f"operator {key} failed to start on every worker that hosts it: {detail}")
         known = sorted(k for k, hosts in self.hosts.items() if hosts)
+        if started:
+            return OperatorUnavailableError(
+                f"no worker hosts operator {key}, none ever did, and all {len(self.scheduler.workers)} workers of "
+                f"the cluster have finished starting; hosted operators: {known or 'none'}"
+            )
         return OperatorUnavailableError(
             f"no worker hosts operator {key} (waited {waited:.1f}s); hosted operators: {known or 'none'}"
         )
