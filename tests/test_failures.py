@@ -325,3 +325,50 @@ def test_unknown_operator_waits_while_the_cluster_starts():
     assert response.outputs["x"].tolist() == [1.0, 1.0]
     assert at_once < 10, "every worker started: answered at once, not after the 120 s wait"
     assert_no_children(ignore=before)
+
+
+def test_a_leaving_worker_spends_no_retry(deployment):
+    """A worker that closes gracefully with requests running and waiting: with no retry allowed
+    (max-retries 0), every request is still answered right, by whichever worker, since a leaving
+    worker hands back (direct plane) or releases (queue plane) what it will not answer."""
+    import asyncio
+
+    from tests.conftest import async_wait_for, run_async
+
+    async def go(c):
+        async def slots(key: str) -> dict[str, int]:
+            stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+            return {w: s["slow/1"][key] for w, s in stats.items() if "slow/1" in s}
+
+        op = RemoteOperator("slow", client=c)
+        info = await c.scheduler.identity(n_workers=-1)
+        victim = next(a for a, w in info["workers"].items() if str(w["name"]) == "slow.0")
+        tasks = [
+            asyncio.create_task(
+                op.infer(inputs={"a": np.array([i]), "b": np.array([1])}, parameters={"delay": 0.5}, timeout=60)
+            )
+            for i in range(12)
+        ]
+        await async_wait_for(lambda: slots("inflight"), message="nothing ran")
+
+        async def victim_busy() -> bool:
+            return (await slots("inflight")).get(victim) == 2
+
+        await async_wait_for(victim_busy, message="slow.0 never ran two requests")
+
+        def leave(dask_worker):
+            dask_worker.loop.add_callback(dask_worker.close, nanny=False, reason="tdask-test-leaving")
+
+        await c.run(leave, workers=[victim])
+        responses = await asyncio.gather(*tasks)
+
+        async def replaced() -> bool:  # its Nanny's fresh worker serves (and no start is pending)
+            hosts = (await c.scheduler.tdask_operators())["hosts"].get("slow/1", [])
+            return len(hosts) == 2 and victim not in hosts
+
+        await async_wait_for(replaced, timeout=60, message="slow.0 was not replaced")
+        return responses
+
+    with dask.config.set({"tdask.request.max-retries": 0}):  # read when each request starts
+        responses = run_async(deployment.scheduler_address, go)
+    assert [int(r.outputs["out"][0]) for r in responses] == [i + 1 for i in range(12)]

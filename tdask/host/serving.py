@@ -329,13 +329,28 @@ class Serving:
     # -- teardown and stats ----------------------------------------------------------------
 
     async def drain(self, timeout: float) -> None:
-        """Let running batches finish for at most ``timeout`` seconds, then cancel the rest."""
+        """Let running batches finish for at most ``timeout`` seconds, then cancel the rest.
+
+        Direct requests this leaving worker will not answer are handed back to their callers,
+        which send them to another host without spending a retry: at once those still waiting
+        for a slot (they never ran), after the drain those it had to stop. Not when the worker
+        is beyond repair (its Triton died): what ran then may be what broke it, and goes back as
+        a lost worker's requests do, within ``max_retries``. Broker requests go back to the
+        broker's queue at unregister.
+        """
+        never_ran = []
+        for hosted in self.hosted.values():
+            never_ran += [(m["requester"], m["id"]) for m in hosted.waiting if not m.get("via_broker")]
+            hosted.waiting = deque(m for m in hosted.waiting if m.get("via_broker"))
+        self.direct.hand_back(never_ran)
         batches = [t for h in self.hosted.values() for t in h.batches]
         if batches:
             _, pending = await asyncio.wait(batches, timeout=timeout)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if not self.keep_unanswered():
+            self.direct.hand_back()
 
     def stats(self) -> dict[str, Any]:
         """In-flight accounting per operator (``max_inflight_seen`` proves the limit held)."""

@@ -355,6 +355,7 @@ class DirectServer:
         self._on_cancel: CancelHandler = lambda keys: None
         self.sessions: dict[Transport, str] = {}  # session -> its requester
         self._routes: dict[tuple[str, str], Transport] = {}  # (requester, id) -> where to answer
+        self._partial: set[tuple[str, str]] = set()  # routes that carried part of an answer
         self.wire: WireServer | None = None
         self._serving: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -442,12 +443,43 @@ class DirectServer:
     def route(self, response: ResponseMsg) -> Transport | None:
         """The session that ``response`` goes back on (None: it came through the broker)."""
         key = (response["requester"] or "", response["id"])
-        return self._routes.pop(key, None) if response["final"] else self._routes.get(key)
+        if response["final"]:
+            self._partial.discard(key)
+            return self._routes.pop(key, None)
+        route = self._routes.get(key)
+        if route is not None:
+            self._partial.add(key)
+        return route
 
     def forget(self, keys: list[tuple[str, str]]) -> None:
         """Drop the routes of cancelled requests (no answer goes back for them)."""
         for key in keys:
             self._routes.pop(key, None)
+            self._partial.discard(key)
+
+    def hand_back(self, keys: list[tuple[str, str]] | None = None) -> int:
+        """Tell callers that this (leaving) worker will not answer these requests (default: all).
+
+        Each gets ``refused``: its caller sends it to another host without spending a retry
+        (the worker never ran it, or stopped it unanswered). Requests that already streamed part
+        of their answer are not handed back (re-serving would repeat those parts): their
+        callers get :class:`~tdask.exceptions.WorkerLostError` when the session closes.
+        """
+        handed = 0
+        for key in list(self._routes) if keys is None else keys:
+            if key in self._partial:
+                continue
+            session = self._routes.pop(key, None)
+            if session is None or session.closed.is_set():
+                continue
+            try:
+                session.send(protocol.refused(key[1]))
+                handed += 1
+            except CommClosedError:
+                pass
+        if handed:
+            logger.info("handed %d unanswered direct requests back to their callers", handed)
+        return handed
 
     def requester_left(self, requester: str) -> None:
         """The scheduler saw this client close: close its sessions here (which cancels its requests)."""
