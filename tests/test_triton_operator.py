@@ -114,23 +114,33 @@ def test_deadline_becomes_a_request_timeout(client):
     assert ok.outputs["input_copies"].tolist() == [2]
 
 
-@pytest.mark.parametrize("victim", ["tritonserver", "triton_python_backend_stub"])
+@pytest.mark.parametrize("victim", ["tritonserver", "triton_python_backend_stub", "worker"])
 def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
-    """SIGKILL the worker's tritonserver (or a model's stub) under load: the worker restarts
-    with a fresh server, and every request is answered right."""
+    """SIGKILL the worker's tritonserver, a model's stub, or the worker itself under load: the
+    worker restarts with a fresh server, every request is answered right, and nothing of the old
+    server is left: no process (server, stubs) and no shared-memory region."""
     import asyncio
     import os
     import signal
+    from pathlib import Path
 
     import psutil
 
-    from tests.conftest import async_wait_for, run_async
+    from tdask.host import PLUGIN_NAME
+    from tests.conftest import async_wait_for, run_async, wait_for
 
     before = child_pids()  # the module's deployment, when it is up
     decoder = OperatorConfig(name="decoder", implementation="triton", repository=MODEL_REPOSITORY)
     with Deployment([(decoder, 1)], dashboard_address="127.0.0.1:0") as deployment:
         (worker_pid,) = deployment.client.run(os.getpid).values()
-        (server,) = [p for p in psutil.Process(worker_pid).children(recursive=True) if p.name() == victim]
+        (prefix,) = deployment.client.run(
+            lambda dask_worker: dask_worker.plugins[PLUGIN_NAME]._triton.shm_region_prefix
+        ).values()
+        worker = psutil.Process(worker_pid)
+        triton = [p for p in worker.children(recursive=True) if "triton" in p.name()]
+        assert {p.name() for p in triton} >= {"tritonserver", "triton_python_backend_stub"}, triton
+        assert list(Path("/dev/shm").glob(f"{prefix}*")), "the stubs' shared memory is there"
+        target = worker if victim == "worker" else next(p for p in triton if p.name() == victim)
 
         async def go(c):
             async def in_triton() -> int:
@@ -144,7 +154,7 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
                 for d in data
             ]
             await async_wait_for(in_triton, message="no request reached the decoder")  # the others queue behind it
-            server.send_signal(signal.SIGKILL)
+            target.send_signal(signal.SIGKILL)
             responses = await asyncio.gather(*tasks)
             return data, responses
 
@@ -153,6 +163,17 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
             np.testing.assert_array_equal(r.outputs["output"], d)
         (new_pid,) = deployment.client.run(os.getpid).values()
         assert new_pid != worker_pid, "the Nanny started a fresh worker (with a fresh Triton server)"
+
+        def leftovers() -> list[str]:
+            alive = []
+            for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                old = proc.info["pid"] in {p.pid for p in triton} or prefix in cmdline
+                if old and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{proc.info['pid']} {cmdline[:100]}")
+            return alive + [str(region) for region in Path("/dev/shm").glob(f"{prefix}*")]
+
+        wait_for(lambda: not leftovers(), timeout=15, message=lambda: f"left of the old server: {leftovers()}")
         closing = time.monotonic()
     assert time.monotonic() - closing < 15
     assert_no_children(ignore=before)

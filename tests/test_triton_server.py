@@ -563,7 +563,8 @@ def test_killed_server_is_detected_and_cleaned_up(tmp_path):
 
 @pytest.mark.parametrize("how", ["exit-without-stop", "sigkill-owner"])
 def test_server_does_not_outlive_its_owner(tmp_path, how):
-    """The finalizer (normal exit) or the parent-death signal (owner SIGKILLed) ends the server."""
+    """The finalizer (normal exit) or the parent-death signal and the reaper (owner SIGKILLed) end the
+    server and its stubs and remove their shared memory."""
     from tests.conftest import wait_for
 
     script = textwrap.dedent(
@@ -590,5 +591,5 @@ def test_server_does_not_outlive_its_owner(tmp_path, how):
         timeout=20,
         message=lambda: f"outlived its owner: {[p.cmdline() for p in server_processes(pid)]}",
     )
-    if how == "exit-without-stop":  # a SIGKILLed server's regions wait for the next start's sweep
-        assert shm_regions(info["shm"]) == []
+    # The finalizer (normal exit) or the server's reaper (owner SIGKILLed) removes its regions.
+    wait_for(lambda: shm_regions(info["shm"]) == [], timeout=20, message=lambda: f"left: {shm_regions(info['shm'])}")

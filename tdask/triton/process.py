@@ -4,7 +4,8 @@ A server runs in its own process group with its python-backend stubs, gets SIGKI
 parent dies (:func:`make_pdeathsig`), and names its shared-memory regions with a prefix of its
 own (:func:`new_shm_prefix`), so that whatever a killed server leaves can be found and removed:
 by its owner (:func:`killpg`, :func:`remove_shm_regions`), by a finalizer
-(:func:`terminate_at_exit`), or by the next server started on the host
+(:func:`terminate_at_exit`), by its reaper (:class:`Reaper`: a tiny process that outlives a
+SIGKILLed owner or server and ends the stubs at once), or by the next server started on the host
 (:func:`sweep_stale_leftovers`).
 """
 
@@ -37,6 +38,7 @@ __all__ = [
     "SHM_DIR",
     "WORKDIR_PREFIX",
     "ProcessWatch",
+    "Reaper",
     "free_port",
     "group_members",
     "killpg",
@@ -281,7 +283,12 @@ class ProcessWatch:
 
 
 def terminate_at_exit(
-    process: subprocess.Popen[bytes], workdir: str | None, shm_prefix: str, grpc_port: int | None, grace_s: float
+    process: subprocess.Popen[bytes],
+    workdir: str | None,
+    shm_prefix: str,
+    grpc_port: int | None,
+    grace_s: float,
+    reaper: Reaper | None = None,
 ) -> None:
     """Stop a server its owner forgot (or could not) stop, then drop its files (a finalizer).
 
@@ -297,6 +304,8 @@ def terminate_at_exit(
         Its gRPC port, nudged while it stops (see :func:`nudge`).
     grace_s
         How long SIGTERM may take before the whole process group gets SIGKILL.
+    reaper
+        The server's reaper, released at the end.
     """
     try:
         if process.poll() is None:
@@ -314,3 +323,128 @@ def terminate_at_exit(
         remove_shm_regions(shm_prefix)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+        if reaper is not None:
+            reaper.release()
+
+
+# The reaper's program: stdlib only, run with ``python -I -S`` (no site, no tdask import), so it
+# starts in ~10 ms and holds ~7 MB. argv: lifeline fd, server pid, shm prefix, shm dir.
+_REAPER_PROGRAM = r"""
+import glob, os, select, signal, sys, time
+lifeline, server, prefix, shm_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+def stop(*_):
+    raise InterruptedError  # SIGTERM: stop watching, clean up now
+signal.signal(signal.SIGTERM, stop)
+try:
+    watched = [lifeline, os.pidfd_open(server)]
+except OSError:
+    watched = [lifeline]  # the server is gone already (or no pidfd): clean up now
+def ours():
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] == b"Z":
+                continue
+            if int(fields[2]) == server:
+                found.append(int(entry))
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if prefix.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+if len(watched) > 1:
+    try:
+        select.select(watched, [], [])
+    except InterruptedError:
+        pass
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    left = ours()
+    if not left:
+        break
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(0.05)
+for region in glob.glob(os.path.join(shm_dir, glob.escape(prefix) + "*")):
+    try:
+        os.unlink(region)
+    except OSError:
+        pass
+"""
+
+
+class Reaper:
+    """A tiny process that ends a server's stubs and removes its shared memory, whoever dies.
+
+    The server gets SIGKILL from the kernel when its owner dies (:func:`make_pdeathsig`), but
+    its python-backend stubs are the server's children: orphaned, a stub only notices after a
+    while, and one that blocks while exiting (seen: still alive 25 minutes later, re-parented
+    to PID 1) never does. The reaper watches two things: a pipe whose other end only the owner
+    holds (it reads end-of-file when the owner dies, by any signal) and the server itself (a
+    pidfd). When either goes, it SIGKILLs every process of the server's process group and every
+    process whose command line carries the server's shared-memory prefix (the stubs: their
+    region name is an argument), then unlinks ``/dev/shm/<prefix>*``, and exits.
+
+    The owner's orderly stop does the same itself first; it then closes the pipe
+    (:meth:`release`) and the reaper finds nothing left to do.
+
+    Parameters
+    ----------
+    server_pid
+        The server (also its process group id).
+    shm_prefix
+        The server's shared-memory region prefix (:func:`new_shm_prefix`).
+    """
+
+    def __init__(self, server_pid: int, shm_prefix: str) -> None:
+        read_end, self._lifeline = os.pipe()  # both close-on-exec: only the reaper gets read_end
+        try:
+            self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _REAPER_PROGRAM,
+                    str(read_end),
+                    str(server_pid),
+                    shm_prefix,
+                    str(SHM_DIR),
+                ],
+                pass_fds=(read_end,),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C to the owner's group must not stop it first
+            )
+        except OSError as exc:  # no reaper: the owner's own cleanup and the next start's sweep remain
+            logger.warning("could not start the reaper of Triton server %s: %s", server_pid, exc)
+            self.process = None
+            os.close(self._lifeline)
+        finally:
+            os.close(read_end)
+
+    @property
+    def pid(self) -> int | None:
+        """The reaper's process id (``None`` when it could not be started)."""
+        return self.process.pid if self.process is not None else None
+
+    def release(self, timeout: float = 5.0) -> None:
+        """The owner is done with the server: let the reaper clean what is left and exit."""
+        if self.process is None:
+            return
+        with contextlib.suppress(OSError):
+            os.close(self._lifeline)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

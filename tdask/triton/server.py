@@ -36,6 +36,7 @@ from tdask.triton.process import (
     NUDGE_INTERVAL_S,
     WORKDIR_PREFIX,
     ProcessWatch,
+    Reaper,
     free_port,
     group_members,
     killpg,
@@ -169,6 +170,7 @@ class TritonServer:
         self._lock = asyncio.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: ProcessWatch | None = None
+        self._reaper: Reaper | None = None
         self._finalizer: weakref.finalize | None = None
         self._workdir: Path | None = None
         self._log_path: Path | None = None
@@ -422,6 +424,8 @@ class TritonServer:
                 start_new_session=True,  # its own process group: stop() signals it with its stubs
                 preexec_fn=make_pdeathsig(),
             )
+        # Ends the stubs and removes the shared memory if this process or the server is killed.
+        self._reaper = Reaper(self._process.pid, self._shm_prefix)
         # A weak reference: the watcher thread must not keep this object (and its finalizer) alive.
         on_exit = weakref.WeakMethod(self._on_exit)
 
@@ -439,6 +443,7 @@ class TritonServer:
             self._shm_prefix,
             self._grpc_port,
             min(self.stop_timeout_s, 5.0),
+            self._reaper,
         )
 
     def _on_exit(self, returncode: int) -> None:
@@ -542,6 +547,9 @@ class TritonServer:
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None
+            if self._reaper is not None:
+                reaper, self._reaper = self._reaper, None
+                await asyncio.to_thread(reaper.release)
 
     async def _terminate(self, process: subprocess.Popen[bytes], watch: ProcessWatch, graceful: bool = True) -> None:
         pgid = process.pid
