@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from distributed.comm import connect
+from distributed.comm import connect, parse_address, parse_host_port
 from distributed.comm.core import CommClosedError
 from distributed.core import send_recv
 from distributed.protocol import to_serialize
@@ -191,13 +191,31 @@ async def connect_peer(
                 return await pool.connect(address, timeout=min(attempt, left))
             return await connect(address, timeout=min(attempt, left), **(connection_args or {}))
         except OSError as exc:
-            if _refused(exc):
+            # distributed keeps only its last attempt's error: a refusal followed by an attempt
+            # cut short by the deadline reads as a timeout. Ask the port once more, directly.
+            if _refused(exc) or await _refuses(address):
                 if mark:
                     mark_gone(address)
                 raise PeerGoneError(f"{address} refused the connection: it is gone") from exc
             if (mark and is_gone(address)) or time.monotonic() >= deadline:
                 raise
             attempt *= 4
+
+
+async def _refuses(address: str) -> bool:
+    """Whether a plain TCP connection to ``address`` (``tcp://``/``tls://``) is refused right now."""
+    try:
+        scheme, location = parse_address(address)
+        if scheme not in ("tcp", "tls"):
+            return False
+        host, port = parse_host_port(location)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()  # someone listens: the peer is alive, only slow
+    return False
 
 
 async def call_peer(pool: ConnectionPool, address: str, op: str, *, mark: bool = True, **kwargs: Any) -> Any:

@@ -166,6 +166,8 @@ class RequestMsg(TypedDict, total=False):
     rehost_wait_s: float
     submitted: float  # set by the broker: when its wait for a host began
     via_broker: bool  # set by the serving worker: leased by the broker (holds a credit)
+    nested: bool  # sent from inside an operator (part of a request already being served)
+    hosted_before: bool  # the caller knew hosts of its operator (the broker may have restarted)
 
 
 class ResponseMsg(TypedDict):

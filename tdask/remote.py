@@ -338,6 +338,7 @@ class _Call(AsyncIterator[Response]):
         self.inputs = protocol.check_inputs(op.name, self.request_id, inputs, settings.max_input_bytes)
         self.parameters = protocol.check_parameters(op.name, self.request_id, parameters)
         serving = context.current.get()
+        self.nested = serving is not None
         inherited = serving.deadline if serving is not None else None
         timeout_s: float | None
         if timeout is USE_DEFAULT and inherited is not None:
@@ -388,6 +389,8 @@ class _Call(AsyncIterator[Response]):
             host_wait_s=settings.unavailable_timeout_s,
             rehost_wait_s=settings.rehost_timeout_s,
         )
+        if self.nested:
+            request["nested"] = True
         self.stream = await self.endpoint.plane.submit(request)
 
     async def __anext__(self) -> Response:

@@ -110,6 +110,7 @@ class Consumer(Operator):
             if "data" not in request.inputs:
                 raise InvalidRequestError("Consumer needs 'data'", operator=self.name, request_id=request.request_id)
             data = (await request.fetch_inputs())["data"]
+            await asyncio.sleep(float(request.parameters.get("delay", 0)))
             await request.response_sender().send(
                 outputs={"sum": np.array([data.sum()])}, parameters={"n": int(data.size)}
             )

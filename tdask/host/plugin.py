@@ -124,6 +124,7 @@ class OperatorHost(WorkerPlugin):
         self._triton: Any = None
         self._triton_lock = asyncio.Lock()
         self._closing = False
+        self._scheduler_lost = False
         self._restart: asyncio.Task[Any] | None = None
         self._log_handler: logging.Handler | None = None
 
@@ -204,6 +205,7 @@ class OperatorHost(WorkerPlugin):
         self.plane.on_orphan = self.serving.release_orphan
         self.direct.serve(on_submit=self.serving.on_direct, on_cancel=self.serving.cancel)
         worker.handlers[Rpc.HOST_STATS] = self.serving.stats
+        worker.handle_scheduler = self._handle_scheduler  # type: ignore[method-assign]
         await self.direct.start()
         context = OperatorContext(
             worker=worker,
@@ -313,6 +315,30 @@ class OperatorHost(WorkerPlugin):
                 last = stats
             await asyncio.sleep(interval)
 
+    async def _handle_scheduler(self, comm: Any) -> None:
+        """The worker's stream from the scheduler (replaces ``Worker.handle_scheduler``).
+
+        distributed closes a worker whose scheduler connection breaks, and tells its Nanny to
+        close too. tdask restarts it instead (``nanny=False``): the Nanny starts a fresh worker,
+        which builds its operators and then waits for a scheduler at the same address
+        (``death_timeout``), so a scheduler that comes back finds its workers rejoining. Without
+        a Nanny the worker closes, as distributed's would. A scheduler that closes in an orderly
+        way tells its workers to close first: they do, and are not restarted.
+        """
+        worker = self.worker
+        assert worker is not None
+        try:
+            await worker.handle_stream(comm)
+        finally:
+            lost = worker.status in (Status.running, Status.paused) and not self._closing
+            if lost and worker.nanny:
+                self._scheduler_lost = True
+                logger.warning("worker %s lost its scheduler; restarting to rejoin it when it is back", worker.address)
+                await worker.close(nanny=False, reason="tdask-scheduler-lost")
+            else:
+                self._scheduler_lost = lost
+                await worker.close(reason="worker-handle-scheduler-connection-broken")
+
     def _requester_left(self, requester: str) -> None:
         if self.direct is not None:
             self.direct.requester_left(requester)
@@ -322,8 +348,11 @@ class OperatorHost(WorkerPlugin):
         self._closing = True
         if self.serving is not None:
             self.serving.closing = True
+            # The scheduler is gone, so is every worker: finish what is here (the calls of
+            # pipelines in flight included) instead of handing it back to nobody.
+            self.serving.finishing = self._scheduler_lost
         if self.direct is not None:
-            self.direct.stop_accepting()
+            self.direct.stop_accepting(nested=self._scheduler_lost)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

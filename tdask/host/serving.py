@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ class Serving:
         self.keep_unanswered = keep_unanswered
         self.hosted: dict[str, Hosted] = {}
         self.closing = False
+        # While closing because the scheduler was lost: finish what was admitted (and the calls
+        # of requests in flight) within the drain, instead of handing it back (nowhere to go).
+        self.finishing = False
         self._running: dict[tuple[str, str], tuple[Request, asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -88,7 +92,7 @@ class Serving:
     def on_direct(self, request: RequestMsg) -> bool:
         """A request from a direct caller; False when its operator is not (or no longer) here."""
         hosted = self.hosted.get(request["operator"])
-        if hosted is None or self.closing:
+        if hosted is None or (self.closing and not (self.finishing and request.get("nested"))):
             return False
         self._admit(hosted, [request])
         return True
@@ -215,8 +219,9 @@ class Serving:
                 current = asyncio.current_task()
                 if current is not None:
                     hosted.batches.discard(current)
-                if not self.closing:
+                if not self.closing or self.finishing:
                     self._start_waiting(hosted)
+                if not self.closing:
                     # The broker's credit counts its own requests held here (running or
                     # waiting); direct ones never took any, so they give none back.
                     self._grant(hosted, sum(1 for r in requests if r.via_broker))
@@ -336,19 +341,28 @@ class Serving:
         for a slot (they never ran), after the drain those it had to stop. Not when the worker
         is beyond repair (its Triton died): what ran then may be what broke it, and goes back as
         a lost worker's requests do, within ``max_retries``. Broker requests go back to the
-        broker's queue at unregister.
+        broker's queue at unregister. While :attr:`finishing` (the scheduler was lost, so every
+        worker is leaving), the waiting ones run too, within the same ``timeout``.
         """
-        never_ran = []
-        for hosted in self.hosted.values():
-            never_ran += [(m["requester"], m["id"]) for m in hosted.waiting if not m.get("via_broker")]
-            hosted.waiting = deque(m for m in hosted.waiting if m.get("via_broker"))
-        self.direct.hand_back(never_ran)
-        batches = [t for h in self.hosted.values() for t in h.batches]
-        if batches:
-            _, pending = await asyncio.wait(batches, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        if not self.finishing:
+            never_ran = []
+            for hosted in self.hosted.values():
+                never_ran += [(m["requester"], m["id"]) for m in hosted.waiting if not m.get("via_broker")]
+                hosted.waiting = deque(m for m in hosted.waiting if m.get("via_broker"))
+            self.direct.hand_back(never_ran)
+        deadline = time.monotonic() + timeout
+        while True:
+            batches = [t for h in self.hosted.values() for t in h.batches]
+            if not batches:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.finishing = False  # start nothing more
+                for task in batches:
+                    task.cancel()
+                await asyncio.gather(*batches, return_exceptions=True)
+                break
+            await asyncio.wait(batches, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         if not self.keep_unanswered():
             self.direct.hand_back()
 

@@ -217,7 +217,11 @@ class RequestBroker(SchedulerPlugin):
         request["submitted"] = time.time()
         self.counts["submitted"] += 1
         key = request["operator"]
-        if key not in self.hosts and self._all_started(request.get("host_wait_s", 10.0)):
+        if (
+            key not in self.hosts
+            and not request.get("hosted_before")
+            and self._all_started(request.get("host_wait_s", 10.0))
+        ):
             # Nobody ever registered it, and no worker is still starting: a wrong name, most
             # likely; waiting would not help (docs/design.md, "Unknown operators").
             self._answer_error(request, self._unavailable(key, self._failures_of(key), 0.0, started=True))
@@ -453,9 +457,9 @@ class RequestBroker(SchedulerPlugin):
             # An operator that had hosts (a worker restarting) gets longer to come back than one
             # nobody ever hosted (most likely a wrong name), which fails as soon as every worker
             # of the cluster has finished starting.
-            had_hosts = key in self.hosts
             for request in queue:
                 waited = now - request["submitted"]
+                had_hosts = key in self.hosts or bool(request.get("hosted_before"))
                 if had_hosts:
                     limit = request.get("rehost_wait_s", 60.0)
                 else:

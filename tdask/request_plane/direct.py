@@ -169,8 +169,9 @@ class DirectRequestPlane(RequestPlane):
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        if not sent:
+        if not sent:  # every host known here refused or is gone: the broker waits for a new one
             del self._streams[request_id]
+            request["hosted_before"] = True
             return await self.fallback.submit(request, stream)
         return stream
 
@@ -257,6 +258,7 @@ class DirectRequestPlane(RequestPlane):
         stream = self._streams.pop(request["id"], None)
         if stream is None:
             return
+        request["hosted_before"] = True  # it had a host: the broker waits for one to come back
         try:
             await self.fallback.submit(request, stream)
         except TdaskError as exc:
@@ -356,6 +358,7 @@ class DirectServer:
         self.sessions: dict[Transport, str] = {}  # session -> its requester
         self._routes: dict[tuple[str, str], Transport] = {}  # (requester, id) -> where to answer
         self._partial: set[tuple[str, str]] = set()  # routes that carried part of an answer
+        self._nested_only = False  # while closing: still accept calls made by requests in flight
         self.wire: WireServer | None = None
         self._serving: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -431,7 +434,8 @@ class DirectServer:
             request["requester"] = requester
             key = (requester, request["id"])
             self._routes[key] = session
-            if self._closing or not self._on_submit(request):  # type: ignore[arg-type]
+            closed = self._closing and not (self._nested_only and request.get("nested"))
+            if closed or not self._on_submit(request):  # type: ignore[arg-type]
                 # Not (or no longer) ours: say so; the caller goes through the broker instead.
                 self._routes.pop(key, None)
                 session.send(protocol.refused(request["id"]))
@@ -490,9 +494,14 @@ class DirectServer:
                 self._serving.add(task)
                 task.add_done_callback(self._serving.discard)
 
-    def stop_accepting(self) -> None:
-        """From now on, refuse new requests and tell no caller about the wire."""
+    def stop_accepting(self, *, nested: bool = False) -> None:
+        """From now on, refuse new requests and tell no caller about the wire.
+
+        ``nested``: still accept requests made from inside operators (calls of requests already
+        in flight somewhere), so that pipelines in flight can finish.
+        """
         self._closing = True
+        self._nested_only = nested
 
     async def close(self) -> None:
         """Close every session (after what they still had to write), then the listener."""

@@ -167,6 +167,7 @@ class QueueRequestPlane(RequestPlane):
         self.registry = broker.registry
         self.requester = broker.requester
         self._streams: dict[str, ResponseStream] = {}
+        self._answered: set[str] = set()  # operators this caller has been answered by
         self.owner_closing: Callable[[], bool] = lambda: False
         # Replies nobody waits for (their request was cancelled): the worker host releases
         # the tensors they refer to.
@@ -183,6 +184,8 @@ class QueueRequestPlane(RequestPlane):
         stream = stream or ResponseStream(request_id)
         self._streams[request_id] = stream
         request["requester"] = self.requester
+        if request["operator"] in self._answered:
+            request["hosted_before"] = True  # after a scheduler restart, wait for its host to rejoin
         session.send(protocol.submit(request))
         return stream
 
@@ -195,6 +198,8 @@ class QueueRequestPlane(RequestPlane):
                 continue
             if reply["final"]:
                 del self._streams[reply["id"]]
+                if reply["error"] is None and reply["operator"]:
+                    self._answered.add(reply["operator"])
             stream.deliver(reply)
 
     async def cancel(self, request_id: str) -> None:
