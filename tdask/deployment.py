@@ -18,8 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client, Nanny, Scheduler, SpecCluster
-from distributed.core import rpc
+from distributed.core import Status, rpc
+from distributed.deploy.cluster import Cluster
 from distributed.security import Security
 from distributed.utils import LoopRunner, SyncMethodMixin
 
@@ -37,6 +40,36 @@ OperatorSpec = OperatorConfig | tuple[OperatorConfig, int]
 # Dotted keys: the Nanny merges this shallowly over its own config and the worker applies it
 # with dask.config.set, so a nested {"distributed": ...} would replace the whole subtree.
 _WORKER_CONFIG: dict[str, Any] = {"distributed.worker.profile.enabled": False}
+
+
+class _OperatorCluster(SpecCluster):
+    """A SpecCluster that gives up on a lost worker only once its Nanny has given up.
+
+    SpecCluster closes a worker's Nanny for good when no worker of that name is back
+    ``distributed.deploy.lost-worker-timeout`` (15 s) after one was removed. tdask workers
+    restart themselves (a dead Triton server or stub, a lost scheduler) and a restart with
+    Triton takes seconds: the timer of an earlier removal could fire while a later restart was
+    under way, and the Nanny, with the fresh worker it had just started, was closed (the soak
+    lost two of six workers that way). Here the Nanny is closed only if it is no longer running.
+    """
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        if op == "remove":
+            name = self.scheduler_info["workers"][msg]["name"]
+
+            def give_up() -> None:
+                nanny = self.workers.get(name)
+                back = any(d["name"] == name for d in self.scheduler_info["workers"].values())
+                if nanny is not None and not back and getattr(nanny, "status", None) not in _RUNNING:
+                    self._futures.add(asyncio.ensure_future(nanny.close()))
+                    del self.workers[name]
+
+            delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+            asyncio.get_running_loop().call_later(delay, give_up)
+        Cluster._update_worker_status(self, op, msg)  # what SpecCluster's own does besides
+
+
+_RUNNING = (Status.init, Status.starting, Status.running)
 
 
 class Deployment(SyncMethodMixin):
@@ -205,9 +238,7 @@ class Deployment(SyncMethodMixin):
             "security": self.security,
             "dashboard_address": None,
             "plugins": {
-                OperatorHost(
-                    [config], log_dir=self.log_dir, log_file=self._log_file(name), log_level=self.log_level
-                )
+                OperatorHost([config], log_dir=self.log_dir, log_file=self._log_file(name), log_level=self.log_level)
             },
             "death_timeout": 60,
         }
@@ -245,7 +276,7 @@ class Deployment(SyncMethodMixin):
             }
             # Keep the object before awaiting it, so a failed start still gets closed by us
             # (not by distributed's atexit hook, after logging has been torn down).
-            self.cluster = SpecCluster(
+            self.cluster = _OperatorCluster(
                 workers=specs,
                 scheduler=scheduler,
                 asynchronous=True,
@@ -278,7 +309,9 @@ class Deployment(SyncMethodMixin):
             hosts = state["hosts"]
             if all(len(hosts.get(k, [])) >= n for k, n in expected.items()):
                 return
-            failures = {k: v for k, v in state["failures"].items() if any(c.name == k for c in self.workers_spec.values())}
+            failures = {
+                k: v for k, v in state["failures"].items() if any(c.name == k for c in self.workers_spec.values())
+            }
             if failures:
                 raise OperatorUnavailableError(f"operators failed to start: {failures}")
             if time.monotonic() > deadline:

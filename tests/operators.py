@@ -159,3 +159,20 @@ class Relay(Operator):
         for request in requests:
             answer = await self.sink.infer(inputs=dict(request.inputs), parameters=request.parameters)
             await request.response_sender().send(outputs=answer.outputs, parameters=answer.parameters)
+
+
+class SlowStart(Operator):
+    """Takes ``setup_s`` seconds to start (as a Triton model does), then echoes its pid; a request
+    naming a fresh ``marker`` file makes the worker restart itself (as a dead Triton server does)."""
+
+    async def setup(self):
+        await asyncio.sleep(float(self.parameters.get("setup_s", 0)))
+
+    async def execute(self, requests):
+        for request in requests:
+            marker = request.parameters.get("marker")
+            if marker and not os.path.exists(marker):
+                open(marker, "w").close()
+                self.context.restart_worker("asked to by a test")
+                continue
+            await request.response_sender().send(outputs={"pid": np.array([os.getpid()])})

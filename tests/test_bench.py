@@ -42,3 +42,56 @@ def test_targets_are_judged_on_the_median_round():
     )
     text = render(out)
     assert "tdask (round 2)" in text and "2/3: 3.0, 5.0, 3.5" in text
+
+
+def test_the_soak_fails_on_anything_lost_wrong_untyped_or_left():
+    from bench.soak import failed
+    from bench.soak import render as render_soak
+
+    def out(**changes):
+        requests = {
+            "requests": 100,
+            "answered_right": 98,
+            "wrong": 0,
+            "lost": 0,
+            "duplicated": 0,
+            "typed_errors": {"WorkerLostError": 2},
+            "untyped_errors": 0,
+            "first_untyped": [],
+            "p50_ms": 1.0,
+            "p99_ms": 5.0,
+            "max_ms": 9.0,
+            "elapsed_s": 1.0,
+            "req_per_s": 98.0,
+        }
+        leftovers = {
+            "store_tensors": 0,
+            "store_bytes": 0,
+            "shm_regions_left": [],
+            "triton_processes_left": [],
+            "servers_seen": 3,
+            "triton_processes_seen": 9,
+        }
+        for key, value in changes.items():
+            (requests if key in requests else leftovers)[key] = value
+        return {
+            "requests": requests,
+            "leftovers": leftovers,
+            "kills": [{"t": 1.0, "kind": "stub", "of": "encoder.0", "pid": 1}],
+            "rss_mb": {"worker encoder.0": [(0.0, 90.0), (1.0, 91.0)]},
+            "config": {"kill_every": "3s", "plane": "direct"},
+        }
+
+    assert not failed(out()), "typed errors alone are an outcome, not a failure"
+    text = render_soak(out())
+    assert "WorkerLostError 2" in text and "kills: stub 1" in text and "worker encoder.0" in text
+    for change in (
+        {"lost": 1},
+        {"wrong": 1},
+        {"duplicated": 1},
+        {"untyped_errors": 1},
+        {"store_tensors": 1},
+        {"shm_regions_left": ["tdask1-ab_x"]},
+        {"triton_processes_left": ["7 stub"]},
+    ):
+        assert failed(out(**change)), change

@@ -372,3 +372,29 @@ def test_a_leaving_worker_spends_no_retry(deployment):
     with dask.config.set({"tdask.request.max-retries": 0}):  # read when each request starts
         responses = run_async(deployment.scheduler_address, go)
     assert [int(r.outputs["out"][0]) for r in responses] == [i + 1 for i in range(12)]
+
+
+def test_a_worker_slow_to_restart_is_not_given_up(tmp_path):
+    """SpecCluster gives up on a worker whose name is not back within lost-worker-timeout; a worker
+    that restarts itself (its Triton died) and takes longer than that to start again, while its
+    Nanny is starting it, must come back all the same (the soak lost two of six workers so)."""
+    from tests.conftest import wait_for
+    from tests.operators import SlowStart
+
+    before = child_pids()
+    config = OperatorConfig(name="slowstart", implementation=SlowStart, parameters={"setup_s": 3})
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        with Deployment([config], dashboard_address=None) as dep:
+            op = RemoteOperator("slowstart", client=dep.client)
+            first = int(op.infer(timeout=30).outputs["pid"][0])
+            # Restarts the worker; the request is served again by the fresh one (3 s to start).
+            response = op.infer(parameters={"marker": str(tmp_path / "restarted")}, timeout=60)
+            second = int(response.outputs["pid"][0])
+            assert second != first and (tmp_path / "restarted").exists()
+
+            def serving() -> bool:  # and it stays: SpecCluster did not close its Nanny meanwhile
+                return dep.worker_addresses() != {} and int(op.infer(timeout=10).outputs["pid"][0]) == second
+
+            wait_for(serving, timeout=30, message="the restarted worker did not stay")
+            assert int(op.infer(timeout=10).outputs["pid"][0]) == second
+    assert_no_children(ignore=before)

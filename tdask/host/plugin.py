@@ -360,7 +360,9 @@ class OperatorHost(WorkerPlugin):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.queue.unregister(release_leases=False), 5)
         if self.serving is not None:
-            await self.serving.drain(get_seconds("tdask.worker.drain-timeout") or 0)
+            # A worker beyond repair (its Triton died) cannot finish anything: stop at once.
+            drain_s = 0.0 if self._beyond_repair() else get_seconds("tdask.worker.drain-timeout") or 0.0
+            await self.serving.drain(drain_s)
         if self.queue is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.queue.unregister(release_leases=True), 5)
