@@ -55,7 +55,7 @@ from tornado import web
 from tdask.config import get_seconds
 from tdask.data_plane import DataPlanePeer, RemoteTensor
 from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError, error_to_msg
-from tdask.wire import WireSession, open_session, wire_wanted
+from tdask.wire import MessageTooLargeError, WireSession, open_session, wire_ssl_context, wire_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,14 @@ class Session:
             pass
         finally:
             await self.close()
+
+    async def drain(self) -> None:
+        """Nothing to wait for: the writer task awaits Dask's comm itself."""
+
+    def abort(self) -> None:
+        self.closed.set()
+        self._writer.cancel()
+        self.comm.abort()
 
     async def close(self) -> None:
         self.closed.set()
@@ -493,7 +501,11 @@ class DirectRequestPlane(QueueRequestPlane):
             return None
         try:
             return await open_session(
-                wire, self.requester, lambda message: self._on_worker_message(address, message), timeout=timeout
+                wire,
+                self.requester,
+                lambda message: self._on_worker_message(address, message),
+                timeout=timeout,
+                ssl_context=wire_ssl_context(address, self.connection_args),
             )
         except (OSError, TimeoutError) as exc:
             logger.warning("cannot reach the wire of %s at %s (%s); using Dask's comm instead", address, wire, exc)
@@ -509,7 +521,12 @@ class DirectRequestPlane(QueueRequestPlane):
         stream = ResponseStream(request_id)
         self._streams[request_id] = stream
         request["requester"] = self.requester
-        if not await self._send_direct(request, hosts):
+        try:
+            sent = await self._send_direct(request, hosts)
+        except MessageTooLargeError:  # remote.py reports it as an InvalidRequestError
+            del self._streams[request_id]
+            raise
+        if not sent:
             del self._streams[request_id]
             return await super().submit(request)
         return stream
@@ -527,7 +544,11 @@ class DirectRequestPlane(QueueRequestPlane):
             self._load[worker] += 1
             try:
                 session = await self._worker_session(worker)
+                await session.drain()
                 session.send({"op": "submit", "request": request})
+            except MessageTooLargeError:
+                self._load[worker] -= 1
+                raise
             except (OSError, CommClosedError) as exc:
                 self._load[worker] -= 1
                 logger.info("cannot reach %s for %s: %s", worker, request["operator"], exc)

@@ -46,7 +46,7 @@ from tdask.exceptions import OperatorError, TdaskError, error_to_msg
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, check_outputs
 from tdask.remote import current_deadline, current_endpoint
 from tdask.request_plane import DirectSession, QueueRequestPlane, Session, make_request_plane
-from tdask.wire import MessageHandler, WireServer, WireSession, wire_wanted
+from tdask.wire import MessageHandler, WireServer, WireSession, wire_ssl_context, wire_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -381,7 +381,8 @@ class OperatorHost(WorkerPlugin):
         wire = WireServer(self._accept_wire)
         port = int(dask.config.get("tdask.worker.wire-port") or 0)
         try:
-            await wire.start(get_address_host(address), port)
+            security = self.worker.security.get_listen_args("worker") if self.worker is not None else {}
+            await wire.start(get_address_host(address), port, ssl_context=wire_ssl_context(address, security))
         except OSError as exc:
             logger.warning("no wire on %s (port %s: %s): direct callers use Dask's comm", address, port, exc)
             return
@@ -572,6 +573,7 @@ class OperatorHost(WorkerPlugin):
         route = self._direct_routes.pop(key, None) if message["final"] else self._direct_routes.get(key)
         try:
             if route is not None:
+                await route.drain()  # a caller that reads slower than we answer slows us down
                 route.send({"op": "replies", "replies": [message]})
             else:
                 self.plane.respond([message])
