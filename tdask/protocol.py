@@ -54,6 +54,7 @@ __all__ = [
     "RequestMsg",
     "ResponseMsg",
     "check_message",
+    "check_shape",
     "operator_key",
 ]
 
@@ -112,6 +113,20 @@ _FIELDS: Final[dict[str, tuple[str, ...]]] = {
 
 class ProtocolError(ValueError):
     """A peer sent something that is not a tdask message: its connection is closed."""
+
+
+def check_shape(message: Any) -> str:
+    """Return the op of ``message`` if it is shaped as a message (a dict with a str ``op``).
+
+    What the transports check on every incoming message; :func:`check_message` (used by the
+    planes, which know the ops) checks the op and its fields too. Raises :class:`ProtocolError`.
+    """
+    if type(message) is not dict:
+        raise ProtocolError(f"a message must be a dict, got {type(message).__name__}")
+    op = message.get("op")
+    if type(op) is not str:
+        raise ProtocolError("a message needs a str 'op'")
+    return op
 
 
 def check_message(message: Any) -> str:

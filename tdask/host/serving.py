@@ -256,8 +256,8 @@ class Serving:
         route = self.direct.route(message)
         try:
             if route is not None:
+                await route.drain()  # a caller that reads slower than we answer slows us down
                 route.send(protocol.replies([message]))
-                await route.drain()
             else:
                 self.queue.respond(message)
         except Exception as exc:

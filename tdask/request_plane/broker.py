@@ -133,7 +133,7 @@ class RequestBroker(SchedulerPlugin):
                     credits.pop(worker, None)
 
     def _on_message(self, requester: str, message: dict[str, Any]) -> None:
-        op = message["op"]
+        op = protocol.check_message(message)
         if op == Op.SUBMIT:
             request = message["request"]
             protocol.check_request(request)

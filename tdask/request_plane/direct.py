@@ -35,12 +35,12 @@ from distributed.core import rpc
 from tdask import protocol
 from tdask.config import get_seconds
 from tdask.exceptions import WorkerLostError
-from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_request
+from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_message, check_request
 from tdask.request_plane.base import RequestPlane, ResponseStream, Transport
 from tdask.request_plane.queue import QueueRequestPlane
 from tdask.request_plane.registry import Registry
 from tdask.request_plane.session import Session, open_session
-from tdask.request_plane.wire import WireServer, WireSession, wire_wanted
+from tdask.request_plane.wire import WireServer, WireSession, wire_ssl_context, wire_wanted
 from tdask.request_plane.wire import open_session as open_wire
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class DirectRequestPlane(RequestPlane):
                 self.requester,
                 lambda message: self._on_worker_message(address, message),
                 timeout=timeout,
-                ssl_context=self.connection_args.get("ssl_context"),
+                ssl_context=wire_ssl_context(address, self.connection_args),
             )
         except (OSError, TimeoutError) as exc:
             logger.warning("cannot reach the wire of %s at %s (%s); using Dask's comm instead", address, wire, exc)
@@ -181,6 +181,7 @@ class DirectRequestPlane(RequestPlane):
             self._load[worker] += 1
             try:
                 session = await self._worker_session(worker)
+                await session.drain()  # a worker that reads slower than we send slows us down
                 session.send(message)
             except (OSError, CommClosedError) as exc:
                 self._load[worker] -= 1
@@ -193,12 +194,11 @@ class DirectRequestPlane(RequestPlane):
                 self._load[worker] -= 1
                 raise
             self._outstanding[request["id"]] = (worker, request, False)
-            await session.drain()
             return True
         return False
 
     def _on_worker_message(self, worker: str, message: dict[str, Any]) -> None:
-        op = message["op"]
+        op = check_message(message)
         if op == Op.REFUSED:  # the worker stopped hosting it: go through the broker
             entry = self._outstanding.pop(message["id"], None)
             if entry is not None:
@@ -349,7 +349,7 @@ class DirectServer:
         """Listen for direct callers on the wire, on the host of the worker's own address."""
         wire = WireServer(self._accept_wire)
         port = int(dask.config.get("tdask.worker.wire-port") or 0)
-        ssl_context = self.worker.security.get_listen_args("worker").get("ssl_context")
+        ssl_context = wire_ssl_context(self.worker.address, self.worker.security.get_listen_args("worker"))
         try:
             await wire.start(get_address_host(self.worker.address), port, ssl_context=ssl_context)
         except OSError as exc:
@@ -391,7 +391,7 @@ class DirectServer:
                 self._on_cancel([list(key) for key in gone])
 
     def _on_message(self, session: Transport, requester: str, message: dict[str, Any]) -> None:
-        op = message["op"]
+        op = check_message(message)
         if op == Op.SUBMIT:
             request = message["request"]
             check_request(request)

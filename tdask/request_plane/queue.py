@@ -116,7 +116,7 @@ class BrokerSession:
             self.on_lost()
 
     def _on_message(self, message: dict[str, Any]) -> None:
-        op = message["op"]
+        op = protocol.check_message(message)
         if op == Op.REPLIES:
             if self.on_replies is not None:
                 self.on_replies(message["replies"])
