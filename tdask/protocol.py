@@ -431,9 +431,7 @@ def is_array(value: Any) -> bool:
 _SCALARS = (str, int, float, bool)
 
 
-def check_inputs(
-    operator: str, request_id: str, inputs: Mapping[str, Any] | None, max_bytes: int
-) -> dict[str, Any]:
+def check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | None, max_bytes: int) -> dict[str, Any]:
     """A caller's inputs as C-contiguous arrays and descriptors; :class:`InvalidRequestError` if not."""
     if inputs is None:
         return {}

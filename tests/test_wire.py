@@ -692,8 +692,8 @@ def test_wire_under_uvloop():
 
 
 def test_wire_and_dask_comm_sessions_have_one_surface():
-    from tdask.request_plane.session import Session
     from tdask.request_plane.base import Transport as MessageSession
+    from tdask.request_plane.session import Session
 
     for name in ("send", "drain", "read_forever", "close", "abort"):
         contract = getattr(MessageSession, name)

@@ -219,7 +219,9 @@ class Serving:
         if error is not None and self.keep_unanswered():
             # Failed because this worker is beyond repair (its Triton died): keep the lease, so
             # the request is served again once this worker has left, instead of failing it.
-            logger.warning("not answering request %s of %s: this worker is restarting", request.request_id, request.operator)
+            logger.warning(
+                "not answering request %s of %s: this worker is restarting", request.request_id, request.operator
+            )
             return
         outputs = response["outputs"]
         parameters = response["parameters"]

@@ -162,9 +162,7 @@ class RequestBroker(SchedulerPlugin):
         return True
 
     # registry
-    def register(
-        self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]
-    ) -> None:
+    def register(self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]) -> None:
         """Record the operators ``worker`` hosts and the setup failures it saw (``tdask_register``)."""
         for op in operators:
             self.hosts[op["key"]][worker] = op
@@ -329,8 +327,10 @@ class RequestBroker(SchedulerPlugin):
                 self.queues[name].appendleft(request)
                 self._dispatch(name)
             elif lease.partial or request.get("attempt", 0) >= request.get("max_retries", 0):
-                reason = "after streaming part of its answer" if lease.partial else (
-                    f"and {request.get('attempt', 0)} retries were used"
+                reason = (
+                    "after streaming part of its answer"
+                    if lease.partial
+                    else (f"and {request.get('attempt', 0)} retries were used")
                 )
                 self._answer_error(
                     request,

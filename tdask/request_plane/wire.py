@@ -202,6 +202,7 @@ class WireSession(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport; set its write-buffer limits and TCP keepalive."""
         # No isinstance check: uvloop's transports are not asyncio.Transport subclasses.
         self._transport = cast(asyncio.Transport, transport)  # asyncio and uvloop set TCP_NODELAY
         if self.closed.is_set():  # given up on during the TLS handshake (the hello deadline)
@@ -214,6 +215,7 @@ class WireSession(asyncio.Protocol):
         _set_keepalive(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Mark the session closed, drop what is queued and wake :meth:`drain`."""
         self.closed.set()
         self._outbox.clear()
         self._queued = 0
@@ -222,16 +224,19 @@ class WireSession(asyncio.Protocol):
             self._on_close()
 
     def pause_writing(self) -> None:
-        self._paused = True  # the peer reads slower than we write: keep messages here
+        """The transport's buffer is above its high-water mark: keep messages here."""
+        self._paused = True
         self._resumed.clear()
 
     def resume_writing(self) -> None:
+        """The transport's buffer drained: write what waited and wake :meth:`drain`."""
         self._paused = False
         if self._outbox:
             self._schedule_flush()
         self._resumed.set()
 
     def data_received(self, data: bytes) -> None:
+        """Split frames, check each message's shape and hand it to the handler; close on a bad one."""
         held = bool(self._buffer)
         if held:
             self._buffer += data
