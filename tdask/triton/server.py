@@ -360,9 +360,18 @@ class TritonServer:
                 port_race = exc.returncode is not None and any(
                     marker in exc.log_tail.lower() for marker in _PORT_IN_USE_MARKERS
                 )
-                if not port_race or attempt == _START_ATTEMPTS:
+                # Killed by a signal while starting (seen: SIGABRT from gRPC's epoll poller on an
+                # overloaded host) is not a configuration error, which exits with a status: retry.
+                crashed = exc.returncode is not None and exc.returncode < 0
+                if not (port_race or crashed) or attempt == _START_ATTEMPTS:
                     raise
-                logger.info("Triton server %r lost a port race; retrying on other ports", self.name)
+                logger.warning(
+                    "Triton server %r %s during start-up; starting it again (attempt %d of %d)",
+                    self.name,
+                    "lost a port race" if port_race else f"died by signal {-(exc.returncode or 0)}",
+                    attempt + 1,
+                    _START_ATTEMPTS,
+                )
                 await self._end_process()
                 continue
             break
