@@ -32,6 +32,7 @@ from tdask.data_plane import DataPlanePeer
 from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
 from tdask.request_plane import dashboard
+from tdask.request_plane.metrics import ClusterMetrics
 from tdask.request_plane.session import Session
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,12 @@ class RequestBroker(SchedulerPlugin):
         self._checker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.scheduler: Any = None
+        # The cluster-wide metrics (the scheduler's /metrics, the dashboard's history).
+        self.metrics = ClusterMetrics(self)
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        self.metrics.start()
         scheduler.handlers.update(
             {
                 Rpc.SESSION: self.session,
@@ -104,6 +108,7 @@ class RequestBroker(SchedulerPlugin):
         if self._checker is not None:
             self._checker.cancel()
             await asyncio.gather(self._checker, return_exceptions=True)
+        await self.metrics.close()
         for peer in list(self.peers.values()):
             await peer.session.close()
 
@@ -149,6 +154,7 @@ class RequestBroker(SchedulerPlugin):
             peer = self.peers.get(requester)
             if peer is not None and peer.worker is not None and peer.worker in self.serving:
                 self.worker_stats[peer.worker] = message["stats"]
+                self.metrics.on_report(peer.worker, message["stats"], message.get("host") or {})
         else:
             logger.warning("tdask session %s: unknown message %r", requester, op)
 
@@ -160,9 +166,7 @@ class RequestBroker(SchedulerPlugin):
         return True
 
     # registry
-    def register(
-        self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]
-    ) -> None:
+    def register(self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]) -> None:
         for op in operators:
             self.hosts[op["key"]][worker] = op
         for name, message in failures.items():
@@ -294,6 +298,7 @@ class RequestBroker(SchedulerPlugin):
 
     def _answer_error(self, request: RequestMsg, error: TdaskError, worker: str | None = None) -> None:
         self.counts["failed"] += 1
+        self.metrics.queue_error(request["operator"], error)
         self._reply(
             protocol.error_reply(
                 request["id"], error, requester=request["requester"], operator=request["operator"], worker=worker
@@ -319,8 +324,10 @@ class RequestBroker(SchedulerPlugin):
                 self.queues[name].appendleft(request)
                 self._dispatch(name)
             elif lease.partial or request.get("attempt", 0) >= request.get("max_retries", 0):
-                reason = "after streaming part of its answer" if lease.partial else (
-                    f"and {request.get('attempt', 0)} retries were used"
+                reason = (
+                    "after streaming part of its answer"
+                    if lease.partial
+                    else (f"and {request.get('attempt', 0)} retries were used")
                 )
                 self._answer_error(
                     request,
@@ -341,6 +348,8 @@ class RequestBroker(SchedulerPlugin):
                 self._dispatch(name)
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        # Still registered for an operator: it did not leave by unregistering, it was lost.
+        self.metrics.worker_removed(worker, [key for key, hosts in self.hosts.items() if worker in hosts])
         for key, hosts in self.hosts.items():
             hosts.pop(worker, None)
             self.credits[key].pop(worker, None)
