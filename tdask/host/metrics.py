@@ -81,7 +81,7 @@ class TritonMetrics:
         """Read the server's metrics now; on failure keep the previous ones (logged once)."""
         try:
             text = await asyncio.wait_for(self._get(), self.timeout_s)
-            self.families = list(text_string_to_metric_families(text))
+            self.families = _parse_keeping_names(text)
             self._warned = False
         except (OSError, TimeoutError, ValueError) as exc:
             if not self._warned:
@@ -105,6 +105,25 @@ class TritonMetrics:
     def per_model(self) -> list[Metric]:
         """The families whose samples name a model (inference counts, queue and compute times)."""
         return [f for f in self.families if f.samples and all("model" in s.labels for s in f.samples)]
+
+
+def _parse_keeping_names(text: str) -> list[Metric]:
+    """Parse Prometheus text, keeping counters' sample names as written.
+
+    prometheus_client's parser renames a counter's samples ``x`` to ``x_total`` (OpenMetrics);
+    Triton's are ``nv_inference_count`` and so on, and dashboards built for Triton query those.
+    """
+    written = {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if line and line[0] != "#"}
+    families = list(text_string_to_metric_families(text))
+    for family in families:
+        if family.type == "counter":
+            family.samples = [
+                s._replace(name=s.name[:-6])
+                if s.name.endswith("_total") and s.name not in written and s.name[:-6] in written
+                else s
+                for s in family.samples
+            ]
+    return families
 
 
 def export_worker(name: Callable[[], str], snapshot: Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]]) -> int:
