@@ -309,9 +309,10 @@ class Serving:
             metrics.count(outcome)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
-                    "request %s of %s answered: %s after %.3f ms here",
+                    "request %s of %s/%s answered: %s after %.3f ms here",
                     request.request_id,
                     request.operator,
+                    request.version,
                     outcome,
                     (now - request.arrived) * 1e3,
                 )
