@@ -216,9 +216,7 @@ class TensorStore(DataPlanePeer):
         if tensor.owner == self.worker.address:
             entry = self._tensors.get(tensor.tensor_id)
             if entry is None:
-                raise DataPlaneError(
-                    f"tensor {tensor.tensor_id} is not in this worker's store", worker=tensor.owner
-                )
+                raise DataPlaneError(f"tensor {tensor.tensor_id} is not in this worker's store", worker=tensor.owner)
             self.local_gets += 1
             return entry[0]
         return await super().fetch(tensor)

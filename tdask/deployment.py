@@ -205,9 +205,7 @@ class Deployment(SyncMethodMixin):
             "security": self.security,
             "dashboard_address": None,
             "plugins": {
-                OperatorHost(
-                    [config], log_dir=self.log_dir, log_file=self._log_file(name), log_level=self.log_level
-                )
+                OperatorHost([config], log_dir=self.log_dir, log_file=self._log_file(name), log_level=self.log_level)
             },
             "death_timeout": 60,
         }
@@ -278,7 +276,9 @@ class Deployment(SyncMethodMixin):
             hosts = state["hosts"]
             if all(len(hosts.get(k, [])) >= n for k, n in expected.items()):
                 return
-            failures = {k: v for k, v in state["failures"].items() if any(c.name == k for c in self.workers_spec.values())}
+            failures = {
+                k: v for k, v in state["failures"].items() if any(c.name == k for c in self.workers_spec.values())
+            }
             if failures:
                 raise OperatorUnavailableError(f"operators failed to start: {failures}")
             if time.monotonic() > deadline:

@@ -130,8 +130,7 @@ def error_to_msg(exc: BaseException, operator: str | None = None) -> dict[str, A
             "type": type(exc).__name__,
             "message": str(exc) if foreign else exc.message,
             "remote_type": exc.remote_type or type(exc).__name__,
-            "traceback": exc.remote_traceback
-            or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "traceback": exc.remote_traceback or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         }
     return {
         "type": "OperatorError",

@@ -223,7 +223,9 @@ class RemoteOperator:
             return _sync_iter(endpoint.client, call)
         return call
 
-    async def _infer(self, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any) -> Response:
+    async def _infer(
+        self, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any
+    ) -> Response:
         call = _Call(self, endpoint, inputs, parameters, request_id, timeout, fetch)
         best: Response | None = None
         async with call:
@@ -248,14 +250,14 @@ def _sync_iter(client: Client, call: _Call) -> Iterator[Response]:
 class _Call(AsyncIterator[Response]):
     """One request in flight: sends it, yields its responses, cancels it if abandoned."""
 
-    def __init__(self, op: RemoteOperator, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any) -> None:
+    def __init__(
+        self, op: RemoteOperator, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any
+    ) -> None:
         self.op = op
         self.endpoint = endpoint
         self.request_id = request_id if request_id is not None else uuid.uuid4().hex
         if not isinstance(self.request_id, str) or not self.request_id:
-            raise InvalidRequestError(
-                f"request_id must be a non-empty string, got {request_id!r}", operator=op.name
-            )
+            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}", operator=op.name)
         self.settings = settings = RequestSettings.read()  # once per call
         self.inputs = protocol.check_inputs(op.name, self.request_id, inputs, settings.max_input_bytes)
         self.parameters = protocol.check_parameters(op.name, self.request_id, parameters)
@@ -367,9 +369,7 @@ class _Call(AsyncIterator[Response]):
     async def _to_response(self, reply: ResponseMsg) -> Response:
         error = reply.get("error")
         if error:
-            raise error_from_msg(
-                error, operator=self.op.name, request_id=self.request_id, worker=reply.get("worker")
-            )
+            raise error_from_msg(error, operator=self.op.name, request_id=self.request_id, worker=reply.get("worker"))
         response = Response(
             request_id=self.request_id,
             operator=self.op.name,
@@ -429,5 +429,7 @@ def _positive_seconds(timeout: Any, operator: str, request_id: str) -> float:
             f"timeout {timeout!r} is not a duration: {exc}", operator=operator, request_id=request_id
         ) from None
     if seconds is None or not seconds > 0:
-        raise InvalidRequestError(f"timeout must be positive, got {timeout!r}", operator=operator, request_id=request_id)
+        raise InvalidRequestError(
+            f"timeout must be positive, got {timeout!r}", operator=operator, request_id=request_id
+        )
     return float(seconds)

@@ -108,7 +108,9 @@ class Consumer(Operator):
             if "data" not in request.inputs:
                 raise InvalidRequestError("Consumer needs 'data'", operator=self.name, request_id=request.request_id)
             data = (await request.fetch_inputs())["data"]
-            await request.response_sender().send(outputs={"sum": np.array([data.sum()])}, parameters={"n": int(data.size)})
+            await request.response_sender().send(
+                outputs={"sum": np.array([data.sum()])}, parameters={"n": int(data.size)}
+            )
 
 
 class Broken(Operator):

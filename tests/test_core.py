@@ -170,9 +170,7 @@ def test_direct_sessions_ride_the_configured_transport(client):
 def test_large_tensors_travel_by_reference(deployment, client):
     before = store_stats(client)
     n = 10 * 2**20 // 8  # 10 MiB of float64
-    response = RemoteOperator("forward", client=client).infer(
-        inputs={"start": np.array([1.0])}, parameters={"n": n}
-    )
+    response = RemoteOperator("forward", client=client).infer(inputs={"start": np.array([1.0])}, parameters={"n": n})
     expected = np.arange(1.0, 1.0 + n).sum()
     assert response.outputs["sum"][0] == expected
     after = store_stats(client)
@@ -389,12 +387,16 @@ _SCALARS = st.one_of(
         st.sampled_from(_DTYPES).flatmap(
             lambda dtype: hnp.arrays(
                 dtype,
-                st.one_of(hnp.array_shapes(min_dims=0, max_dims=3, max_side=6), st.sampled_from([(20_000,), (0,), (3, 0)])),
+                st.one_of(
+                    hnp.array_shapes(min_dims=0, max_dims=3, max_side=6), st.sampled_from([(20_000,), (0,), (3, 0)])
+                ),
             )
         ),
         max_size=3,
     ),
-    parameters=st.dictionaries(st.text(max_size=10, alphabet=st.characters(blacklist_categories=("Cs",))), _SCALARS, max_size=4),
+    parameters=st.dictionaries(
+        st.text(max_size=10, alphabet=st.characters(blacklist_categories=("Cs",))), _SCALARS, max_size=4
+    ),
 )
 def test_property_any_tensor_and_parameters_round_trip(client, arrays, parameters):
     """Any dtype/shape (inline or through a worker's store) and any scalar parameters come back intact."""
@@ -408,8 +410,15 @@ def test_property_any_tensor_and_parameters_round_trip(client, arrays, parameter
 
 
 @settings(max_examples=30, deadline=None)
-@given(bad=st.one_of(st.lists(st.integers(), max_size=3), st.none(), st.dictionaries(st.text(), st.integers(), max_size=2),
-                     st.text(max_size=5), st.builds(object)))
+@given(
+    bad=st.one_of(
+        st.lists(st.integers(), max_size=3),
+        st.none(),
+        st.dictionaries(st.text(), st.integers(), max_size=2),
+        st.text(max_size=5),
+        st.builds(object),
+    )
+)
 def test_property_non_array_inputs_and_parameters_are_refused(client, bad):
     op = RemoteOperator("echo", client=client)
     with pytest.raises(InvalidRequestError, match="input 'x' is a"):

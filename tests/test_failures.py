@@ -185,8 +185,17 @@ def test_hand_started_scheduler_and_preloaded_workers(tmp_path):
     scheduler_file = tmp_path / "scheduler.json"
     procs = [
         _popen(
-            [dask_bin, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-             "--scheduler-file", str(scheduler_file)]
+            [
+                dask_bin,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ]
         )
     ]
 
@@ -197,13 +206,30 @@ def test_hand_started_scheduler_and_preloaded_workers(tmp_path):
     try:
         wait_for(scheduler_up, timeout=60, interval=0.1, message="scheduler did not start")
         address = json.loads(scheduler_file.read_text())["address"]
-        identity = json.dumps({"name": "identity", "implementation": "tests.operators:Identity", "max_inflight_requests": 2})
+        identity = json.dumps(
+            {"name": "identity", "implementation": "tests.operators:Identity", "max_inflight_requests": 2}
+        )
         broken = json.dumps({"name": "broken", "implementation": "tests.operators:Broken"})
         for name, spec in [("identity.0", identity), ("broken.0", broken)]:
             procs.append(
                 _popen(
-                    [dask_bin, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
-                     "--name", name, "--no-nanny", "--preload", "tdask.worker", "--tdask-operator", spec]
+                    [
+                        dask_bin,
+                        "worker",
+                        address,
+                        "--host",
+                        "127.0.0.1",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--name",
+                        name,
+                        "--no-nanny",
+                        "--preload",
+                        "tdask.worker",
+                        "--tdask-operator",
+                        spec,
+                    ]
                 )
             )
         with Client(address, timeout=60) as client:

@@ -36,7 +36,9 @@ def test_tls_end_to_end():
         response = RemoteOperator("identity", client=dep.client).infer(inputs={"x": big})
         np.testing.assert_array_equal(response.outputs["x"], big)
         n = 200_000
-        response = RemoteOperator("forward", client=dep.client).infer(inputs={"start": np.array([0.0])}, parameters={"n": n})
+        response = RemoteOperator("forward", client=dep.client).infer(
+            inputs={"start": np.array([0.0])}, parameters={"n": n}
+        )
         assert response.outputs["sum"][0] == np.arange(n, dtype=np.float64).sum()
         stats = store_stats(dep.client)
         assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == n * 8

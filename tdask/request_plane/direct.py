@@ -262,7 +262,9 @@ class DirectRequestPlane(RequestPlane):
                 stream.deliver(protocol.error_reply(request_id, WorkerLostError(message), worker=worker))
                 continue
             request["attempt"] = attempt + 1
-            logger.warning("re-sending request %s of %s held by lost worker %s", request_id, request["operator"], worker)
+            logger.warning(
+                "re-sending request %s of %s held by lost worker %s", request_id, request["operator"], worker
+            )
             self.registry.forget_hosts(request["operator"])
             try:
                 hosts = await self.registry.hosts(request["operator"])
@@ -296,7 +298,9 @@ class DirectRequestPlane(RequestPlane):
         await asyncio.gather(*self._background, return_exceptions=True)
         streams, self._streams = self._streams, {}
         for request_id, stream in streams.items():
-            stream.deliver(protocol.error_reply(request_id, {"type": "TdaskError", "message": "the request plane was closed"}))
+            stream.deliver(
+                protocol.error_reply(request_id, {"type": "TdaskError", "message": "the request plane was closed"})
+            )
         await self.fallback.aclose()
 
 
@@ -350,7 +354,9 @@ class DirectServer:
         try:
             await wire.start(get_address_host(self.worker.address), port, ssl_context=ssl_context)
         except OSError as exc:
-            logger.warning("no wire on %s (port %s: %s): direct callers use Dask's comm", self.worker.address, port, exc)
+            logger.warning(
+                "no wire on %s (port %s: %s): direct callers use Dask's comm", self.worker.address, port, exc
+            )
             return
         self.wire = wire
         logger.debug("wire of %s listening on %s", self.worker.address, wire.address)
@@ -368,9 +374,7 @@ class DirectServer:
 
     async def _comm_session(self, comm: Any, requester: str) -> None:
         """A caller's own Dask comm to this worker: requests in, answers out."""
-        session = Session(
-            comm, lambda message: self._on_message(session, requester, message), f"direct-{requester}"
-        )
+        session = Session(comm, lambda message: self._on_message(session, requester, message), f"direct-{requester}")
         await self._serve(session, requester)
 
     async def _serve(self, session: Transport, requester: str) -> None:

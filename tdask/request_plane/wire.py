@@ -219,7 +219,9 @@ async def open_session(
     host, _, port = address.rpartition(":")
     loop = asyncio.get_running_loop()
     _, session = await asyncio.wait_for(
-        loop.create_connection(lambda: WireSession(f"to {address}", on_message), host.strip("[]"), int(port), ssl=ssl_context),
+        loop.create_connection(
+            lambda: WireSession(f"to {address}", on_message), host.strip("[]"), int(port), ssl=ssl_context
+        ),
         timeout,
     )
     session.send({"op": "hello", "wire": WIRE_VERSION, "requester": requester})  # written at once, alone:
