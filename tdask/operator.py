@@ -260,6 +260,10 @@ class Request:
         self.via_broker = via_broker
         #: The requests executed together with this one (itself included), set by the host.
         self.batch: tuple[Request, ...] = ()
+        #: ``time.perf_counter()`` when it reached its worker and when its batch started, set
+        #: by the host (for its latency metrics).
+        self.arrived = 0.0
+        self.started = 0.0
 
     @property
     def remaining_s(self) -> float | None:

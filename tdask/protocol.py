@@ -21,7 +21,7 @@ submit         request                      caller -> broker or worker
 cancel         request_ids                  caller -> broker or worker
 credit         operator, n                  worker -> broker (free slots)
 respond        responses                    worker -> broker
-stats          stats                        worker -> broker (for the dashboard)
+stats          stats, host                  worker -> broker (metrics: the cluster view, the dashboard)
 requests       operator, requests           broker -> worker (leased requests)
 withdraw       keys ([requester, id] pairs) broker -> worker (cancel leased requests)
 requester-left requester                    broker -> worker (a client closed)
@@ -181,6 +181,7 @@ class RequestMsg(TypedDict, total=False):
     rehost_wait_s: float
     submitted: float  # set by the broker: when its wait for a host began
     via_broker: bool  # set by the serving worker: leased by the broker (holds a credit)
+    arrived: float  # set by the serving worker while it waits for a slot: time.perf_counter() on arrival
 
 
 class ResponseMsg(TypedDict):
@@ -294,8 +295,9 @@ def respond(responses: list[ResponseMsg]) -> dict[str, Any]:
     return {"op": Op.RESPOND, "responses": responses}
 
 
-def stats(values: dict[str, Any]) -> dict[str, Any]:
-    return {"op": Op.STATS, "stats": values}
+def stats(values: dict[str, Any], host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per operator ``values`` (``Serving.stats``), and the worker's own (data plane, Triton, time)."""
+    return {"op": Op.STATS, "stats": values, "host": host or {}}
 
 
 def requests(operator: str, leased: list[RequestMsg]) -> dict[str, Any]:

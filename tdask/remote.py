@@ -280,6 +280,7 @@ class _Call(AsyncIterator[Response]):
         self.finished = False
         self.yielded = 0
         self.resends = 0
+        self.sent_at = time.perf_counter()  # reset when it is sent, for the DEBUG log lines
 
     def _error(self, cls: type[TdaskError], message: str, worker: str | None = None) -> TdaskError:
         return cls(message, operator=self.op.name, request_id=self.request_id, worker=worker)
@@ -305,6 +306,10 @@ class _Call(AsyncIterator[Response]):
             self.stream = await self.endpoint.plane.submit(request)
         except ValueError as exc:
             raise self._error(InvalidRequestError, str(exc)) from None
+        if logger.isEnabledFor(logging.DEBUG):
+            self.sent_at = time.perf_counter()
+            again = f" again ({self.resends})" if self.resends else ""
+            logger.debug("request %s of %s sent%s", self.request_id, self.op.key, again)
 
     async def __anext__(self) -> Response:
         while True:
@@ -341,6 +346,7 @@ class _Call(AsyncIterator[Response]):
             async with asyncio.timeout(remaining):  # unlike wait_for, no task per wait
                 reply = await self.stream.next()
         except TimeoutError:
+            logger.debug("request %s of %s: no final response within its deadline", self.request_id, self.op.key)
             await self.aclose()
             raise self._error(
                 RequestTimeoutError, f"no final response within the {self.timeout_s:g}s deadline"
@@ -348,6 +354,16 @@ class _Call(AsyncIterator[Response]):
         if reply.get("final"):
             self.finished = True
             await self._release_inputs(reply)
+            if logger.isEnabledFor(logging.DEBUG):
+                error = reply.get("error")
+                logger.debug(
+                    "request %s of %s answered by %s: %s after %.3f ms",
+                    self.request_id,
+                    self.op.key,
+                    reply.get("worker"),
+                    error["type"] if error else "ok",
+                    (time.perf_counter() - self.sent_at) * 1e3,
+                )
         return reply
 
     async def _to_response(self, reply: ResponseMsg) -> Response:

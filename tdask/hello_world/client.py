@@ -39,6 +39,7 @@ class ClientReport:
     latencies_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     workers: dict[str, int] = field(default_factory=dict)
+    dashboard_link: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -64,6 +65,19 @@ class ClientReport:
         ]
         lines += [f"Error: {e}" for e in self.errors[:10]]
         return "\n".join(lines)
+
+
+def where_to_look(dashboard_link: str | None, log_dir: Any = None, *, still_up: bool = True) -> str:
+    """The lines that end a report: tdask's dashboard page, the Prometheus metrics, the logs."""
+    lines = []
+    if dashboard_link:
+        base = dashboard_link.rsplit("/status", 1)[0]
+        up = "" if still_up else " (up while the deployment runs: `tdask deploy` keeps one up)"
+        lines.append(f"Dashboard: {base}/tdask (rates, latency, errors, queues, in flight per worker){up}")
+        lines.append(f"Metrics: {base}/metrics (Prometheus, whole cluster; every worker serves its own /metrics)")
+    if log_dir:
+        lines.append(f"Logs: {log_dir} (one file per worker and process; follow a request id: grep -r client0-0)")
+    return "\n".join(lines)
 
 
 def expected_output(operator: str, data: np.ndarray, copies: int) -> np.ndarray:
@@ -198,6 +212,8 @@ def main(scheduler_address: str | None, log_level: str, encoder_input_copies: in
         click.echo("interrupted", err=True)
         sys.exit(130)
     click.echo(report.summary())
+    if report.dashboard_link:
+        click.echo(where_to_look(report.dashboard_link))
     sys.exit(0 if report.ok else 1)
 
 
@@ -205,7 +221,12 @@ async def _main(address: str, copies: int, kwargs: dict[str, Any]) -> ClientRepo
     # tls:// addresses take their certificates from Dask's config (distributed.comm.tls.*).
     security = tls_security("tls", temporary=False) if address.startswith("tls://") else None
     async with Client(address, asynchronous=True, timeout=30, security=security) as client:
-        return await run_clients(client, encoder_input_copies=copies, **kwargs)
+        report = await run_clients(client, encoder_input_copies=copies, **kwargs)
+        try:
+            report.dashboard_link = client.dashboard_link
+        except Exception:  # no dashboard on that scheduler
+            report.dashboard_link = None
+        return report
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def main(**kwargs: Any) -> None:
     """Deploy encoder, decoder and encoder_decoder, print how to reach them, and wait."""
     deployment = build_deployment(**kwargs)
     # Ctrl-C / SIGTERM is how this command is meant to end: exit code 0.
-    with deployed(deployment, interrupted_exit_code=0):
+    with deployed(deployment, interrupted_exit_code=0, process_log="scheduler.log"):
         click.echo(
             "run the client with:\n"
             f"  python -m tdask.hello_world.client --scheduler-address {deployment.scheduler_address}"

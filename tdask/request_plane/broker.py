@@ -32,6 +32,7 @@ from tdask.data_plane import DataPlanePeer
 from tdask.exceptions import OperatorUnavailableError, RequestTimeoutError, TdaskError, WorkerLostError
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
 from tdask.request_plane import dashboard
+from tdask.request_plane.metrics import ClusterMetrics
 from tdask.request_plane.session import Session
 
 logger = logging.getLogger(__name__)
@@ -83,10 +84,13 @@ class RequestBroker(SchedulerPlugin):
         self._checker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.scheduler: Any = None
+        # The cluster-wide metrics (the scheduler's /metrics, the dashboard's history).
+        self.metrics = ClusterMetrics(self)
 
     async def start(self, scheduler: Any) -> None:
         """Install the handlers, the unhosted-request check and the ``/tdask`` pages."""
         self.scheduler = scheduler
+        self.metrics.start()
         scheduler.handlers.update(
             {
                 Rpc.SESSION: self.session,
@@ -106,6 +110,7 @@ class RequestBroker(SchedulerPlugin):
         if self._checker is not None:
             self._checker.cancel()
             await asyncio.gather(self._checker, return_exceptions=True)
+        await self.metrics.close()
         for peer in list(self.peers.values()):
             await peer.session.close()
 
@@ -151,6 +156,7 @@ class RequestBroker(SchedulerPlugin):
             peer = self.peers.get(requester)
             if peer is not None and peer.worker is not None and peer.worker in self.serving:
                 self.worker_stats[peer.worker] = message["stats"]
+                self.metrics.on_report(peer.worker, message["stats"], message.get("host") or {})
         else:
             logger.warning("tdask session %s: unknown message %r", requester, op)
 
@@ -302,6 +308,7 @@ class RequestBroker(SchedulerPlugin):
 
     def _answer_error(self, request: RequestMsg, error: TdaskError, worker: str | None = None) -> None:
         self.counts["failed"] += 1
+        self.metrics.queue_error(request["operator"], error)
         self._reply(
             protocol.error_reply(
                 request["id"], error, requester=request["requester"], operator=request["operator"], worker=worker
@@ -352,6 +359,8 @@ class RequestBroker(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         """A worker left: forget it, and re-serve or fail the requests it held."""
+        # Still registered for an operator: it did not leave by unregistering, it was lost.
+        self.metrics.worker_removed(worker, [key for key, hosts in self.hosts.items() if worker in hosts])
         for key, hosts in self.hosts.items():
             hosts.pop(worker, None)
             self.credits[key].pop(worker, None)

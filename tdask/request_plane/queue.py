@@ -252,10 +252,10 @@ class QueueServer:
         """Send a response to the broker (which relays it to its requester)."""
         self.broker.send(protocol.respond([response]))
 
-    def report(self, stats: dict[str, Any]) -> None:
-        """Publish this worker's serving counters (the scheduler's ``/tdask`` page)."""
+    def report(self, stats: dict[str, Any], host: dict[str, Any] | None = None) -> None:
+        """Publish this worker's serving counters and metrics (the scheduler's ``/metrics`` and ``/tdask``)."""
         if self.broker.is_open:
-            self.broker.send(protocol.stats(stats))
+            self.broker.send(protocol.stats(stats, host))
 
     async def unregister(self, *, release_leases: bool) -> None:
         """Stop being given requests; with ``release_leases``, hand back what this worker holds."""

@@ -120,6 +120,9 @@ class TritonServer:
         More ``tritonserver`` flags, appended last.
     env
         Variables added to the server's environment.
+    metrics
+        Serve Triton's Prometheus metrics on 127.0.0.1 at a free port (:attr:`metrics_url`);
+        default ``tdask.triton.metrics``.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class TritonServer:
         backend_directory: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        metrics: bool | None = None,
     ) -> None:
         if isinstance(model_repository, (str, os.PathLike)):
             model_repository = [model_repository]
@@ -164,6 +168,7 @@ class TritonServer:
         self._backend_directory = Path(backend_directory) if backend_directory is not None else None
         self.extra_args = list(extra_args)
         self._extra_env = dict(env) if env else None
+        self.metrics = bool(dask.config.get("tdask.triton.metrics", True)) if metrics is None else metrics
 
         self.status = Status.created
         self._lock = asyncio.Lock()
@@ -175,6 +180,7 @@ class TritonServer:
         self._log_offset = 0
         self._grpc_port: int | None = None
         self._http_port: int | None = None
+        self._metrics_port: int | None = None
         self._stopping = False
         # The python backend names its shared-memory regions with this; one per server so that
         # servers on one host never collide and stop() can remove what a killed server left.
@@ -205,6 +211,13 @@ class TritonServer:
         if self._http_port is None:
             raise RuntimeError(f"Triton server {self.name!r} has not been started")
         return f"127.0.0.1:{self._http_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``127.0.0.1:<port>`` of Triton's Prometheus metrics (``/metrics``), or ``None`` when off."""
+        if self._metrics_port is None:
+            return None
+        return f"127.0.0.1:{self._metrics_port}"
 
     @property
     def pid(self) -> int | None:
@@ -352,6 +365,10 @@ class TritonServer:
             self._grpc_port, self._http_port = free_port(), free_port()
             while self._http_port == self._grpc_port:
                 self._http_port = free_port()
+            if self.metrics:
+                self._metrics_port = free_port()
+                while self._metrics_port in (self._grpc_port, self._http_port):
+                    self._metrics_port = free_port()
             args = self._command(binary, backends)
             self._launch(args, env)
             try:
@@ -402,7 +419,11 @@ class TritonServer:
             "--allow-http=true",
             "--http-address=127.0.0.1",
             f"--http-port={self._http_port}",
-            "--allow-metrics=false",
+            *(
+                ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={self._metrics_port}"]
+                if self._metrics_port is not None
+                else ["--allow-metrics=false"]
+            ),
             "--allow-sagemaker=false",
             "--allow-vertex-ai=false",
             f"--log-verbose={self.log_verbose}",
