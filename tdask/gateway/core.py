@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from distributed import Client
+from distributed.comm import parse_address
+from distributed.comm.registry import get_backend
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from tdask.exceptions import (
@@ -138,6 +140,7 @@ class Gateway:
 
     async def start(self) -> Gateway:
         """Connect to the scheduler and start serving; on failure close what started and raise."""
+        get_backend(parse_address(self.scheduler_address)[0])  # a wrong protocol: ValueError, before a Client
         try:
             self.client = await Client(self.scheduler_address, asynchronous=True, timeout=self.connect_timeout)
             self._registry = Registry(self.client.scheduler)

@@ -18,15 +18,21 @@ from typing import Any
 import click
 import numpy as np
 from distributed import Client
+from distributed.comm import parse_address
+from distributed.comm.registry import get_backend
 from tqdm.auto import tqdm
 
 from tdask.cli import common_options, configure_logging, install_sigterm_as_interrupt, tls_security
-from tdask.exceptions import TdaskError
+from tdask.exceptions import OperatorUnavailableError, TdaskError
+from tdask.protocol import operator_key
 from tdask.remote import RemoteOperator, Response
+from tdask.request_plane import Registry
 
 logger = logging.getLogger("tdask.hello_world")
 
 OPERATORS = ["encoder_decoder", "encoder", "decoder"]
+CONNECT_TIMEOUT_S = 5.0
+HOST_WAIT_S = 5.0
 
 
 @dataclass(kw_only=True)
@@ -197,6 +203,10 @@ def main(scheduler_address: str | None, log_level: str, encoder_input_copies: in
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except (OSError, TimeoutError, ValueError, TdaskError) as exc:
+        # One line, within seconds: an unreachable scheduler, a wrong protocol, nobody hosting the operator.
+        click.echo(f"tdask client: {scheduler_address}: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
     click.echo(report.summary())
     sys.exit(0 if report.ok else 1)
 
@@ -204,8 +214,28 @@ def main(scheduler_address: str | None, log_level: str, encoder_input_copies: in
 async def _main(address: str, copies: int, kwargs: dict[str, Any]) -> ClientReport:
     # tls:// addresses take their certificates from Dask's config (distributed.comm.tls.*).
     security = tls_security("tls", temporary=False) if address.startswith("tls://") else None
-    async with Client(address, asynchronous=True, timeout=30, security=security) as client:
+    get_backend(parse_address(address)[0])  # a wrong protocol: ValueError now, before a Client exists
+    try:
+        client = await Client(address, asynchronous=True, timeout=CONNECT_TIMEOUT_S, security=security)
+    except OSError as exc:  # distributed wraps a refused or silent address in OSError after `timeout`
+        raise OSError(f"cannot reach the scheduler within {CONNECT_TIMEOUT_S:g} s ({exc.__class__.__name__})") from None
+    async with client:
+        operator = kwargs.get("operator", "encoder_decoder")
+        await _wait_for_host(client, operator)
         return await run_clients(client, encoder_input_copies=copies, **kwargs)
+
+
+async def _wait_for_host(client: Client, operator: str, wait_s: float = HOST_WAIT_S) -> None:
+    """Fail at once (one line) when no worker hosts ``operator`` within ``wait_s`` s."""
+    registry = Registry(client.scheduler)
+    deadline = time.monotonic() + wait_s
+    while not await registry.hosts(operator_key(operator)):
+        if time.monotonic() >= deadline:
+            raise OperatorUnavailableError(
+                f"no worker hosts operator {operator!r} (waited {wait_s:g} s); is the hello world deployed there?",
+                operator=operator,
+            )
+        await asyncio.sleep(0.1)
 
 
 if __name__ == "__main__":
