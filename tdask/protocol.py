@@ -185,6 +185,8 @@ class RequestMsg(TypedDict, total=False):
     rehost_wait_s: float
     submitted: float  # set by the broker: when its wait for a host began
     via_broker: bool  # set by the serving worker: leased by the broker (holds a credit)
+    target: str  # optional: the worker address the caller chose (direct plane)
+    target_lost: str  # with target: "error" or "fallback" when the target hosts it no more
 
 
 class ResponseMsg(TypedDict):
