@@ -301,6 +301,7 @@ class LazyGroup(click.Group):
         "hello-world": "tdask.hello_world.__main__:main",
         "deploy": "tdask.hello_world.deploy:main",
         "client": "tdask.hello_world.client:main",
+        "gateway": "tdask.gateway.cli:main",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )

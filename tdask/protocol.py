@@ -30,12 +30,16 @@ refused        id                           worker -> caller (not hosted here an
 ============== ============================ ===========================================
 
 Tensors in ``inputs``/``outputs`` are entries made by :func:`encode_tensors`: ``{"nd": [dtype,
-shape, bytes]}`` for plain numpy arrays, ``{"inline": {"h": header, "f": frames}}`` for others
-(Dask's serialization), ``{"ref": descriptor}`` for a :class:`~tdask.data_plane.RemoteTensor`.
+shape, bytes]}`` for plain numpy arrays, ``{"bt": [shape, bytes]}`` for object arrays of
+bytes/str (Triton's BYTES tensors, in Triton's own length-prefixed serialization: each element
+a little-endian uint32 length then its bytes; they decode as an object array of ``bytes``, and
+always travel inline), ``{"inline": {"h": header, "f": frames}}`` for others (Dask's
+serialization), ``{"ref": descriptor}`` for a :class:`~tdask.data_plane.RemoteTensor`.
 """
 
 from __future__ import annotations
 
+import struct
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, TypedDict
@@ -182,6 +186,8 @@ class RequestMsg(TypedDict, total=False):
     submitted: float  # set by the broker: when its wait for a host began
     via_broker: bool  # set by the serving worker: leased by the broker (holds a credit)
     arrived: float  # set by the serving worker while it waits for a slot: time.perf_counter() on arrival
+    target: str  # optional: the worker address the caller chose (direct plane)
+    target_lost: str  # with target: "error" or "fallback" when the target hosts it no more
 
 
 class ResponseMsg(TypedDict):
@@ -356,8 +362,51 @@ def encode_inline(array: Any) -> dict[str, Any]:
     if isinstance(array, np.ndarray) and array.dtype.kind in _PLAIN_KINDS:
         contiguous = np.require(array, requirements="C")
         return {"nd": [contiguous.dtype.str, list(contiguous.shape), contiguous.reshape(-1).view(np.uint8).data]}
+    if isinstance(array, np.ndarray) and array.dtype.kind == "O":
+        return {"bt": [list(array.shape), pack_bytes(array)]}
     header, frames = serialize(array, serializers=("dask", "pickle"))
     return {"inline": {"h": header, "f": frames}}
+
+
+def pack_bytes(array: np.ndarray) -> bytes:
+    """An object array of ``bytes``/``str`` in Triton's BYTES serialization (no pickle).
+
+    Each element, in C order, is a little-endian uint32 length followed by its bytes (``str``
+    elements are UTF-8 encoded). Raises ``TypeError`` for any other element.
+    """
+    parts: list[bytes] = []
+    pack = struct.Struct("<I").pack
+    for item in array.reshape(-1):
+        if isinstance(item, str):
+            item = item.encode()
+        elif not isinstance(item, bytes):
+            raise TypeError(f"an object tensor may hold only bytes or str, not {type(item).__name__}")
+        parts.append(pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def unpack_bytes(data: Any, shape: list[int]) -> np.ndarray:
+    """Inverse of :func:`pack_bytes`: an object array of ``bytes`` of ``shape``."""
+    view = memoryview(data).cast("B")
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    out = np.empty(count, dtype=object)
+    offset, end = 0, len(view)
+    unpack = struct.Struct("<I").unpack_from
+    for i in range(count):
+        if offset + 4 > end:
+            raise ValueError(f"BYTES tensor truncated: {count} elements announced, {i} found")
+        (length,) = unpack(view, offset)
+        offset += 4
+        if offset + length > end:
+            raise ValueError(f"BYTES tensor truncated: element {i} announces {length} bytes")
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != end:
+        raise ValueError(f"BYTES tensor has {end - offset} bytes after its {count} elements")
+    return out.reshape(shape)
 
 
 def decode_inline(entry: Mapping[str, Any]) -> Any:
@@ -366,6 +415,9 @@ def decode_inline(entry: Mapping[str, Any]) -> Any:
     if plain is not None:
         dtype, shape, data = plain
         return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    strings = entry.get("bt")
+    if strings is not None:
+        return unpack_bytes(strings[1], strings[0])
     inline = entry["inline"]
     return deserialize(inline["h"], inline["f"])
 
@@ -386,7 +438,7 @@ async def encode_tensors(
     for name, value in tensors.items():
         if isinstance(value, RemoteTensor):
             entries[name] = {"ref": value.to_msg()}
-        elif value.nbytes <= threshold:
+        elif value.nbytes <= threshold or value.dtype.kind == "O":  # BYTES tensors always go inline
             entries[name] = encode_inline(value)
         else:
             tensor = await place(value)
@@ -433,6 +485,14 @@ def is_array(value: Any) -> bool:
 _SCALARS = (str, int, float, bool)
 
 
+def _not_bytes(array: np.ndarray) -> str | None:
+    """The type name of the first element of an object array that is neither bytes nor str."""
+    for item in array.reshape(-1):
+        if not isinstance(item, (bytes, str)):
+            return type(item).__name__
+    return None
+
+
 def check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | None, max_bytes: int) -> dict[str, Any]:
     """A caller's inputs as C-contiguous arrays and descriptors; :class:`InvalidRequestError` if not."""
     if inputs is None:
@@ -459,9 +519,13 @@ def check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | Non
                 request_id=request_id,
             )
         if value.dtype == object:
-            raise InvalidRequestError(
-                f"input {name!r} has dtype object, which cannot be sent", operator=operator, request_id=request_id
-            )
+            bad = _not_bytes(value)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"input {name!r} has dtype object holding a {bad}; object tensors may hold only bytes or str",
+                    operator=operator,
+                    request_id=request_id,
+                )
         if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
             value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
         out[name] = value
@@ -508,6 +572,14 @@ def check_outputs(operator: str, request_id: str, outputs: Mapping[str, Any]) ->
                 operator=operator,
                 request_id=request_id,
             )
+        if isinstance(value, np.ndarray) and value.dtype.kind == "O":
+            bad = _not_bytes(value)
+            if bad is not None:
+                raise OperatorError(
+                    f"output {name!r} has dtype object holding a {bad}; object tensors may hold only bytes or str",
+                    operator=operator,
+                    request_id=request_id,
+                )
 
 
 def check_response_parameters(operator: str, request_id: str, parameters: Mapping[str, Any]) -> None:

@@ -188,6 +188,8 @@ class RemoteOperator:
         request_id: str | None = None,
         timeout: float | str | None = USE_DEFAULT,
         fetch: bool | None = None,
+        target: str | None = None,
+        target_lost: str = "error",
     ) -> Any:
         """Send one request and return its response.
 
@@ -196,9 +198,16 @@ class RemoteOperator:
         that every hop honours. ``fetch`` pulls large outputs as arrays (default: yes from a
         client, no inside an operator, where descriptors can be forwarded by reference).
         For a streaming operator, ``infer`` returns the last response that carried outputs.
+
+        ``target`` (a worker address among the operator's hosts) sends the request to that worker
+        instead of the least-loaded one, e.g. for cache affinity; if it hosts the operator no
+        more, ``target_lost="error"`` raises :class:`~tdask.exceptions.OperatorUnavailableError`
+        and ``"fallback"`` serves the request on another host. Honoured by the direct request
+        plane (the default); the queue plane ignores it.
         """
         endpoint = self._endpoint()
-        coro = self._infer(endpoint, inputs, parameters, request_id, timeout, fetch)
+        route = _route(self.name, target, target_lost)
+        coro = self._infer(endpoint, inputs, parameters, request_id, timeout, fetch, route)
         if self._is_blocking(endpoint):
             return endpoint.client.sync(lambda: coro)
         return coro
@@ -211,22 +220,26 @@ class RemoteOperator:
         request_id: str | None = None,
         timeout: float | str | None = USE_DEFAULT,
         fetch: bool | None = None,
+        target: str | None = None,
+        target_lost: str = "error",
     ) -> Any:
         """Send one request and iterate over all its responses (the last one is final).
 
         An async iterator, or a plain iterator from a synchronous client. Leaving the loop early
-        cancels the request.
+        cancels the request. ``target`` and ``target_lost`` route it as in :meth:`infer`.
         """
         endpoint = self._endpoint()
-        call = _Call(self, endpoint, inputs, parameters, request_id, timeout, fetch)
+        call = _Call(
+            self, endpoint, inputs, parameters, request_id, timeout, fetch, _route(self.name, target, target_lost)
+        )
         if self._is_blocking(endpoint):
             return _sync_iter(endpoint.client, call)
         return call
 
     async def _infer(
-        self, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any
+        self, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any, route: Any = None
     ) -> Response:
-        call = _Call(self, endpoint, inputs, parameters, request_id, timeout, fetch)
+        call = _Call(self, endpoint, inputs, parameters, request_id, timeout, fetch, route)
         best: Response | None = None
         async with call:
             async for response in call:
@@ -251,9 +264,18 @@ class _Call(AsyncIterator[Response]):
     """One request in flight: sends it, yields its responses, cancels it if abandoned."""
 
     def __init__(
-        self, op: RemoteOperator, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any
+        self,
+        op: RemoteOperator,
+        endpoint: Any,
+        inputs: Any,
+        parameters: Any,
+        request_id: Any,
+        timeout: Any,
+        fetch: Any,
+        route: tuple[str, str] | None = None,
     ) -> None:
         self.op = op
+        self.route = route
         self.endpoint = endpoint
         self.request_id = request_id if request_id is not None else uuid.uuid4().hex
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -302,6 +324,8 @@ class _Call(AsyncIterator[Response]):
             host_wait_s=settings.unavailable_timeout_s,
             rehost_wait_s=settings.rehost_timeout_s,
         )
+        if self.route is not None:  # only requests that ask for a worker carry these fields
+            request["target"], request["target_lost"] = self.route
         try:
             self.stream = await self.endpoint.plane.submit(request)
         except ValueError as exc:
@@ -418,6 +442,17 @@ class _Call(AsyncIterator[Response]):
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
+
+
+def _route(operator: str, target: str | None, target_lost: str) -> tuple[str, str] | None:
+    """``(target, target_lost)`` checked, or ``None`` for least-loaded routing."""
+    if target_lost not in ("error", "fallback"):
+        raise InvalidRequestError(f"target_lost must be 'error' or 'fallback', got {target_lost!r}", operator=operator)
+    if target is None:
+        return None
+    if not isinstance(target, str) or not target:
+        raise InvalidRequestError(f"target must be a worker address, got {target!r}", operator=operator)
+    return (target, target_lost)
 
 
 def _positive_seconds(timeout: Any, operator: str, request_id: str) -> float:

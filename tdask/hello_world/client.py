@@ -18,15 +18,21 @@ from typing import Any
 import click
 import numpy as np
 from distributed import Client
+from distributed.comm import parse_address
+from distributed.comm.registry import get_backend
 from tqdm.auto import tqdm
 
 from tdask.cli import common_options, configure_logging, install_sigterm_as_interrupt, tls_security
-from tdask.exceptions import TdaskError
+from tdask.config import RequestSettings
+from tdask.exceptions import OperatorUnavailableError, TdaskError
+from tdask.protocol import operator_key
 from tdask.remote import RemoteOperator, Response
+from tdask.request_plane import Registry
 
 logger = logging.getLogger("tdask.hello_world")
 
 OPERATORS = ["encoder_decoder", "encoder", "decoder"]
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(kw_only=True)
@@ -211,6 +217,10 @@ def main(scheduler_address: str | None, log_level: str, encoder_input_copies: in
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except (OSError, TimeoutError, ValueError, TdaskError) as exc:
+        # One line, within seconds: an unreachable scheduler, a wrong protocol, nobody hosting the operator.
+        click.echo(f"tdask client: {scheduler_address}: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
     click.echo(report.summary())
     if report.dashboard_link:
         click.echo(where_to_look(report.dashboard_link))
@@ -220,13 +230,39 @@ def main(scheduler_address: str | None, log_level: str, encoder_input_copies: in
 async def _main(address: str, copies: int, kwargs: dict[str, Any]) -> ClientReport:
     # tls:// addresses take their certificates from Dask's config (distributed.comm.tls.*).
     security = tls_security("tls", temporary=False) if address.startswith("tls://") else None
-    async with Client(address, asynchronous=True, timeout=30, security=security) as client:
+    get_backend(parse_address(address)[0])  # a wrong protocol: ValueError now, before a Client exists
+    try:
+        client = await Client(address, asynchronous=True, timeout=CONNECT_TIMEOUT_S, security=security)
+    except OSError as exc:  # distributed wraps a refused or silent address in OSError after `timeout`
+        raise OSError(f"cannot reach the scheduler within {CONNECT_TIMEOUT_S:g} s ({exc.__class__.__name__})") from None
+    async with client:
+        operator = kwargs.get("operator", "encoder_decoder")
+        await _wait_for_host(client, operator)
         report = await run_clients(client, encoder_input_copies=copies, **kwargs)
         try:
             report.dashboard_link = client.dashboard_link
         except Exception:  # no dashboard on that scheduler
             report.dashboard_link = None
         return report
+
+
+async def _wait_for_host(client: Client, operator: str, wait_s: float | None = None) -> None:
+    """Fail (one line) when no worker hosts ``operator`` within ``wait_s`` s.
+
+    Default: ``tdask.request.unavailable-timeout`` (10 s), the bound every request has anyway; a
+    hand-started cluster whose Triton workers are still loading models sets it higher.
+    """
+    if wait_s is None:
+        wait_s = RequestSettings.read().unavailable_timeout_s
+    registry = Registry(client.scheduler)
+    deadline = time.monotonic() + wait_s
+    while not await registry.hosts(operator_key(operator)):
+        if time.monotonic() >= deadline:
+            raise OperatorUnavailableError(
+                f"no worker hosts operator {operator!r} (waited {wait_s:g} s); is the hello world deployed there?",
+                operator=operator,
+            )
+        await asyncio.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from distributed.core import rpc
 
 from tdask import protocol
 from tdask.config import get_seconds
-from tdask.exceptions import WorkerLostError
+from tdask.exceptions import OperatorUnavailableError, WorkerLostError
 from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_message, check_request
 from tdask.request_plane.base import RequestPlane, ResponseStream, Transport
 from tdask.request_plane.queue import QueueRequestPlane
@@ -172,6 +172,16 @@ class DirectRequestPlane(RequestPlane):
     async def _send_direct(self, request: RequestMsg, hosts: list[str]) -> bool:
         now = time.monotonic()
         candidates = [h for h in hosts if now - self._lost.get(h, -1e9) > _AVOID_LOST_S]
+        target = request.get("target")
+        if target is not None:  # the caller chose a worker (RemoteOperator.infer(target=...))
+            if target in candidates:
+                candidates = [target]
+            elif request.get("target_lost") != "fallback":
+                raise OperatorUnavailableError(
+                    f"target worker {target} does not host {request['operator']} (its hosts: {sorted(hosts)})",
+                    operator=request["operator"],
+                    request_id=request["id"],
+                )
         message = protocol.submit(request)
         while candidates:
             worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
