@@ -199,11 +199,13 @@ class RemoteOperator:
         client, no inside an operator, where descriptors can be forwarded by reference).
         For a streaming operator, ``infer`` returns the last response that carried outputs.
 
-        ``target`` (a worker address among the operator's hosts) sends the request to that worker
-        instead of the least-loaded one, e.g. for cache affinity; if it hosts the operator no
-        more, ``target_lost="error"`` raises :class:`~tdask.exceptions.OperatorUnavailableError`
-        and ``"fallback"`` serves the request on another host. Honoured by the direct request
-        plane (the default); the queue plane ignores it.
+        ``target`` (a worker address or name among the operator's hosts) sends the request to
+        that worker instead of the one the operator's routing policy picks (least-loaded unless
+        declared, see ``OperatorConfig.routing``); if it hosts the operator no more,
+        ``target_lost="error"`` raises :class:`~tdask.exceptions.OperatorUnavailableError` and
+        ``"fallback"`` serves the request on another host. Honoured by the direct request plane
+        (the default); the queue plane refuses it with
+        :class:`~tdask.exceptions.InvalidRequestError`.
         """
         endpoint = self._endpoint()
         route = _route(self.name, target, target_lost)
@@ -451,7 +453,7 @@ def _route(operator: str, target: str | None, target_lost: str) -> tuple[str, st
     if target is None:
         return None
     if not isinstance(target, str) or not target:
-        raise InvalidRequestError(f"target must be a worker address, got {target!r}", operator=operator)
+        raise InvalidRequestError(f"target must be a worker address or name, got {target!r}", operator=operator)
     return (target, target_lost)
 
 

@@ -301,6 +301,7 @@ class OperatorHost(WorkerPlugin):
                 "name": h.config.name,
                 "version": h.config.version,
                 "max_inflight": h.config.max_inflight_requests,
+                "routing": h.config.routing,
             }
             for key, h in serving.hosted.items()
         ]

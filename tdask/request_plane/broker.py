@@ -189,9 +189,21 @@ class RequestBroker(SchedulerPlugin):
         if release_leases:
             self._requeue_leases(worker, lost=False)
 
-    def get_hosts(self, operator: str) -> list[str]:
-        """The workers hosting ``operator`` now (``tdask_hosts``)."""
-        return list(self.hosts.get(operator, {}))
+    def get_hosts(self, operator: str, routing: bool = False) -> list[str] | dict[str, Any]:
+        """The workers hosting ``operator`` now (``tdask_hosts``).
+
+        With ``routing``: ``{"hosts": [...], "routing": <the operator's policy, or None for
+        least-loaded>, "names": {worker name: address}}``, what a direct caller caches.
+        """
+        hosts = self.hosts.get(operator, {})
+        if not routing:
+            return list(hosts)
+        policy = next((info.get("routing") for info in hosts.values()), None)
+        if policy is not None and policy.get("policy") == "least-loaded":
+            policy = None
+        workers = self.scheduler.workers if self.scheduler is not None else {}
+        names = {str(workers[a].name): a for a in hosts if a in workers}
+        return {"hosts": list(hosts), "routing": policy, "names": names}
 
     def get_operators(self) -> dict[str, Any]:
         """The registry, queue depths, counters and worker reports (``tdask_operators``)."""

@@ -21,6 +21,7 @@ per caller instead of global.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -45,7 +46,7 @@ from tdask.request_plane.wire import open_session as open_wire
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DirectRequestPlane", "DirectServer"]
+__all__ = ["DirectRequestPlane", "DirectServer", "order_hosts"]
 
 # A worker whose session just closed is most likely dead: the registry may list it until the
 # scheduler notices, and dialing it would stall for the connect timeout.
@@ -155,6 +156,7 @@ class DirectRequestPlane(RequestPlane):
             raise ValueError(f"request id {request_id!r} is already in flight")
         hosts = await self.registry.hosts(request["operator"])
         if not hosts:
+            _untarget(request, hosts)
             return await self.fallback.submit(request, stream)  # the broker waits for a host, or fails clearly
         stream = stream or ResponseStream(request_id)
         self._streams[request_id] = stream
@@ -166,6 +168,7 @@ class DirectRequestPlane(RequestPlane):
             raise
         if not sent:
             del self._streams[request_id]
+            _untarget(request, hosts)
             return await self.fallback.submit(request, stream)
         return stream
 
@@ -173,18 +176,30 @@ class DirectRequestPlane(RequestPlane):
         now = time.monotonic()
         candidates = [h for h in hosts if now - self._lost.get(h, -1e9) > _AVOID_LOST_S]
         target = request.get("target")
+        ordered = False  # True: try the candidates in their order (a target, or the operator's policy)
         if target is not None:  # the caller chose a worker (RemoteOperator.infer(target=...))
+            if target not in hosts:  # a worker name rather than an address?
+                target = self.registry.address_of(request["operator"], target) or target
             if target in candidates:
                 candidates = [target]
+                ordered = True
             elif request.get("target_lost") != "fallback":
                 raise OperatorUnavailableError(
-                    f"target worker {target} does not host {request['operator']} (its hosts: {sorted(hosts)})",
+                    f"target worker {request['target']} does not host {request['operator']} "
+                    f"(its hosts: {sorted(hosts)})",
                     operator=request["operator"],
                     request_id=request["id"],
                 )
+        else:
+            policy = self.registry.routing(request["operator"])  # None (least-loaded) unless declared
+            if policy is not None:
+                ordered = order_hosts(policy, candidates, request.get("parameters"))
         message = protocol.submit(request)
         while candidates:
-            worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
+            if ordered:
+                worker = candidates[0]
+            else:
+                worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
             # Count it before awaiting the connection, so that concurrent submits spread.
             self._ticks += 1
             self._last_used[worker] = self._ticks
@@ -242,7 +257,10 @@ class DirectRequestPlane(RequestPlane):
         if stream is None:
             return
         try:
+            _untarget(request, [])
             await self.fallback.submit(request, stream)
+        except OperatorUnavailableError as exc:
+            stream.deliver(protocol.error_reply(request["id"], exc))
         except Exception as exc:
             stream.deliver(protocol.error_reply(request["id"], WorkerLostError(f"could not re-send: {exc}")))
 
@@ -315,6 +333,44 @@ class DirectRequestPlane(RequestPlane):
                 protocol.error_reply(request_id, {"type": "TdaskError", "message": "the request plane was closed"})
             )
         await self.fallback.aclose()
+
+
+def _untarget(request: RequestMsg, hosts: list[str]) -> None:
+    """Drop a request's target before it goes through the broker, which routes by load only.
+
+    Raises :class:`OperatorUnavailableError` instead when the caller wanted an error rather
+    than another worker (``target_lost="error"``).
+    """
+    target = request.pop("target", None)
+    target_lost = request.pop("target_lost", None)
+    if target is not None and target_lost != "fallback":
+        raise OperatorUnavailableError(
+            f"target worker {target} cannot be reached for {request['operator']} (its hosts: {sorted(hosts)})",
+            operator=request["operator"],
+            request_id=request["id"],
+        )
+
+
+def order_hosts(policy: dict[str, Any], hosts: list[str], parameters: dict[str, Any] | None) -> bool:
+    """Order ``hosts`` in place by an operator's routing policy, best first; False: use least-loaded.
+
+    ``pinned``: sorted, so every caller picks the same first host and fails over to the same
+    next one. ``hash``: rendezvous (highest random weight) hashing of the request parameter's
+    value with each host, so a key keeps its host while that host is up, and a host leaving (or
+    joining) moves only its own keys. A request without the parameter goes least-loaded.
+    """
+    kind = policy.get("policy")
+    if kind == "pinned":
+        hosts.sort()
+        return True
+    if kind == "hash":
+        value = (parameters or {}).get(policy["parameter"])
+        if value is None:
+            return False
+        key = repr(value).encode()
+        hosts.sort(key=lambda host: hashlib.blake2b(key + b"@" + host.encode(), digest_size=8).digest(), reverse=True)
+        return True
+    return False
 
 
 # -- the worker's half ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 from distributed.comm.core import CommClosedError
 
 from tdask import protocol
+from tdask.exceptions import InvalidRequestError
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
 from tdask.request_plane.base import RequestPlane, ResponseStream
 from tdask.request_plane.registry import Registry
@@ -170,6 +171,13 @@ class QueueRequestPlane(RequestPlane):
         request_id = request["id"]
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        if request.get("target") is not None:
+            raise InvalidRequestError(
+                f"target={request['target']!r}: the queue plane routes by load only and cannot send a request "
+                "to a chosen worker (use tdask.request.plane: direct, the default)",
+                operator=request["operator"],
+                request_id=request_id,
+            )
         session = await self.broker.ensure()
         stream = stream or ResponseStream(request_id)
         self._streams[request_id] = stream

@@ -34,6 +34,10 @@ class Registry:
         self.scheduler = scheduler
         self._broker_ready = False
         self._hosts: dict[str, tuple[float, list[str]]] = {}
+        # Cached with the hosts, read on the caller's hot path: the operator's routing policy
+        # (absent: least-loaded) and its hosts' worker names.
+        self._routing: dict[str, dict[str, Any]] = {}
+        self._names: dict[str, dict[str, str]] = {}
 
     @property
     def address(self) -> str:
@@ -55,10 +59,24 @@ class Registry:
         if cached is not None and now - cached[0] <= _HOSTS_TTL_S:
             return cached[1]
         await self.ensure_broker()
-        hosts = await getattr(self.scheduler, Rpc.HOSTS)(operator=operator_key)
+        answer = await getattr(self.scheduler, Rpc.HOSTS)(operator=operator_key, routing=True)
+        hosts: list[str] = answer["hosts"]
+        if answer["routing"] is None:
+            self._routing.pop(operator_key, None)
+        else:
+            self._routing[operator_key] = answer["routing"]
+        self._names[operator_key] = answer["names"]
         if hosts:  # an empty answer is asked again next time
             self._hosts[operator_key] = (now, hosts)
         return hosts
+
+    def routing(self, operator_key: str) -> dict[str, Any] | None:
+        """The routing policy of ``operator_key`` learnt with its hosts (``None``: least-loaded)."""
+        return self._routing.get(operator_key)
+
+    def address_of(self, operator_key: str, name: str) -> str | None:
+        """The address of the host of ``operator_key`` whose worker name is ``name``, as last learnt."""
+        return self._names.get(operator_key, {}).get(name)
 
     def forget_hosts(self, operator_key: str) -> None:
         """Drop the cached hosts of ``operator_key`` (one of them could not be reached)."""
