@@ -44,8 +44,7 @@ TOP = 15
 BUCKETS: list[tuple[str, re.Pattern[str]]] = [
     ("socket syscalls (send/recv)", re.compile(r"of '_socket\.socket'|write_to_fd|read_from_fd|socket\.py")),
     ("epoll / selector", re.compile(r"selectors\.py|of 'select\.epoll'")),
-    ("msgpack / pickle / dask serialization",
-     re.compile(r"msgpack|pickle|distributed/protocol/|serialize|_pickle")),
+    ("msgpack / pickle / dask serialization", re.compile(r"msgpack|pickle|distributed/protocol/|serialize|_pickle")),
     ("tornado iostream + distributed comm", re.compile(r"tornado/iostream|distributed/comm/")),
     ("distributed rpc core / metrics", re.compile(r"distributed/core\.py|distributed/metrics\.py|distributed/utils")),
     ("grpc / tritonclient", re.compile(r"grpc|tritonclient")),
@@ -107,16 +106,27 @@ def summarize_pstats(stats: pstats.Stats, requests: int) -> dict[str, Any]:
         "thread_cpu_ms_per_request": round(total * per, 3),
         "buckets_pct": {k: round(100 * v / total, 1) for k, v in buckets.most_common()} if total else {},
         "top_self": [
-            {"fn": d, "calls_per_req": round(n / max(requests, 1), 2), "self_ms_per_req": round(t * per, 4),
-             "self_pct": round(100 * t / total, 1)}
+            {
+                "fn": d,
+                "calls_per_req": round(n / max(requests, 1), 2),
+                "self_ms_per_req": round(t * per, 4),
+                "self_pct": round(100 * t / total, 1),
+            }
             for d, n, t, _ in sorted(rows, key=lambda r: -r[2])[:TOP]
         ],
         "top_cumulative": [
-            {"fn": d, "calls_per_req": round(n / max(requests, 1), 2), "cum_ms_per_req": round(c * per, 4),
-             "cum_pct": round(100 * c / total, 1)}
+            {
+                "fn": d,
+                "calls_per_req": round(n / max(requests, 1), 2),
+                "cum_ms_per_req": round(c * per, 4),
+                "cum_pct": round(100 * c / total, 1),
+            }
             for d, n, _, c in sorted(rows, key=lambda r: -r[3])
-            if not re.search(r"runners\.py|base_events\.py|events\.py|<module>|spawn\.py|process\.py|nanny\.py|"
-                             r"compatibility\.py|threading\.py|utils\.py:\d+\(run_loop|wrapper", d)
+            if not re.search(
+                r"runners\.py|base_events\.py|events\.py|<module>|spawn\.py|process\.py|nanny\.py|"
+                r"compatibility\.py|threading\.py|utils\.py:\d+\(run_loop|wrapper",
+                d,
+            )
         ][: TOP * 2],
     }
 
@@ -200,9 +210,21 @@ async def _pyspy_run(out_dir: Path, cluster: Any, call: Any, requests: int, conc
         with open(out_dir / f"{_safe(label)}.pyspy.log", "wb") as err:
             procs[label] = (
                 subprocess.Popen(
-                    [pyspy, "record", "--pid", str(pids[0]), "--rate", str(RATE_HZ), "--nonblocking",
-                     "--format", "raw", "--output", str(path)],
-                    stdout=err, stderr=subprocess.STDOUT,
+                    [
+                        pyspy,
+                        "record",
+                        "--pid",
+                        str(pids[0]),
+                        "--rate",
+                        str(RATE_HZ),
+                        "--nonblocking",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(path),
+                    ],
+                    stdout=err,
+                    stderr=subprocess.STDOUT,
                 ),
                 path,
             )
@@ -318,10 +340,16 @@ def render_profile(profile: dict[str, Any]) -> str:
             for label, s in run["threads"].items():
                 lines = [f"-- {label}: {s['thread_cpu_ms_per_request']} ms thread CPU per request (profiled)"]
                 lines.append("   self time by kind: " + ", ".join(f"{k} {v}%" for k, v in s["buckets_pct"].items()))
-                lines.append("   top self: " + "; ".join(
-                    f"{r['fn']} {r['self_pct']}% ({r['calls_per_req']}/req)" for r in s["top_self"][:8]))
-                lines.append("   top cumulative: " + "; ".join(
-                    f"{r['fn']} {r['cum_pct']}% ({r['calls_per_req']}/req)" for r in s["top_cumulative"][:10]))
+                lines.append(
+                    "   top self: "
+                    + "; ".join(f"{r['fn']} {r['self_pct']}% ({r['calls_per_req']}/req)" for r in s["top_self"][:8])
+                )
+                lines.append(
+                    "   top cumulative: "
+                    + "; ".join(
+                        f"{r['fn']} {r['cum_pct']}% ({r['calls_per_req']}/req)" for r in s["top_cumulative"][:10]
+                    )
+                )
                 parts.append("\n".join(lines))
         else:
             for label, s in run["processes"].items():

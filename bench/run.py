@@ -584,13 +584,9 @@ def render(out: dict[str, Any]) -> str:
         if not s:
             continue
         rows = []
-        ratios = {
-            (r["size"], r["concurrency"], r["round"]): r for r in s.get(f"ratios_tdask_over_{baseline}", [])
-        }
+        ratios = {(r["size"], r["concurrency"], r["round"]): r for r in s.get(f"ratios_tdask_over_{baseline}", [])}
         rounds = len({r["round"] for r in s["runs"]}) > 1
-        for r in sorted(
-            s["runs"], key=lambda r: (r["size"], r["concurrency"], r["round"], r["system"] != "tdask")
-        ):
+        for r in sorted(s["runs"], key=lambda r: (r["size"], r["concurrency"], r["round"], r["system"] != "tdask")):
             ratio = ratios.get((r["size"], r["concurrency"], r["round"]), {}) if r["system"] == "tdask" else {}
             system = f"{r['system']} (round {r['round']})" if rounds else r["system"]
             rows.append([system, r["size"], *_load_columns(r), ratio.get("throughput_ratio"), ratio.get("p50_ratio")])

@@ -111,7 +111,13 @@ def main() -> None:
             sum(p["file_changes"] for p in processes.values()),
         ]
     )
-    print(table("one encoder_decoder request: tdask functions entered", ["process", "functions", "files", "file changes"], rows))  # noqa: T201
+    print(  # noqa: T201
+        table(
+            "one encoder_decoder request: tdask functions entered",
+            ["process", "functions", "files", "file changes"],
+            rows,
+        )
+    )  # noqa: T201
     for name, p in processes.items():
         print(f"\n{name}: " + " -> ".join(p["walk"]))  # noqa: T201
     print(json.dumps({"bench": "trace", **result, "argv": sys.orig_argv}))  # noqa: T201

@@ -166,7 +166,9 @@ def install_sigterm_as_interrupt() -> None:
 
 
 @contextlib.contextmanager
-def deployed(deployment: Deployment, *, interrupted_exit_code: int) -> Iterator[Deployment]:
+def deployed(
+    deployment: Deployment, *, interrupted_exit_code: int, process_log: str | None = None
+) -> Iterator[Deployment]:
     """Start ``deployment``, print where everything runs, and stop it whatever happens.
 
     Ctrl-C or SIGTERM exits with ``interrupted_exit_code``; a start that fails exits with 1 and
@@ -178,8 +180,12 @@ def deployed(deployment: Deployment, *, interrupted_exit_code: int) -> Iterator[
         A deployment not yet started.
     interrupted_exit_code
         The exit status after Ctrl-C or SIGTERM (0 for a command meant to end that way).
+    process_log
+        Also copy this process's ``tdask`` and ``distributed`` log lines (the scheduler's, the
+        callers') into this file of the deployment's log dir, beside the workers' own.
     """
     install_sigterm_as_interrupt()
+    handler = _log_to_file(deployment.log_dir / process_log) if process_log and deployment.log_dir else None
     try:
         deployment.start()
         click.echo(deployment.describe())
@@ -195,6 +201,22 @@ def deployed(deployment: Deployment, *, interrupted_exit_code: int) -> Iterator[
         sys.exit(1)
     finally:
         deployment.close()
+        if handler is not None:
+            for name in ("tdask", "distributed"):
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """Copy this process's ``tdask`` and ``distributed`` log lines into ``path`` (as each worker does)."""
+    import dask.config
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(dask.config.get("distributed.admin.log-format")))
+    for name in ("tdask", "distributed"):
+        logging.getLogger(name).addHandler(handler)
+    return handler
 
 
 def tls_security(protocol: str, *, temporary: bool) -> Any:
@@ -279,6 +301,7 @@ class LazyGroup(click.Group):
         "hello-world": "tdask.hello_world.__main__:main",
         "deploy": "tdask.hello_world.deploy:main",
         "client": "tdask.hello_world.client:main",
+        "gateway": "tdask.gateway.cli:main",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )

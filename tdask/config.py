@@ -92,15 +92,23 @@ class RequestSettings:
         ``dask.config.set`` still applies to the next request and a request pays no parsing.
         """
         tree = dask.config.get("tdask")
-        request, data_plane = tree["request"], tree["data-plane"]
+        request, data_plane = _key(tree, "request"), _key(tree, "data-plane")
         return _request_settings(
-            request["timeout"],
-            request["unavailable-timeout"],
-            request["rehost-timeout"],
-            request["max-retries"],
-            request["max-input-bytes"],
-            data_plane["inline-threshold"],
+            _key(request, "timeout"),
+            _key(request, "unavailable-timeout"),
+            _key(request, "rehost-timeout"),
+            _key(request, "max-retries"),
+            _key(request, "max-input-bytes"),
+            _key(data_plane, "inline-threshold"),
         )
+
+
+def _key(tree: Any, name: str) -> Any:
+    """``tree[name]``, spelt with hyphens or underscores (``DASK_TDASK__...`` variables give underscores)."""
+    try:
+        return tree[name]
+    except KeyError:
+        return tree[name.replace("-", "_")]
 
 
 @functools.lru_cache(maxsize=64)

@@ -188,7 +188,10 @@ class Deployment(SyncMethodMixin):
         """A few lines telling where everything runs (for CLIs)."""
         lines = [f"scheduler: {self.scheduler_address}"]
         if self.dashboard_link:
+            base = self.dashboard_link.rsplit("/status", 1)[0]
             lines.append(f"dashboard: {self.dashboard_link}")
+            lines.append(f"tdask page: {base}/tdask (live: rates, latency, errors, queues, in flight per worker)")
+            lines.append(f"metrics: {base}/metrics (Prometheus, whole cluster; every worker serves its own /metrics)")
         by_name = self.worker_addresses()
         for name, config in self.workers_spec.items():
             lines.append(

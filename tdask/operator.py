@@ -58,6 +58,13 @@ class OperatorConfig:
         model configuration at load (``instance_group``, ``parameters``).
     log_level
         Level of the operator's logger (``tdask.operator.<name>``).
+    routing
+        How callers pick among the operator's workers (see ``docs/design.md``, Routing):
+        ``"least-loaded"`` (the default: the host with the fewest of the caller's requests in
+        flight), ``"pinned"`` (the first of the sorted hosts; the next one when it is gone), or
+        ``"hash:<parameter>"`` / ``{"policy": "hash", "parameter": "<parameter>"}`` (requests with
+        the same value of that request parameter go to the same worker, by rendezvous hashing
+        over the hosts; requests without it go least-loaded). Normalized to a dict.
     """
 
     name: str
@@ -67,8 +74,10 @@ class OperatorConfig:
     max_inflight_requests: int = 1
     parameters: dict[str, Any] = field(default_factory=dict)
     log_level: int | str | None = None
+    routing: str | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        self.routing = routing_policy(self.routing, self.name)
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise ValueError(f"operator name must be a non-empty string without '/': {self.name!r}")
         if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
@@ -128,6 +137,54 @@ class OperatorConfig:
         if not (isinstance(cls, type) and issubclass(cls, Operator)):
             raise TypeError(f"operator {self.name!r}: {impl!r} is not an Operator subclass")
         return cls
+
+
+#: The routing policies an operator may declare (``OperatorConfig.routing``).
+ROUTING_POLICIES = ("least-loaded", "pinned", "hash")
+
+
+def routing_policy(value: str | Mapping[str, Any] | None, operator: str) -> dict[str, Any]:
+    """``OperatorConfig.routing`` in its normal form, ``{"policy": ..., ["parameter": ...]}``.
+
+    Parameters
+    ----------
+    value
+        ``None`` or ``"least-loaded"``, ``"pinned"``, ``"hash:<parameter>"``, or a mapping with
+        ``policy`` (and ``parameter`` for ``"hash"``).
+    operator
+        The operator's name, for error messages.
+
+    Raises
+    ------
+    ValueError
+        An unknown policy, or ``"hash"`` without a parameter name.
+    """
+    if value is None:
+        return {"policy": "least-loaded"}
+    if isinstance(value, str):
+        name, _, param = value.partition(":")
+        spec: dict[str, Any] = {"policy": name}
+        if param:
+            spec["parameter"] = param
+    elif isinstance(value, Mapping):
+        spec = dict(value)
+    else:
+        raise ValueError(f"operator {operator!r}: routing must be a string or a mapping, got {value!r}")
+    policy = spec.get("policy")
+    if policy not in ROUTING_POLICIES:
+        raise ValueError(f"operator {operator!r}: routing policy must be one of {ROUTING_POLICIES}, got {policy!r}")
+    parameter = spec.get("parameter")
+    if policy == "hash":
+        if not isinstance(parameter, str) or not parameter:
+            raise ValueError(
+                f"operator {operator!r}: routing 'hash' needs the request parameter to hash, "
+                f"e.g. 'hash:session_id', got {value!r}"
+            )
+    elif parameter is not None or set(spec) - {"policy"}:
+        raise ValueError(f"operator {operator!r}: routing {policy!r} takes no other keys, got {value!r}")
+    if set(spec) - {"policy", "parameter"}:
+        raise ValueError(f"operator {operator!r}: unknown routing keys {sorted(set(spec) - {'policy', 'parameter'})}")
+    return spec
 
 
 def _import_from(module_name: str, repository: str | None) -> Any:
@@ -260,6 +317,10 @@ class Request:
         self.via_broker = via_broker
         #: The requests executed together with this one (itself included), set by the host.
         self.batch: tuple[Request, ...] = ()
+        #: ``time.perf_counter()`` when it reached its worker and when its batch started, set
+        #: by the host (for its latency metrics).
+        self.arrived = 0.0
+        self.started = 0.0
 
     @property
     def remaining_s(self) -> float | None:

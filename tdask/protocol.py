@@ -21,7 +21,7 @@ submit         request                      caller -> broker or worker
 cancel         request_ids                  caller -> broker or worker
 credit         operator, n                  worker -> broker (free slots)
 respond        responses                    worker -> broker
-stats          stats                        worker -> broker (for the dashboard)
+stats          stats, host                  worker -> broker (metrics: the cluster view, the dashboard)
 requests       operator, requests           broker -> worker (leased requests)
 withdraw       keys ([requester, id] pairs) broker -> worker (cancel leased requests)
 requester-left requester                    broker -> worker (a client closed)
@@ -30,13 +30,17 @@ refused        id                           worker -> caller (not hosted here an
 ============== ============================ ===========================================
 
 Tensors in ``inputs``/``outputs`` are entries made by :func:`encode_tensors`: ``{"nd": [dtype,
-shape, bytes]}`` for numpy arrays, ``{"cu": [dtype, shape, bytes]}`` for small cupy arrays,
-``{"ref": descriptor}`` for a :class:`~tdask.data_plane.RemoteTensor`. Nothing else is decoded:
-tdask's messages never unpickle what a peer sent (:func:`decode_inline`).
+shape, bytes]}`` for numpy arrays, ``{"bt": [shape, bytes]}`` for object arrays of bytes/str
+(Triton's BYTES tensors, in Triton's own length-prefixed serialization: each element a
+little-endian uint32 length then its bytes; they decode as an object array of ``bytes``, and
+always travel inline), ``{"cu": [dtype, shape, bytes]}`` for small cupy arrays, ``{"ref":
+descriptor}`` for a :class:`~tdask.data_plane.RemoteTensor`. Nothing else is decoded: tdask's
+messages never unpickle what a peer sent (:func:`decode_inline`).
 """
 
 from __future__ import annotations
 
+import struct
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, TypedDict
@@ -54,6 +58,7 @@ __all__ = [
     "RequestMsg",
     "ResponseMsg",
     "check_message",
+    "check_shape",
     "operator_key",
 ]
 
@@ -114,6 +119,20 @@ class ProtocolError(ValueError):
     """A peer sent something that is not a tdask message: its connection is closed."""
 
 
+def check_shape(message: Any) -> str:
+    """Return the op of ``message`` if it is shaped as a message (a dict with a str ``op``).
+
+    What the transports check on every incoming message; :func:`check_message` (used by the
+    planes, which know the ops) checks the op and its fields too. Raises :class:`ProtocolError`.
+    """
+    if type(message) is not dict:
+        raise ProtocolError(f"a message must be a dict, got {type(message).__name__}")
+    op = message.get("op")
+    if type(op) is not str:
+        raise ProtocolError("a message needs a str 'op'")
+    return op
+
+
 def check_message(message: Any) -> str:
     """Return the op of ``message``, or raise :class:`ProtocolError` if it is not a valid message.
 
@@ -168,6 +187,9 @@ class RequestMsg(TypedDict, total=False):
     via_broker: bool  # set by the serving worker: leased by the broker (holds a credit)
     nested: bool  # sent from inside an operator (part of a request already being served)
     hosted_before: bool  # the caller knew hosts of its operator (the broker may have restarted)
+    arrived: float  # set by the serving worker while it waits for a slot: time.perf_counter() on arrival
+    target: str  # optional: the worker address the caller chose (direct plane)
+    target_lost: str  # with target: "error" or "fallback" when the target hosts it no more
 
 
 class ResponseMsg(TypedDict):
@@ -281,8 +303,9 @@ def respond(responses: list[ResponseMsg]) -> dict[str, Any]:
     return {"op": Op.RESPOND, "responses": responses}
 
 
-def stats(values: dict[str, Any]) -> dict[str, Any]:
-    return {"op": Op.STATS, "stats": values}
+def stats(values: dict[str, Any], host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per operator ``values`` (``Serving.stats``), and the worker's own (data plane, Triton, time)."""
+    return {"op": Op.STATS, "stats": values, "host": host or {}}
 
 
 def requests(operator: str, leased: list[RequestMsg]) -> dict[str, Any]:
@@ -387,6 +410,8 @@ def encode_inline(array: Any) -> Mapping[str, Any]:
     if known is not None and known[0]() is array and isinstance(array, np.ndarray) and not array.flags.writeable:
         return known[1]  # the array this id named is still alive: the form is its own
     if isinstance(array, np.ndarray):
+        if array.dtype.kind == "O":
+            return {"bt": [list(array.shape), pack_bytes(array)]}
         contiguous = np.require(array, requirements="C")
         form = contiguous.dtype.str if contiguous.dtype.kind in _PLAIN_KINDS else _dtype_form(contiguous.dtype)
         return {"nd": [form, list(contiguous.shape), contiguous.reshape(-1).view(np.uint8).data]}
@@ -398,13 +423,60 @@ def encode_inline(array: Any) -> Mapping[str, Any]:
     raise TypeError(f"cannot send a {type(array).__name__} inline; expected a numpy or cupy array")
 
 
+def pack_bytes(array: np.ndarray) -> bytes:
+    """An object array of ``bytes``/``str`` in Triton's BYTES serialization (no pickle).
+
+    Each element, in C order, is a little-endian uint32 length followed by its bytes (``str``
+    elements are UTF-8 encoded). Raises ``TypeError`` for any other element.
+    """
+    parts: list[bytes] = []
+    pack = struct.Struct("<I").pack
+    for item in array.reshape(-1):
+        if isinstance(item, str):
+            item = item.encode()
+        elif not isinstance(item, bytes):
+            raise TypeError(f"an object tensor may hold only bytes or str, not {type(item).__name__}")
+        parts.append(pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def unpack_bytes(data: Any, shape: list[int]) -> np.ndarray:
+    """Inverse of :func:`pack_bytes`: an object array of ``bytes`` of ``shape``."""
+    view = memoryview(data).cast("B")
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    out = np.empty(count, dtype=object)
+    offset, end = 0, len(view)
+    unpack = struct.Struct("<I").unpack_from
+    for i in range(count):
+        if offset + 4 > end:
+            raise ValueError(f"BYTES tensor truncated: {count} elements announced, {i} found")
+        (length,) = unpack(view, offset)
+        offset += 4
+        if offset + length > end:
+            raise ValueError(f"BYTES tensor truncated: element {i} announces {length} bytes")
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != end:
+        raise ValueError(f"BYTES tensor has {end - offset} bytes after its {count} elements")
+    return out.reshape(shape)
+
+
 def decode_inline(entry: Mapping[str, Any]) -> Any:
     """Inverse of :func:`encode_inline`; refuses anything else (:class:`InvalidRequestError`).
 
-    Only array forms are decoded: a dtype given as plain data, a shape of ints and the bytes.
-    Nothing a peer sends is ever unpickled (Dask's serialization, which pickles types and
-    objects, is not accepted here).
+    Only array forms are decoded: a dtype given as plain data, a shape of ints and the bytes
+    (or, for BYTES tensors, a shape and length-prefixed elements). Nothing a peer sends is ever
+    unpickled (Dask's serialization, which pickles types and objects, is not accepted here).
     """
+    strings = entry.get("bt")
+    if strings is not None:
+        try:
+            return _decode_strings(strings)
+        except Exception as exc:
+            raise InvalidRequestError(f"cannot decode a BYTES tensor: {exc}") from None
     for kind in ("nd", "cu"):
         form = entry.get(kind)
         if form is not None:
@@ -416,8 +488,24 @@ def decode_inline(entry: Mapping[str, Any]) -> Any:
                 raise InvalidRequestError(f"cannot decode an inline tensor: {exc}") from None
     raise InvalidRequestError(
         f"unknown tensor entry {sorted(map(str, entry))[:4]}: tdask accepts only its array forms "
-        "('nd', 'cu', 'ref'); pickled or Dask-serialized objects are refused"
+        "('nd', 'bt', 'cu', 'ref'); pickled or Dask-serialized objects are refused"
     )
+
+
+def _decode_strings(form: Any) -> np.ndarray:
+    if not isinstance(form, (list, tuple)) or len(form) != 2:
+        raise ValueError("expected [shape, bytes]")
+    shape, data = form
+    if not isinstance(shape, (list, tuple)) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"malformed shape {str(shape)[:100]!r}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"the data must be bytes, got {type(data).__name__}")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count * 4 > len(data):  # each element takes at least its 4-byte length
+        raise ValueError(f"{count} elements announced in {len(data)} bytes")
+    return unpack_bytes(data, list(shape))
 
 
 def _decode_array(kind: str, form: Any) -> Any:
@@ -455,7 +543,7 @@ async def encode_tensors(
     for name, value in tensors.items():
         if isinstance(value, RemoteTensor):
             entries[name] = {"ref": value.to_msg()}
-        elif value.nbytes <= threshold:
+        elif value.nbytes <= threshold or value.dtype.kind == "O":  # BYTES tensors always go inline
             entries[name] = encode_inline(value)
         else:
             tensor = await place(value)
@@ -517,6 +605,14 @@ def is_array(value: Any) -> bool:
 _SCALARS = (str, int, float, bool)
 
 
+def _not_bytes(array: np.ndarray) -> str | None:
+    """The type name of the first element of an object array that is neither bytes nor str."""
+    for item in array.reshape(-1):
+        if not isinstance(item, (bytes, str)):
+            return type(item).__name__
+    return None
+
+
 def check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | None, max_bytes: int) -> dict[str, Any]:
     """A caller's inputs as C-contiguous arrays and descriptors; :class:`InvalidRequestError` if not."""
     if inputs is None:
@@ -543,9 +639,13 @@ def check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | Non
                 request_id=request_id,
             )
         if value.dtype == object:
-            raise InvalidRequestError(
-                f"input {name!r} has dtype object, which cannot be sent", operator=operator, request_id=request_id
-            )
+            bad = _not_bytes(value)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"input {name!r} has dtype object holding a {bad}; object tensors may hold only bytes or str",
+                    operator=operator,
+                    request_id=request_id,
+                )
         if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
             value = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
         out[name] = value
@@ -592,6 +692,14 @@ def check_outputs(operator: str, request_id: str, outputs: Mapping[str, Any]) ->
                 operator=operator,
                 request_id=request_id,
             )
+        if isinstance(value, np.ndarray) and value.dtype.kind == "O":
+            bad = _not_bytes(value)
+            if bad is not None:
+                raise OperatorError(
+                    f"output {name!r} has dtype object holding a {bad}; object tensors may hold only bytes or str",
+                    operator=operator,
+                    request_id=request_id,
+                )
 
 
 def check_response_parameters(operator: str, request_id: str, parameters: Mapping[str, Any]) -> None:

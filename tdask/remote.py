@@ -202,6 +202,8 @@ class RemoteOperator:
         request_id: str | None = None,
         timeout: float | str | None = USE_DEFAULT,
         fetch: bool | None = None,
+        target: str | None = None,
+        target_lost: str = "error",
     ) -> Any:
         """Send one request and return its response.
 
@@ -210,12 +212,21 @@ class RemoteOperator:
         that every hop honours. ``fetch`` pulls large outputs as arrays (default: yes from a
         client, no inside an operator, where descriptors can be forwarded by reference).
         For a streaming operator, ``infer`` returns the last response that carried outputs.
+
+        ``target`` (a worker address or name among the operator's hosts) sends the request to
+        that worker instead of the one the operator's routing policy picks (least-loaded unless
+        declared, see ``OperatorConfig.routing``); if it hosts the operator no more,
+        ``target_lost="error"`` raises :class:`~tdask.exceptions.OperatorUnavailableError` and
+        ``"fallback"`` serves the request on another host. Honoured by the direct request plane
+        (the default); the queue plane refuses it with
+        :class:`~tdask.exceptions.InvalidRequestError`.
         """
         endpoint = self._endpoint()
         request_id = uuid.uuid4().hex if request_id is None else request_id
+        route = _route(self.name, target, target_lost)
         if self._is_blocking(endpoint):
             _check_open(endpoint, self.name, request_id)
-            coro = self._infer(endpoint, inputs, parameters, request_id, timeout, fetch)
+            coro = self._infer(endpoint, inputs, parameters, request_id, timeout, fetch, route)
             try:
                 return endpoint.client.sync(lambda: coro)
             except (asyncio.CancelledError, concurrent.futures.CancelledError):
@@ -225,7 +236,7 @@ class RemoteOperator:
                 raise RequestCancelledError(
                     "the request was cancelled in the client's event loop", operator=self.name, request_id=request_id
                 ) from None
-        return self._infer(endpoint, inputs, parameters, request_id, timeout, fetch)
+        return self._infer(endpoint, inputs, parameters, request_id, timeout, fetch, route)
 
     def wait(self, timeout: float | str = 60) -> Any:
         """Wait until a worker hosts this operator; return the addresses of its hosts.
@@ -278,22 +289,26 @@ class RemoteOperator:
         request_id: str | None = None,
         timeout: float | str | None = USE_DEFAULT,
         fetch: bool | None = None,
+        target: str | None = None,
+        target_lost: str = "error",
     ) -> Any:
         """Send one request and iterate over all its responses (the last one is final).
 
         An async iterator, or a plain iterator from a synchronous client. Leaving the loop early
-        cancels the request.
+        cancels the request. ``target`` and ``target_lost`` route it as in :meth:`infer`.
         """
         endpoint = self._endpoint()
-        call = _Call(self, endpoint, inputs, parameters, request_id, timeout, fetch)
+        call = _Call(
+            self, endpoint, inputs, parameters, request_id, timeout, fetch, _route(self.name, target, target_lost)
+        )
         if self._is_blocking(endpoint):
             return _sync_iter(endpoint.client, call)
         return call
 
     async def _infer(
-        self, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any
+        self, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any, route: Any = None
     ) -> Response:
-        call = _Call(self, endpoint, inputs, parameters, request_id, timeout, fetch)
+        call = _Call(self, endpoint, inputs, parameters, request_id, timeout, fetch, route)
         best: Response | None = None
         async with call:
             async for response in call:
@@ -326,9 +341,18 @@ class _Call(AsyncIterator[Response]):
     """One request in flight: sends it, yields its responses, cancels it if abandoned."""
 
     def __init__(
-        self, op: RemoteOperator, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any
+        self,
+        op: RemoteOperator,
+        endpoint: Any,
+        inputs: Any,
+        parameters: Any,
+        request_id: Any,
+        timeout: Any,
+        fetch: Any,
+        route: tuple[str, str] | None = None,
     ) -> None:
         self.op = op
+        self.route = route
         self.endpoint = endpoint
         self.request_id = request_id if request_id is not None else uuid.uuid4().hex
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -358,6 +382,7 @@ class _Call(AsyncIterator[Response]):
         self.cancelled = False  # closed before its final response
         self.yielded = 0
         self.resends = 0
+        self.sent_at = time.perf_counter()  # reset when it is sent, for the DEBUG log lines
 
     def _error(self, cls: type[TdaskError], message: str, worker: str | None = None) -> TdaskError:
         return cls(message, operator=self.op.name, request_id=self.request_id, worker=worker)
@@ -391,7 +416,13 @@ class _Call(AsyncIterator[Response]):
         )
         if self.nested:
             request["nested"] = True
+        if self.route is not None:  # only requests that ask for a worker carry these fields
+            request["target"], request["target_lost"] = self.route
         self.stream = await self.endpoint.plane.submit(request)
+        if logger.isEnabledFor(logging.DEBUG):
+            self.sent_at = time.perf_counter()
+            again = f" again ({self.resends})" if self.resends else ""
+            logger.debug("request %s of %s sent%s", self.request_id, self.op.key, again)
 
     async def __anext__(self) -> Response:
         while True:
@@ -441,6 +472,7 @@ class _Call(AsyncIterator[Response]):
             async with asyncio.timeout(remaining):  # unlike wait_for, no task per wait
                 reply = await self.stream.next()
         except TimeoutError:
+            logger.debug("request %s of %s: no final response within its deadline", self.request_id, self.op.key)
             await self.aclose()
             raise self._error(
                 RequestTimeoutError, f"no final response within the {self.timeout_s:g}s deadline"
@@ -451,6 +483,16 @@ class _Call(AsyncIterator[Response]):
                 self._release_soon()  # never let a release (maybe at a dead owner) hold up a retry
             else:
                 await self._release_inputs(reply)
+            if logger.isEnabledFor(logging.DEBUG):
+                error = reply.get("error")
+                logger.debug(
+                    "request %s of %s answered by %s: %s after %.3f ms",
+                    self.request_id,
+                    self.op.key,
+                    reply.get("worker"),
+                    error["type"] if error else "ok",
+                    (time.perf_counter() - self.sent_at) * 1e3,
+                )
         return reply
 
     def _release_soon(self) -> None:
@@ -519,6 +561,17 @@ class _Call(AsyncIterator[Response]):
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
+
+
+def _route(operator: str, target: str | None, target_lost: str) -> tuple[str, str] | None:
+    """``(target, target_lost)`` checked, or ``None`` for least-loaded routing."""
+    if target_lost not in ("error", "fallback"):
+        raise InvalidRequestError(f"target_lost must be 'error' or 'fallback', got {target_lost!r}", operator=operator)
+    if target is None:
+        return None
+    if not isinstance(target, str) or not target:
+        raise InvalidRequestError(f"target must be a worker address or name, got {target!r}", operator=operator)
+    return (target, target_lost)
 
 
 def _positive_seconds(timeout: Any, operator: str, request_id: str | None) -> float:

@@ -129,6 +129,30 @@ def test_embedded_two_clients(tmp_path):
     _assert_clean(since)
 
 
+def test_one_request_id_through_every_log_and_where_to_look(tmp_path):
+    """--log-level debug: a request's id names it on the caller, on every worker of the pipeline and in Triton's log."""
+    logs = tmp_path / "logs"
+    result = _run(["-m", "tdask.hello_world", *FAST, "--log-level", "debug", "--log-dir", str(logs)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    base = re.search(r"^dashboard: (http://127\.0\.0\.1:\d+)/status$", result.stdout, re.M)
+    assert base, result.stdout
+    # The final report says where to look.
+    assert f"Dashboard: {base.group(1)}/tdask" in result.stdout
+    assert f"Metrics: {base.group(1)}/metrics" in result.stdout
+    assert f"Logs: {logs}" in result.stdout
+    lines = {p.name: [ln for ln in p.read_text().splitlines() if "client0-3" in ln] for p in logs.iterdir()}
+    assert any("request client0-3 of encoder_decoder/1 sent" in ln for ln in lines["client.log"]), lines["client.log"]
+    assert any("answered by" in ln for ln in lines["client.log"])
+    assert any("request client0-3 of encoder_decoder/1 started" in ln for ln in lines["encoder_decoder.0.log"])
+    for name in ("encoder", "decoder"):
+        worker = lines[f"{name}.0.log"]
+        assert any(f"request client0-3:{name}:" in ln and f"of {name}/1 answered: ok" in ln for ln in worker), worker
+        assert lines[f"{name}.0.triton.log"], f"Triton's own log names the request ({name})"
+    for name in ("client.log", "encoder_decoder.0.log", "encoder.0.log", "decoder.0.log"):
+        for ln in lines[name]:  # every line about the request names its operator too
+            assert re.search(r"of (encoder_decoder|encoder|decoder)\b", ln), ln
+
+
 def test_embedded_encoder_only_with_copies(tmp_path):
     since = time.time()
     result = _run(

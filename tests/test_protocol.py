@@ -96,6 +96,13 @@ def test_decoded_tensors_survive_the_round_trip():
     assert outputs["y"] == RemoteTensor("tcp://127.0.0.1:1", "t1", "int64", (2, 3), 48)
 
 
+@pytest.mark.parametrize("message", [[1], "x", {"no": "op"}, {"op": 7}])
+def test_the_transports_refuse_what_is_not_shaped_as_a_message(message):
+    with pytest.raises(ProtocolError):
+        protocol.check_shape(message)
+    assert protocol.check_shape({"op": "anything"}) == "anything"  # the op's meaning is the planes' concern
+
+
 @pytest.mark.parametrize(
     ("message", "why"),
     [
@@ -197,8 +204,9 @@ def test_both_transports_fulfil_one_contract():
             assert callable(getattr(cls, name, None)), f"{cls.__name__} lacks {name}"
 
 
-def test_a_dask_comm_peer_that_breaks_the_protocol_is_disconnected():
-    """A Session (Dask comm) closes the connection of a peer sending a non-message, on real sockets."""
+def test_a_dask_comm_peer_that_sends_a_non_message_is_disconnected():
+    """A Session (Dask comm) closes the connection of a peer sending what is not shaped as a
+    message, on real sockets; what came before it is delivered."""
 
     async def main():
         received = []
@@ -215,7 +223,7 @@ def test_a_dask_comm_peer_that_breaks_the_protocol_is_disconnected():
         try:
             comm = await connect(listener.contact_address)
             await comm.write(msgpack.packb([protocol.refused("ok")], use_bin_type=True))
-            await comm.write(msgpack.packb([{"op": "launch-missiles"}], use_bin_type=True))
+            await comm.write(msgpack.packb([["not", "a", "dict"]], use_bin_type=True))
             closed = await asyncio.wait_for(served, 10)
             await comm.close()
         finally:
@@ -250,6 +258,9 @@ class _Marker:
         ({"nd": [{"evil": 1}, [1], b"\0" * 8]}, "dtype must be"),
         ({"nd": ["<i8", [1]]}, "expected \\[dtype, shape, bytes\\]"),
         ({"nd": ["<i8", [1], "text"]}, "must be bytes"),
+        ({"bt": [[10**9], b"\0" * 8]}, "elements announced"),  # no allocation a peer can inflate
+        ({"bt": [[1], "text"]}, "must be bytes"),
+        ({"bt": [[2], b"\x01\0\0\0a\x09\0\0\0b"]}, "truncated"),
         ({"blob": b"x"}, "unknown tensor entry"),
         ({"ref": {"owner": 1}}, "malformed descriptor"),
         ("not an entry", "not a tensor entry"),
@@ -271,3 +282,42 @@ def test_a_pickled_inline_tensor_is_refused_and_never_unpickled(tmp_path):
         with pytest.raises(InvalidRequestError, match="pickled or Dask-serialized objects are refused"):
             protocol.decode_tensors({"x": entry})
     assert not marker.exists()
+
+
+def test_a_direct_caller_sending_an_unknown_op_is_disconnected():
+    """The worker's direct server knows the ops: a peer that says hello on the wire and then sends
+    a message that is no tdask message loses its connection (a real worker, real sockets)."""
+    import socket
+    import struct
+
+    from distributed import Scheduler, Worker
+
+    from tdask.request_plane.direct import DirectServer
+
+    def frame(messages: list) -> bytes:
+        payload = msgpack.packb(messages, use_bin_type=True)
+        return struct.pack("<I", len(payload)) + payload
+
+    async def main():
+        async with Scheduler(host="127.0.0.1", dashboard_address=":0") as s, Worker(s.address, host="127.0.0.1") as w:
+            submitted = []
+            server = DirectServer(w)
+            server.serve(on_submit=lambda request: submitted.append(request) or True, on_cancel=lambda keys: None)
+            await server.start()
+            host, port = server.wire.address.rsplit(":", 1)
+            loop = asyncio.get_running_loop()
+            sock = socket.create_connection((host, int(port)))
+            sock.setblocking(False)
+            try:
+                hello = protocol.hello("raw-peer", 1)
+                good = protocol.submit({"id": "r1", "operator": "x/1", "inputs": {}, "parameters": {}})
+                await loop.sock_sendall(sock, frame([hello]) + frame([good, {"op": "launch-missiles"}]))
+                closed = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+            finally:
+                sock.close()
+                await server.close()
+            return submitted, closed
+
+    submitted, closed = asyncio.run(main())
+    assert closed == b""  # the worker closed the connection
+    assert [r["id"] for r in submitted] == ["r1"]  # the valid request before it was taken

@@ -29,9 +29,9 @@ def test_tls_end_to_end():
         assert dep.scheduler_address.startswith("tls://127.0.0.1:")
         workers = dep.worker_addresses()
         assert all(addr.startswith("tls://127.0.0.1:") for addr in workers.values()), workers
-        # tdask's wire has no TLS of its own: on tls:// every direct session is a Dask TLS comm.
+        # On tls:// tdask's wire runs over TLS with the cluster's contexts (tests/test_wire.py).
         wires = dep.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct._wire_address())
-        assert set(wires.values()) == {None}, wires
+        assert None not in wires.values(), wires
         big = np.arange(1_000_000)
         response = RemoteOperator("identity", client=dep.client).infer(inputs={"x": big})
         np.testing.assert_array_equal(response.outputs["x"], big)

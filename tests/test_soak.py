@@ -92,7 +92,7 @@ def test_soak_with_worker_kills(record_property, plane):
         f"errors={len(errors)} lost={lost} duplicated={duplicated} retried={counts.get('retried', 0)} "
         f"dropped_stale={counts.get('dropped', 0)} "
         f"rss_before_MB={[round(v / 2**20) for v in rss_before.values()]} "
-        f"rss_after_MB={[round(v / 2**20) for v in rss_after.values()]}"
+        f"rss_after_MB={[round(v / 2**20) for v in rss_after.values()]}",
     )
     assert kills == KILLS
     assert errors == [], errors[:5]

@@ -593,3 +593,25 @@ def test_server_does_not_outlive_its_owner(tmp_path, how):
     )
     # The finalizer (normal exit) or the server's reaper (owner SIGKILLed) removes its regions.
     wait_for(lambda: shm_regions(info["shm"]) == [], timeout=20, message=lambda: f"left: {shm_regions(info['shm'])}")
+
+
+def test_a_server_killed_by_a_signal_while_starting_is_started_again(tmp_path):
+    """A start-up crash by signal (Triton's gRPC poller once aborted on an overloaded host) is not
+    a configuration error: the server is started again. The binary here is the real one behind a
+    wrapper that aborts itself on its first run."""
+    import dataclasses
+
+    bundled = find_tritonserver()
+    marker = tmp_path / "aborted-once"
+    wrapper = tmp_path / "tritonserver"
+    wrapper.write_text(
+        f'#!/bin/sh\nif [ ! -e "{marker}" ]; then touch "{marker}"; kill -ABRT $$; fi\nexec "{bundled.path}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    server = start_server(tmp_path, "twice", models=("encoder",), binary=dataclasses.replace(bundled, path=wrapper))
+    try:
+        assert marker.exists() and server.is_alive()
+        log = server.log_path.read_text()
+        assert log.count("--- tdask: starting Triton server 'twice'") == 2
+    finally:
+        asyncio.run(server.stop())

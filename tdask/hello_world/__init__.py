@@ -9,6 +9,7 @@ tdask command come from :mod:`tdask.cli`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
@@ -50,8 +51,14 @@ def hello_world_operators(
     encoder_input_copies: int = 1,
     log_level: str | None = None,
     model_repository: str = MODEL_REPOSITORY,
+    operator_repository: str | None = None,
 ) -> list[tuple[OperatorConfig, int]]:
-    """Return the three operators of the hello world, with their worker counts."""
+    """Return the three operators of the hello world, with their worker counts.
+
+    ``model_repository`` holds the ``encoder`` and ``decoder`` Triton models; with
+    ``operator_repository``, ``encoder_decoder`` is the class ``EncoderDecoder`` of its
+    ``encoder_decoder.py`` instead of tdask's own.
+    """
 
     def triton(name: str, group: TritonGroup, parameters: dict[str, str]) -> tuple[OperatorConfig, int]:
         config = {
@@ -80,7 +87,12 @@ def hello_world_operators(
         (
             OperatorConfig(
                 name="encoder_decoder",
-                implementation="tdask.hello_world.operators:EncoderDecoder",
+                implementation=(
+                    "encoder_decoder:EncoderDecoder"
+                    if operator_repository
+                    else "tdask.hello_world.operators:EncoderDecoder"
+                ),
+                repository=operator_repository,
                 max_inflight_requests=encoder_decoders.max_inflight,
                 log_level=log_level,
             ),
@@ -110,6 +122,19 @@ def _triton_group(ctx: click.Context, param: click.Parameter, value: tuple[Any, 
 
 def _python_group(ctx: click.Context, param: click.Parameter, value: tuple[int, int]) -> PythonGroup:
     return PythonGroup(workers=_positive("N", value[0]), max_inflight=_positive("MAX_INFLIGHT", value[1]))
+
+
+def _model_repository(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    missing = [m for m in ("encoder", "decoder") if not os.path.isfile(os.path.join(value, m, "config.pbtxt"))]
+    if missing:
+        raise click.BadParameter(f"{value} has no {' or '.join(f'{m}/config.pbtxt' for m in missing)}")
+    return os.path.abspath(value)
+
+
+def _operator_repository(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not os.path.isfile(os.path.join(value, "encoder_decoder.py")):
+        raise click.BadParameter(f"{value} has no encoder_decoder.py (defining class EncoderDecoder)")
+    return None if value is None else os.path.abspath(value)
 
 
 def _non_negative(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -178,6 +203,24 @@ def deployment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             callback=_at_least_one,
             help="How many times the encoder tiles its input.",
+        ),
+    ]
+    options += [
+        click.option(
+            "--triton-core-models",
+            "model_repository",
+            type=click.Path(exists=True, file_okay=False),
+            default=MODEL_REPOSITORY,
+            show_default="tdask's own",
+            callback=_model_repository,
+            help="Triton model repository holding the encoder and decoder models.",
+        ),
+        click.option(
+            "--operator-repository",
+            type=click.Path(exists=True, file_okay=False),
+            default=None,
+            callback=_operator_repository,
+            help="Directory of Python operators: encoder_decoder is EncoderDecoder of its encoder_decoder.py.",
         ),
     ]
     fn = cluster_options(fn)  # --log-dir, --clear-logs, --protocol, --dashboard-address, after these

@@ -10,7 +10,7 @@ import click
 
 from tdask.cli import common_options, deployed
 from tdask.hello_world import deployment_options
-from tdask.hello_world.client import ClientReport, client_options, run_clients
+from tdask.hello_world.client import ClientReport, client_options, run_clients, where_to_look
 from tdask.hello_world.deploy import build_deployment
 
 
@@ -30,7 +30,7 @@ def main(
     """Run the whole hello world: exit code 0 only when every response was correct."""
     # Everything runs in this process tree, so a throw-away certificate is enough for TLS.
     deployment = build_deployment(**deploy_kwargs, temporary_tls=True)
-    with deployed(deployment, interrupted_exit_code=130):
+    with deployed(deployment, interrupted_exit_code=130, process_log="client.log"):
 
         async def run() -> ClientReport:
             from distributed import Client
@@ -49,6 +49,7 @@ def main(
 
         report = asyncio.run(run())
         click.echo(report.summary())
+        click.echo(where_to_look(deployment.dashboard_link, deployment.log_dir, still_up=False))
     sys.exit(0 if report.ok else 1)
 
 

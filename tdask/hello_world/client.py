@@ -18,15 +18,21 @@ from typing import Any
 import click
 import numpy as np
 from distributed import Client
+from distributed.comm import parse_address
+from distributed.comm.registry import get_backend
 from tqdm.auto import tqdm
 
 from tdask.cli import common_options, configure_logging, install_sigterm_as_interrupt, tls_security
-from tdask.exceptions import TdaskError
+from tdask.config import RequestSettings
+from tdask.exceptions import OperatorUnavailableError, TdaskError
+from tdask.protocol import operator_key
 from tdask.remote import RemoteOperator, Response
+from tdask.request_plane import Registry
 
 logger = logging.getLogger("tdask.hello_world")
 
 OPERATORS = ["encoder_decoder", "encoder", "decoder"]
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(kw_only=True)
@@ -39,6 +45,7 @@ class ClientReport:
     latencies_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     workers: dict[str, int] = field(default_factory=dict)
+    dashboard_link: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -64,6 +71,19 @@ class ClientReport:
         ]
         lines += [f"Error: {e}" for e in self.errors[:10]]
         return "\n".join(lines)
+
+
+def where_to_look(dashboard_link: str | None, log_dir: Any = None, *, still_up: bool = True) -> str:
+    """The lines that end a report: tdask's dashboard page, the Prometheus metrics, the logs."""
+    lines = []
+    if dashboard_link:
+        base = dashboard_link.rsplit("/status", 1)[0]
+        up = "" if still_up else " (up while the deployment runs: `tdask deploy` keeps one up)"
+        lines.append(f"Dashboard: {base}/tdask (rates, latency, errors, queues, in flight per worker){up}")
+        lines.append(f"Metrics: {base}/metrics (Prometheus, whole cluster; every worker serves its own /metrics)")
+    if log_dir:
+        lines.append(f"Logs: {log_dir} (one file per worker and process; follow a request id: grep -r client0-0)")
+    return "\n".join(lines)
 
 
 def expected_output(operator: str, data: np.ndarray, copies: int) -> np.ndarray:
@@ -233,7 +253,13 @@ def main(
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except (OSError, TimeoutError, ValueError, TdaskError) as exc:
+        # One line, within seconds: an unreachable scheduler, a wrong protocol, nobody hosting the operator.
+        click.echo(f"tdask client: {scheduler_address}: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
     click.echo(report.summary())
+    if report.dashboard_link:
+        click.echo(where_to_look(report.dashboard_link))
     sys.exit(0 if report.ok else 1)
 
 
@@ -242,22 +268,50 @@ async def _main(
 ) -> ClientReport:
     # tls:// addresses take their certificates from Dask's config (distributed.comm.tls.*).
     security = tls_security("tls", temporary=False) if address.startswith("tls://") else None
-    async with Client(address, asynchronous=True, timeout=30, security=security) as client:
-        if wait_for:
+    get_backend(parse_address(address)[0])  # a wrong protocol: ValueError now, before a Client exists
+    try:
+        client = await Client(address, asynchronous=True, timeout=CONNECT_TIMEOUT_S, security=security)
+    except OSError as exc:  # distributed wraps a refused or silent address in OSError after `timeout`
+        raise OSError(f"cannot reach the scheduler within {CONNECT_TIMEOUT_S:g} s ({exc.__class__.__name__})") from None
+    async with client:
+        if wait_for:  # the operators a cluster started with this client will host: wait for them
             await wait_for_operators(client, wait_for, wait_timeout)
-        return await run_clients(client, encoder_input_copies=copies, **kwargs)
+        operator = kwargs.get("operator", "encoder_decoder")
+        await _wait_for_host(client, operator)
+        report = await run_clients(client, encoder_input_copies=copies, **kwargs)
+        try:
+            report.dashboard_link = client.dashboard_link
+        except Exception:  # no dashboard on that scheduler
+            report.dashboard_link = None
+        return report
+
+
+async def _wait_for_host(client: Client, operator: str, wait_s: float | None = None) -> None:
+    """Fail (one line) when no worker hosts ``operator`` within ``wait_s`` s.
+
+    Default: ``tdask.request.unavailable-timeout`` (10 s), the bound every request has anyway; a
+    hand-started cluster whose Triton workers are still loading models sets it higher.
+    """
+    if wait_s is None:
+        wait_s = RequestSettings.read().unavailable_timeout_s
+    registry = Registry(client.scheduler)
+    deadline = time.monotonic() + wait_s
+    while not await registry.hosts(operator_key(operator)):
+        if time.monotonic() >= deadline:
+            raise OperatorUnavailableError(
+                f"no worker hosts operator {operator!r} (waited {wait_s:g} s); is the hello world deployed there?",
+                operator=operator,
+            )
+        await asyncio.sleep(0.1)
 
 
 async def wait_for_operators(client: Client, operators: list[str], timeout_s: float) -> None:
     """Wait until every one of ``operators`` is hosted, then print which workers host each."""
     deadline = time.monotonic() + timeout_s
     hosts = {}
-    for name in operators:
+    for name in operators:  # an operator not hosted in time: OperatorUnavailableError (one line)
         left = max(deadline - time.monotonic(), 1e-3)
-        try:
-            hosts[name] = await RemoteOperator(name, client=client).wait(timeout=left)
-        except TdaskError as exc:
-            raise click.ClickException(str(exc)) from None
+        hosts[name] = await RemoteOperator(name, client=client).wait(timeout=left)
     assert client.scheduler is not None
     info = await client.scheduler.identity(n_workers=-1)
     names = {addr: str(w.get("name", addr)) for addr, w in info["workers"].items()}

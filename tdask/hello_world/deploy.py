@@ -9,7 +9,14 @@ import click
 
 from tdask.cli import common_options, configure_logging, deployed, prepare_log_dir, tls_security
 from tdask.deployment import Deployment
-from tdask.hello_world import PythonGroup, TritonGroup, check_gpu_request, deployment_options, hello_world_operators
+from tdask.hello_world import (
+    MODEL_REPOSITORY,
+    PythonGroup,
+    TritonGroup,
+    check_gpu_request,
+    deployment_options,
+    hello_world_operators,
+)
 
 
 def build_deployment(
@@ -26,6 +33,8 @@ def build_deployment(
     protocol: str,
     dashboard_address: str,
     log_level: str,
+    model_repository: str = MODEL_REPOSITORY,
+    operator_repository: str | None = None,
     temporary_tls: bool = False,
 ) -> Deployment:
     """Turn the shared flags into a (not yet started) Deployment.
@@ -44,6 +53,8 @@ def build_deployment(
         decoder_delay_per_token=decoder_delay_per_token,
         encoder_input_copies=encoder_input_copies,
         log_level=log_level,
+        model_repository=model_repository,
+        operator_repository=operator_repository,
     )
     return Deployment(
         operators,
@@ -63,7 +74,7 @@ def main(**kwargs: Any) -> None:
     """Deploy encoder, decoder and encoder_decoder, print how to reach them, and wait."""
     deployment = build_deployment(**kwargs)
     # Ctrl-C / SIGTERM is how this command is meant to end: exit code 0.
-    with deployed(deployment, interrupted_exit_code=0):
+    with deployed(deployment, interrupted_exit_code=0, process_log="scheduler.log"):
         click.echo(
             "run the client with:\n"
             f"  python -m tdask.hello_world.client --scheduler-address {deployment.scheduler_address}"

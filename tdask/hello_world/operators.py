@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from tdask.exceptions import TdaskError
 from tdask.operator import Operator, Request
@@ -13,7 +14,9 @@ class EncoderDecoder(Operator):
     """Sends the input to ``encoder``, then the encoder's outputs to ``decoder``, by reference.
 
     The encoder's ``output`` reaches this worker as a descriptor when it is large and is passed
-    on untouched, so its bytes go from the encoder's worker straight to the decoder's.
+    on untouched, so its bytes go from the encoder's worker straight to the decoder's. The calls
+    it makes carry ids that start with its own request's id (``<id>:encoder:<unique>``), so one
+    id can be followed through every log of the pipeline.
     """
 
     async def setup(self) -> None:
@@ -33,11 +36,17 @@ class EncoderDecoder(Operator):
         if "input" not in request.inputs:
             await sender.send(error=request.error(f"missing input 'input' (got {sorted(request.inputs)})"))
             return
+        unique = uuid.uuid4().hex[:8]  # ids are per caller: this worker calls for many requests at once
         try:
-            encoded = await self.encoder.infer(inputs={"input": request.inputs["input"]}, parameters=request.parameters)
+            encoded = await self.encoder.infer(
+                inputs={"input": request.inputs["input"]},
+                parameters=request.parameters,
+                request_id=f"{request.request_id}:encoder:{unique}",
+            )
             decoded = await self.decoder.infer(
                 inputs={"input": encoded.outputs["output"], "input_copies": encoded.outputs["input_copies"]},
                 parameters=request.parameters,
+                request_id=f"{request.request_id}:decoder:{unique}",
             )
         except TdaskError as exc:
             await sender.send(error=exc)

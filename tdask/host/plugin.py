@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,8 +27,10 @@ import dask.config
 from distributed import Worker, WorkerPlugin
 from distributed.core import Status
 
+from tdask import metrics
 from tdask.config import get_seconds
 from tdask.data_plane import RemoteTensor, TensorStore
+from tdask.host.metrics import TritonMetrics, export_worker
 from tdask.host.serving import Hosted, Serving
 from tdask.operator import Operator, OperatorConfig, OperatorContext
 from tdask.protocol import Rpc
@@ -127,6 +130,8 @@ class OperatorHost(WorkerPlugin):
         self._scheduler_lost = False
         self._restart: asyncio.Task[Any] | None = None
         self._log_handler: logging.Handler | None = None
+        self._triton_metrics: TritonMetrics | None = None
+        self._metrics_token: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -206,6 +211,7 @@ class OperatorHost(WorkerPlugin):
         self.direct.serve(on_submit=self.serving.on_direct, on_cancel=self.serving.cancel)
         worker.handlers[Rpc.HOST_STATS] = self.serving.stats
         worker.handle_scheduler = self._handle_scheduler  # type: ignore[method-assign]
+        self._metrics_token = export_worker(lambda: str(worker.name), self._live_metrics)
         await self.direct.start()
         context = OperatorContext(
             worker=worker,
@@ -259,6 +265,8 @@ class OperatorHost(WorkerPlugin):
 
                 server.add_exit_callback(exited)
                 self._triton = server
+                if server.metrics_url is not None:
+                    self._triton_metrics = TritonMetrics(server.metrics_url)
             return self._triton
 
     def _triton_exited(self, returncode: int) -> None:
@@ -295,6 +303,7 @@ class OperatorHost(WorkerPlugin):
                 "name": h.config.name,
                 "version": h.config.version,
                 "max_inflight": h.config.max_inflight_requests,
+                "routing": h.config.routing,
             }
             for key, h in serving.hosted.items()
         ]
@@ -306,14 +315,28 @@ class OperatorHost(WorkerPlugin):
             on_requester_left=self._requester_left,
         )
         serving.grant_all()
-        interval = get_seconds("tdask.worker.report-interval") or 2.0
-        last: dict[str, Any] | None = None
+        interval = get_seconds("tdask.worker.report-interval") or 1.0
+        last: tuple[dict[str, Any], dict[str, Any]] | None = None
         while True:
-            stats = serving.stats()
-            if stats != last:
-                queue.report(stats)
-                last = stats
+            if self._triton_metrics is not None and self._triton is not None and self._triton.is_alive():
+                await self._triton_metrics.refresh()
+            report = (serving.stats(), self._host_metrics(per_model=True))
+            if report != last:
+                queue.report(report[0], {**report[1], "time": time.time(), "interval": interval})
+                last = report
             await asyncio.sleep(interval)
+
+    def _host_metrics(self, *, per_model: bool) -> dict[str, Any]:
+        """The worker's own counters: the tensor store's, and Triton's (per model only, or all)."""
+        host: dict[str, Any] = {"data_plane": self.store.stats() if self.store is not None else {}}
+        triton = self._triton_metrics
+        if triton is not None:
+            host["triton"] = metrics.families_to_msg(triton.per_model() if per_model else triton.families)
+        return host
+
+    def _live_metrics(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What this worker's ``/metrics`` shows now (read at scrape time)."""
+        return self.stats(), self._host_metrics(per_model=False)
 
     async def _handle_scheduler(self, comm: Any) -> None:
         """The worker's stream from the scheduler (replaces ``Worker.handle_scheduler``).
@@ -379,6 +402,9 @@ class OperatorHost(WorkerPlugin):
         if self.store is not None:
             await self.store.close()
         worker.handlers.pop(Rpc.HOST_STATS, None)
+        if self._metrics_token is not None:
+            metrics.remove_source(self._metrics_token)
+            self._metrics_token = None
         if self.direct is not None:
             await self.direct.close()
         self._stop_log_file()

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["dask_setup", "parse_operator_option"]
 
+
 def parse_operator_option(text: str) -> list[OperatorConfig]:
     """Read ``--tdask-operator``: a JSON object or list, or ``@path`` to a JSON/YAML file."""
     if text.startswith("@"):
@@ -73,5 +74,3 @@ async def dask_setup(worker: Worker, operators: tuple[str, ...], log_dir: str | 
         worker.address,
         time.monotonic() - started,
     )
-
-

@@ -21,8 +21,9 @@ from tdask import context, protocol
 from tdask.config import RequestSettings
 from tdask.data_plane import TensorScope, TensorStore
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestCancelledError, TdaskError, error_to_msg
+from tdask.host.metrics import CANCELLED, NOT_ANSWERED, UNDELIVERED, OperatorMetrics
 from tdask.operator import Operator, OperatorConfig, Request
-from tdask.protocol import RequestMsg, ResponseMsg
+from tdask.protocol import RequestMsg, ResponseMsg, operator_key
 from tdask.request_plane import DirectServer, QueueServer
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Hosted:
     started: int = 0
     waiting: deque[RequestMsg] = field(default_factory=deque)  # admitted, no free slot yet
     batches: set[asyncio.Task[None]] = field(default_factory=set)
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
 
 class Serving:
@@ -112,10 +114,13 @@ class Serving:
         The broker never pushes more than the slots granted to it, but direct requests fill
         slots too: nothing ever runs beyond ``max_inflight_requests``.
         """
+        now = time.perf_counter()
         free = hosted.config.max_inflight_requests - hosted.inflight
         if free >= len(requests) and not hosted.waiting:
-            self._start_batch(hosted, requests)
+            self._start_batch(hosted, requests, now)
             return
+        for request in requests:
+            request["arrived"] = now
         hosted.waiting.extend(requests)
         self._start_waiting(hosted)
 
@@ -123,7 +128,7 @@ class Serving:
         free = hosted.config.max_inflight_requests - hosted.inflight
         batch = [hosted.waiting.popleft() for _ in range(min(free, len(hosted.waiting)))]
         if batch:
-            self._start_batch(hosted, batch)
+            self._start_batch(hosted, batch, time.perf_counter())
 
     def grant_all(self) -> None:
         """Give the broker every operator's slots (once, after registering)."""
@@ -136,9 +141,12 @@ class Serving:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _start_batch(self, hosted: Hosted, messages: list[RequestMsg]) -> None:
+    def _start_batch(self, hosted: Hosted, messages: list[RequestMsg], started: float) -> None:
+        """Run ``messages`` as one ``execute`` batch; ``started`` is now (``time.perf_counter()``)."""
         settings = RequestSettings.read()  # once per batch, not per response
+        metrics = hosted.metrics
         requests = []
+        paired = []
         for message in messages:
             request = Request(
                 request_id=message["id"],
@@ -148,21 +156,38 @@ class Serving:
                 parameters=dict(message.get("parameters") or {}),
                 deadline=message.get("deadline"),
                 store=self.store,
-                send=lambda request, response: self._answer(request, response, settings),
+                send=lambda request, response: self._answer(request, response, settings, metrics),
                 requester=message["requester"],
                 via_broker=bool(message.get("via_broker")),
             )
+            request.started = started
+            request.arrived = message.get("arrived", started)
             try:
                 request.inputs = protocol.decode_tensors(message.get("inputs") or {})
             except InvalidRequestError as exc:
                 self._refuse(hosted, request, exc, settings)
                 continue
             requests.append(request)
+            paired.append((message, request))
         if not requests:
             return
         batch = tuple(requests)
-        for request in requests:
+        debug = logger.isEnabledFor(logging.DEBUG)
+        for message, request in paired:
             request.batch = batch
+            arrived = request.arrived
+            metrics.wait.observe(started - arrived)
+            attempt = message.get("attempt")
+            if attempt:
+                metrics.retried += 1
+            if debug:
+                logger.debug(
+                    "request %s of %s started (waited %.3f ms for a slot, attempt %d)",
+                    request.request_id,
+                    hosted.config.key,
+                    (started - arrived) * 1e3,
+                    attempt or 0,
+                )
         hosted.inflight += len(requests)
         hosted.started += len(requests)
         hosted.max_inflight_seen = max(hosted.max_inflight_seen, hosted.inflight)
@@ -210,6 +235,10 @@ class Serving:
                         elif error is None:
                             error = OperatorError("the operator returned without sending a final response")
                         await request.response_sender().send(error=error)
+                else:  # stopped at teardown: handed back unanswered, served again elsewhere
+                    for request in requests:
+                        if not (request.finished or request.cancelled.is_set()):
+                            hosted.metrics.count(NOT_ANSWERED)
             except Exception:
                 logger.exception("answering failed requests of %s failed", hosted.config.key)
             finally:
@@ -235,14 +264,20 @@ class Serving:
         error = InvalidRequestError(exc.message, operator=hosted.config.name, request_id=request.request_id)
         response = {"outputs": {}, "parameters": {}, "error": error, "final": True}
         # A fresh context: this may run while a finishing batch's serving context is current.
-        task = asyncio.create_task(self._answer(request, response, settings), context=contextvars.Context())
+        answer = self._answer(request, response, settings, hosted.metrics)
+        task = asyncio.create_task(answer, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         if request.via_broker:
             self._grant(hosted, 1)
 
-    async def _answer(self, request: Request, response: dict[str, Any], settings: RequestSettings) -> None:
-        """Encode one response (large outputs into the store) and send it back where the request came from."""
+    async def _answer(
+        self, request: Request, response: dict[str, Any], settings: RequestSettings, metrics: OperatorMetrics
+    ) -> None:
+        """Encode one response (large outputs into the store) and send it back where the request came from.
+
+        A final answer is counted by outcome and timed (execute and total latency) once sent.
+        """
         if request.cancelled.is_set():
             return
         error = response["error"]
@@ -252,6 +287,7 @@ class Serving:
             logger.warning(
                 "not answering request %s of %s: this worker is restarting", request.request_id, request.operator
             )
+            metrics.count(NOT_ANSWERED)
             return
         outputs = response["outputs"]
         parameters = response["parameters"]
@@ -286,14 +322,33 @@ class Serving:
             received, serving.scope.tensors = list(serving.scope.tensors.values()), {}
             await self.store.release(received)
         route = self.direct.route(message)
+        error_msg = message["error"]
+        outcome = "ok" if error_msg is None else str(error_msg["type"])
         try:
             if route is not None:
+                await route.drain()  # a caller that reads slower than we answer slows us down
                 route.send(protocol.replies([message]))
-                await route.drain()
             else:
                 self.queue.respond(message)
         except Exception as exc:
-            logger.error("could not deliver response to %s of %s: %s", request.request_id, request.operator, exc)
+            logger.error(
+                "could not deliver response to request %s of %s: %s", request.request_id, request.operator, exc
+            )
+            outcome = UNDELIVERED
+        if final:
+            now = time.perf_counter()
+            metrics.execute.observe(now - request.started)
+            metrics.total.observe(now - request.arrived)
+            metrics.count(outcome)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "request %s of %s/%s answered: %s after %.3f ms here",
+                    request.request_id,
+                    request.operator,
+                    request.version,
+                    outcome,
+                    (now - request.arrived) * 1e3,
+                )
 
     async def _place(self, array: Any) -> Any:
         return self.store.put(array)
@@ -308,6 +363,11 @@ class Serving:
             if dropped:
                 hosted.waiting = deque(m for m in hosted.waiting if (m["requester"], m["id"]) not in wanted)
                 self._grant(hosted, sum(1 for m in dropped if m.get("via_broker")))
+                for message in dropped:
+                    hosted.metrics.count(CANCELLED)
+                    logger.info(
+                        "request %s of %s cancelled by its caller before it started", message["id"], hosted.config.key
+                    )
         self.direct.forget(list(wanted))
         tasks = set()
         for key in wanted:
@@ -315,6 +375,10 @@ class Serving:
             if entry is None:
                 continue
             request, task = entry
+            if not (request.finished or request.cancelled.is_set()):
+                owner = self.hosted.get(operator_key(request.operator, request.version))
+                if owner is not None:
+                    owner.metrics.count(CANCELLED)
             request.cancelled.set()
             logger.info("request %s of %s cancelled by its caller", request.request_id, request.operator)
             tasks.add(task)
@@ -367,7 +431,11 @@ class Serving:
             self.direct.hand_back()
 
     def stats(self) -> dict[str, Any]:
-        """In-flight accounting per operator (``max_inflight_seen`` proves the limit held)."""
+        """In-flight accounting per operator (``max_inflight_seen`` proves the limit held), and its metrics.
+
+        ``outcomes``, ``retried`` and ``latency`` (histogram snapshots: ``wait``, ``execute``,
+        ``total``) are :meth:`OperatorMetrics.snapshot`'s.
+        """
         return {
             key: {
                 "inflight": h.inflight,
@@ -375,6 +443,7 @@ class Serving:
                 "limit": h.config.max_inflight_requests,
                 "started": h.started,
                 "waiting": len(h.waiting),
+                **h.metrics.snapshot(),
             }
             for key, h in self.hosted.items()
         }

@@ -38,6 +38,7 @@ from tdask.exceptions import (
 )
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
 from tdask.request_plane import dashboard
+from tdask.request_plane.metrics import ClusterMetrics
 from tdask.request_plane.session import Session
 
 logger = logging.getLogger(__name__)
@@ -93,12 +94,15 @@ class RequestBroker(SchedulerPlugin):
         # (a tdask worker registers right after its operators started), and when each joined.
         self.registered: set[str] = set()
         self.joined: dict[str, float] = {}
+        # The cluster-wide metrics (the scheduler's /metrics, the dashboard's history).
+        self.metrics = ClusterMetrics(self)
 
     async def start(self, scheduler: Any) -> None:
         """Install the handlers, the unhosted-request check and the ``/tdask`` pages."""
         self.scheduler = scheduler
         now = time.time()
         self.joined = {address: now for address in scheduler.workers}  # joined before the broker
+        self.metrics.start()
         scheduler.handlers.update(
             {
                 Rpc.SESSION: self.session,
@@ -118,6 +122,7 @@ class RequestBroker(SchedulerPlugin):
         if self._checker is not None:
             self._checker.cancel()
             await asyncio.gather(self._checker, return_exceptions=True)
+        await self.metrics.close()
         for peer in list(self.peers.values()):
             await peer.session.close()
 
@@ -145,7 +150,7 @@ class RequestBroker(SchedulerPlugin):
                     credits.pop(worker, None)
 
     def _on_message(self, requester: str, message: dict[str, Any]) -> None:
-        op = message["op"]
+        op = protocol.check_message(message)
         if op == Op.SUBMIT:
             request = message["request"]
             protocol.check_request(request)
@@ -163,6 +168,7 @@ class RequestBroker(SchedulerPlugin):
             peer = self.peers.get(requester)
             if peer is not None and peer.worker is not None and peer.worker in self.serving:
                 self.worker_stats[peer.worker] = message["stats"]
+                self.metrics.on_report(peer.worker, message["stats"], message.get("host") or {})
         else:
             logger.warning("tdask session %s: unknown message %r", requester, op)
 
@@ -196,9 +202,21 @@ class RequestBroker(SchedulerPlugin):
         if release_leases:
             self._requeue_leases(worker, lost=False)
 
-    def get_hosts(self, operator: str) -> list[str]:
-        """The workers hosting ``operator`` now (``tdask_hosts``)."""
-        return list(self.hosts.get(operator, {}))
+    def get_hosts(self, operator: str, routing: bool = False) -> list[str] | dict[str, Any]:
+        """The workers hosting ``operator`` now (``tdask_hosts``).
+
+        With ``routing``: ``{"hosts": [...], "routing": <the operator's policy, or None for
+        least-loaded>, "names": {worker name: address}}``, what a direct caller caches.
+        """
+        hosts = self.hosts.get(operator, {})
+        if not routing:
+            return list(hosts)
+        policy = next((info.get("routing") for info in hosts.values()), None)
+        if policy is not None and policy.get("policy") == "least-loaded":
+            policy = None
+        workers = self.scheduler.workers if self.scheduler is not None else {}
+        names = {str(workers[a].name): a for a in hosts if a in workers}
+        return {"hosts": list(hosts), "routing": policy, "names": names}
 
     def get_operators(self) -> dict[str, Any]:
         """The registry, queue depths, counters and worker reports (``tdask_operators``)."""
@@ -345,6 +363,7 @@ class RequestBroker(SchedulerPlugin):
 
     def _answer_error(self, request: RequestMsg, error: TdaskError, worker: str | None = None) -> None:
         self.counts["failed"] += 1
+        self.metrics.queue_error(request["operator"], error)
         self._reply(
             protocol.error_reply(
                 request["id"], error, requester=request["requester"], operator=request["operator"], worker=worker
@@ -410,7 +429,9 @@ class RequestBroker(SchedulerPlugin):
         return False
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        """The scheduler removed ``worker``: forget what it hosted, re-serve or answer what it held."""
+        """A worker left: forget it, and re-serve or fail the requests it held."""
+        # Still registered for an operator: it did not leave by unregistering, it was lost.
+        self.metrics.worker_removed(worker, [key for key, hosts in self.hosts.items() if worker in hosts])
         for key, hosts in self.hosts.items():
             hosts.pop(worker, None)
             self.credits[key].pop(worker, None)

@@ -21,6 +21,7 @@ per caller instead of global.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -35,18 +36,18 @@ from distributed.core import send_recv
 from tdask import protocol
 from tdask.config import get_seconds
 from tdask.data_plane import connect_peer, is_gone
-from tdask.exceptions import ClientClosedError, DataPlaneError, TdaskError, WorkerLostError
-from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_request
+from tdask.exceptions import ClientClosedError, DataPlaneError, OperatorUnavailableError, TdaskError, WorkerLostError
+from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_message, check_request
 from tdask.request_plane.base import RequestPlane, ResponseStream, Transport
 from tdask.request_plane.queue import QueueRequestPlane
 from tdask.request_plane.registry import Registry
 from tdask.request_plane.session import Session, open_session
-from tdask.request_plane.wire import WireServer, WireSession, wire_wanted
+from tdask.request_plane.wire import WireServer, WireSession, wire_ssl_context, wire_wanted
 from tdask.request_plane.wire import open_session as open_wire
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DirectRequestPlane", "DirectServer"]
+__all__ = ["DirectRequestPlane", "DirectServer", "order_hosts"]
 
 # A worker whose session just closed is most likely dead: the registry may list it until the
 # scheduler notices, and dialing it would stall for the connect timeout.
@@ -131,7 +132,7 @@ class DirectRequestPlane(RequestPlane):
                 self.requester,
                 lambda message: self._on_worker_message(address, message),
                 timeout=timeout,
-                ssl_context=self.connection_args.get("ssl_context"),
+                ssl_context=wire_ssl_context(address, self.connection_args),
             )
         except (OSError, TimeoutError) as exc:
             logger.warning("cannot reach the wire of %s at %s (%s); using Dask's comm instead", address, wire, exc)
@@ -160,6 +161,7 @@ class DirectRequestPlane(RequestPlane):
             raise ValueError(f"request id {request_id!r} is already in flight")
         hosts = await self.registry.hosts(request["operator"])
         if not hosts:
+            _untarget(request, hosts)
             return await self.fallback.submit(request, stream)  # the broker waits for a host, or fails clearly
         stream = stream or ResponseStream(request_id)
         self._streams[request_id] = stream
@@ -172,21 +174,45 @@ class DirectRequestPlane(RequestPlane):
         if not sent:  # every host known here refused or is gone: the broker waits for a new one
             del self._streams[request_id]
             request["hosted_before"] = True
+            _untarget(request, hosts)
             return await self.fallback.submit(request, stream)
         return stream
 
     async def _send_direct(self, request: RequestMsg, hosts: list[str]) -> bool:
         now = time.monotonic()
         candidates = [h for h in hosts if now - self._lost.get(h, -1e9) > _AVOID_LOST_S and not is_gone(h)]
+        target = request.get("target")
+        ordered = False  # True: try the candidates in their order (a target, or the operator's policy)
+        if target is not None:  # the caller chose a worker (RemoteOperator.infer(target=...))
+            if target not in hosts:  # a worker name rather than an address?
+                target = self.registry.address_of(request["operator"], target) or target
+            if target in candidates:
+                candidates = [target]
+                ordered = True
+            elif request.get("target_lost") != "fallback":
+                raise OperatorUnavailableError(
+                    f"target worker {request['target']} does not host {request['operator']} "
+                    f"(its hosts: {sorted(hosts)})",
+                    operator=request["operator"],
+                    request_id=request["id"],
+                )
+        else:
+            policy = self.registry.routing(request["operator"])  # None (least-loaded) unless declared
+            if policy is not None:
+                ordered = order_hosts(policy, candidates, request.get("parameters"))
         message = protocol.submit(request)
         while candidates:
-            worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
+            if ordered:
+                worker = candidates[0]
+            else:
+                worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
             # Count it before awaiting the connection, so that concurrent submits spread.
             self._ticks += 1
             self._last_used[worker] = self._ticks
             self._load[worker] += 1
             try:
                 session = await self._worker_session(worker)
+                await session.drain()  # a worker that reads slower than we send slows us down
                 session.send(message)
             except (OSError, CommClosedError) as exc:
                 self._load[worker] -= 1
@@ -199,12 +225,11 @@ class DirectRequestPlane(RequestPlane):
                 self._load[worker] -= 1
                 raise
             self._outstanding[request["id"]] = (worker, request, False)
-            await session.drain()
             return True
         return False
 
     def _on_worker_message(self, worker: str, message: dict[str, Any]) -> None:
-        op = message["op"]
+        op = check_message(message)
         if op == Op.REFUSED:
             # The worker does not (or no longer) host it: it is leaving. Another host takes the
             # request; that spends no retry (the worker never ran it).
@@ -260,6 +285,7 @@ class DirectRequestPlane(RequestPlane):
             return
         request["hosted_before"] = True  # it had a host: the broker waits for one to come back
         try:
+            _untarget(request, [])
             await self.fallback.submit(request, stream)
         except TdaskError as exc:
             stream.deliver(protocol.error_reply(request["id"], exc))
@@ -336,6 +362,44 @@ class DirectRequestPlane(RequestPlane):
         await self.fallback.aclose()
 
 
+def _untarget(request: RequestMsg, hosts: list[str]) -> None:
+    """Drop a request's target before it goes through the broker, which routes by load only.
+
+    Raises :class:`OperatorUnavailableError` instead when the caller wanted an error rather
+    than another worker (``target_lost="error"``).
+    """
+    target = request.pop("target", None)
+    target_lost = request.pop("target_lost", None)
+    if target is not None and target_lost != "fallback":
+        raise OperatorUnavailableError(
+            f"target worker {target} cannot be reached for {request['operator']} (its hosts: {sorted(hosts)})",
+            operator=request["operator"],
+            request_id=request["id"],
+        )
+
+
+def order_hosts(policy: dict[str, Any], hosts: list[str], parameters: dict[str, Any] | None) -> bool:
+    """Order ``hosts`` in place by an operator's routing policy, best first; False: use least-loaded.
+
+    ``pinned``: sorted, so every caller picks the same first host and fails over to the same
+    next one. ``hash``: rendezvous (highest random weight) hashing of the request parameter's
+    value with each host, so a key keeps its host while that host is up, and a host leaving (or
+    joining) moves only its own keys. A request without the parameter goes least-loaded.
+    """
+    kind = policy.get("policy")
+    if kind == "pinned":
+        hosts.sort()
+        return True
+    if kind == "hash":
+        value = (parameters or {}).get(policy["parameter"])
+        if value is None:
+            return False
+        key = repr(value).encode()
+        hosts.sort(key=lambda host: hashlib.blake2b(key + b"@" + host.encode(), digest_size=8).digest(), reverse=True)
+        return True
+    return False
+
+
 # -- the worker's half ---------------------------------------------------------------------
 
 SubmitHandler = Callable[[RequestMsg], bool]
@@ -384,7 +448,7 @@ class DirectServer:
         """Listen for direct callers on the wire, on the host of the worker's own address."""
         wire = WireServer(self._accept_wire)
         port = int(dask.config.get("tdask.worker.wire-port") or 0)
-        ssl_context = self.worker.security.get_listen_args("worker").get("ssl_context")
+        ssl_context = wire_ssl_context(self.worker.address, self.worker.security.get_listen_args("worker"))
         try:
             await wire.start(get_address_host(self.worker.address), port, ssl_context=ssl_context)
         except OSError as exc:
@@ -426,7 +490,7 @@ class DirectServer:
                 self._on_cancel([list(key) for key in gone])
 
     def _on_message(self, session: Transport, requester: str, message: dict[str, Any]) -> None:
-        op = message["op"]
+        op = check_message(message)
         if op == Op.SUBMIT:
             request = message["request"]
             check_request(request)

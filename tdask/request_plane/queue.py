@@ -22,7 +22,7 @@ from distributed.comm.core import CommClosedError
 
 from tdask import protocol
 from tdask.config import get_seconds
-from tdask.exceptions import ClientClosedError, SchedulerLostError, TdaskError
+from tdask.exceptions import ClientClosedError, InvalidRequestError, SchedulerLostError, TdaskError
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
 from tdask.request_plane.base import RequestPlane, ResponseStream
 from tdask.request_plane.registry import Registry
@@ -125,7 +125,7 @@ class BrokerSession:
             self.on_lost()
 
     def _on_message(self, message: dict[str, Any]) -> None:
-        op = message["op"]
+        op = protocol.check_message(message)
         if op == Op.REPLIES:
             if self.on_replies is not None:
                 self.on_replies(message["replies"])
@@ -180,6 +180,13 @@ class QueueRequestPlane(RequestPlane):
         request_id = request["id"]
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        if request.get("target") is not None:
+            raise InvalidRequestError(
+                f"target={request['target']!r}: the queue plane routes by load only and cannot send a request "
+                "to a chosen worker (use tdask.request.plane: direct, the default)",
+                operator=request["operator"],
+                request_id=request_id,
+            )
         session = await self.broker.ensure()
         stream = stream or ResponseStream(request_id)
         self._streams[request_id] = stream
@@ -273,10 +280,10 @@ class QueueServer:
         """Send a response to the broker (which relays it to its requester)."""
         self.broker.send(protocol.respond([response]))
 
-    def report(self, stats: dict[str, Any]) -> None:
-        """Publish this worker's serving counters (the scheduler's ``/tdask`` page)."""
+    def report(self, stats: dict[str, Any], host: dict[str, Any] | None = None) -> None:
+        """Publish this worker's serving counters and metrics (the scheduler's ``/metrics`` and ``/tdask``)."""
         if self.broker.is_open:
-            self.broker.send(protocol.stats(stats))
+            self.broker.send(protocol.stats(stats, host))
 
     async def unregister(self, *, release_leases: bool) -> None:
         """Stop being given requests; with ``release_leases``, hand back what this worker holds."""

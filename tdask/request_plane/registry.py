@@ -44,6 +44,10 @@ class Registry:
         self._hosts: dict[str, tuple[float, list[str]]] = {}
         # While the scheduler cannot be reached: when to ask it again (hosts come from the cache).
         self._retry_at = 0.0
+        # Cached with the hosts, read on the caller's hot path: the operator's routing policy
+        # (absent: least-loaded) and its hosts' worker names.
+        self._routing: dict[str, dict[str, Any]] = {}
+        self._names: dict[str, dict[str, str]] = {}
 
     @property
     def address(self) -> str:
@@ -97,7 +101,7 @@ class Registry:
         if cached is not None and (now - cached[0] <= _HOSTS_TTL_S or now < self._retry_at):
             return cached[1]
         try:
-            hosts = await self._broker_call(Rpc.HOSTS, operator=operator_key)
+            answer = await self._broker_call(Rpc.HOSTS, operator=operator_key, routing=True)
         except OSError as exc:
             self._retry_at = now + _HOSTS_TTL_S
             if cached is not None:
@@ -114,10 +118,24 @@ class Registry:
                 "is known here"
             ) from None
         self._retry_at = 0.0
+        hosts: list[str] = answer["hosts"]
+        if answer["routing"] is None:
+            self._routing.pop(operator_key, None)
+        else:
+            self._routing[operator_key] = answer["routing"]
+        self._names[operator_key] = answer["names"]
         if hosts:  # an empty answer is asked again next time
             self._hosts[operator_key] = (now, hosts)
             forget_gone(hosts, older_than=_GONE_STALE_S)
         return list(hosts or [])
+
+    def routing(self, operator_key: str) -> dict[str, Any] | None:
+        """The routing policy of ``operator_key`` learnt with its hosts (``None``: least-loaded)."""
+        return self._routing.get(operator_key)
+
+    def address_of(self, operator_key: str, name: str) -> str | None:
+        """The address of the host of ``operator_key`` whose worker name is ``name``, as last learnt."""
+        return self._names.get(operator_key, {}).get(name)
 
     def forget_hosts(self, operator_key: str) -> None:
         """Drop the cached hosts of ``operator_key`` (one of them could not be reached)."""

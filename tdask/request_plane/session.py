@@ -16,7 +16,7 @@ import msgpack
 from distributed.comm.core import CommClosedError
 
 from tdask.data_plane import connect_peer
-from tdask.protocol import ProtocolError, check_message
+from tdask.protocol import ProtocolError, check_shape
 from tdask.request_plane.base import MessageHandler
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Session:
                 if isinstance(frame, bytes):
                     frame = msgpack.unpackb(frame, raw=False, use_list=False, strict_map_key=False)
                 for message in frame if isinstance(frame, (list, tuple)) else [frame]:
-                    check_message(message)
+                    check_shape(message)
                     try:
                         self._on_message(message)
                     except ProtocolError:

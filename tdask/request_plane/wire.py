@@ -1,4 +1,4 @@
-"""The wire: a lean message transport for direct request sessions on plain-TCP clusters.
+"""The wire: a lean message transport for direct request sessions on ``tcp://`` and ``tls://`` clusters.
 
 Why it exists: a direct-plane request crosses processes twice per hop (six times through the
 hello world's ``encoder_decoder``), each crossing a one-way message of a few hundred bytes. On
@@ -10,144 +10,329 @@ callback itself; a lone message is written at once, and messages that pile up (u
 together, one write per loop iteration.
 
 What does not change: the scheduler sessions, every RPC, and the data plane (tensors above the
-inline threshold) stay on Dask's comm; clusters on ``tls://`` or ``ucx://`` use Dask's comm for
-direct sessions too (:func:`wire_wanted`), as does everyone with
-``tdask.request.direct-transport: dask``. A worker that cannot be reached on its wire port is
-reached over Dask's comm instead.
+inline threshold) stay on Dask's comm; ``ucx://`` clusters use Dask's comm for direct sessions
+too (:func:`wire_wanted`), as does everyone with ``tdask.request.direct-transport: dask``. A
+worker that cannot be reached on its wire port is reached over Dask's comm instead. On
+``tls://`` clusters the wire runs over TLS with the cluster's own Dask security contexts
+(:func:`wire_ssl_context`): mutual authentication, exactly as on Dask's comm.
 
-Format: each frame is a 4-byte little-endian length and a msgpack list of messages (dicts).
-The caller's first message is ``{"op": "hello", "wire": WIRE_VERSION, "requester": ...}``;
-anything else, or a first frame above 64 KiB, closes the connection. Like Dask's ``tcp://``
-comm, the wire has no authentication: clusters that need it use TLS, where it stays off.
+Format: each frame is a 4-byte little-endian length and a msgpack list of messages, each a dict
+whose ``"op"`` is a str. The caller's first message is ``{"op": "hello", "wire": WIRE_VERSION,
+"requester": ...}``. Anything else closes the connection, with a warning naming the peer.
+
+Limits (``tdask.wire.*``, docs/design.md): a connection must say hello within
+``hello-timeout``, in a first frame of at most 64 KiB; a worker holds at most
+``max-connections``; no frame is above ``max-frame`` (a header announcing more closes the
+connection before its payload is read; :meth:`WireSession.send` refuses a larger message with
+:class:`MessageTooLargeError` and splits batches); a peer that stops reading pauses the session
+(writers that can wait ``await session.drain()``), and one that lets ``max-buffer`` bytes pile
+up is cut off. Sockets get Dask's TCP keepalive and ``TCP_USER_TIMEOUT``
+(``distributed.comm.timeouts.tcp``), so a peer that vanishes is noticed as on Dask's comm.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from types import SimpleNamespace
+from typing import Any, cast
 
 import dask.config
 import msgpack
 from distributed.comm import parse_address
 from distributed.comm.core import CommClosedError
+from distributed.comm.tcp import set_tcp_timeout
+
+from tdask.config import get_bytes, get_seconds
+from tdask.protocol import ProtocolError, check_shape
+from tdask.request_plane.base import MessageHandler
 
 logger = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
-_HEADER = struct.Struct("<I")
-_MAX_FRAME = 2**32 - 1
-_MAX_HELLO = 64 * 1024
+_HEADER = struct.Struct("<I")  # a frame's length
+_HEADER_SMALL = struct.Struct("<IB")  # a frame's length and a msgpack fixarray header (< 16 items)
+_MAX_HELLO = 64 * 1024  # the first frame, before the peer said who it is
+# The transport's own write buffer, above the kernel's (~4 MiB on loopback): past this, writing
+# pauses and messages wait in the session's queue, where they are counted against max-buffer.
+_TRANSPORT_HIGH = 256 * 1024
+_TRANSPORT_LOW = 64 * 1024
+_HANDSHAKE_TIMEOUT = 60.0  # asyncio's default TLS handshake timeout, used when hello-timeout is null
+_READ_SIZE = 64 * 1024  # a session's receive buffer; it grows for a larger frame
+_MIN_READ = 16 * 1024  # room left for the next read, or the buffer is compacted
+_KEEP_READ = 1024 * 1024  # buffers grown past this are dropped once empty
+_PACK_SIZE = 16 * 1024  # the packer's initial buffer (msgpack's default is 256 KiB)
+_LOG_EVERY = 60.0  # seconds between two warnings of one kind from one server (refusals, silent peers)
 
 
-class WireProtocolError(ValueError):
+class WireProtocolError(ProtocolError):
     """The peer does not speak this wire (a bad hello): the connection is closed."""
 
 
-MessageHandler = Callable[[dict[str, Any]], None]
+class MessageTooLargeError(ValueError):
+    """A message does not fit in one wire frame (``tdask.wire.max-frame``); nothing was sent."""
+
+
 # Called with a new session and its requester's name; returns the handler of its messages.
 AcceptHandler = Callable[["WireSession", str], MessageHandler]
 
 
 def wire_wanted(address: str) -> bool:
-    """Whether direct sessions to/from ``address`` should use the wire (plain TCP only)."""
+    """Whether direct sessions to/from ``address`` should use the wire.
+
+    Parameters
+    ----------
+    address : str
+        A Dask address (``tcp://host:port``).
+
+    Returns
+    -------
+    bool
+        True on ``tcp://`` and ``tls://`` unless ``tdask.request.direct-transport`` is ``dask``.
+    """
     if dask.config.get("tdask.request.direct-transport") != "wire":
         return False
     try:
-        return parse_address(address)[0] == "tcp"
+        return parse_address(address)[0] in ("tcp", "tls")
     except ValueError:
         return False
 
 
-class WireSession(asyncio.Protocol):
-    """One connection carrying one-way messages both ways; the same surface as
-    :class:`tdask.request_plane.Session` (``send``, ``closed``, ``read_forever``, ``close``)."""
+def wire_ssl_context(address: str, args: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context of the wire next to ``address``: the cluster's own on ``tls://``, else None.
+
+    Parameters
+    ----------
+    address : str
+        The worker's Dask address; its scheme decides, so both ends agree.
+    args : Mapping
+        ``security.get_listen_args("worker")`` on the worker, the caller's ``connection_args``.
+
+    Returns
+    -------
+    ssl.SSLContext or None
+        Dask's context (mutual authentication, no hostname check) on ``tls://``; None on ``tcp://``.
+
+    Raises
+    ------
+    ValueError
+        On ``tls://`` without a context: the wire never falls back to plain TCP there.
+    """
+    if parse_address(address)[0] != "tls":
+        return None
+    context = args.get("ssl_context")
+    if not isinstance(context, ssl.SSLContext):
+        raise ValueError(f"{address} is a TLS address, but no ssl_context came with its security settings")
+    return context
+
+
+def _set_keepalive(transport: asyncio.BaseTransport) -> None:
+    """TCP keepalive and ``TCP_USER_TIMEOUT`` exactly as Dask's comm sets them (``timeouts.tcp``)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        # distributed's helper wants a Tornado stream: it only asks closed() and .socket.
+        set_tcp_timeout(SimpleNamespace(closed=lambda: False, socket=sock))
+    except AssertionError:  # distributed.comm.timeouts.tcp below 11 s: Dask's comm refuses it too
+        logger.warning("wire: distributed.comm.timeouts.tcp is too low for TCP keepalive; not set")
+
+
+def _array_head(count: int) -> bytes:
+    """The msgpack header of an array of ``count`` items."""
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 0x10000:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def _preview(obj: object) -> str:
+    text = repr(obj)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+class WireSession(asyncio.BufferedProtocol):
+    """One connection carrying one-way messages both ways (a :class:`~tdask.request_plane.base.Transport`).
+
+    Parameters
+    ----------
+    name : str
+        For log lines.
+    on_message : callable, optional
+        Called with every incoming message, in the event loop's read callback. None: the
+        server installs its hello handler, and the first frame is limited to 64 KiB.
+    on_close : callable, optional
+        Called once the connection is lost.
+
+    Attributes
+    ----------
+    peer : str
+        ``host:port`` of the other end, once connected (for log lines).
+    """
 
     def __init__(
         self, name: str, on_message: MessageHandler | None = None, on_close: Callable[[], None] | None = None
     ) -> None:
         self.name = name
         self.closed = asyncio.Event()
+        self.peer = "?"
         self._on_close = on_close
-        self._on_message = on_message
+        self._on_message: MessageHandler = on_message if on_message is not None else self._no_handler
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._outbox: list[dict[str, Any]] = []
+        self._outbox: list[bytes] = []  # packed messages, in order
+        self._queued = 0  # their bytes
         self._flush_pending = False
         self._last_batch = 0  # messages in the last write: more than one means a burst
         self._paused = False
-        self._buffer = bytearray()
-        self._limit = _MAX_FRAME if on_message is not None else _MAX_HELLO
+        self._resumed = asyncio.Event()  # set unless paused: what drain() waits for
+        self._resumed.set()
+        self._rbuf = bytearray(_READ_SIZE)  # what was read: frames from _rstart to _rend
+        self._rview = memoryview(self._rbuf)
+        self._rstart = self._rend = 0
+        self._need = 0  # bytes of the incomplete frame at _rstart, once its header is read
+        self._max_frame = get_bytes("tdask.wire.max-frame")
+        self._max_buffer = max(get_bytes("tdask.wire.max-buffer"), self._max_frame)
+        self._limit = self._max_frame if on_message is not None else _MAX_HELLO
+        self._packer = msgpack.Packer(use_bin_type=True, buf_size=_PACK_SIZE)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of packed messages waiting in this session (not yet handed to the transport)."""
+        return self._queued
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport  # asyncio sets TCP_NODELAY on TCP sockets itself
+        """Keep the transport; set its write-buffer limits and TCP keepalive."""
+        # No isinstance check: uvloop's transports are not asyncio.Transport subclasses.
+        self._transport = cast(asyncio.Transport, transport)  # asyncio and uvloop set TCP_NODELAY
+        if self.closed.is_set():  # given up on during the TLS handshake (the hello deadline)
+            self._transport.abort()
+            return
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+        self._transport.set_write_buffer_limits(high=_TRANSPORT_HIGH, low=_TRANSPORT_LOW)
+        _set_keepalive(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Mark the session closed, drop what is queued and wake :meth:`drain`."""
         self.closed.set()
         self._outbox.clear()
+        self._queued = 0
+        self._resumed.set()  # wake drain(): the next send() raises
         if self._on_close is not None:
             self._on_close()
 
     def pause_writing(self) -> None:
-        self._paused = True  # the peer reads slower than we write: keep messages here
+        """The transport's buffer is above its high-water mark: keep messages here."""
+        self._paused = True
+        self._resumed.clear()
 
     def resume_writing(self) -> None:
+        """The transport's buffer drained: write what waited and wake :meth:`drain`."""
         self._paused = False
         if self._outbox:
             self._schedule_flush()
+        self._resumed.set()
 
-    def data_received(self, data: bytes) -> None:
-        held = bool(self._buffer)
-        if held:
-            self._buffer += data
-        view = memoryview(self._buffer) if held else memoryview(data)
-        offset, end = 0, len(view)
-        try:
-            while end - offset >= _HEADER.size:
-                (length,) = _HEADER.unpack_from(view, offset)
-                if length > self._limit:
-                    raise ValueError(f"a frame of {length} bytes is above this connection's limit of {self._limit}")
-                start = offset + _HEADER.size
-                if end - start < length:
-                    break
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the next read lands: this session's own buffer, with room for at least 16 KiB."""
+        # Reads land in this session's own buffer: asyncio's plain protocols get a fresh 256 KiB
+        # bytes object per read, which under Dask's MALLOC_TRIM_THRESHOLD_ can cost an
+        # mmap/mremap/munmap per message (measured: ~35 us of worker CPU per request).
+        if len(self._rbuf) - self._rend < _MIN_READ:
+            self._make_room()
+        return self._rview[self._rend :]
+
+    def _make_room(self) -> None:
+        """Move the incomplete frame to the front, into a larger buffer if it needs one."""
+        pending = self._rend - self._rstart
+        size = max(_READ_SIZE, pending + _MIN_READ)
+        if self._need > size:  # a large frame: its room grows with what arrived, doubling (so
+            size = max(size, min(self._need, 2 * pending))  # that a header alone reserves nothing)
+        if size <= len(self._rbuf):  # then _rstart > 0: there was room before it
+            self._rbuf[:pending] = self._rbuf[self._rstart : self._rend]
+        else:
+            buffer = bytearray(size)
+            buffer[:pending] = self._rview[self._rstart : self._rend]
+            self._rbuf, self._rview = buffer, memoryview(buffer)
+        self._rstart, self._rend = 0, pending
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Split the frames read, check each message's shape and hand it on; close on a bad one."""
+        self._rend += nbytes
+        if self._rend - self._rstart < self._need:
+            return  # a frame still arriving
+        rbuf, view = self._rbuf, self._rview
+        offset, end = self._rstart, self._rend
+        need = 0
+        problem = None
+        while end - offset >= 4:
+            (length,) = _HEADER.unpack_from(rbuf, offset)
+            if length > self._limit:  # refused before its payload is read, let alone held
+                problem = f"a frame of {length} bytes, above this connection's limit of {self._limit}"
+                break
+            start = offset + 4
+            if end - start < length:
+                need = 4 + length
+                break
+            try:
                 messages = msgpack.unpackb(
                     view[start : start + length], raw=False, use_list=False, strict_map_key=False
                 )
-                offset = start + length
-                if not isinstance(messages, (list, tuple)):
-                    raise ValueError(f"a frame must hold a list of messages, not {type(messages).__name__}")
-                for message in messages:
-                    self._deliver(message)
-        except Exception as exc:
-            view.release()
-            self._buffer = bytearray()
-            logger.warning("wire session %s: closing after a bad message: %s", self.name, exc)
+            except Exception as exc:
+                problem = f"a frame that is not msgpack ({exc})"
+                break
+            offset = start + length
+            if type(messages) is not tuple:
+                problem = f"a frame holding {_preview(messages)}, not a list of messages"
+                break
+            for message in messages:
+                try:
+                    check_shape(message)
+                    self._on_message(message)
+                except ProtocolError as exc:  # not a message, or one its handler refused
+                    problem = f"{_preview(message)}: {exc}"
+                    break
+                except Exception:
+                    logger.exception("wire session %s: handling %s failed", self.name, message["op"])
+            if problem is not None:
+                break
+        if problem is not None:
+            self._rstart = self._rend = self._need = 0
+            logger.warning("wire session %s (peer %s): closing after %s", self.name, self.peer, problem)
             self.abort()
             return
-        # Keep what is left of an incomplete frame (no copy while a large frame accumulates).
-        rest = None if offset == 0 else bytes(view[offset:])
-        view.release()
-        if rest is not None:
-            self._buffer = bytearray(rest)
-        elif not held:
-            self._buffer = bytearray(data)
+        self._need = need
+        if offset < end:
+            self._rstart = offset  # an incomplete frame: the next read appends to it
+        else:
+            self._rstart = self._rend = 0
+            if len(rbuf) > _KEEP_READ:  # after a large frame: do not keep its room
+                self._rbuf = bytearray(_READ_SIZE)
+                self._rview = memoryview(self._rbuf)
 
-    def _deliver(self, message: dict[str, Any]) -> None:
-        if self._on_message is None:
-            raise ValueError("no handler for this connection's messages")
-        try:
-            self._on_message(message)
-        except WireProtocolError:
-            raise
-        except Exception:
-            logger.exception("wire session %s: handling %s failed", self.name, message.get("op"))
+    def data_received(self, data: bytes) -> None:
+        """Take ``data`` as if read into the buffer (transports use get_buffer/buffer_updated)."""
+        view = memoryview(data)
+        while view and not self.closed.is_set():
+            room = self.get_buffer(len(view))
+            n = min(len(room), len(view))
+            room[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
 
-    # -- the Session surface ----------------------------------------------------------------
+    def _no_handler(self, message: dict[str, Any]) -> None:
+        raise WireProtocolError("no handler for this connection's messages")
+
+    # -- the session surface ----------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue ``message``; write it at once unless this session is in a burst.
@@ -156,15 +341,57 @@ class WireSession(asyncio.Protocol):
         the lot). A message that is alone, and follows a write that was alone too, does not
         wait for that: sequential traffic pays no extra loop iteration per message, and under
         load (several messages per write) the batching that saves CPU stays.
+
+        Parameters
+        ----------
+        message : dict
+            Packed here, at once (msgpack); its ``"op"`` must be a str for the peer to take it.
+
+        Raises
+        ------
+        CommClosedError
+            The session is closed, or this message took its queue past ``tdask.wire.max-buffer``
+            while the peer was not reading (the session is then aborted: a lost peer).
+        MessageTooLargeError
+            The message alone is above ``tdask.wire.max-frame``; the session stays open.
+        TypeError
+            The message holds something msgpack cannot encode; the session stays open.
         """
         if self.closed.is_set() or self._transport is None or self._transport.is_closing():
             raise CommClosedError(f"tdask wire session {self.name} is closed")
-        self._outbox.append(message)
+        data = self._packer.pack(message)
+        size = len(data)
+        if size > _KEEP_READ:  # do not keep the room a large message took
+            self._packer = msgpack.Packer(use_bin_type=True, buf_size=_PACK_SIZE)
+        if size >= self._max_frame:
+            raise MessageTooLargeError(
+                f"a message of {size} bytes does not fit in one frame of tdask's wire "
+                f"(tdask.wire.max-frame: {self._max_frame} bytes)"
+            )
+        self._outbox.append(data)
+        self._queued += size
         if self._paused or self._flush_pending:
+            if self._paused and self._queued > self._max_buffer:
+                self._overflow()
             return  # the flush already scheduled (or resume_writing) writes it, in order
         self._schedule_flush()
         if self._last_batch <= 1:
             self._write_outbox()
+
+    def _overflow(self) -> None:
+        queued = self._queued
+        logger.warning(
+            "wire session %s (peer %s): the peer is not reading and %d bytes are queued "
+            "(tdask.wire.max-buffer: %d); closing",
+            self.name,
+            self.peer,
+            queued,
+            self._max_buffer,
+        )
+        self.abort()
+        raise CommClosedError(
+            f"tdask wire session {self.name} closed: its peer stopped reading ({queued} bytes queued)"
+        )
 
     def _schedule_flush(self) -> None:
         if not self._flush_pending:
@@ -176,95 +403,255 @@ class WireSession(asyncio.Protocol):
         self._write_outbox()
 
     def _write_outbox(self) -> None:
-        if self._paused or not self._outbox or self._transport is None or self._transport.is_closing():
+        transport = self._transport
+        if self._paused or not self._outbox or transport is None or transport.is_closing():
             return
+        batch = self._outbox
+        count = len(batch)
+        self._last_batch = count
+        size = self._queued
+        if size + 5 <= self._max_frame:  # the usual case: the lot in one frame
+            if count < 16:
+                batch.insert(0, _HEADER_SMALL.pack(size + 1, 0x90 | count))
+            else:
+                head = _array_head(count)
+                batch.insert(0, _HEADER.pack(len(head) + size) + head)
+            self._outbox = []
+            self._queued = 0
+            transport.writelines(batch)
+            return
+        self._write_frames(force=False)
+
+    def _write_frames(self, force: bool) -> None:
+        """Write the queue as frames of at most max-frame bytes; unless ``force``, stop once paused."""
+        transport = self._transport
+        assert transport is not None
         batch, self._outbox = self._outbox, []
-        self._last_batch = len(batch)
-        try:
-            payload = msgpack.packb(batch, use_bin_type=True)
-        except Exception:
-            logger.exception("wire session %s: cannot encode %d messages; closing", self.name, len(batch))
-            self.abort()
-            return
-        if len(payload) > _MAX_FRAME:
-            logger.error("wire session %s: %d bytes of messages exceed one frame; closing", self.name, len(payload))
-            self.abort()
-            return
-        self._transport.writelines([_HEADER.pack(len(payload)), payload])
+        index, count, limit = 0, len(batch), self._max_frame
+        while index < count and (force or not self._paused) and not transport.is_closing():
+            stop, size = index, 0
+            while stop < count:  # the longest run from index that fits one frame (one message always does)
+                item = len(batch[stop])
+                items = stop - index + 1
+                head = 1 if items < 16 else 3 if items < 0x10000 else 5
+                if stop > index and size + item + head > limit:
+                    break
+                size += item
+                stop += 1
+            head_bytes = _array_head(stop - index)
+            transport.writelines([_HEADER.pack(len(head_bytes) + size) + head_bytes, *batch[index:stop]])
+            self._queued -= size
+            index = stop
+        if index < count:
+            self._outbox = batch[index:] + self._outbox
 
     async def drain(self) -> None:
-        """Wait while writing is paused (placeholder until the bounded buffer lands)."""
+        """Wait while the peer is not keeping up (the transport's buffer is above its high-water mark).
+
+        Writers that can wait call this before :meth:`send`, so that a slow reader slows them
+        instead of growing this session's queue. Returns at once when the session is closed
+        (the next :meth:`send` raises).
+        """
+        while self._paused and not self.closed.is_set():
+            await self._resumed.wait()
 
     async def read_forever(self) -> None:
         """Return once the connection is closed (messages are delivered as they arrive)."""
         await self.closed.wait()
 
     async def close(self) -> None:
-        """Close after writing what is queued."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._write_outbox()
-            self._transport.close()
+        """Close after writing what is queued (even while paused: the transport holds it)."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if self._outbox:
+                self._write_frames(force=True)
+            transport.close()
         self.closed.set()
+        self._resumed.set()
 
     def abort(self) -> None:
+        """Close at once, dropping what is queued."""
         if self._transport is not None:
             self._transport.abort()
+        self._outbox.clear()
+        self._queued = 0
         self.closed.set()
+        self._resumed.set()
 
 
 async def open_session(
-    address: str, requester: str, on_message: MessageHandler, *, timeout: float | None, ssl_context: Any = None
+    address: str,
+    requester: str,
+    on_message: MessageHandler,
+    *,
+    timeout: float | None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> WireSession:
-    """Connect to a worker's wire (``host:port``) and say who we are."""
+    """Connect to a worker's wire and say who we are.
+
+    Parameters
+    ----------
+    address : str
+        The wire's ``host:port`` (the worker's ``tdask_wire_address``).
+    requester : str
+        This caller's name, told to the worker in the hello.
+    on_message : callable
+        Called with every message from the worker.
+    timeout : float or None
+        Seconds to connect (TLS handshake included).
+    ssl_context : ssl.SSLContext, optional
+        On ``tls://`` clusters, the caller's own Dask context (:func:`wire_ssl_context`); the
+        hostname is not checked, as on Dask's comm (the context says so).
+
+    Returns
+    -------
+    WireSession
+        Open, its hello written.
+    """
     host, _, port = address.rpartition(":")
     loop = asyncio.get_running_loop()
     _, session = await asyncio.wait_for(
-        loop.create_connection(lambda: WireSession(f"to {address}", on_message), host.strip("[]"), int(port), ssl=ssl_context),
+        loop.create_connection(
+            lambda: WireSession(f"to {address}", on_message), host.strip("[]"), int(port), ssl=ssl_context
+        ),
         timeout,
     )
     session.send({"op": "hello", "wire": WIRE_VERSION, "requester": requester})  # written at once, alone:
     return session  # the server reads the first frame with a small limit
 
 
+class _Refused(asyncio.Protocol):
+    """A connection beyond ``tdask.wire.max-connections``: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
 class WireServer:
-    """A worker's wire listener: each caller's connection becomes a :class:`WireSession`."""
+    """A worker's wire listener: each caller's connection becomes a :class:`WireSession`.
+
+    Parameters
+    ----------
+    accept : callable
+        Called with each session that said a valid hello and its requester's name; returns the
+        handler of that session's messages.
+
+    Attributes
+    ----------
+    address : str or None
+        ``host:port`` once started.
+    """
 
     def __init__(self, accept: AcceptHandler) -> None:
         self._accept = accept
         self._server: asyncio.Server | None = None
         self._sessions: set[WireSession] = set()  # until they close: aborted with the server
+        self._waiting: dict[WireSession, asyncio.TimerHandle] = {}  # no hello yet: their deadlines
+        self._max_connections = 0
+        self._hello_timeout: float | None = None
+        self._refused = 0
+        self._silent = 0
+        self._logged: dict[str, float] = {}
         self.address: str | None = None
 
-    async def start(self, host: str, port: int = 0, *, ssl_context: Any = None) -> str:
+    async def start(self, host: str, port: int = 0, *, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Listen on ``host:port`` (0: any free port).
+
+        Parameters
+        ----------
+        host, port
+            Where to listen.
+        ssl_context : ssl.SSLContext, optional
+            The worker's own Dask listen context on ``tls://`` clusters (:func:`wire_ssl_context`).
+
+        Returns
+        -------
+        str
+            The address bound, ``host:port``.
+        """
+        self._max_connections = int(dask.config.get("tdask.wire.max-connections"))
+        self._hello_timeout = get_seconds("tdask.wire.hello-timeout")
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_session, host, port, ssl=ssl_context)
+        self._server = await loop.create_server(
+            self._new_connection,
+            host,
+            port,
+            backlog=int(dask.config.get("distributed.comm.socket-backlog")),
+            ssl=ssl_context,
+            # A handshake that does not finish counts against the hello deadline too.
+            ssl_handshake_timeout=(self._hello_timeout or None) if ssl_context is not None else None,
+        )
         bound = self._server.sockets[0].getsockname()
         self.address = f"[{host}]:{bound[1]}" if ":" in host else f"{host}:{bound[1]}"
         return self.address
 
-    def _new_session(self) -> WireSession:
-        session = WireSession("incoming", on_close=lambda: self._sessions.discard(session))
+    def _new_connection(self) -> asyncio.BaseProtocol:
+        if len(self._sessions) >= self._max_connections:
+            self._refused += 1
+            self._warn(
+                "refused",
+                "wire on %s: %d connections open (tdask.wire.max-connections); refusing more (%d so far)",
+                self.address,
+                len(self._sessions),
+                self._refused,
+            )
+            return _Refused()
+        session = WireSession("incoming", on_close=lambda: self._forget(session))
         session._on_message = lambda message: self._hello(session, message)
-        session._limit = _MAX_HELLO
+        # Without a hello deadline, still one for a TLS handshake that fails: asyncio then never
+        # tells the session (no connection_made, no connection_lost), and it would stay counted.
+        deadline = self._hello_timeout if self._hello_timeout is not None else _HANDSHAKE_TIMEOUT
+        self._waiting[session] = asyncio.get_running_loop().call_later(deadline, self._hello_missed, session)
         self._sessions.add(session)
         return session
 
+    def _forget(self, session: WireSession) -> None:
+        self._sessions.discard(session)
+        timer = self._waiting.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _hello_missed(self, session: WireSession) -> None:
+        self._waiting.pop(session, None)
+        if self._hello_timeout is None and session._transport is not None:
+            return  # no hello deadline, and connected: forgotten when its connection is lost
+        self._silent += 1
+        self._warn(
+            "silent",
+            "wire on %s: closing %s, which said no hello within %ss (tdask.wire.hello-timeout; %d so far)",
+            self.address,
+            session.peer,
+            self._hello_timeout,
+            self._silent,
+        )
+        self._forget(session)  # now: its transport may not exist yet (a TLS handshake under way)
+        session.abort()
+
+    def _warn(self, kind: str, message: str, *args: Any) -> None:
+        """Log ``message`` at most once per minute per ``kind`` (a flood must not flood the log)."""
+        now = time.monotonic()
+        if now - self._logged.get(kind, -_LOG_EVERY) >= _LOG_EVERY:
+            self._logged[kind] = now
+            logger.warning(message, *args)
+
     def _hello(self, session: WireSession, message: dict[str, Any]) -> None:
-        if (
-            not isinstance(message, dict)
-            or message.get("op") != "hello"
-            or message.get("wire") != WIRE_VERSION
-            or not message.get("requester")
-        ):
-            raise WireProtocolError(f"expected a wire version {WIRE_VERSION} hello, got {str(message)[:200]}")
+        if message["op"] != "hello" or message.get("wire") != WIRE_VERSION or not message.get("requester"):
+            raise WireProtocolError(f"expected a wire version {WIRE_VERSION} hello, got {_preview(message)}")
+        timer = self._waiting.pop(session, None)
+        if timer is not None:
+            timer.cancel()
         requester = str(message["requester"])
         session.name = f"from {requester}"
-        session._limit = _MAX_FRAME
+        session._limit = session._max_frame
         session._on_message = self._accept(session, requester)
 
     async def close(self) -> None:
+        """Stop listening and abort every session (those that never said hello too)."""
         if self._server is not None:
             self._server.close()
             self._server = None
         for session in list(self._sessions):
             session.abort()
+        for timer in self._waiting.values():
+            timer.cancel()
+        self._waiting.clear()

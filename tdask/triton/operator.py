@@ -6,6 +6,9 @@ At setup the operator loads its model in explicit mode, with the override given 
 ``OperatorConfig.parameters["config"]`` merged into the repository's ``config.pbtxt`` (typically
 ``instance_group`` and ``parameters``); each request then becomes one inference on
 127.0.0.1 over Triton's HTTP endpoint (:mod:`tdask.triton.http_client` says why not gRPC).
+A decoupled model (``model_transaction_policy { decoupled: true }``), which HTTP refuses, is
+streamed over gRPC instead (:mod:`tdask.triton.grpc_stream`): every response it sends reaches the
+caller in order, the last one final, and cancelling the request cancels the model's request.
 
 Errors keep their meaning across the boundary: Triton's INVALID_ARG (HTTP 400: bad dtype, shape,
 missing or unexpected input, and the models' own parameter checks) becomes
@@ -31,7 +34,8 @@ from tritonclient.utils import np_to_triton_dtype
 from tdask.config import get_seconds
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
 from tdask.operator import Operator, Request
-from tdask.triton.http_client import ReservedParameterError, TritonHttpClient, TritonHttpError
+from tdask.triton.grpc_stream import TritonStreamClient, TritonStreamError
+from tdask.triton.http_client import ReservedParameterError, TritonHttpClient, TritonHttpError, check_parameters
 
 __all__ = ["TritonCoreOperator"]
 
@@ -118,6 +122,21 @@ class TritonCoreOperator(Operator):
                 self.version,
                 versions,
             )
+        self.stream_client: TritonStreamClient | None = None
+        config = (
+            self.server.build_model_config(self.model, self.override)
+            if self.override
+            else self.server.read_model_config(self.model)
+        )
+        if (config.get("model_transaction_policy") or {}).get("decoupled"):
+            # Triton's HTTP endpoint refuses decoupled models: stream them over gRPC instead.
+            # Chosen here, once, so that other models' requests take no extra step.
+            self.stream_client = TritonStreamClient(self.server.grpc_url)
+            self.required_inputs = sorted(
+                i["name"] for i in config.get("input", []) if not i.get("optional") and i["name"] in self.input_specs
+            )
+            self._serve = self._serve_stream  # type: ignore[method-assign]
+            self.logger.info("Triton model %r is decoupled: streamed over gRPC %s", self.model, self.server.grpc_url)
         self.server.add_exit_callback(self._on_server_exit)
         self.logger.info("Triton model %r ready on %s (server %s)", self.model, self.server.http_url, self.server.pid)
 
@@ -134,6 +153,9 @@ class TritonCoreOperator(Operator):
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
+        stream_client = getattr(self, "stream_client", None)
+        if stream_client is not None:
+            await stream_client.close()
 
     async def execute(self, requests: list[Request]) -> None:
         """Send every request to Triton concurrently and answer each with its own result."""
@@ -219,6 +241,89 @@ class TritonCoreOperator(Operator):
                     remote_type="Triton model output mismatch",
                 )
         return result.outputs, result.parameters
+
+    async def _serve_stream(self, request: Request) -> None:
+        """A decoupled model: forward every response Triton streams, in order, the last one final.
+
+        Cancelling the request (its batch task, or ``request.cancelled`` when it shares a batch)
+        cancels the gRPC call, so Triton marks the request cancelled and the model can stop.
+        """
+        sender = request.response_sender()
+        try:
+            async for response in self._stream(request):
+                await sender.send(outputs=response.outputs, parameters=response.parameters, final=response.final)
+        except TdaskError as exc:
+            if not request.finished:
+                await sender.send(error=exc)
+
+    async def _stream(self, request: Request) -> Any:
+        """The responses of one request to a decoupled model; raises a tdask error that says what went wrong."""
+        assert self.stream_client is not None
+        remaining = request.remaining_s
+        if remaining is not None and remaining <= 0:
+            raise self._timeout(request)
+        values = await request.fetch_inputs()
+        inputs = {}
+        for name, value in values.items():
+            try:
+                array = _host_array(value)
+            except TypeError as exc:
+                raise request.error(f"input {name!r} {exc}") from None
+            datatype = np_to_triton_dtype(array.dtype)
+            if datatype is None:
+                raise request.error(f"input {name!r} has dtype {array.dtype}, which Triton does not support")
+            self._check_input(request, name, datatype, array.shape)
+            inputs[name] = (array, datatype)
+        missing = [name for name in self.required_inputs if name not in inputs]
+        if missing:
+            raise request.error(f"model {self.model!r} needs input(s) {missing}, missing from the request")
+        try:
+            parameters = _triton_parameters(request.parameters)
+            check_parameters(parameters)
+        except (TypeError, ReservedParameterError) as exc:
+            raise request.error(str(exc)) from None
+        remaining = request.remaining_s
+        if remaining is not None and remaining <= 0:
+            raise self._timeout(request)
+        responses = self.stream_client.stream(
+            self.model,
+            inputs,
+            model_version=self.model_version,
+            request_id=str(request.request_id),
+            parameters=parameters,
+            timeout=remaining,
+            cancelled=request.cancelled,
+        )
+        try:
+            async for response in responses:
+                for name, datatype in response.datatypes.items():
+                    declared = self.output_types.get(name)
+                    if declared is not None and datatype != declared:
+                        raise OperatorError(
+                            f"model {self.model!r} returned output {name!r} as {datatype}, "
+                            f"its config declares {declared}",
+                            operator=self.name,
+                            request_id=request.request_id,
+                            remote_type="Triton model output mismatch",
+                        )
+                yield response
+        except TritonStreamError as exc:
+            if exc.code == "DEADLINE_EXCEEDED":
+                raise self._timeout(request) from None
+            if exc.code == "INVALID_ARGUMENT":
+                raise InvalidRequestError(exc.message, operator=self.name, request_id=request.request_id) from None
+            if exc.code == "UNAVAILABLE":
+                raise await self._error(request, None, f"connection to Triton lost: {exc.message}") from None
+            if "Stub process" in exc.message and self.server.is_alive():
+                self.context.restart_worker(f"a Triton python-backend stub of model {self.model!r} died")
+            raise OperatorError(
+                exc.message,
+                operator=self.name,
+                request_id=request.request_id,
+                remote_type=f"Triton gRPC {exc.code or 'stream error'}",
+            ) from None
+        finally:
+            await responses.aclose()
 
     def _check_input(self, request: Request, name: str, datatype: str, shape: tuple[int, ...]) -> None:
         """Refuse an input the model does not declare, or of another dtype or rank."""

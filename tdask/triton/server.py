@@ -121,6 +121,9 @@ class TritonServer:
         More ``tritonserver`` flags, appended last.
     env
         Variables added to the server's environment.
+    metrics
+        Serve Triton's Prometheus metrics on 127.0.0.1 at a free port (:attr:`metrics_url`);
+        default ``tdask.triton.metrics``.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class TritonServer:
         backend_directory: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        metrics: bool | None = None,
     ) -> None:
         if isinstance(model_repository, (str, os.PathLike)):
             model_repository = [model_repository]
@@ -165,6 +169,7 @@ class TritonServer:
         self._backend_directory = Path(backend_directory) if backend_directory is not None else None
         self.extra_args = list(extra_args)
         self._extra_env = dict(env) if env else None
+        self.metrics = bool(dask.config.get("tdask.triton.metrics", True)) if metrics is None else metrics
 
         self.status = Status.created
         self._lock = asyncio.Lock()
@@ -177,6 +182,7 @@ class TritonServer:
         self._log_offset = 0
         self._grpc_port: int | None = None
         self._http_port: int | None = None
+        self._metrics_port: int | None = None
         self._stopping = False
         # The python backend names its shared-memory regions with this; one per server so that
         # servers on one host never collide and stop() can remove what a killed server left.
@@ -207,6 +213,13 @@ class TritonServer:
         if self._http_port is None:
             raise RuntimeError(f"Triton server {self.name!r} has not been started")
         return f"127.0.0.1:{self._http_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``127.0.0.1:<port>`` of Triton's Prometheus metrics (``/metrics``), or ``None`` when off."""
+        if self._metrics_port is None:
+            return None
+        return f"127.0.0.1:{self._metrics_port}"
 
     @property
     def pid(self) -> int | None:
@@ -354,6 +367,10 @@ class TritonServer:
             self._grpc_port, self._http_port = free_port(), free_port()
             while self._http_port == self._grpc_port:
                 self._http_port = free_port()
+            if self.metrics:
+                self._metrics_port = free_port()
+                while self._metrics_port in (self._grpc_port, self._http_port):
+                    self._metrics_port = free_port()
             args = self._command(binary, backends)
             self._launch(args, env)
             try:
@@ -362,9 +379,18 @@ class TritonServer:
                 port_race = exc.returncode is not None and any(
                     marker in exc.log_tail.lower() for marker in _PORT_IN_USE_MARKERS
                 )
-                if not port_race or attempt == _START_ATTEMPTS:
+                # Killed by a signal while starting (seen: SIGABRT from gRPC's epoll poller on an
+                # overloaded host) is not a configuration error, which exits with a status: retry.
+                crashed = exc.returncode is not None and exc.returncode < 0
+                if not (port_race or crashed) or attempt == _START_ATTEMPTS:
                     raise
-                logger.info("Triton server %r lost a port race; retrying on other ports", self.name)
+                logger.warning(
+                    "Triton server %r %s during start-up; starting it again (attempt %d of %d)",
+                    self.name,
+                    "lost a port race" if port_race else f"died by signal {-(exc.returncode or 0)}",
+                    attempt + 1,
+                    _START_ATTEMPTS,
+                )
                 await self._end_process()
                 continue
             break
@@ -395,7 +421,11 @@ class TritonServer:
             "--allow-http=true",
             "--http-address=127.0.0.1",
             f"--http-port={self._http_port}",
-            "--allow-metrics=false",
+            *(
+                ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={self._metrics_port}"]
+                if self._metrics_port is not None
+                else ["--allow-metrics=false"]
+            ),
             "--allow-sagemaker=false",
             "--allow-vertex-ai=false",
             f"--log-verbose={self.log_verbose}",

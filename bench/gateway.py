@@ -1,0 +1,166 @@
+"""The gateway's cost: ``python -m bench.gateway [--requests N] [--concurrency 1,8] [--sizes 1000]``.
+
+The hello world's ``encoder_decoder`` (one encoder, one decoder, one orchestrator worker) called
+three ways on 127.0.0.1: tdask directly (``RemoteOperator`` from an asynchronous client), and
+through ``python -m tdask.gateway`` (its own process) with tritonclient.http.aio (binary tensors)
+and tritonclient.grpc.aio. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from bench.common import closed_loop, machine, payloads, table, versions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start_gateway(address: str, log: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tdask.gateway",
+                "--scheduler-address",
+                address,
+                "--http-port",
+                "0",
+                "--grpc-port",
+                "0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        match = re.search(r"HTTP 127\.0\.0\.1:(\d+), gRPC 127\.0\.0\.1:(\d+)", open(log).read())
+        if match:
+            return proc, f"127.0.0.1:{match[1]}", f"127.0.0.1:{match[2]}"
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the gateway did not start: {open(log).read()}")
+
+
+async def measure(args: argparse.Namespace, address: str, http: str, grpc: str) -> list[dict[str, Any]]:
+    import tritonclient.grpc.aio as grpcaio
+    import tritonclient.http.aio as httpaio
+    from distributed import Client
+
+    from tdask import RemoteOperator
+
+    rows = []
+    async with Client(address, asynchronous=True) as client:
+        op = RemoteOperator("encoder_decoder", client=client)
+        http_client = httpaio.InferenceServerClient(http, conn_limit=64)
+        grpc_client = grpcaio.InferenceServerClient(grpc)
+        try:
+            for size in args.sizes:
+                data = payloads(size)
+
+                async def direct(i: int, data: list[np.ndarray] = data) -> bool:
+                    x = data[i % len(data)]
+                    r = await op.infer(inputs={"input": x})
+                    return bool(np.array_equal(r.outputs["output"], x))
+
+                async def via_http(i: int, data: list[np.ndarray] = data) -> bool:
+                    x = data[i % len(data)]
+                    inp = httpaio.InferInput("input", [x.size], "INT64")
+                    inp.set_data_from_numpy(x, binary_data=True)
+                    r = await http_client.infer("encoder_decoder", [inp])
+                    return bool(np.array_equal(r.as_numpy("output"), x))
+
+                async def via_grpc(i: int, data: list[np.ndarray] = data) -> bool:
+                    x = data[i % len(data)]
+                    inp = grpcaio.InferInput("input", [x.size], "INT64")
+                    inp.set_data_from_numpy(x)
+                    r = await grpc_client.infer("encoder_decoder", [inp])
+                    return bool(np.array_equal(r.as_numpy("output"), x))
+
+                for concurrency in args.concurrency:
+                    for path, call in (("direct", direct), ("gateway-http", via_http), ("gateway-grpc", via_grpc)):
+                        best = None
+                        for _ in range(args.rounds):
+                            result = await closed_loop(
+                                call, requests=args.requests, concurrency=concurrency, warmup=args.warmup
+                            )
+                            summary = result.summary()
+                            if best is None or summary["p50_ms"] < best["p50_ms"]:
+                                best = summary
+                        assert best is not None
+                        rows.append({"path": path, "size": size, **best})
+                        print(f"  {path} size={size} c={concurrency}: {best['p50_ms']} ms p50", file=sys.stderr)  # noqa: T201
+        finally:
+            await http_client.close()
+            await grpc_client.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1000", help="int64 elements per request")
+    p.add_argument("--concurrency", default="1,8", help="requests in flight")
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3, help="fresh rounds per row; the row shows the one of lowest p50")
+    args = p.parse_args(argv)
+    args.sizes = [int(float(v)) for v in args.sizes.split(",")]
+    args.concurrency = [int(v) for v in args.concurrency.split(",")]
+
+    from tdask import Deployment
+    from tdask.hello_world import PythonGroup, TritonGroup, hello_world_operators
+
+    group = TritonGroup(workers=1, max_inflight=8, instances=1, kind="CPU")
+    operators = hello_world_operators(
+        encoders=group, decoders=group, encoder_decoders=PythonGroup(workers=1, max_inflight=16)
+    )
+    with Deployment(operators, dashboard_address="127.0.0.1:0") as deployment, tempfile.TemporaryDirectory() as tmp:
+        address = deployment.client.scheduler.address
+        proc, http, grpc = _start_gateway(address, os.path.join(tmp, "gateway.txt"))
+        try:
+            rows = asyncio.run(measure(args, address, http, grpc))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    direct = {(r["size"], r["concurrency"]): r for r in rows if r["path"] == "direct"}
+    cells = []
+    for r in rows:
+        base = direct[(r["size"], r["concurrency"])]
+        cells.append(
+            [
+                r["path"],
+                r["size"],
+                r["concurrency"],
+                r["req_per_s"],
+                r["p50_ms"],
+                r["p99_ms"],
+                round(r["p50_ms"] - base["p50_ms"], 3),
+                r["errors"],
+            ]
+        )
+    columns = ["path", "size", "in flight", "req/s", "p50 ms", "p99 ms", "+p50 vs direct", "errors"]
+    print(table("gateway: encoder_decoder through KServe v2 vs tdask direct", columns, cells))  # noqa: T201
+    print(json.dumps({"section": "gateway", "results": rows, "machine": machine(), "versions": versions()}))  # noqa: T201
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

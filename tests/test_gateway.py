@@ -1,0 +1,173 @@
+"""The KServe v2 gateway: Triton's own clients (tritonclient.http and .grpc, unchanged) call tdask operators."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+from functools import partial
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tdask import Deployment, OperatorConfig
+from tdask.hello_world import PythonGroup, TritonGroup, hello_world_operators
+from tests.conftest import assert_no_children, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    group = TritonGroup(workers=1, max_inflight=4, instances=1, kind="CPU")
+    operators = hello_world_operators(
+        encoders=group, decoders=group, encoder_decoders=PythonGroup(workers=1, max_inflight=8)
+    )
+    operators += [
+        (OperatorConfig(name="streamer", implementation="tests.operators:Streamer"), 1),
+        (OperatorConfig(name="echo", implementation="tests.operators:Echo"), 1),
+    ]
+    log = tmp_path_factory.mktemp("gateway") / "out.txt"
+    with Deployment(operators, dashboard_address="127.0.0.1:0") as deployment:
+        address = deployment.client.scheduler.address
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tdask.gateway",
+                    "--scheduler-address",
+                    address,
+                    "--http-port",
+                    "0",
+                    "--grpc-port",
+                    "0",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": ROOT},
+            )
+        try:
+            match = wait_for(
+                lambda: (
+                    (proc.poll() is None or pytest.fail(log.read_text()))
+                    and re.search(r"HTTP 127\.0\.0\.1:(\d+), gRPC 127\.0\.0\.1:(\d+)", log.read_text())
+                ),
+                timeout=60,
+                message=lambda: f"the gateway never said where it listens: {log.read_text()}",
+            )
+            yield {"http": f"127.0.0.1:{match[1]}", "grpc": f"127.0.0.1:{match[2]}", "proc": proc}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
+    assert_no_children()
+
+
+def _data(n=1000):
+    return np.random.default_rng(n).integers(-(2**62), 2**62, size=n, dtype=np.int64)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_http_client_calls_the_hello_world(gateway, binary):
+    with httpclient.InferenceServerClient(gateway["http"]) as client:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("encoder_decoder")
+        assert not client.is_model_ready("nobody")
+        assert client.get_model_metadata("encoder_decoder")["versions"] == ["1"]
+        data = _data()
+        inp = httpclient.InferInput("input", list(data.shape), "INT64")
+        inp.set_data_from_numpy(data, binary_data=binary)
+        out = httpclient.InferRequestedOutput("output", binary_data=binary)
+        result = client.infer("encoder_decoder", [inp], outputs=[out], request_id="mine")
+        np.testing.assert_array_equal(result.as_numpy("output"), data)
+        assert result.get_response()["id"] == "mine"
+        # No outputs named: all of them, binary; response parameters come back.
+        result = client.infer("encoder_decoder", [inp])
+        np.testing.assert_array_equal(result.as_numpy("output"), data)
+        assert set(result.get_response()["parameters"]) == {"encoder", "decoder"}
+
+
+def test_grpc_client_calls_the_hello_world(gateway):
+    with grpcclient.InferenceServerClient(gateway["grpc"]) as client:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("encoder_decoder") and not client.is_model_ready("nobody")
+        assert client.get_model_metadata("encoder_decoder").versions == ["1"]
+        data = _data(100_000)  # over tdask's inline threshold: by reference between workers
+        inp = grpcclient.InferInput("input", list(data.shape), "INT64")
+        inp.set_data_from_numpy(data)
+        result = client.infer("encoder_decoder", [inp], request_id="r1")
+        np.testing.assert_array_equal(result.as_numpy("output"), data)
+        assert result.get_response().id == "r1"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bytes_and_parameters_round_trip(gateway, protocol):
+    module = httpclient if protocol == "http" else grpcclient
+    text = np.array([b"abc", "\u00e9".encode(), b""], dtype=object)
+    with module.InferenceServerClient(gateway[protocol]) as client:
+        inp = module.InferInput("text", [3], "BYTES")
+        inp.set_data_from_numpy(text)
+        result = client.infer("echo", [inp], parameters={"k": "v", "n": 3})
+        assert result.as_numpy("text").tolist() == text.tolist()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_errors_are_kserve_errors_naming_the_model(gateway, protocol):
+    module = httpclient if protocol == "http" else grpcclient
+    with module.InferenceServerClient(gateway[protocol]) as client:
+        inp = module.InferInput("input", [3], "INT64")
+        inp.set_data_from_numpy(np.arange(3, dtype=np.int64))
+        with pytest.raises(InferenceServerException, match="nobody"):
+            client.infer("nobody", [inp])
+        bad = module.InferInput("wrong", [3], "INT64")
+        bad.set_data_from_numpy(np.arange(3, dtype=np.int64))
+        with pytest.raises(InferenceServerException, match="missing input 'input'"):
+            client.infer("encoder_decoder", [bad])
+        wrong_type = module.InferInput("input", [3], "INT32")
+        wrong_type.set_data_from_numpy(np.arange(3, dtype=np.int32))
+        with pytest.raises(InferenceServerException, match="INT32"):
+            client.infer("encoder", [wrong_type])
+
+
+def test_grpc_stream_carries_every_response_in_order(gateway):
+    responses: queue.Queue = queue.Queue()
+
+    def callback(out, result, error):
+        out.put(error if error is not None else result)
+
+    with grpcclient.InferenceServerClient(gateway["grpc"]) as client:
+        client.start_stream(callback=partial(callback, responses))
+        inp = grpcclient.InferInput("x", [1], "INT64")
+        inp.set_data_from_numpy(np.array([0], dtype=np.int64))
+        client.async_stream_infer("streamer", [inp], request_id="s1", parameters={"count": 4})
+        got = [responses.get(timeout=30) for _ in range(4)]
+        assert [r.as_numpy("i").tolist() for r in got] == [[0], [1], [2], [3]]
+        finals = [r.get_response().parameters["triton_final_response"].bool_param for r in got]
+        assert finals == [False, False, False, True]
+        client.async_stream_infer("nobody", [inp], request_id="s2")
+        error = responses.get(timeout=30)
+        assert isinstance(error, InferenceServerException) and "nobody" in str(error)
+        client.stop_stream()
+
+
+def test_unreachable_scheduler_is_one_line_within_seconds():
+    # Through the tdask group (`tdask gateway`), which loads the command lazily.
+    args = ["-c", "from tdask.cli import main; main()", "gateway", "--scheduler-address", "tcp://127.0.0.1:1"]
+    run = subprocess.run(
+        [sys.executable, *args, "--http-port", "0", "--grpc-port", "0", "--connect-timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot serve tcp://127.0.0.1:1" in lines[0], run.stderr
