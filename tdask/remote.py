@@ -391,7 +391,8 @@ class _Call(AsyncIterator[Response]):
         try:
             await self._place_and_submit()
         except TdaskError as exc:  # raised below this call (no host, no scheduler): say which request
-            exc.operator = exc.operator or self.op.name
+            if exc.operator in (None, self.op.key):  # the planes name operators by key
+                exc.operator = self.op.name
             exc.request_id = exc.request_id or self.request_id
             raise
         except ValueError as exc:  # the plane refused it (e.g. this request id is already in flight)
