@@ -74,7 +74,7 @@ def _plain(value: object) -> object:
 
 def test_every_op_has_a_constructor_and_an_example():
     ops = {v for k, v in vars(Op).items() if k.isupper()}
-    assert ops == set(MESSAGES) == set(protocol._FIELDS)
+    assert ops == set(MESSAGES) == set(protocol.messages._FIELDS)
     constructors = {name for name, fn in vars(protocol).items() if inspect.isfunction(fn)}
     for op in ops:
         assert op.replace("-", "_") in constructors, f"no constructor for {op!r}"

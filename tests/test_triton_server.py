@@ -521,7 +521,7 @@ def test_unparsable_config_pbtxt_is_a_clear_error(tmp_path):
     assert read_model_config([tmp_path], "absent") == {}
     server = TritonServer(model_repository=tmp_path)  # never started: reading configs needs no process
     with pytest.raises(TritonServerError, match="cannot parse"):
-        server.build_model_config("broken", {"parameters": {"a": 1}})
+        server.model_config("broken", {"parameters": {"a": 1}})
 
 
 def test_killed_server_is_detected_and_cleaned_up(tmp_path):

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import sysconfig
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,3 +219,50 @@ def server_env(binary: TritonBinary, extra_env: Mapping[str, str] | None = None)
     if extra_env:
         env.update(extra_env)
     return env
+
+
+def server_args(
+    binary: TritonBinary,
+    *,
+    repositories: Sequence[Path],
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int | None,
+    exit_timeout_s: int,
+    log_verbose: int,
+    shm_prefix: str,
+    backends: Path | None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The ``tritonserver`` command line tdask runs: explicit model control, every endpoint on 127.0.0.1.
+
+    Metrics are served only with a ``metrics_port``; the python backend's shared-memory regions
+    are named with ``shm_prefix`` (one per server, so servers on one host never share one).
+    """
+    args = [
+        str(binary.path),
+        *[f"--model-repository={path}" for path in repositories],
+        "--model-control-mode=explicit",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--exit-timeout-secs={exit_timeout_s}",
+        "--allow-grpc=true",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--allow-http=true",
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        *(
+            ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}"]
+            if metrics_port is not None
+            else ["--allow-metrics=false"]
+        ),
+        "--allow-sagemaker=false",
+        "--allow-vertex-ai=false",
+        f"--log-verbose={log_verbose}",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+    ]
+    if backends is not None:
+        args.append(f"--backend-directory={backends}")
+    args.extend(extra_args)
+    return args

@@ -123,11 +123,7 @@ class TritonCoreOperator(Operator):
                 versions,
             )
         self.stream_client: TritonStreamClient | None = None
-        config = (
-            self.server.build_model_config(self.model, self.override)
-            if self.override
-            else self.server.read_model_config(self.model)
-        )
+        config = self.server.model_config(self.model, self.override)
         if (config.get("model_transaction_policy") or {}).get("decoupled"):
             # Triton's HTTP endpoint refuses decoupled models: stream them over gRPC instead.
             # Chosen here, once, so that other models' requests take no extra step.

@@ -11,6 +11,7 @@ SIGKILLed owner or server and ends the stubs at once), or by the next server sta
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -56,6 +57,8 @@ __all__ = [
 LOG_TAIL_LINES = 40
 #: How often a stopping server is nudged (see :func:`nudge`).
 NUDGE_INTERVAL_S = 0.25
+#: How often a stop checks whether the server and its stubs are gone.
+POLL_INTERVAL_S = 0.05
 #: Where the python backend keeps its shared-memory regions.
 SHM_DIR = Path("/dev/shm")
 #: Prefix of a server's temporary working directory: ``tdask-triton-<owner pid>-<name>-...``.
@@ -448,3 +451,51 @@ class Reaper:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+async def terminate_group(
+    process: subprocess.Popen[bytes],
+    watch: ProcessWatch,
+    *,
+    name: str,
+    timeout_s: float,
+    grpc_port: int | None,
+    graceful: bool = True,
+) -> bool:
+    """Stop a server and every process of its group; False if some survived SIGKILL.
+
+    SIGTERM first (Triton unloads its models and ends its stubs; its gRPC shutdown is nudged
+    awake), SIGKILL for the group after ``timeout_s``; ``graceful=False`` kills at once (a
+    server already gone, or broken and not worth a graceful stop).
+    """
+    pgid = process.pid
+    deadline = time.monotonic() + timeout_s
+    if graceful and not watch.exited.is_set():
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        next_nudge = time.monotonic() + NUDGE_INTERVAL_S
+        while not watch.exited.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            if time.monotonic() >= next_nudge:
+                await asyncio.to_thread(nudge, grpc_port)
+                next_nudge = time.monotonic() + NUDGE_INTERVAL_S
+    else:
+        # The server is gone already (its orphaned stubs have nobody to answer), or it is
+        # broken and not worth a graceful stop: end the whole group now.
+        killpg(pgid, signal.SIGKILL)
+    while time.monotonic() < deadline:
+        if not await asyncio.to_thread(group_members, pgid):
+            return True
+        await asyncio.sleep(POLL_INTERVAL_S)
+    leftovers = await asyncio.to_thread(group_members, pgid)
+    if leftovers:
+        logger.warning(
+            "Triton server %r did not stop within %gs; killing %s", name, timeout_s, [p.pid for p in leftovers]
+        )
+    killpg(pgid, signal.SIGKILL)
+    kill_deadline = time.monotonic() + 5.0
+    while time.monotonic() < kill_deadline:
+        if watch.exited.is_set() and not await asyncio.to_thread(group_members, pgid):
+            return True
+        await asyncio.sleep(POLL_INTERVAL_S)
+    return False

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -30,23 +29,21 @@ import dask.config
 
 from tdask.config import get_seconds
 from tdask.triton import model_config
-from tdask.triton.binary import TritonBinary, find_tritonserver, prepare_bundle_backends, server_env
+from tdask.triton.binary import TritonBinary, find_tritonserver, prepare_bundle_backends, server_args, server_env
 from tdask.triton.process import (
     LOG_TAIL_LINES,
-    NUDGE_INTERVAL_S,
+    POLL_INTERVAL_S,
     WORKDIR_PREFIX,
     ProcessWatch,
     Reaper,
     free_port,
-    group_members,
-    killpg,
     log_tail,
     make_pdeathsig,
     new_shm_prefix,
-    nudge,
     remove_shm_regions,
     sweep_stale_leftovers,
     terminate_at_exit,
+    terminate_group,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,7 +53,6 @@ __all__ = ["Status", "TritonServer", "TritonServerError"]
 #: Log fragments that mean "the port we picked was taken meanwhile"; start retries then.
 _PORT_IN_USE_MARKERS = ("already in use", "failed to listen", "failed to bind")
 _START_ATTEMPTS = 3
-_POLL_INTERVAL_S = 0.05
 # gRPC would route 127.0.0.1 through $http_proxy/$grpc_proxy unless told not to.
 _CONTROL_CHANNEL_ARGS = [("grpc.enable_http_proxy", 0)]
 
@@ -406,36 +402,20 @@ class TritonServer:
         )
 
     def _command(self, binary: TritonBinary, backends: Path | None) -> list[str]:
-        # The graceful stop waits for in-flight requests for this long, inside stop_timeout_s.
-        exit_timeout = max(1, int(self.stop_timeout_s / 2))
-        args = [
-            str(binary.path),
-            *[f"--model-repository={path}" for path in self.model_repositories],
-            "--model-control-mode=explicit",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
-            f"--exit-timeout-secs={exit_timeout}",
-            "--allow-grpc=true",
-            "--grpc-address=127.0.0.1",
-            f"--grpc-port={self._grpc_port}",
-            "--allow-http=true",
-            "--http-address=127.0.0.1",
-            f"--http-port={self._http_port}",
-            *(
-                ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={self._metrics_port}"]
-                if self._metrics_port is not None
-                else ["--allow-metrics=false"]
-            ),
-            "--allow-sagemaker=false",
-            "--allow-vertex-ai=false",
-            f"--log-verbose={self.log_verbose}",
-            # A region name of our own per server, so servers on one host never share one.
-            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
-        ]
-        if backends is not None:
-            args.append(f"--backend-directory={backends}")
-        args.extend(self.extra_args)
-        return args
+        assert self._grpc_port is not None and self._http_port is not None
+        return server_args(
+            binary,
+            repositories=self.model_repositories,
+            grpc_port=self._grpc_port,
+            http_port=self._http_port,
+            metrics_port=self._metrics_port,
+            # The graceful stop waits for in-flight requests this long, inside stop_timeout_s.
+            exit_timeout_s=max(1, int(self.stop_timeout_s / 2)),
+            log_verbose=self.log_verbose,
+            shm_prefix=self._shm_prefix,
+            backends=backends,
+            extra_args=self.extra_args,
+        )
 
     def _launch(self, args: list[str], env: dict[str, str]) -> None:
         assert self._log_path is not None
@@ -523,7 +503,7 @@ class TritonServer:
                         return
                 except InferenceServerException as exc:
                     last_error = exc
-                await asyncio.sleep(min(_POLL_INTERVAL_S, max(deadline - time.monotonic(), 0)))
+                await asyncio.sleep(min(POLL_INTERVAL_S, max(deadline - time.monotonic(), 0)))
         finally:
             await client.close()
 
@@ -582,68 +562,23 @@ class TritonServer:
                 await asyncio.to_thread(reaper.release)
 
     async def _terminate(self, process: subprocess.Popen[bytes], watch: ProcessWatch, graceful: bool = True) -> None:
-        pgid = process.pid
-        deadline = time.monotonic() + self.stop_timeout_s
-        if graceful and not watch.exited.is_set():
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            next_nudge = time.monotonic() + NUDGE_INTERVAL_S
-            while not watch.exited.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(_POLL_INTERVAL_S)
-                if time.monotonic() >= next_nudge:
-                    await asyncio.to_thread(nudge, self._grpc_port)
-                    next_nudge = time.monotonic() + NUDGE_INTERVAL_S
-        else:
-            # The server is gone already (its orphaned stubs have nobody to answer), or it is
-            # broken and not worth a graceful stop: end the whole group now.
-            killpg(pgid, signal.SIGKILL)
-        while time.monotonic() < deadline:
-            if not await asyncio.to_thread(group_members, pgid):
-                break
-            await asyncio.sleep(_POLL_INTERVAL_S)
-        else:
-            leftovers = await asyncio.to_thread(group_members, pgid)
-            if leftovers:
-                logger.warning(
-                    "Triton server %r did not stop within %gs; killing %s",
-                    self.name,
-                    self.stop_timeout_s,
-                    [p.pid for p in leftovers],
-                )
-            killpg(pgid, signal.SIGKILL)
-            kill_deadline = time.monotonic() + 5.0
-            while time.monotonic() < kill_deadline:
-                if watch.exited.is_set() and not await asyncio.to_thread(group_members, pgid):
-                    break
-                await asyncio.sleep(_POLL_INTERVAL_S)
-            else:
-                raise TritonServerError(
-                    f"Triton server {self.name!r}: processes of group {pgid} survived SIGKILL",
-                    returncode=watch.returncode,
-                )
+        stopped = await terminate_group(
+            process, watch, name=self.name, timeout_s=self.stop_timeout_s, grpc_port=self._grpc_port, graceful=graceful
+        )
+        if not stopped:
+            raise TritonServerError(
+                f"Triton server {self.name!r}: processes of group {process.pid} survived SIGKILL",
+                returncode=watch.returncode,
+            )
         logger.info("Triton server %r stopped (status %s)", self.name, watch.returncode)
 
     # ------------------------------------------------------------------ models
 
-    def read_model_config(self, model: str) -> dict[str, Any]:
-        """Read the repository's ``<model>/config.pbtxt`` in Triton's JSON form (``{}`` if absent).
+    def model_config(self, model: str, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The config ``model`` loads with, in Triton's JSON form.
 
-        See :func:`tdask.triton.model_config.read_model_config`.
-
-        Raises
-        ------
-        TritonServerError
-            The file does not parse as a Triton ``ModelConfig``.
-        """
-        try:
-            return model_config.read_model_config(self.model_repositories, model)
-        except model_config.ModelConfigError as exc:
-            raise TritonServerError(str(exc)) from exc
-
-    def build_model_config(self, model: str, override: Mapping[str, Any]) -> dict[str, Any]:
-        """Build the config to load ``model`` with: the repository's, with ``override`` merged in.
-
-        See :func:`tdask.triton.model_config.build_model_config`.
+        The repository's ``config.pbtxt`` (``{}`` if absent), with ``override`` merged in and
+        checked (:mod:`tdask.triton.model_config`).
 
         Raises
         ------
@@ -653,7 +588,9 @@ class TritonServer:
             The merged config is not a valid ``ModelConfig`` (e.g. a misspelt key).
         """
         try:
-            return model_config.build_model_config(self.model_repositories, model, override)
+            if override:
+                return model_config.build_model_config(self.model_repositories, model, override)
+            return model_config.read_model_config(self.model_repositories, model)
         except model_config.ModelConfigError as exc:
             raise TritonServerError(str(exc)) from exc
 
@@ -700,7 +637,7 @@ class TritonServer:
 
         payload = None
         if config:
-            payload = json.dumps(self.build_model_config(model, config))
+            payload = json.dumps(self.model_config(model, config))
         began = time.monotonic()
         client = self._client()
         try:
@@ -753,7 +690,7 @@ class TritonServer:
                     break
                 if time.monotonic() >= deadline:
                     raise TritonServerError(f"model {model!r} still {states} {timeout_s:g}s after unload")
-                await asyncio.sleep(_POLL_INTERVAL_S)
+                await asyncio.sleep(POLL_INTERVAL_S)
         except InferenceServerException as exc:
             raise self._request_failed(f"unloading model {model!r} on Triton server {self.name!r}", exc) from exc
         finally:
