@@ -112,6 +112,8 @@ def test_hand_started_cluster(tmp_path):
         timeout=200,
     )
     assert "Correct: 5/5" in out, out
+    # Names, though the workers joined after the client started.
+    assert "Answered by: encoder_decoder.0 (encoder.0 -> decoder.0) x5" in out, out
     _assert_clean(since)
 
 

@@ -89,12 +89,17 @@ async def run_clients(
     """Run ``clients`` concurrent clients against ``operator`` and verify every output."""
     report = ClientReport()
     op = RemoteOperator(operator, client=client)
-    assert client.scheduler is not None  # set once the client is connected
-    info = await client.scheduler.identity(n_workers=-1)
-    names = {addr: str(w.get("name", addr)) for addr, w in info["workers"].items()}
+    scheduler = client.scheduler
+    assert scheduler is not None  # set once the client is connected
+    names: dict[str, str] = {}
 
-    def who(response: Response) -> str:
+    async def who(response: Response) -> str:
         """``encoder_decoder.0 (encoder.1 -> decoder.0)``: the worker, and those it called."""
+        addresses = [response.worker] + [response.parameters.get(k) for k in ("encoder", "decoder")]
+        if any(a and a not in names for a in addresses):  # first answer, or workers that joined since
+            info = await scheduler.identity(n_workers=-1)
+            names.update({addr: str(w.get("name", addr)) for addr, w in info["workers"].items()})
+            names.update({a: a for a in addresses if a and a not in names})  # gone already: asked once
         worker = names.get(response.worker or "", response.worker or "?")
         called = [names.get(response.parameters.get(k, ""), "") for k in ("encoder", "decoder")]
         return f"{worker} ({' -> '.join(called)})" if all(called) else worker
@@ -129,7 +134,7 @@ async def run_clients(
                     return
                 report.latencies_s.append(time.perf_counter() - start)
                 report.requests += 1
-                worker = who(response)
+                worker = await who(response)
                 report.workers[worker] = report.workers.get(worker, 0) + 1
                 got = response.outputs.get("output")
                 want = expected_output(operator, data, copies)
