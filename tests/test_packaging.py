@@ -39,12 +39,18 @@ def source(tmp_path_factory) -> Path:
     return dest
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without PYTHONPATH (the conftest puts the checkout there)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def pip(*args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
         capture_output=True,
         text=True,
         timeout=180,
+        env=clean_env(),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -66,8 +72,7 @@ def bare_venv(path: Path) -> Path:
 
 def resolve(python: Path, cwd: Path) -> tuple[Path, Path]:
     """MODEL_REPOSITORY and tdask's own file, as that interpreter sees them (no PYTHONPATH)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([python, "-c", SHOW], capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
+    result = subprocess.run([python, "-c", SHOW], capture_output=True, text=True, env=clean_env(), cwd=cwd, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
     repository, module = result.stdout.split()
     return Path(repository), Path(module)
@@ -91,7 +96,8 @@ def test_the_wheel_carries_the_models_and_every_module_and_finds_them_installed(
     assert not any(name.startswith("models/") for name in names), "models/ ships inside tdask, not beside it"
 
     python = bare_venv(tmp_path / "venv")
-    pip("--python", str(python), "install", "--no-deps", str(wheel))
+    # --ignore-installed: the parent environment, seen through the .pth, may hold a tdask too.
+    pip("--python", str(python), "install", "--no-deps", "--ignore-installed", str(wheel))
     repository, module = resolve(python, tmp_path)
     site_packages = tmp_path / "venv" / "lib"
     assert module.is_relative_to(site_packages), module  # the installed copy, not the checkout
@@ -101,7 +107,7 @@ def test_the_wheel_carries_the_models_and_every_module_and_finds_them_installed(
 
 def test_an_editable_install_finds_the_checkouts_models(source, tmp_path):
     python = bare_venv(tmp_path / "venv")
-    pip("--python", str(python), "install", "--no-deps", "--editable", str(source))
+    pip("--python", str(python), "install", "--no-deps", "--ignore-installed", "--editable", str(source))
     repository, module = resolve(python, tmp_path)
     assert module == source / "tdask" / "__init__.py"
     assert repository == source / "models"
