@@ -101,7 +101,8 @@ class Cluster:
                 self.net.popen(
                     host,
                     [DASK, "worker", self.address, "--protocol", self.scheme, "--host", self.net.addresses[host]]
-                    + ["--nthreads", "1", "--no-dashboard", "--name", name, "--preload", "tdask.worker"]
+                    + ["--dashboard-address", f"{self.net.addresses[host]}:0", "--nthreads", "1", "--name", name]
+                    + ["--preload", "tdask.worker"]
                     + ["--tdask-operator", json.dumps(operator), "--tdask-log-dir", str(self.tmp)],
                     env={**self.env, **(env or {})},
                     stdout=log,
