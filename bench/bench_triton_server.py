@@ -21,7 +21,7 @@ import tritonclient.grpc.aio as aioclient
 from tdask.triton.server import TritonServer
 
 LOG_DIR = None
-MODELS = Path(__file__).resolve().parent.parent / "tdask" / "models"
+MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def _inputs(module, data: np.ndarray) -> list:

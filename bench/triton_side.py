@@ -1,6 +1,6 @@
 """The Triton baseline: one real tritonserver with encoder, decoder and their ensemble.
 
-The encoder and decoder come from ``tdask/models`` and the ensemble from ``bench/models``; they
+The encoder and decoder come from ``models/`` and the ensemble from ``bench/models``; they
 are copied into one temporary model repository (no symlinks) that the server serves. Models are
 loaded with the same config override the hello world's ``TritonCoreOperator`` gets, so both
 sides run the same model code with the same instance count.
@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.common import ROOT
 
-TDASK_MODELS = Path(ROOT) / "tdask" / "models"
+TDASK_MODELS = Path(ROOT) / "models"
 BENCH_MODELS = Path(ROOT) / "bench" / "models"
 ENSEMBLE = "encoder_decoder_ensemble"
 # gRPC would route 127.0.0.1 through $http_proxy/$grpc_proxy unless told not to.

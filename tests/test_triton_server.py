@@ -28,7 +28,7 @@ from tdask.triton import TritonServer, TritonServerError, find_tritonserver, mer
 
 pytestmark = pytest.mark.timeout(180)
 
-MODELS = Path(__file__).resolve().parent.parent / "tdask" / "models"
+MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 # ---------------------------------------------------------------------------- helpers

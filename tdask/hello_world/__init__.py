@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import click
@@ -20,7 +21,23 @@ import click
 from tdask.cli import cluster_options, gpu_unavailable_reason
 from tdask.operator import OperatorConfig
 
-MODEL_REPOSITORY = str(files("tdask") / "models")
+
+def _model_repository() -> str:
+    """Where the hello world's Triton models are: inside the installed package, or the checkout's ``models/``.
+
+    A wheel carries the top-level ``models/`` as ``tdask/models`` (pyproject's package-dir); an
+    editable install, or a checkout on ``sys.path``, imports tdask from the checkout, next to
+    ``models/``.
+    """
+    packaged = files("tdask") / "models"
+    if (packaged / "encoder" / "config.pbtxt").is_file():
+        return str(packaged)
+    checkout = Path(__file__).resolve().parent.parent.parent / "models"
+    return str(checkout if checkout.is_dir() else packaged)
+
+
+#: The hello world's Triton model repository (``encoder``, ``decoder``).
+MODEL_REPOSITORY = _model_repository()
 
 
 @dataclass(kw_only=True)

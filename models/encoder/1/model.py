@@ -1,18 +1,15 @@
-"""tdask hello-world decoder, a Triton python-backend model.
+"""tdask hello-world encoder, a Triton python-backend model.
 
-Undoes the encoder exactly: bitwise-inverts the int64 ``input`` and removes the
-``input_copies`` tiles (``reshape(copies, n // copies)[0]``, which gives back the encoder's
-input for every copies value, empty input included), then sleeps ``delay * len(output)``
-seconds.
+Tiles the int64 ``input`` ``input_copies`` times, bitwise-inverts it and then sleeps
+``delay * len(output)`` seconds, so that benchmarks can dial in a per-element cost.
+It also returns ``input_copies`` so that the decoder can undo the tiling exactly.
 
-The copies count comes from the optional ``input_copies`` input (the encoder's output of
-that name) when it is sent; otherwise from the ``input_copies`` parameter. ``input_copies``
-and ``delay`` parameters come from the model config and a request's parameters of the same
-name override them. ``KIND_CPU`` instances use numpy, ``KIND_GPU``
+``input_copies`` and ``delay`` come from the model config ``parameters`` and a request's
+parameters of the same name override them. ``KIND_CPU`` instances use numpy, ``KIND_GPU``
 instances use cupy on the instance's device (cupy is imported only there).
 
 The file is self-contained on purpose: it runs unchanged in a stock Triton server
-(``tritonserver --model-repository tdask/models``), where nothing of tdask is importable.
+(``tritonserver --model-repository models``), where nothing of tdask is importable.
 """
 
 from __future__ import annotations
@@ -84,7 +81,7 @@ def request_parameters(request: Any) -> dict[str, Any]:
 
 
 class TritonPythonModel:
-    """The decoder; one object per model instance."""
+    """The encoder; one object per model instance."""
 
     def initialize(self, args: dict[str, str]) -> None:
         """Read the config defaults and pick numpy or cupy for this instance.
@@ -111,55 +108,39 @@ class TritonPythonModel:
             try:
                 responses.append(self.execute_one(request))
             except BadParameterError as exc:
-                responses.append(pb_utils.InferenceResponse(error=invalid_argument(f"decoder: {exc}")))
+                responses.append(pb_utils.InferenceResponse(error=invalid_argument(f"encoder: {exc}")))
             except Exception as exc:  # noqa: BLE001 - answer the request instead of failing the batch
-                message = f"decoder: {type(exc).__name__}: {exc}"
+                message = f"encoder: {type(exc).__name__}: {exc}"
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
         return responses
 
     def execute_one(self, request: Any) -> Any:
-        """Invert, drop the copies, sleep and build the response of one request."""
+        """Tile, invert, sleep and build the response of one request."""
         parameters = request_parameters(request)
+        copies = self.copies
+        if "input_copies" in parameters:
+            copies = parse_copies(parameters["input_copies"], "request parameter")
         delay = self.delay
         if "delay" in parameters:
             delay = parse_delay(parameters["delay"], "request parameter")
-        copies_tensor = pb_utils.get_input_tensor_by_name(request, "input_copies")
-        if copies_tensor is not None:
-            values = self.to_numpy(copies_tensor).reshape(-1)
-            if values.size != 1:
-                raise BadParameterError(f"input 'input_copies' must hold one value, got {values.size}")
-            copies = parse_copies(int(values[0]), "input tensor")
-        elif "input_copies" in parameters:
-            copies = parse_copies(parameters["input_copies"], "request parameter")
-        else:
-            copies = self.copies
 
         tensor = pb_utils.get_input_tensor_by_name(request, "input")
         if tensor is None:  # Triton skips its required-input check for models with an optional input
             raise BadParameterError("missing required input tensor 'input'")
-        xp = self.cupy if self.gpu else np
         if self.gpu:
             with self.device:
                 data = self.to_cupy(tensor)
-                result = self.remove_copies(xp, data, copies)
+                result = self.cupy.invert(self.cupy.tile(data, copies))
                 self.device.synchronize()
             output = pb_utils.Tensor.from_dlpack("output", result)
         else:
-            result = self.remove_copies(xp, self.to_numpy(tensor), copies)
+            data = self.to_numpy(tensor)
+            result = np.invert(np.tile(data, copies))
             output = pb_utils.Tensor("output", result)
         if delay:
             time.sleep(delay * result.size)
-        return pb_utils.InferenceResponse(output_tensors=[output])
-
-    @staticmethod
-    def remove_copies(xp: Any, data: Any, copies: int) -> Any:
-        """Invert the first of ``copies`` equal tiles of ``data`` (the inverse of ``invert(tile(x, copies))``)."""
-        size = data.shape[0]
-        if size % copies:
-            raise BadParameterError(
-                f"input of {size} elements cannot hold {copies} equal copies (input_copies={copies})"
-            )
-        return xp.ascontiguousarray(xp.invert(data.reshape(copies, size // copies)[0]))
+        copies_output = pb_utils.Tensor("input_copies", np.array([copies], dtype=np.int64))
+        return pb_utils.InferenceResponse(output_tensors=[output, copies_output])
 
     def to_numpy(self, tensor: Any) -> np.ndarray:
         """Host array of a tensor; a GPU tensor (possible with FORCE_CPU_ONLY_INPUT_TENSORS=no) is copied."""
