@@ -22,7 +22,7 @@ from tdask.cli import cluster_options, gpu_unavailable_reason
 from tdask.operator import OperatorConfig
 
 
-def _model_repository() -> str:
+def _find_model_repository() -> str:
     """Where the hello world's Triton models are: inside the installed package, or the checkout's ``models/``.
 
     A wheel carries the top-level ``models/`` as ``tdask/models`` (pyproject's package-dir); an
@@ -37,7 +37,7 @@ def _model_repository() -> str:
 
 
 #: The hello world's Triton model repository (``encoder``, ``decoder``).
-MODEL_REPOSITORY = _model_repository()
+MODEL_REPOSITORY = _find_model_repository()
 
 
 @dataclass(kw_only=True)
