@@ -26,4 +26,5 @@ dask worker tcp://$HOST:$PORT --host $HOST --dashboard-address $HOST:0 --nthread
   --tdask-operator "{\"name\": \"decoder\", \"implementation\": \"triton\", \"repository\": \"$MODELS\"}" >"$LOGS/decoder.0.log" 2>&1 &
 dask worker tcp://$HOST:$PORT --host $HOST --dashboard-address $HOST:0 --nthreads 1 --name encoder_decoder.0 --preload tdask.worker \
   --tdask-operator '{"name": "encoder_decoder", "implementation": "tdask.hello_world.operators:EncoderDecoder"}' >"$LOGS/encoder_decoder.0.log" 2>&1 &
-python -m tdask.hello_world.client --scheduler-address tcp://$HOST:$PORT --requests-per-client 10 "$@"
+python -m tdask.hello_world.client --scheduler-address tcp://$HOST:$PORT --wait-for encoder,decoder,encoder_decoder \
+  --requests-per-client 10 "$@"
