@@ -322,7 +322,7 @@ def test_readme_hand_started_recipe_as_written(tmp_path):
     """The README's hand-started block, pasted as one block (on free ports): every listener is on
     127.0.0.1, the client waits for the three operators, names their workers, and is answered."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"paste it as one block\):\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    block = re.search(r"paste\s+it\s+as\s+one\s+block\):\n\n```bash\n(.*?)```", readme, re.S).group(1)
     scheduler_port, dashboard_port = _free_port(), _free_port()
     block = block.replace("8786", str(scheduler_port)).replace("8787", str(dashboard_port))
     listeners = tmp_path / "listeners.json"
