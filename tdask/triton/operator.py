@@ -172,14 +172,17 @@ class TritonCoreOperator(Operator):
             return
         await sender.send(outputs=outputs, parameters=parameters)
 
-    async def _infer(self, request: Request) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """One inference; raises a tdask error that says what went wrong."""
+    async def _inputs(self, request: Request) -> dict[str, tuple[np.ndarray, str]]:
+        """The request's inputs as host arrays with their Triton datatypes, checked against the model.
+
+        Raises the request's timeout when its deadline passed, :class:`InvalidRequestError` for an
+        input the model does not take.
+        """
         remaining = request.remaining_s
         if remaining is not None and remaining <= 0:
             raise self._timeout(request)
-        values = await request.fetch_inputs()
         inputs = {}
-        for name, value in values.items():
+        for name, value in (await request.fetch_inputs()).items():
             try:
                 array = _host_array(value)
             except TypeError as exc:
@@ -189,6 +192,11 @@ class TritonCoreOperator(Operator):
                 raise request.error(f"input {name!r} has dtype {array.dtype}, which Triton does not support")
             self._check_input(request, name, datatype, array.shape)
             inputs[name] = (array, datatype)
+        return inputs
+
+    async def _infer(self, request: Request) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """One inference; raises a tdask error that says what went wrong."""
+        inputs = await self._inputs(request)
         try:
             parameters = _triton_parameters(request.parameters)
         except TypeError as exc:
@@ -255,21 +263,7 @@ class TritonCoreOperator(Operator):
     async def _stream(self, request: Request) -> Any:
         """The responses of one request to a decoupled model; raises a tdask error that says what went wrong."""
         assert self.stream_client is not None
-        remaining = request.remaining_s
-        if remaining is not None and remaining <= 0:
-            raise self._timeout(request)
-        values = await request.fetch_inputs()
-        inputs = {}
-        for name, value in values.items():
-            try:
-                array = _host_array(value)
-            except TypeError as exc:
-                raise request.error(f"input {name!r} {exc}") from None
-            datatype = np_to_triton_dtype(array.dtype)
-            if datatype is None:
-                raise request.error(f"input {name!r} has dtype {array.dtype}, which Triton does not support")
-            self._check_input(request, name, datatype, array.shape)
-            inputs[name] = (array, datatype)
+        inputs = await self._inputs(request)
         missing = [name for name in self.required_inputs if name not in inputs]
         if missing:
             raise request.error(f"model {self.model!r} needs input(s) {missing}, missing from the request")
