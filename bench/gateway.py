@@ -30,7 +30,12 @@ from bench.common import closed_loop, machine, payloads, table, versions
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _start_gateway(address: str, log: str) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_gateway(address: str, log: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``python -m tdask.gateway`` for the scheduler at ``address`` on free ports, logging to ``log``.
+
+    Returns the process and its HTTP and gRPC addresses, once it said where it listens; raises
+    ``RuntimeError`` with its output if it exits or stays silent for 60 s. (Also the test's.)
+    """
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with Deployment(operators, dashboard_address="127.0.0.1:0") as deployment, tempfile.TemporaryDirectory() as tmp:
         address = deployment.client.scheduler.address
-        proc, http, grpc = _start_gateway(address, os.path.join(tmp, "gateway.txt"))
+        proc, http, grpc = start_gateway(address, os.path.join(tmp, "gateway.txt"))
         try:
             rows = asyncio.run(measure(args, address, http, grpc))
         finally:

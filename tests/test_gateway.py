@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -16,9 +15,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from bench.gateway import start_gateway
 from tdask import Deployment, OperatorConfig
 from tdask.hello_world import PythonGroup, TritonGroup, hello_world_operators
-from tests.conftest import assert_no_children, wait_for
+from tests.conftest import assert_no_children
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -38,33 +38,9 @@ def gateway(tmp_path_factory):
     log = tmp_path_factory.mktemp("gateway") / "out.txt"
     with Deployment(operators, dashboard_address="127.0.0.1:0") as deployment:
         address = deployment.client.scheduler.address
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tdask.gateway",
-                    "--scheduler-address",
-                    address,
-                    "--http-port",
-                    "0",
-                    "--grpc-port",
-                    "0",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": ROOT},
-            )
+        proc, http, grpc = start_gateway(address, str(log))
         try:
-            match = wait_for(
-                lambda: (
-                    (proc.poll() is None or pytest.fail(log.read_text()))
-                    and re.search(r"HTTP 127\.0\.0\.1:(\d+), gRPC 127\.0\.0\.1:(\d+)", log.read_text())
-                ),
-                timeout=60,
-                message=lambda: f"the gateway never said where it listens: {log.read_text()}",
-            )
-            yield {"http": f"127.0.0.1:{match[1]}", "grpc": f"127.0.0.1:{match[2]}", "proc": proc}
+            yield {"http": http, "grpc": grpc, "proc": proc}
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log.read_text()
