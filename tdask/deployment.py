@@ -12,6 +12,7 @@ deployment.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from collections.abc import Sequence
@@ -40,6 +41,20 @@ OperatorSpec = OperatorConfig | tuple[OperatorConfig, int]
 # Dotted keys: the Nanny merges this shallowly over its own config and the worker applies it
 # with dask.config.set, so a nested {"distributed": ...} would replace the whole subtree.
 _WORKER_CONFIG: dict[str, Any] = {"distributed.worker.profile.enabled": False}
+
+
+def worker_event_loop() -> str:
+    """The ``distributed.admin.event-loop`` value for the workers a Deployment starts.
+
+    ``tdask.worker.event-loop``: ``auto`` is ``uvloop`` where uvloop is installed, else
+    ``distributed.admin.event-loop``; any other value is passed on as it is (Dask checks it).
+    """
+    choice = str(dask.config.get("tdask.worker.event-loop", "auto"))
+    if choice != "auto":
+        return choice
+    if importlib.util.find_spec("uvloop") is not None:
+        return "uvloop"
+    return str(dask.config.get("distributed.admin.event-loop"))
 
 
 class _OperatorCluster(SpecCluster):
@@ -248,7 +263,8 @@ class Deployment(SyncMethodMixin):
         extra = dict(self.worker_options)
         # Operators do not run as Dask tasks, so the worker's statistical task profiler (100
         # wake-ups a second) would sample nothing; a user's worker config still wins.
-        options["config"] = {**_WORKER_CONFIG, **(extra.pop("config", None) or {})}
+        loop = {"distributed.admin.event-loop": worker_event_loop()}
+        options["config"] = {**_WORKER_CONFIG, **loop, **(extra.pop("config", None) or {})}
         options.update(extra)
         return options
 

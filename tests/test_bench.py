@@ -6,10 +6,10 @@ from __future__ import annotations
 from bench.run import compare, render, targets
 
 
-def row(system: str, rnd: int, conc: int, p50: float, rps: float) -> dict:
+def row(system: str, rnd: int, conc: int, p50: float, rps: float, size: int = 1000) -> dict:
     return {
         "system": system,
-        "size": 1000,
+        "size": size,
         "concurrency": conc,
         "round": rnd,
         "requests": 10,
@@ -22,26 +22,31 @@ def row(system: str, rnd: int, conc: int, p50: float, rps: float) -> dict:
 
 
 def test_targets_are_judged_on_the_median_round():
-    # Sequential ratios 3.0, 5.0, 3.5 (one bad round); throughput ratios 0.5, 0.2, 0.3.
+    # 1e3 elements: sequential ratios 1.5, 3.0, 1.8 (one bad round); throughput ratios 0.6, 0.2, 0.4.
+    # 1e5 elements: sequential ratios 1.2, 1.6, 1.7.
     runs = []
-    for rnd, (tdask_p50, tdask_rps) in enumerate([(3.0, 500), (5.0, 200), (3.5, 300)], start=1):
+    for rnd, (tdask_p50, tdask_rps, large_p50) in enumerate([(1.5, 600, 1.2), (3.0, 200, 1.6), (1.8, 400, 1.7)], 1):
         runs += [row("tdask", rnd, 1, tdask_p50, 100), row("triton_ensemble", rnd, 1, 1.0, 100)]
         runs += [row("tdask", rnd, 32, 10.0, tdask_rps), row("triton_ensemble", rnd, 32, 10.0, 1000)]
+        runs += [row("tdask", rnd, 1, large_p50, 10, 100_000), row("triton_ensemble", rnd, 1, 1.0, 10, 100_000)]
     out = {"sections": {"pipeline": {"runs": runs}}}
     compare(out, "pipeline", "triton_ensemble")
     targets(out)
-    sequential, throughput = out["targets"]["sequential_p50"], out["targets"]["throughput_32_inflight"]
-    assert sequential["rounds"] == [3.0, 5.0, 3.5] and sequential["ratio"] == 3.5 and sequential["met"]
-    assert sequential["rounds_met"] == 2
-    assert throughput["rounds"] == [0.5, 0.2, 0.3] and throughput["ratio"] == 0.3 and throughput["met"]
-    assert throughput["rounds_met"] == 2
+    found = out["targets"]
+    sequential, throughput, large = found["sequential_p50"], found["throughput_32_inflight"], found["sequential_p50_1e5"]
+    assert sequential["rounds"] == [1.5, 3.0, 1.8] and sequential["ratio"] == 1.8 and sequential["met"]
+    assert sequential["rounds_met"] == 2 and sequential["target"] == "<= 2.0"
+    assert throughput["rounds"] == [0.6, 0.2, 0.4] and throughput["ratio"] == 0.4 and not throughput["met"]
+    assert throughput["rounds_met"] == 1 and throughput["target"] == ">= 0.5"
+    assert large["rounds"] == [1.2, 1.6, 1.7] and large["ratio"] == 1.6 and not large["met"]
+    assert large["rounds_met"] == 1 and large["target"] == "<= 1.5"
     out.update(
         versions={k: "x" for k in ("python", "dask", "distributed", "numpy", "tritonclient", "tritonserver")},
         machine={"cpu_count": 2, "platform": "test"},
         config={"scheduler": "embedded", "rounds": 3},
     )
     text = render(out)
-    assert "tdask (round 2)" in text and "2/3: 3.0, 5.0, 3.5" in text
+    assert "tdask (round 2)" in text and "2/3: 1.5, 3.0, 1.8" in text and "1/3: 1.2, 1.6, 1.7" in text
 
 
 def test_the_soak_fails_on_anything_lost_wrong_untyped_or_left():

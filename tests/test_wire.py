@@ -655,7 +655,8 @@ def test_tls_deployment_serves_over_the_wire():
 
 def test_wire_under_uvloop():
     """uvloop's transports are not asyncio.Transport: the wire works there too, in-process
-    (frames, keepalive, backpressure) and in a cluster on distributed.admin.event-loop: uvloop."""
+    (frames, keepalive, backpressure), and in a Deployment, whose workers run on uvloop by
+    default (tdask.worker.event-loop: auto) and on asyncio when asked to."""
     uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
 
     async def main():
@@ -680,13 +681,14 @@ def test_wire_under_uvloop():
         return type(asyncio.get_running_loop()).__module__, dask_worker.plugins[PLUGIN_NAME].direct._wire_address()
 
     operators = [OperatorConfig(name="identity", implementation=Identity)]
-    with dask.config.set({"distributed.admin.event-loop": "uvloop"}):
-        with Deployment(operators, dashboard_address=None) as dep:
-            ((worker_loop, wire),) = dep.client.run(loop_of_worker).values()
-            assert worker_loop.startswith("uvloop") and wire is not None
-            response = RemoteOperator("identity", client=dep.client).infer(inputs={"x": np.arange(3)})
-            assert response.outputs["x"].tolist() == [0, 1, 2]
-            assert caller_sessions(dep) == ["WireSession"]
+    for choice, expected in (("auto", "uvloop"), ("asyncio", "asyncio")):
+        with dask.config.set({"tdask.worker.event-loop": choice}):
+            with Deployment(operators, dashboard_address=None) as dep:
+                ((worker_loop, wire),) = dep.client.run(loop_of_worker).values()
+                assert worker_loop.startswith(expected) and wire is not None, (choice, worker_loop)
+                response = RemoteOperator("identity", client=dep.client).infer(inputs={"x": np.arange(3)})
+                assert response.outputs["x"].tolist() == [0, 1, 2]
+                assert caller_sessions(dep) == ["WireSession"]
     assert_no_children()
 
 
