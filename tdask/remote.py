@@ -470,8 +470,7 @@ class _Call(AsyncIterator[Response]):
         try:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(remaining):  # unlike wait_for, no task per wait
-                reply = await self.stream.next()
+            reply = await self.stream.next(remaining)  # a timer, no task or context manager per wait
         except TimeoutError:
             logger.debug("request %s of %s: no final response within its deadline", self.request_id, self.op.key)
             await self.aclose()

@@ -67,21 +67,38 @@ class ResponseStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def next(self) -> ResponseMsg:
-        """The next response (raises ``StopAsyncIteration`` after the final one)."""
+    async def next(self, timeout: float | None = None) -> ResponseMsg:
+        """The next response (raises ``StopAsyncIteration`` after the final one).
+
+        ``timeout``: seconds to wait at most (``TimeoutError`` then; the stream stays usable).
+        One timer handle, not ``asyncio.timeout``: this is on every request's path, and the
+        context manager costs several times as much (measured in docs/performance.md).
+        """
         if self.done:
             raise StopAsyncIteration
-        while not self._ready:
-            # A bare future, not a queue: this is on every request's path.
-            self._waiter = asyncio.get_running_loop().create_future()
+        if not self._ready:
+            loop = asyncio.get_running_loop()
+            timer = None
             try:
-                await self._waiter
+                while not self._ready:
+                    # A bare future, not a queue: this is on every request's path.
+                    self._waiter = waiter = loop.create_future()
+                    if timer is None and timeout is not None:
+                        timer = loop.call_later(timeout, self._expire)
+                    await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         response = self._ready.popleft()
         if response.get("final"):
             self.done = True
         return response
+
+    def _expire(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     def __aiter__(self) -> AsyncIterator[ResponseMsg]:
         return self
