@@ -678,14 +678,17 @@ def test_wire_under_uvloop():
     assert keepalive[0] == 1 and keepalive[-1] == 30_000
 
     def loop_of_worker(dask_worker):
-        return type(asyncio.get_running_loop()).__module__, dask_worker.plugins[PLUGIN_NAME].direct._wire_address()
+        loop = type(asyncio.get_running_loop()).__module__
+        return loop, dask_worker.plugins[PLUGIN_NAME].direct._wire_address(), dask_worker._tick_interval
 
     operators = [OperatorConfig(name="identity", implementation=Identity)]
-    for choice, expected in (("auto", "uvloop"), ("asyncio", "asyncio")):
-        with dask.config.set({"tdask.worker.event-loop": choice}):
+    # Also Dask's tick: 100 ms in the processes a Deployment starts, unless the user set one.
+    for choice, expected, tick, tick_s in (("auto", "uvloop", "20ms", 0.1), ("asyncio", "asyncio", "50ms", 0.05)):
+        with dask.config.set({"tdask.worker.event-loop": choice, "distributed.admin.tick.interval": tick}):
             with Deployment(operators, dashboard_address=None) as dep:
-                ((worker_loop, wire),) = dep.client.run(loop_of_worker).values()
+                ((worker_loop, wire, worker_tick),) = dep.client.run(loop_of_worker).values()
                 assert worker_loop.startswith(expected) and wire is not None, (choice, worker_loop)
+                assert worker_tick == tick_s and dep.cluster.scheduler._tick_interval == tick_s
                 response = RemoteOperator("identity", client=dep.client).infer(inputs={"x": np.arange(3)})
                 assert response.outputs["x"].tolist() == [0, 1, 2]
                 assert caller_sessions(dep) == ["WireSession"]
