@@ -45,6 +45,7 @@ from ctypes import (
     c_void_p,
 )
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ KIND_RESPONSE, KIND_RELEASE = 0, 1
 
 _P = c_void_p
 _PP = POINTER(c_void_p)
-ALLOC_FN = CFUNCTYPE(
-    c_void_p, _P, c_char_p, c_size_t, c_int, c_int64, _P, _PP, _PP, POINTER(c_int), POINTER(c_int64)
-)
+ALLOC_FN = CFUNCTYPE(c_void_p, _P, c_char_p, c_size_t, c_int, c_int64, _P, _PP, _PP, POINTER(c_int), POINTER(c_int64))
 RELEASE_FN = CFUNCTYPE(c_void_p, _P, _P, _P, c_size_t, c_int, c_int64)
 COMPLETE_FN = CFUNCTYPE(None, _P, c_uint32, _P)
 
@@ -262,7 +261,7 @@ class _Functions:
             function.argtypes = argtypes
             setattr(self, name.removeprefix("TRITONSERVER_"), function)
 
-    def __getattr__(self, name: str) -> Callable[..., object]:  # for mypy: attributes set above
+    def __getattr__(self, name: str) -> Callable[..., Any]:  # for mypy: attributes set above
         raise AttributeError(name)
 
 
@@ -395,7 +394,7 @@ class Completions:
         self._fd = -1
         self._pending: collections.deque[tuple[int, int, int | None, int]] = collections.deque()
         self._scheduled = False
-        self._keep: list[object] = []
+        self._keep: list[Any] = []
         if self._shim is not None:
             shim = self._shim
             shim.tdask_init.argtypes = [c_int, c_void_p, c_size_t]
@@ -457,7 +456,7 @@ class Completions:
         self._loop, self._on_events = loop, on_events
         if self._shim is not None:
             self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            error_new = ctypes.cast(self.api.fn.ErrorNew, c_void_p).value
+            error_new = ctypes.cast(self.api.fn.ErrorNew, c_void_p).value  # type: ignore[arg-type]
             if self._shim.tdask_init(self._fd, error_new, 1024) != 0:
                 raise MemoryError("tdask's C shim could not allocate its event queue")
             loop.add_reader(self._fd, self._drain_native)

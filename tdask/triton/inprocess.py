@@ -167,7 +167,7 @@ class InProcessServer:
 
     @property
     def pid(self) -> int:
-        """This process (Triton runs in it)."""
+        """Return this process id (Triton runs in it)."""
         return os.getpid()
 
     @property
@@ -310,7 +310,9 @@ class InProcessServer:
             if backends is not None:
                 api.check(fn.ServerOptionsSetBackendDirectory(options, str(backends).encode()))
             api.check(
-                fn.ServerOptionsSetBackendConfig(options, b"python", b"shm-region-prefix-name", self._shm_prefix.encode())
+                fn.ServerOptionsSetBackendConfig(
+                    options, b"python", b"shm-region-prefix-name", self._shm_prefix.encode()
+                )
             )
             server = c_void_p()
             err = await asyncio.to_thread(fn.ServerNew, byref(server), options)
@@ -329,9 +331,7 @@ class InProcessServer:
         self.completions = capi.Completions(api, use_shim=self.use_shim)
         allocator = c_void_p()
         api.check(
-            fn.ResponseAllocatorNew(
-                byref(allocator), self.completions.alloc_fn, self.completions.release_fn, None
-            )
+            fn.ResponseAllocatorNew(byref(allocator), self.completions.alloc_fn, self.completions.release_fn, None)
         )
         self._allocator = allocator.value
         self._loop = asyncio.get_running_loop()
@@ -396,7 +396,7 @@ class InProcessServer:
     # ------------------------------------------------------------------ models
 
     def model_config(self, model: str, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The config ``model`` loads with (as :meth:`TritonServer.model_config <tdask.triton.server.TritonServer.model_config>`)."""
+        """Return the config ``model`` loads with (as ``TritonServer.model_config``)."""
         try:
             if override:
                 return model_config.build_model_config(self.model_repositories, model, override)
@@ -428,9 +428,7 @@ class InProcessServer:
             parameters[0] = api.fn.ParameterNew(b"config", capi.PARAM_STRING, payload)
             count = 1
         try:
-            call = asyncio.to_thread(
-                api.fn.ServerLoadModelWithParameters, server, model.encode(), parameters, count
-            )
+            call = asyncio.to_thread(api.fn.ServerLoadModelWithParameters, server, model.encode(), parameters, count)
             err = await asyncio.wait_for(call, timeout_s) if timeout_s is not None else await call
         except TimeoutError:
             raise TritonServerError(f"loading model {model!r} took longer than {timeout_s:g}s") from None
@@ -457,7 +455,9 @@ class InProcessServer:
             raise TritonServerError(f"unloading model {model!r} failed: {api.error(err)}")
         deadline = time.monotonic() + timeout_s
         while wait:
-            states = [m.get("state", "") for m in self._json(api.fn.ServerModelIndex, server, 0) if m.get("name") == model]
+            states = [
+                m.get("state", "") for m in self._json(api.fn.ServerModelIndex, server, 0) if m.get("name") == model
+            ]
             if not any(s in ("READY", "UNLOADING", "LOADING") for s in states):
                 break
             if time.monotonic() >= deadline:
@@ -551,9 +551,7 @@ class InProcessServer:
                     check(fn.InferenceRequestSetStringParameter(request, k, str(value).encode()))
             check(fn.InferenceRequestSetReleaseCallback(request, completions.request_release_fn, token))
             check(
-                fn.InferenceRequestSetResponseCallback(
-                    request, self._allocator, None, completions.complete_fn, token
-                )
+                fn.InferenceRequestSetResponseCallback(request, self._allocator, None, completions.complete_fn, token)
             )
             entry = _Inflight(request.value or 0, keep, None if decoupled else self._loop.create_future())
             self._inflight[token] = entry
@@ -710,7 +708,7 @@ class InProcessClient:
         if timeout is not None:
             entry.timer = future.get_loop().call_later(timeout, _expire, future)
         try:
-            return await future  # type: ignore[no-any-return]
+            return await future
         except capi.TritonCError as exc:
             raise TritonHttpError(exc.http_status, exc.message) from None
         except BaseException:  # cancelled, or TimeoutError: Triton may stop the model early
