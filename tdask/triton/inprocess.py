@@ -563,8 +563,8 @@ class InProcessServer:
         return entry
 
     def cancel(self, entry: _Inflight) -> None:
-        """Ask Triton to cancel a request it has not released yet (its answer is then dropped)."""
-        if not entry.released and self._api is not None and self._server is not None:
+        """Ask Triton to cancel a request not answered in full yet (its answer is then dropped)."""
+        if not entry.final and self._api is not None and self._server is not None:
             err = self._api.fn.InferenceRequestCancel(entry.request)
             if err:
                 logger.debug("cancelling a Triton request: %s", self._api.error(err))
@@ -578,12 +578,17 @@ class InProcessServer:
         for kind, flags, pointer, token in events:
             entry = inflight.get(token)
             if kind == capi.KIND_RELEASE:
-                fn.InferenceRequestDelete(pointer)
-                if entry is not None:
-                    entry.released = True
-                    entry.keep = None
-                    if entry.final:
-                        del inflight[token]
+                if entry is None:
+                    fn.InferenceRequestDelete(pointer)
+                    continue
+                entry.released = True
+                entry.keep = None
+                if entry.final:
+                    fn.InferenceRequestDelete(pointer)
+                    del inflight[token]
+                # else: kept until the final response, so that cancelling still reaches the
+                # response factory the backend shares with it (a decoupled python model's
+                # request is released as soon as its execute() returns).
                 continue
             result: Any = None
             if pointer:
@@ -601,6 +606,7 @@ class InProcessServer:
                 if entry.timer is not None:
                     entry.timer.cancel()
                 if entry.released:
+                    fn.InferenceRequestDelete(entry.request)
                     del inflight[token]
             if entry.future is not None:
                 if not entry.future.done():
@@ -761,6 +767,8 @@ class InProcessClient:
                     raise TritonStreamError(result.grpc_code, result.message)
                 if result is not None:
                     yield StreamResponse(result.outputs, result.parameters, final, result.datatypes)
+                elif final:  # the final flag alone (as gRPC's empty final response)
+                    yield StreamResponse({}, {}, True, {})
                 if final:
                     return
         finally:
