@@ -124,34 +124,6 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
     assert "starting Triton in process" in log and "successfully loaded 'encoder'" in log
 
 
-def test_a_model_that_fails_to_load_is_a_clear_error(tmp_path):
-    """A config override Triton refuses: TritonServerError with Triton's reason; the server serves on."""
-    script = f"""
-    import asyncio, json
-    import numpy as np
-    from tdask.triton.inprocess import InProcessServer
-    from tdask.triton.server import TritonServerError
-
-    async def go():
-        out = {{}}
-        async with InProcessServer(model_repository={str(MODELS)!r}, log_dir={str(tmp_path)!r}, name="bad") as s:
-            try:
-                await s.load_model("encoder", {{"instance_group": [{{"kind": "KIND_MODEL", "count": 1}}],
-                                                "backend": "no_such_backend"}})
-            except TritonServerError as exc:
-                out["error"] = str(exc)
-            await s.load_model("encoder")
-            r = await s.client().infer("encoder", {{"input": (np.arange(2, dtype=np.int64), "INT64")}})
-            out["ok"] = r.outputs["output"].tolist()
-        return out
-
-    print(json.dumps(asyncio.run(go())))
-    """
-    out = _run(script, tmp_path)
-    assert "loading model 'encoder'" in out["error"] and "no_such_backend" in out["error"], out
-    assert out["ok"] == [-1, -2]
-
-
 def test_stubs_do_not_outlive_a_killed_owner(tmp_path):
     """SIGKILL the process hosting Triton: the reaper ends its python-backend stubs and removes their
     shared memory (the owner's process group is left alone)."""
