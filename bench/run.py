@@ -100,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-requests", type=int, default=1000, help="requests per profiled run")
     p.add_argument("--profile-size", type=int, default=1000, help="elements per request in profiled runs")
     p.add_argument("--log-dir", default=None, help="keep worker, scheduler and Triton logs here (default: a temp dir)")
+    p.add_argument(
+        "--triton-mode",
+        choices=("subprocess", "in-process"),
+        default=None,
+        help="tdask.triton.mode of the tdask workers: a tritonserver per worker, or Triton in the worker's "
+        "process (default: the configured one); the ensemble baseline is a tritonserver either way",
+    )
     args = p.parse_args(argv)
     args.only_list = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only_list) - set(SECTIONS)
@@ -763,6 +770,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "config": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
         "tdask_request_config": dict(dask.config.get("tdask.request")),
+        "triton_mode": dask.config.get("tdask.triton.mode"),
         "startup_s": {},
         "sections": {},
     }
@@ -798,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     import dask.config
 
     dask.config.set({"logging.distributed": "warning", "logging.tdask": "warning"})
+    if args.triton_mode is not None:
+        dask.config.set({"tdask.triton.mode": args.triton_mode})
     out = asyncio.run(amain(args))
     print(render(out))  # noqa: T201
     print(json.dumps(out, default=str))  # noqa: T201

@@ -1,10 +1,15 @@
-"""TritonCoreOperator on a real cluster: worker processes that each own a real tritonserver."""
+"""TritonCoreOperator on a real cluster: worker processes that each own a real Triton server.
+
+Every test runs in both ``tdask.triton.mode``s: a ``tritonserver`` subprocess per worker, and
+Triton's core inside the worker process (:mod:`tdask.triton.inprocess`).
+"""
 
 from __future__ import annotations
 
 import os
 import time
 
+import dask
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
@@ -18,10 +23,18 @@ from tests.conftest import assert_no_children, child_pids
 pytestmark = pytest.mark.timeout(240)
 
 TEST_MODELS = os.path.join(os.path.dirname(__file__), "models")
+MODES = ["subprocess", "in-process"]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def triton_mode(request):
+    """The worker's Triton mode; the module's deployment is built once per mode."""
+    with dask.config.set({"tdask.triton.mode": request.param}):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(triton_mode):
     encoder = OperatorConfig(
         name="encoder",
         implementation="triton",
@@ -114,11 +127,21 @@ def test_deadline_becomes_a_request_timeout(client):
     assert ok.outputs["input_copies"].tolist() == [2]
 
 
-@pytest.mark.parametrize("victim", ["tritonserver", "triton_python_backend_stub", "worker"])
-def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
+@pytest.mark.parametrize(
+    "mode, victim",
+    [
+        ("subprocess", "tritonserver"),
+        ("subprocess", "triton_python_backend_stub"),
+        ("subprocess", "worker"),
+        ("in-process", "triton_python_backend_stub"),
+        ("in-process", "worker"),
+    ],
+)
+def test_killed_triton_process_restarts_the_worker_and_loses_nothing(mode, victim):
     """SIGKILL the worker's tritonserver, a model's stub, or the worker itself under load: the
     worker restarts with a fresh server, every request is answered right, and nothing of the old
-    server is left: no process (server, stubs) and no shared-memory region."""
+    server is left: no process (server, stubs) and no shared-memory region. In-process, Triton
+    is the worker itself: its stubs and the worker are the victims."""
     import asyncio
     import os
     import signal
@@ -131,14 +154,20 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(victim):
 
     before = child_pids()  # the module's deployment, when it is up
     decoder = OperatorConfig(name="decoder", implementation="triton", repository=MODEL_REPOSITORY)
-    with Deployment([(decoder, 1)], dashboard_address="127.0.0.1:0") as deployment:
+    with (
+        dask.config.set({"tdask.triton.mode": mode}),
+        Deployment([(decoder, 1)], dashboard_address="127.0.0.1:0") as deployment,
+    ):
         (worker_pid,) = deployment.client.run(os.getpid).values()
         (prefix,) = deployment.client.run(
             lambda dask_worker: dask_worker.plugins[PLUGIN_NAME]._triton.shm_region_prefix
         ).values()
         worker = psutil.Process(worker_pid)
         triton = [p for p in worker.children(recursive=True) if "triton" in p.name()]
-        assert {p.name() for p in triton} >= {"tritonserver", "triton_python_backend_stub"}, triton
+        expected = (
+            {"tritonserver", "triton_python_backend_stub"} if mode == "subprocess" else {"triton_python_backend_stub"}
+        )
+        assert {p.name() for p in triton} >= expected, triton
         assert list(Path("/dev/shm").glob(f"{prefix}*")), "the stubs' shared memory is there"
         target = worker if victim == "worker" else next(p for p in triton if p.name() == victim)
 
@@ -207,8 +236,8 @@ def test_property_encoder_answers_or_refuses_clearly(client, dtype, shape, copie
     np.testing.assert_array_equal(response.outputs["output"], np.invert(np.tile(data, int(copies))))
 
 
-def test_every_listener_is_loopback_triton_included(client):
-    """Workers, nannies, scheduler and each worker's tritonserver bind 127.0.0.1 only."""
+def test_every_listener_is_loopback_triton_included(client, triton_mode):
+    """Workers, nannies, scheduler and each worker's tritonserver bind 127.0.0.1 only (in-process: no Triton port)."""
     import psutil
 
     from tests.conftest import children
@@ -218,7 +247,7 @@ def test_every_listener_is_loopback_triton_included(client):
         for conn in proc.net_connections(kind="inet"):
             if conn.status == psutil.CONN_LISTEN:
                 listening.append((proc.name(), conn.laddr.ip, conn.laddr.port))
-    assert any(name == "tritonserver" for name, _, _ in listening), listening
+    assert any(name == "tritonserver" for name, _, _ in listening) == (triton_mode == "subprocess"), listening
     # gRPC binds 127.0.0.1 on a dual-stack socket, which shows as the IPv4-mapped form.
     assert {ip for _, ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
     assert {name for name, ip, _ in listening if ip.startswith("::ffff:")} <= {"tritonserver"}, listening

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from functools import partial
 
+import dask
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -23,11 +24,14 @@ pytestmark = pytest.mark.timeout(240)
 TEST_MODELS = os.path.join(os.path.dirname(__file__), "models")
 
 
-@pytest.fixture(scope="module")
-def client():
+@pytest.fixture(scope="module", params=["subprocess", "in-process"])
+def client(request):
     # tests/models/counter: decoupled; streams "count" responses, then an empty final one.
     counter = OperatorConfig(name="counter", implementation="triton", repository=TEST_MODELS, max_inflight_requests=4)
-    with Deployment([(counter, 1)], dashboard_address="127.0.0.1:0") as deployment:
+    with (
+        dask.config.set({"tdask.triton.mode": request.param}),
+        Deployment([(counter, 1)], dashboard_address="127.0.0.1:0") as deployment,
+    ):
         yield deployment.client
     assert_no_children()
 

@@ -248,15 +248,21 @@ class OperatorHost(WorkerPlugin):
         """The worker's Triton server, started on first use over all its Triton repositories."""
         async with self._triton_lock:
             if self._triton is None:
-                from tdask.triton.server import TritonServer
-
                 assert self.worker is not None
                 repositories = sorted({c.repository for c in self.operators if c.is_triton and c.repository})
-                server = TritonServer(
-                    model_repository=repositories,
-                    log_dir=self._log_dir(),
-                    name=str(self.worker.name).replace("/", "_"),
-                )
+                name = str(self.worker.name).replace("/", "_")
+                mode = dask.config.get("tdask.triton.mode", "subprocess")
+                server: Any
+                if mode == "in-process":
+                    from tdask.triton.inprocess import InProcessServer
+
+                    server = InProcessServer(model_repository=repositories, log_dir=self._log_dir(), name=name)
+                elif mode == "subprocess":
+                    from tdask.triton.server import TritonServer
+
+                    server = TritonServer(model_repository=repositories, log_dir=self._log_dir(), name=name)
+                else:
+                    raise ValueError(f"tdask.triton.mode is {mode!r}; expected 'in-process' or 'subprocess'")
                 await server.start()
                 loop = asyncio.get_running_loop()
 

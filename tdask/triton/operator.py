@@ -103,7 +103,11 @@ class TritonCoreOperator(Operator):
         self.override = _config_override(self.parameters.get("config"), self.name)
         self.server = await self.context.triton_server()
         await self.server.load_model(self.model, self.override, timeout_s=get_seconds("tdask.triton.load-timeout"))
-        self.client = TritonHttpClient.from_url(self.server.http_url)
+        in_process = getattr(self.server, "in_process", False)
+        # Triton in this process (tdask.triton.mode: in-process) answers through the C API;
+        # otherwise the worker's tritonserver over HTTP (and gRPC for decoupled models).
+        self.client: Any = self.server.client() if in_process else TritonHttpClient.from_url(self.server.http_url)
+        where = self.server.address if in_process else self.server.http_url
         metadata = await self.client.model_metadata(self.model)
         # name -> (Triton datatype, dims with -1 for "any"): checked before a request goes out,
         # since Triton itself lets some mismatches through (a 0-d tensor for dims [-1]).
@@ -122,19 +126,19 @@ class TritonCoreOperator(Operator):
                 self.version,
                 versions,
             )
-        self.stream_client: TritonStreamClient | None = None
+        self.stream_client: Any = None
         config = self.server.model_config(self.model, self.override)
         if (config.get("model_transaction_policy") or {}).get("decoupled"):
             # Triton's HTTP endpoint refuses decoupled models: stream them over gRPC instead.
             # Chosen here, once, so that other models' requests take no extra step.
-            self.stream_client = TritonStreamClient(self.server.grpc_url)
+            self.stream_client = self.client if in_process else TritonStreamClient(self.server.grpc_url)
             self.required_inputs = sorted(
                 i["name"] for i in config.get("input", []) if not i.get("optional") and i["name"] in self.input_specs
             )
             self._serve = self._serve_stream  # type: ignore[method-assign]
-            self.logger.info("Triton model %r is decoupled: streamed over gRPC %s", self.model, self.server.grpc_url)
+            self.logger.info("Triton model %r is decoupled: its responses are streamed (%s)", self.model, where)
         self.server.add_exit_callback(self._on_server_exit)
-        self.logger.info("Triton model %r ready on %s (server %s)", self.model, self.server.http_url, self.server.pid)
+        self.logger.info("Triton model %r ready on %s (server %s)", self.model, where, self.server.pid)
 
     def _on_server_exit(self, returncode: int) -> None:
         # Runs in the server's watcher thread; TritonServer itself logs the log tail.

@@ -335,6 +335,7 @@ def terminate_at_exit(
 _REAPER_PROGRAM = r"""
 import glob, os, select, signal, sys, time
 lifeline, server, prefix, shm_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+group = sys.argv[5] == "group" if len(sys.argv) > 5 else True
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 def stop(*_):
     raise InterruptedError  # SIGTERM: stop watching, clean up now
@@ -353,7 +354,7 @@ def ours():
                 fields = f.read().rsplit(b")", 1)[1].split()
             if fields[0] == b"Z":
                 continue
-            if int(fields[2]) == server:
+            if group and int(fields[2]) == server:
                 found.append(int(entry))
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
@@ -407,9 +408,12 @@ class Reaper:
         The server (also its process group id).
     shm_prefix
         The server's shared-memory region prefix (:func:`new_shm_prefix`).
+    kill_group
+        Also kill the processes of ``server_pid``'s process group (a ``tritonserver`` leads its
+        own); ``False`` for Triton in a worker's process, which leads no group of its own.
     """
 
-    def __init__(self, server_pid: int, shm_prefix: str) -> None:
+    def __init__(self, server_pid: int, shm_prefix: str, *, kill_group: bool = True) -> None:
         read_end, self._lifeline = os.pipe()  # both close-on-exec: only the reaper gets read_end
         try:
             self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
@@ -423,6 +427,7 @@ class Reaper:
                     str(server_pid),
                     shm_prefix,
                     str(SHM_DIR),
+                    "group" if kill_group else "nogroup",
                 ],
                 pass_fds=(read_end,),
                 stdin=subprocess.DEVNULL,

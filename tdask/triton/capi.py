@@ -1,0 +1,503 @@
+"""A ctypes binding of Triton's in-process C API (``libtritonserver``), for :mod:`tdask.triton.inprocess`.
+
+The library is the one bundled in the ``nvidia-pytriton`` wheel (``nvidia_pytriton.libs/
+libtritonserver-*.so``, C API 1.34, Triton 2.51) or ``$TDASK_LIBTRITONSERVER``, or a container
+install's ``/opt/tritonserver/lib/libtritonserver.so``. Only the functions tdask calls are
+declared, with their exact C signatures (``include/triton/core/tritonserver.h``).
+
+Why not the official ``tritonserver`` Python package: its wheels (PyPI 2.5x-2.7x) carry a
+pybind11 extension built against the ``libtritonserver`` of their own release and load that
+one; there is none for 2.51 that works with the library bundled here, and mixing two cores in
+one process is not supported. A ctypes binding of the stable C API needs no compiler and works
+with whichever core is installed (the API version is checked at load).
+
+Completions (:class:`Completions`): Triton calls the response allocator and the completion
+callbacks from its own threads. With the optional C shim (``_inprocess_shim.c``, compiled on
+first use when a C compiler exists; ``tdask.triton.in-process-shim``) none of them enters
+Python: they queue events and wake the event loop through an eventfd once per batch. Without
+it, Python callbacks do the same, each taking the GIL on a Triton thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    c_bool,
+    c_char_p,
+    c_double,
+    c_int,
+    c_int64,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["API_VERSION", "Completions", "TritonCApi", "TritonCError", "find_libtritonserver"]
+
+#: The C API version this binding is written against (major must match, minor at least this).
+API_VERSION = (1, 34)
+
+# TRITONSERVER_Error_Code
+ERROR_UNKNOWN, ERROR_INTERNAL, ERROR_NOT_FOUND, ERROR_INVALID_ARG = 0, 1, 2, 3
+ERROR_UNAVAILABLE, ERROR_UNSUPPORTED, ERROR_ALREADY_EXISTS, ERROR_CANCELLED = 4, 5, 6, 7
+#: The HTTP status Triton's own HTTP endpoint gives each error code (http_server.cc), so that
+#: the operator maps both modes' errors alike.
+HTTP_STATUS = {ERROR_INTERNAL: 500, ERROR_NOT_FOUND: 404, ERROR_UNAVAILABLE: 503, ERROR_UNSUPPORTED: 501}
+#: The gRPC status names of the same codes (for the streaming path's error mapping).
+GRPC_CODE = {
+    ERROR_INTERNAL: "INTERNAL",
+    ERROR_NOT_FOUND: "NOT_FOUND",
+    ERROR_INVALID_ARG: "INVALID_ARGUMENT",
+    ERROR_UNAVAILABLE: "UNAVAILABLE",
+    ERROR_UNSUPPORTED: "UNIMPLEMENTED",
+    ERROR_ALREADY_EXISTS: "ALREADY_EXISTS",
+    ERROR_CANCELLED: "CANCELLED",
+}
+
+# TRITONSERVER_DataType, by index
+DATATYPES = ["INVALID", "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"]
+DATATYPES += ["FP16", "FP32", "FP64", "BYTES", "BF16"]
+DATATYPE_CODE = {name: code for code, name in enumerate(DATATYPES)}
+# TRITONSERVER_ParameterType
+PARAM_STRING, PARAM_INT, PARAM_BOOL, PARAM_DOUBLE, PARAM_BYTES = 0, 1, 2, 3, 4
+MEMORY_CPU = 0
+MODEL_CONTROL_EXPLICIT = 2
+RESPONSE_FINAL = 1  # TRITONSERVER_RESPONSE_COMPLETE_FINAL
+REQUEST_RELEASE_ALL = 1
+TXN_DECOUPLED = 2  # TRITONSERVER_TXN_DECOUPLED
+KIND_RESPONSE, KIND_RELEASE = 0, 1
+
+_P = c_void_p
+_PP = POINTER(c_void_p)
+ALLOC_FN = CFUNCTYPE(c_void_p, _P, c_char_p, c_size_t, c_int, c_int64, _P, _PP, _PP, POINTER(c_int), POINTER(c_int64))
+RELEASE_FN = CFUNCTYPE(c_void_p, _P, _P, _P, c_size_t, c_int, c_int64)
+COMPLETE_FN = CFUNCTYPE(None, _P, c_uint32, _P)
+
+# name: (restype, argtypes); restype None here means "returns TRITONSERVER_Error*".
+_ERR = None
+_SIGNATURES: dict[str, tuple[object, list[object]]] = {
+    "TRITONSERVER_ApiVersion": (_ERR, [POINTER(c_uint32), POINTER(c_uint32)]),
+    "TRITONSERVER_ErrorNew": (c_void_p, [c_int, c_char_p]),
+    "TRITONSERVER_ErrorDelete": (None, [_P]),
+    "TRITONSERVER_ErrorCode": (c_int, [_P]),
+    "TRITONSERVER_ErrorMessage": (c_char_p, [_P]),
+    "TRITONSERVER_ServerOptionsNew": (_ERR, [_PP]),
+    "TRITONSERVER_ServerOptionsDelete": (_ERR, [_P]),
+    "TRITONSERVER_ServerOptionsSetServerId": (_ERR, [_P, c_char_p]),
+    "TRITONSERVER_ServerOptionsSetModelRepositoryPath": (_ERR, [_P, c_char_p]),
+    "TRITONSERVER_ServerOptionsSetModelControlMode": (_ERR, [_P, c_int]),
+    "TRITONSERVER_ServerOptionsSetStrictReadiness": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetExitOnError": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetExitTimeout": (_ERR, [_P, c_uint32]),
+    "TRITONSERVER_ServerOptionsSetLogFile": (_ERR, [_P, c_char_p]),
+    "TRITONSERVER_ServerOptionsSetLogInfo": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetLogWarn": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetLogError": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetLogVerbose": (_ERR, [_P, c_int]),
+    "TRITONSERVER_ServerOptionsSetMetrics": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetBackendDirectory": (_ERR, [_P, c_char_p]),
+    "TRITONSERVER_ServerOptionsSetBackendConfig": (_ERR, [_P, c_char_p, c_char_p, c_char_p]),
+    "TRITONSERVER_ServerNew": (_ERR, [_PP, _P]),
+    "TRITONSERVER_ServerStop": (_ERR, [_P]),
+    "TRITONSERVER_ServerDelete": (_ERR, [_P]),
+    "TRITONSERVER_ServerIsLive": (_ERR, [_P, POINTER(c_bool)]),
+    "TRITONSERVER_ServerLoadModelWithParameters": (_ERR, [_P, c_char_p, _PP, c_uint64]),
+    "TRITONSERVER_ServerUnloadModel": (_ERR, [_P, c_char_p]),
+    "TRITONSERVER_ServerModelMetadata": (_ERR, [_P, c_char_p, c_int64, _PP]),
+    "TRITONSERVER_ServerModelTransactionProperties": (_ERR, [_P, c_char_p, c_int64, POINTER(c_uint32), _PP]),
+    "TRITONSERVER_ServerModelIndex": (_ERR, [_P, c_uint32, _PP]),
+    "TRITONSERVER_ServerMetrics": (_ERR, [_P, _PP]),
+    "TRITONSERVER_MetricsFormatted": (_ERR, [_P, c_int, POINTER(c_char_p), POINTER(c_size_t)]),
+    "TRITONSERVER_MetricsDelete": (_ERR, [_P]),
+    "TRITONSERVER_MessageSerializeToJson": (_ERR, [_P, POINTER(c_void_p), POINTER(c_size_t)]),
+    "TRITONSERVER_MessageDelete": (_ERR, [_P]),
+    "TRITONSERVER_ParameterNew": (c_void_p, [c_char_p, c_int, c_void_p]),
+    "TRITONSERVER_ParameterDelete": (None, [_P]),
+    "TRITONSERVER_ResponseAllocatorNew": (_ERR, [_PP, c_void_p, c_void_p, c_void_p]),
+    "TRITONSERVER_ResponseAllocatorDelete": (_ERR, [_P]),
+    "TRITONSERVER_InferenceRequestNew": (_ERR, [_PP, _P, c_char_p, c_int64]),
+    "TRITONSERVER_InferenceRequestDelete": (_ERR, [_P]),
+    "TRITONSERVER_InferenceRequestSetId": (_ERR, [_P, c_char_p]),
+    "TRITONSERVER_InferenceRequestAddInput": (_ERR, [_P, c_char_p, c_int, POINTER(c_int64), c_uint64]),
+    "TRITONSERVER_InferenceRequestAppendInputData": (_ERR, [_P, c_char_p, c_void_p, c_size_t, c_int, c_int64]),
+    "TRITONSERVER_InferenceRequestSetStringParameter": (_ERR, [_P, c_char_p, c_char_p]),
+    "TRITONSERVER_InferenceRequestSetIntParameter": (_ERR, [_P, c_char_p, c_int64]),
+    "TRITONSERVER_InferenceRequestSetBoolParameter": (_ERR, [_P, c_char_p, c_bool]),
+    "TRITONSERVER_InferenceRequestSetDoubleParameter": (_ERR, [_P, c_char_p, c_double]),
+    "TRITONSERVER_InferenceRequestSetReleaseCallback": (_ERR, [_P, c_void_p, c_void_p]),
+    "TRITONSERVER_InferenceRequestSetResponseCallback": (_ERR, [_P, _P, c_void_p, c_void_p, c_void_p]),
+    "TRITONSERVER_InferenceRequestCancel": (_ERR, [_P]),
+    "TRITONSERVER_ServerInferAsync": (_ERR, [_P, _P, _P]),
+    "TRITONSERVER_InferenceResponseDelete": (_ERR, [_P]),
+    "TRITONSERVER_InferenceResponseError": (_ERR, [_P]),
+    "TRITONSERVER_InferenceResponseParameterCount": (_ERR, [_P, POINTER(c_uint32)]),
+    "TRITONSERVER_InferenceResponseParameter": (
+        _ERR,
+        [_P, c_uint32, POINTER(c_char_p), POINTER(c_int), POINTER(c_void_p)],
+    ),
+    "TRITONSERVER_InferenceResponseOutputCount": (_ERR, [_P, POINTER(c_uint32)]),
+    "TRITONSERVER_InferenceResponseOutput": (
+        _ERR,
+        [
+            _P,
+            c_uint32,
+            POINTER(c_char_p),
+            POINTER(c_int),
+            POINTER(POINTER(c_int64)),
+            POINTER(c_uint64),
+            POINTER(c_void_p),
+            POINTER(c_size_t),
+            POINTER(c_int),
+            POINTER(c_int64),
+            POINTER(c_void_p),
+        ],
+    ),
+}
+
+
+class TritonCError(Exception):
+    """A ``TRITONSERVER_Error``: Triton's code and message.
+
+    Attributes
+    ----------
+    code : int
+        The ``TRITONSERVER_Error_Code`` (3: INVALID_ARG, 4: UNAVAILABLE, 7: CANCELLED, ...).
+    message : str
+        Triton's text.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        """The status Triton's HTTP endpoint would have answered with."""
+        return HTTP_STATUS.get(self.code, 400)
+
+    @property
+    def grpc_code(self) -> str:
+        """The gRPC status name Triton's gRPC endpoint would have answered with."""
+        return GRPC_CODE.get(self.code, "UNKNOWN")
+
+
+def find_libtritonserver() -> Path:
+    """Return the ``libtritonserver`` to load.
+
+    ``$TDASK_LIBTRITONSERVER``, then the nvidia-pytriton wheel's bundled copy, then
+    ``/opt/tritonserver/lib/libtritonserver.so``.
+
+    Raises
+    ------
+    FileNotFoundError
+        None was found (the message says where it looked).
+    """
+    from tdask.triton.binary import _pytriton_bundle
+
+    env = os.environ.get("TDASK_LIBTRITONSERVER")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"$TDASK_LIBTRITONSERVER={env!r} is not a file")
+        return Path(env)
+    bundle = _pytriton_bundle()
+    if bundle is not None and bundle.libs_dir is not None:
+        found = sorted(bundle.libs_dir.glob("libtritonserver*.so*"))
+        if found:
+            return found[0]
+    opt = Path("/opt/tritonserver/lib/libtritonserver.so")
+    if opt.is_file():
+        return opt
+    raise FileNotFoundError(
+        "no libtritonserver found for Triton in the worker's process: set $TDASK_LIBTRITONSERVER, "
+        "install the nvidia-pytriton wheel (which bundles one) or Triton in /opt/tritonserver"
+    )
+
+
+def _load_with_siblings(path: Path, depth: int = 0) -> ctypes.CDLL:
+    """``dlopen`` a library whose dependencies may sit next to it without a RUNPATH saying so.
+
+    The wheel's repaired libraries (``nvidia_pytriton.libs``) find one another only through
+    ``LD_LIBRARY_PATH``, which cannot change in a running process: a dependency reported
+    missing is loaded from the same directory first (by its soname), then the load is retried.
+    """
+    while True:
+        try:
+            return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            missing = str(exc).split(":", 1)[0].strip()
+            sibling = path.parent / missing
+            if depth > 32 or missing == path.name or not sibling.is_file():
+                raise
+            _load_with_siblings(sibling, depth + 1)
+
+
+class _Functions:
+    """The declared functions of one library handle (attribute per function, ``TRITONSERVER_`` dropped)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            function = getattr(lib, name)
+            function.restype = restype if restype is not None else c_void_p
+            if name in ("TRITONSERVER_ErrorDelete", "TRITONSERVER_ParameterDelete"):
+                function.restype = None
+            function.argtypes = argtypes
+            setattr(self, name.removeprefix("TRITONSERVER_"), function)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:  # for mypy: attributes set above
+        raise AttributeError(name)
+
+
+class TritonCApi:
+    """``libtritonserver`` loaded once per process, its API version checked.
+
+    Attributes
+    ----------
+    path : Path
+        The library.
+    fn : object
+        Its functions (``fn.ServerNew(...)``); ctypes releases the GIL around each call.
+    hot : object
+        The same functions through a handle that keeps the GIL during the call (cheaper for the
+        many tiny calls of a request); safe only while no Triton thread needs the GIL, i.e.
+        with the C shim's callbacks.
+    """
+
+    _instance: TritonCApi | None = None
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # RTLD_GLOBAL: the backends Triton loads resolve their TRITONSERVER_* symbols in it.
+        lib = _load_with_siblings(path)
+        self.fn = _Functions(lib)
+        self.hot = _Functions(ctypes.PyDLL(str(path), mode=ctypes.RTLD_GLOBAL))
+        major, minor = c_uint32(), c_uint32()
+        self.check(self.fn.ApiVersion(ctypes.byref(major), ctypes.byref(minor)))
+        self.version = (major.value, minor.value)
+        if major.value != API_VERSION[0] or minor.value < API_VERSION[1]:
+            raise RuntimeError(
+                f"{path}: Triton C API {major.value}.{minor.value}; tdask's in-process mode needs "
+                f"{API_VERSION[0]}.{API_VERSION[1]} or a later 1.x"
+            )
+
+    @classmethod
+    def load(cls) -> TritonCApi:
+        """The process's one instance (loading a second core into a process is not supported)."""
+        if cls._instance is None:
+            cls._instance = cls(find_libtritonserver())
+        return cls._instance
+
+    def error(self, err: int) -> TritonCError:
+        """Turn a non-NULL ``TRITONSERVER_Error*`` into a :class:`TritonCError`, deleting it."""
+        code = int(self.fn.ErrorCode(err))
+        message = (self.fn.ErrorMessage(err) or b"").decode(errors="replace")
+        self.fn.ErrorDelete(err)
+        return TritonCError(code, message)
+
+    def check(self, err: int | None) -> None:
+        """Raise :class:`TritonCError` when a call returned an error."""
+        if err:
+            raise self.error(err)
+
+
+# --------------------------------------------------------------------------- completions
+
+
+class _Event(Structure):
+    _fields_ = [("kind", c_int64), ("flags", c_int64), ("ptr", c_void_p), ("userp", c_void_p)]
+
+
+_SHIM_SOURCE = Path(__file__).with_name("_inprocess_shim.c")
+_DRAIN_MAX = 256
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tdask"
+
+
+def build_shim() -> Path | None:
+    """Compile the C shim into the user's cache (once per source version); ``None`` without a compiler.
+
+    The build is optional: a failed or impossible one is logged and the Python callbacks serve.
+    """
+    source = _SHIM_SOURCE.read_bytes()
+    target = _cache_dir() / f"tdask_inprocess_shim-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if target.is_file():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler: Triton's callbacks run in Python (each takes the GIL)")
+        return None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            subprocess.run(
+                [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(_SHIM_SOURCE), "-lpthread"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            os.replace(built, target)  # atomic: concurrent builders each install a whole file
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        logger.warning("could not build tdask's C shim (%s %s); using Python callbacks", exc, detail[-400:])
+        return None
+    return target
+
+
+class Completions:
+    """Triton's callbacks for tdask's requests, and the hand-off of their events to one event loop.
+
+    ``on_events(events)`` runs on the loop with every event queued since the last call, each
+    ``(kind, flags, pointer, token)``: kind :data:`KIND_RESPONSE` (a response, or ``None`` with
+    only the final flag) or :data:`KIND_RELEASE` (Triton released the request). ``token`` is the
+    integer given as the request's user pointer.
+
+    Parameters
+    ----------
+    api
+        The loaded library.
+    use_shim
+        Whether to build and use the C shim; ``False`` (or no compiler) uses Python callbacks.
+    """
+
+    def __init__(self, api: TritonCApi, *, use_shim: bool = True) -> None:
+        self.api = api
+        self._shim: ctypes.CDLL | None = None
+        path = build_shim() if use_shim else None
+        if path is not None:
+            try:
+                self._shim = ctypes.CDLL(str(path))
+            except OSError as exc:
+                logger.warning("could not load tdask's C shim %s (%s); using Python callbacks", path, exc)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_events: Callable[[list[tuple[int, int, int | None, int]]], None] | None = None
+        self._fd = -1
+        self._pending: collections.deque[tuple[int, int, int | None, int]] = collections.deque()
+        self._scheduled = False
+        self._keep: list[Any] = []
+        if self._shim is not None:
+            shim = self._shim
+            shim.tdask_init.argtypes = [c_int, c_void_p, c_size_t]
+            shim.tdask_drain.argtypes = [POINTER(_Event), c_size_t]
+            shim.tdask_drain.restype = c_size_t
+            shim.tdask_pool_stats.argtypes = [POINTER(c_uint64), POINTER(c_uint64)]
+            self.alloc_fn = ctypes.cast(shim.tdask_alloc, c_void_p).value
+            self.release_fn = ctypes.cast(shim.tdask_release, c_void_p).value
+            self.complete_fn = ctypes.cast(shim.tdask_response_complete, c_void_p).value
+            self.request_release_fn = ctypes.cast(shim.tdask_request_release, c_void_p).value
+            self._events = (_Event * _DRAIN_MAX)()
+        else:
+            libc = ctypes.CDLL(None)
+            malloc, free = libc.malloc, libc.free
+            malloc.restype, malloc.argtypes = c_void_p, [c_size_t]
+            free.restype, free.argtypes = None, [c_void_p]
+
+            def alloc(_a, _n, size, _t, _i, _u, buffer, buffer_userp, actual_type, actual_id):  # type: ignore[no-untyped-def]
+                buffer[0] = malloc(size) if size else None
+                buffer_userp[0] = None
+                actual_type[0] = MEMORY_CPU
+                actual_id[0] = 0
+                return None
+
+            def release(_a, buffer, _u, _s, _t, _i):  # type: ignore[no-untyped-def]
+                if buffer:
+                    free(buffer)
+                return None
+
+            def complete(response, flags, userp):  # type: ignore[no-untyped-def]
+                self._push((KIND_RESPONSE, flags, response, userp or 0))
+
+            def request_release(request, flags, userp):  # type: ignore[no-untyped-def]
+                self._push((KIND_RELEASE, flags, request, userp or 0))
+
+            callbacks = [ALLOC_FN(alloc), RELEASE_FN(release), COMPLETE_FN(complete), COMPLETE_FN(request_release)]
+            self._keep = callbacks  # ctypes callbacks must outlive every call Triton makes
+            self.alloc_fn, self.release_fn, self.complete_fn, self.request_release_fn = (
+                ctypes.cast(c, c_void_p).value for c in callbacks
+            )
+
+    @property
+    def native(self) -> bool:
+        """Whether the C shim serves (no callback enters Python)."""
+        return self._shim is not None
+
+    def pool_stats(self) -> tuple[int, int]:
+        """The shim's buffer pool: (hits, misses); (0, 0) without the shim."""
+        if self._shim is None:
+            return 0, 0
+        hits, misses = c_uint64(), c_uint64()
+        self._shim.tdask_pool_stats(ctypes.byref(hits), ctypes.byref(misses))
+        return hits.value, misses.value
+
+    def start(
+        self, loop: asyncio.AbstractEventLoop, on_events: Callable[[list[tuple[int, int, int | None, int]]], None]
+    ) -> None:
+        """Deliver events to ``on_events`` on ``loop`` from now on."""
+        self._loop, self._on_events = loop, on_events
+        if self._shim is not None:
+            self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            error_new = ctypes.cast(self.api.fn.ErrorNew, c_void_p).value  # type: ignore[arg-type]
+            if self._shim.tdask_init(self._fd, error_new, 1024) != 0:
+                raise MemoryError("tdask's C shim could not allocate its event queue")
+            loop.add_reader(self._fd, self._drain_native)
+
+    def stop(self) -> None:
+        """Stop delivering (the queue keeps what Triton still sends; nothing reads it)."""
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._on_events = None
+
+    def _drain_native(self) -> None:
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            pass
+        assert self._shim is not None
+        events = self._events
+        while True:
+            n = self._shim.tdask_drain(events, _DRAIN_MAX)
+            if not n:
+                return
+            batch = [(e.kind, e.flags, e.ptr, e.userp or 0) for e in events[:n]]
+            if self._on_events is not None:
+                self._on_events(batch)
+
+    # Python-callback path: runs on Triton's threads (holding the GIL).
+    def _push(self, event: tuple[int, int, int | None, int]) -> None:
+        self._pending.append(event)
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain_python)
+            except RuntimeError:  # loop closed: nobody waits any more
+                self._scheduled = False
+
+    def _drain_python(self) -> None:
+        self._scheduled = False
+        batch = []
+        while self._pending:
+            batch.append(self._pending.popleft())
+        if batch and self._on_events is not None:
+            self._on_events(batch)

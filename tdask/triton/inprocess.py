@@ -1,0 +1,676 @@
+"""Triton in the worker's own process (``tdask.triton.mode: in-process``), over its C API.
+
+:class:`InProcessServer` stands in for :class:`~tdask.triton.server.TritonServer`: the same
+model repository, model loading with a config override (:mod:`tdask.triton.model_config`), the
+log in ``<log-dir>/<name>.triton.log`` and a clean stop (``TRITONSERVER_ServerStop`` then
+``ServerDelete``), but no ``tritonserver`` process, no port and no HTTP: a request is a
+``TRITONSERVER_InferenceRequest`` handed to ``ServerInferAsync``. Its :meth:`~InProcessServer.client`
+answers the operator's calls as :class:`~tdask.triton.http_client.TritonHttpClient` and
+:class:`~tdask.triton.grpc_stream.TritonStreamClient` do, with the same errors, so
+:class:`~tdask.triton.operator.TritonCoreOperator` serves both modes alike.
+
+Threads and the GIL, per request: the event loop's thread builds the request (about ten short
+C calls, GIL kept: :attr:`TritonCApi.hot`) and submits it. Triton's threads then run the model,
+call the response allocator (pooled host buffers) and the two completion callbacks; with the C
+shim (:mod:`tdask.triton.capi`) none of these takes the GIL: they queue an event and, when the
+queue was idle, write an eventfd once. The loop drains every queued event per wake-up, copies
+the outputs out, deletes the response and, on the release event, the request. So a request
+costs no GIL hand-off from a Triton thread, and a burst of completions costs one loop wake-up.
+
+Python-backend stubs are the worker's children: a :class:`~tdask.triton.process.Reaper` ends
+them and removes their shared memory if the worker dies without stopping the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from ctypes import POINTER, byref, c_bool, c_char_p, c_double, c_int, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dask.config
+import numpy as np
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
+
+from tdask.triton import capi, model_config
+from tdask.triton.binary import _pytriton_bundle, prepare_bundle_backends, server_env
+from tdask.triton.http_client import InferResult, TritonHttpError
+from tdask.triton.process import WORKDIR_PREFIX, Reaper, new_shm_prefix, remove_shm_regions, sweep_stale_leftovers
+from tdask.triton.server import Status, TritonServerError
+
+if TYPE_CHECKING:
+    from tdask.triton.inprocess_client import InProcessClient
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InProcessServer"]
+
+_FINAL = capi.RESPONSE_FINAL
+
+
+class _Inflight:
+    """One submitted request until Triton has both answered it (final flag) and released it."""
+
+    __slots__ = ("request", "keep", "future", "responses", "waiter", "final", "released", "decoupled", "timer")
+
+    def __init__(self, request: int, keep: list[Any], future: asyncio.Future[Any] | None) -> None:
+        self.request = request
+        self.keep: list[Any] | None = keep  # input buffers Triton reads until the release
+        self.future = future  # one-response models
+        self.responses: collections.deque[Any] = collections.deque()  # decoupled models
+        self.waiter: asyncio.Future[None] | None = None
+        self.final = False
+        self.released = False
+        self.decoupled = future is None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class InProcessServer:
+    """Triton's core in this process, in explicit model-control mode; one per process.
+
+    Parameters
+    ----------
+    model_repository
+        The model repository, or several.
+    log_dir
+        Directory of ``<name>.triton.log`` (appended); ``None``: a temporary file, removed at stop.
+    log_verbose
+        Triton's verbose log level; default ``tdask.triton.log-verbose``.
+    stop_timeout_s
+        How long the stop waits for in-flight requests (Triton's exit timeout).
+    name
+        Names the log file and the log lines (the worker's name).
+    use_shim
+        Use the C shim for Triton's callbacks when it can be built; default
+        ``tdask.triton.in-process-shim``.
+    """
+
+    in_process = True
+
+    def __init__(
+        self,
+        *,
+        model_repository: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        log_dir: str | os.PathLike[str] | None = None,
+        log_verbose: int | None = None,
+        stop_timeout_s: float = 10.0,
+        name: str = "triton",
+        use_shim: bool | None = None,
+    ) -> None:
+        if isinstance(model_repository, (str, os.PathLike)):
+            model_repository = [model_repository]
+        self.model_repositories = [Path(p).resolve() for p in model_repository]
+        if not self.model_repositories:
+            raise ValueError("InProcessServer needs at least one model repository")
+        for path in self.model_repositories:
+            if not path.is_dir():
+                raise FileNotFoundError(f"model repository {str(path)!r} is not a directory")
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log_verbose = int(dask.config.get("tdask.triton.log-verbose") if log_verbose is None else log_verbose)
+        self.stop_timeout_s = float(stop_timeout_s)
+        self.name = name
+        self.use_shim = bool(dask.config.get("tdask.triton.in-process-shim", True)) if use_shim is None else use_shim
+        self.status = Status.created
+        self.metrics_url: str | None = None  # Triton's metrics are not served over HTTP in this mode
+        self._lock = asyncio.Lock()
+        self._api: capi.TritonCApi | None = None
+        self._server: int | None = None
+        self._allocator: int | None = None
+        self.completions: capi.Completions | None = None
+        self._inflight: dict[int, _Inflight] = {}
+        self._next_token = 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workdir: Path | None = None
+        self._log_path: Path | None = None
+        self._shm_prefix = new_shm_prefix()
+        self._reaper: Reaper | None = None
+        self._stopped = asyncio.Event()
+        self._decoupled: dict[str, bool] = {}
+        # Out-parameters of the response calls, made once (all calls run on the loop's thread).
+        self._o_name, self._o_type, self._o_shape = c_char_p(), c_int(), POINTER(c_int64)()
+        self._o_dims, self._o_base, self._o_size = c_uint64(), c_void_p(), c_size_t()
+        self._o_mtype, self._o_mid, self._o_userp, self._o_count = c_int(), c_int64(), c_void_p(), c_uint32()
+        self._o_pvalue = c_void_p()
+        self._output_args = tuple(
+            byref(o)
+            for o in (
+                self._o_name,
+                self._o_type,
+                self._o_shape,
+                self._o_dims,
+                self._o_base,
+                self._o_size,
+                self._o_mtype,
+                self._o_mid,
+                self._o_userp,
+            )
+        )
+
+    # ------------------------------------------------------------------ what the operator and plugin read
+
+    @property
+    def _safe_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name) or "triton"
+
+    def __repr__(self) -> str:
+        """Name and state."""
+        return f"<InProcessServer {self.name!r} {self.status.value} pid={os.getpid()}>"
+
+    @property
+    def pid(self) -> int:
+        """Return this process id (Triton runs in it)."""
+        return os.getpid()
+
+    @property
+    def returncode(self) -> None:
+        """Always ``None``: the server cannot exit apart from this process."""
+        return None
+
+    @property
+    def log_path(self) -> Path | None:
+        """Triton's log file."""
+        return self._log_path
+
+    @property
+    def address(self) -> str:
+        """Where requests go, for log lines."""
+        return f"in-process (pid {os.getpid()})"
+
+    @property
+    def shm_region_prefix(self) -> str:
+        """Prefix of the python backend's shared-memory regions."""
+        return self._shm_prefix
+
+    @property
+    def native_callbacks(self) -> bool:
+        """Whether Triton's callbacks run in the C shim (no GIL) rather than in Python."""
+        return self.completions is not None and self.completions.native
+
+    def is_alive(self) -> bool:
+        """Whether the server is running (it dies only with this process)."""
+        return self.status is Status.running
+
+    def add_exit_callback(self, callback: Callable[[int], object]) -> None:
+        """Accepted for interface parity; never called (the server dies only with this process)."""
+
+    def remove_exit_callback(self, callback: Callable[[int], object]) -> None:
+        """Accepted for interface parity."""
+
+    async def wait(self) -> int:
+        """Wait until the server is stopped; returns 0."""
+        await self._stopped.wait()
+        return 0
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of Triton's log."""
+        if self._log_path is None or not self._log_path.is_file():
+            return ""
+        with open(self._log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> InProcessServer:
+        """Start the server."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop the server."""
+        await self.stop()
+
+    async def start(self) -> None:
+        """Load ``libtritonserver`` and start the server; a no-op when running.
+
+        Raises
+        ------
+        TritonServerError
+            Triton refused the options or failed to start (its message and log tail say why).
+        """
+        async with self._lock:
+            if self.status is Status.running:
+                return
+            if self.status is not Status.created:
+                raise RuntimeError(f"Triton server {self.name!r} is {self.status.value} and cannot be started")
+            self.status = Status.starting
+            try:
+                await self._start()
+            except BaseException:
+                await self._shutdown()
+                self.status = Status.stopped
+                raise
+            self.status = Status.running
+
+    async def _start(self) -> None:
+        began = time.monotonic()
+        try:
+            api = self._api = capi.TritonCApi.load()
+        except (OSError, RuntimeError) as exc:
+            raise TritonServerError(f"cannot load Triton's library for the in-process mode: {exc}") from exc
+        sweep_stale_leftovers(Path(tempfile.gettempdir()))
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{self._safe_name}-"))
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._log_path = self.log_dir / f"{self._safe_name}.triton.log"
+        else:
+            self._log_path = self._workdir / "triton.log"
+        with open(self._log_path, "ab") as log:
+            log.write(f"--- tdask: starting Triton in process {os.getpid()} ({api.path})\n".encode())
+        bundle = _pytriton_bundle()
+        backends: Path | None = None
+        if bundle is not None and str(api.path).startswith(str(bundle.libs_dir or "//")):
+            try:
+                backends = prepare_bundle_backends(bundle, self._workdir)
+            except FileNotFoundError as exc:
+                raise TritonServerError(str(exc)) from exc
+            # The python backend starts its stubs from this process: they need what server_env
+            # gives a tritonserver process (this interpreter first on PATH, the bundle's libs).
+            # A backend's RPATH is relative to its real place, not to the symlink Triton opens:
+            # load each from its real place first, so that its dependencies resolve (Triton's
+            # later dlopen of the symlink finds the same file already loaded).
+            for backend in (bundle.bundle_root or Path("/")).glob("backends/*/libtriton_*.so"):
+                try:
+                    ctypes.CDLL(str(backend.resolve()))
+                except OSError as exc:
+                    logger.warning("could not preload Triton backend %s: %s", backend, exc)
+            env = server_env(bundle)
+            for key in ("PATH", "LD_LIBRARY_PATH"):
+                os.environ[key] = env[key]
+        elif Path("/opt/tritonserver/backends").is_dir():
+            backends = Path("/opt/tritonserver/backends")
+            python_dir = str(Path(sys.executable).parent)
+            if not os.environ.get("PATH", "").startswith(python_dir):
+                os.environ["PATH"] = os.pathsep.join([python_dir, os.environ.get("PATH", "")])
+        options = c_void_p()
+        fn = api.fn
+        api.check(fn.ServerOptionsNew(byref(options)))
+        try:
+            for repository in self.model_repositories:
+                api.check(fn.ServerOptionsSetModelRepositoryPath(options, str(repository).encode()))
+            api.check(fn.ServerOptionsSetServerId(options, self.name.encode()))
+            api.check(fn.ServerOptionsSetModelControlMode(options, capi.MODEL_CONTROL_EXPLICIT))
+            api.check(fn.ServerOptionsSetStrictReadiness(options, True))
+            api.check(fn.ServerOptionsSetExitOnError(options, True))
+            api.check(fn.ServerOptionsSetExitTimeout(options, max(1, int(self.stop_timeout_s / 2))))
+            api.check(fn.ServerOptionsSetLogFile(options, str(self._log_path).encode()))
+            for setter in (fn.ServerOptionsSetLogInfo, fn.ServerOptionsSetLogWarn, fn.ServerOptionsSetLogError):
+                api.check(setter(options, True))
+            api.check(fn.ServerOptionsSetLogVerbose(options, self.log_verbose))
+            api.check(fn.ServerOptionsSetMetrics(options, False))
+            if backends is not None:
+                api.check(fn.ServerOptionsSetBackendDirectory(options, str(backends).encode()))
+            api.check(
+                fn.ServerOptionsSetBackendConfig(
+                    options, b"python", b"shm-region-prefix-name", self._shm_prefix.encode()
+                )
+            )
+            server = c_void_p()
+            err = await asyncio.to_thread(fn.ServerNew, byref(server), options)
+            if err:
+                error = api.error(err)
+                tail = self.log_tail()
+                raise TritonServerError(
+                    f"Triton failed to start in process {os.getpid()}: {error.message}; log {self._log_path} "
+                    f"ends with:\n{tail}",
+                    log_tail=tail,
+                )
+            self._server = server.value
+        finally:
+            fn.ServerOptionsDelete(options)
+        self._reaper = Reaper(os.getpid(), self._shm_prefix, kill_group=False)
+        self.completions = capi.Completions(api, use_shim=self.use_shim)
+        allocator = c_void_p()
+        api.check(
+            fn.ResponseAllocatorNew(byref(allocator), self.completions.alloc_fn, self.completions.release_fn, None)
+        )
+        self._allocator = allocator.value
+        self._loop = asyncio.get_running_loop()
+        self.completions.start(self._loop, self._on_events)
+        logger.info(
+            "Triton server %r ready in process %d in %.2fs (C API %d.%d, %s callbacks, log %s)",
+            self.name,
+            os.getpid(),
+            time.monotonic() - began,
+            *api.version,
+            "native" if self.completions.native else "Python",
+            self._log_path,
+        )
+
+    async def stop(self, *, graceful: bool = True) -> None:
+        """Stop the server (``ServerStop``, ``ServerDelete``); safe to call more than once.
+
+        Requests still in flight after the exit timeout are answered with an UNAVAILABLE error.
+        ``graceful`` is accepted for parity with the subprocess mode (the stop is the same).
+        """
+        async with self._lock:
+            if self.status is Status.stopped:
+                return
+            self.status = Status.stopping
+            try:
+                await self._shutdown()
+            finally:
+                self.status = Status.stopped
+                self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        api = self._api
+        try:
+            if api is not None and self._server is not None:
+                server, self._server = self._server, None
+                # Stop waits (up to the exit timeout) for in-flight requests, whose events still
+                # reach the loop meanwhile; Delete then unloads the models and ends the stubs.
+                for call in (api.fn.ServerStop, api.fn.ServerDelete):
+                    err = await asyncio.to_thread(call, server)
+                    if err:
+                        logger.warning("Triton server %r: %s", self.name, api.error(err))
+                logger.info("Triton server %r stopped (in process)", self.name)
+            if api is not None and self._allocator is not None:
+                api.fn.ResponseAllocatorDelete(self._allocator)
+                self._allocator = None
+        finally:
+            if self.completions is not None:
+                self.completions.stop()
+            for entry in self._inflight.values():
+                self._fail(entry, capi.TritonCError(capi.ERROR_UNAVAILABLE, "the in-process Triton server stopped"))
+            self._inflight.clear()
+            remove_shm_regions(self._shm_prefix)
+            if self._reaper is not None:
+                reaper, self._reaper = self._reaper, None
+                await asyncio.to_thread(reaper.release)
+            if self._workdir is not None:
+                if self.log_dir is None:
+                    self._log_path = None
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
+
+    # ------------------------------------------------------------------ models
+
+    def model_config(self, model: str, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Return the config ``model`` loads with (as ``TritonServer.model_config``)."""
+        try:
+            if override:
+                return model_config.build_model_config(self.model_repositories, model, override)
+            return model_config.read_model_config(self.model_repositories, model)
+        except model_config.ModelConfigError as exc:
+            raise TritonServerError(str(exc)) from exc
+
+    def _running(self) -> tuple[capi.TritonCApi, int]:
+        if self.status is not Status.running or self._api is None or self._server is None:
+            raise RuntimeError(f"Triton server {self.name!r} is {self.status.value}, not running")
+        return self._api, self._server
+
+    async def load_model(
+        self, model: str, config: Mapping[str, Any] | None = None, *, timeout_s: float | None = None
+    ) -> None:
+        """Load (or reload) ``model``, with ``config`` merged into its config.
+
+        Raises
+        ------
+        TritonServerError
+            Triton refused or failed the load (its message says why).
+        """
+        api, server = self._running()
+        payload = json.dumps(self.model_config(model, config)).encode() if config else None
+        began = time.monotonic()
+        parameters = (c_void_p * 1)()
+        count = 0
+        if payload is not None:
+            parameters[0] = api.fn.ParameterNew(b"config", capi.PARAM_STRING, payload)
+            count = 1
+        try:
+            call = asyncio.to_thread(api.fn.ServerLoadModelWithParameters, server, model.encode(), parameters, count)
+            err = await asyncio.wait_for(call, timeout_s) if timeout_s is not None else await call
+        except TimeoutError:
+            raise TritonServerError(f"loading model {model!r} took longer than {timeout_s:g}s") from None
+        finally:
+            if count:
+                api.fn.ParameterDelete(parameters[0])
+        if err:
+            raise TritonServerError(f"loading model {model!r} on Triton server {self.name!r} failed: {api.error(err)}")
+        decoupled = (self.model_config(model, config).get("model_transaction_policy") or {}).get("decoupled")
+        self._decoupled[model] = bool(decoupled)
+        logger.info(
+            "Triton server %r loaded model %r in %.2fs%s",
+            self.name,
+            model,
+            time.monotonic() - began,
+            " with a config override" if payload else "",
+        )
+
+    async def unload_model(self, model: str, *, wait: bool = True, timeout_s: float = 30.0) -> None:
+        """Unload ``model``; with ``wait``, return once the repository index no longer shows it loaded."""
+        api, server = self._running()
+        err = await asyncio.to_thread(api.fn.ServerUnloadModel, server, model.encode())
+        if err:
+            raise TritonServerError(f"unloading model {model!r} failed: {api.error(err)}")
+        deadline = time.monotonic() + timeout_s
+        while wait:
+            states = [
+                m.get("state", "") for m in self._json(api.fn.ServerModelIndex, server, 0) if m.get("name") == model
+            ]
+            if not any(s in ("READY", "UNLOADING", "LOADING") for s in states):
+                break
+            if time.monotonic() >= deadline:
+                raise TritonServerError(f"model {model!r} still {states} {timeout_s:g}s after unload")
+            await asyncio.sleep(0.05)
+        logger.info("Triton server %r unloaded model %r", self.name, model)
+
+    def _json(self, call: Callable[..., int], *args: Any) -> Any:
+        api = self._api
+        assert api is not None
+        message = c_void_p()
+        api.check(call(*args, byref(message)))
+        try:
+            base, size = c_void_p(), c_size_t()
+            api.check(api.fn.MessageSerializeToJson(message, byref(base), byref(size)))
+            return json.loads(ctypes.string_at(base.value or 0, size.value) if size.value else b"null")
+        finally:
+            api.fn.MessageDelete(message)
+
+    def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
+        """The model's metadata, as Triton's HTTP endpoint answers it."""
+        api, server = self._running()
+        try:
+            return dict(self._json(api.fn.ServerModelMetadata, server, model.encode(), int(version or -1)))
+        except capi.TritonCError as exc:
+            raise TritonHttpError(exc.http_status, exc.message) from None
+
+    def metrics_text(self) -> str:
+        """Triton's Prometheus metrics, as text (empty: metrics are off in this mode)."""
+        return ""
+
+    def client(self) -> InProcessClient:
+        """What the operator calls instead of the HTTP and gRPC-stream clients."""
+        from tdask.triton.inprocess_client import InProcessClient
+
+        return InProcessClient(self)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, tuple[np.ndarray, str]],
+        model_version: str,
+        request_id: str,
+        parameters: Mapping[str, str | bool | int | float] | None,
+        *,
+        decoupled: bool,
+    ) -> _Inflight:
+        """Build one request and hand it to Triton; the returned entry receives its answer(s).
+
+        Raises
+        ------
+        TritonCError
+            Triton refused the request at once (unknown model, bad input...).
+        """
+        api, server = self._running()
+        fn = api.hot if self.native_callbacks else api.fn
+        check = api.check
+        completions = self.completions
+        assert completions is not None and self._loop is not None
+        request = c_void_p()
+        check(fn.InferenceRequestNew(byref(request), server, model.encode(), int(model_version or -1)))
+        keep: list[Any] = []
+        token = self._next_token
+        self._next_token += 1
+        try:
+            if request_id:
+                check(fn.InferenceRequestSetId(request, request_id.encode()))
+            for name, (array, datatype) in inputs.items():
+                encoded = name.encode()
+                shape = (c_int64 * array.ndim)(*array.shape)
+                check(fn.InferenceRequestAddInput(request, encoded, capi.DATATYPE_CODE[datatype], shape, array.ndim))
+                if datatype == "BYTES":
+                    serialized = serialize_byte_tensor(array)
+                    data = np.frombuffer(serialized.item() if serialized.size else b"", dtype=np.uint8)
+                else:
+                    data = array
+                if data.nbytes:
+                    check(fn.InferenceRequestAppendInputData(request, encoded, data.ctypes.data, data.nbytes, 0, 0))
+                else:
+                    check(fn.InferenceRequestAppendInputData(request, encoded, None, 0, 0, 0))
+                keep.append(data)
+            for key, value in (parameters or {}).items():
+                k = key.encode()
+                if isinstance(value, bool):
+                    check(fn.InferenceRequestSetBoolParameter(request, k, value))
+                elif isinstance(value, int):
+                    check(fn.InferenceRequestSetIntParameter(request, k, value))
+                elif isinstance(value, float):
+                    check(fn.InferenceRequestSetDoubleParameter(request, k, value))
+                else:
+                    check(fn.InferenceRequestSetStringParameter(request, k, str(value).encode()))
+            check(fn.InferenceRequestSetReleaseCallback(request, completions.request_release_fn, token))
+            check(
+                fn.InferenceRequestSetResponseCallback(request, self._allocator, None, completions.complete_fn, token)
+            )
+            entry = _Inflight(request.value or 0, keep, None if decoupled else self._loop.create_future())
+            self._inflight[token] = entry
+            check(fn.ServerInferAsync(server, request, None))
+        except BaseException:
+            self._inflight.pop(token, None)
+            fn.InferenceRequestDelete(request)  # refused: the request stays ours
+            raise
+        return entry
+
+    def cancel(self, entry: _Inflight) -> None:
+        """Ask Triton to cancel a request not answered in full yet (its answer is then dropped)."""
+        if not entry.final and self._api is not None and self._server is not None:
+            err = self._api.fn.InferenceRequestCancel(entry.request)
+            if err:
+                logger.debug("cancelling a Triton request: %s", self._api.error(err))
+
+    def _on_events(self, events: list[tuple[int, int, int | None, int]]) -> None:
+        """On the loop: deliver responses and delete what Triton released."""
+        api = self._api
+        assert api is not None
+        fn = api.hot if self.native_callbacks else api.fn
+        inflight = self._inflight
+        for kind, flags, pointer, token in events:
+            entry = inflight.get(token)
+            if kind == capi.KIND_RELEASE:
+                if entry is None:
+                    fn.InferenceRequestDelete(pointer)
+                    continue
+                entry.released = True
+                entry.keep = None
+                if entry.final:
+                    fn.InferenceRequestDelete(pointer)
+                    del inflight[token]
+                # else: kept until the final response, so that cancelling still reaches the
+                # response factory the backend shares with it (a decoupled python model's
+                # request is released as soon as its execute() returns).
+                continue
+            result: Any = None
+            if pointer:
+                try:
+                    result = self._read_response(api, fn, pointer)
+                except capi.TritonCError as exc:
+                    result = exc
+                finally:
+                    fn.InferenceResponseDelete(pointer)
+            if entry is None:
+                continue
+            final = bool(flags & _FINAL)
+            if final:
+                entry.final = True
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                if entry.released:
+                    fn.InferenceRequestDelete(entry.request)
+                    del inflight[token]
+            if entry.future is not None:
+                if not entry.future.done():
+                    if isinstance(result, BaseException):
+                        entry.future.set_exception(result)
+                    elif result is None:
+                        entry.future.set_exception(capi.TritonCError(capi.ERROR_INTERNAL, "Triton sent no response"))
+                    else:
+                        entry.future.set_result(result)
+            else:
+                entry.responses.append((result, final))
+                if entry.waiter is not None and not entry.waiter.done():
+                    entry.waiter.set_result(None)
+
+    def _fail(self, entry: _Inflight, error: BaseException) -> None:
+        entry.final = True
+        if entry.future is not None:
+            if not entry.future.done():
+                entry.future.set_exception(error)
+        else:
+            entry.responses.append((error, True))
+            if entry.waiter is not None and not entry.waiter.done():
+                entry.waiter.set_result(None)
+
+    def _read_response(self, api: capi.TritonCApi, fn: Any, response: int) -> InferResult:
+        err = fn.InferenceResponseError(response)
+        if err:
+            raise api.error(err)
+        check = api.check
+        count = self._o_count
+        check(fn.InferenceResponseOutputCount(response, byref(count)))
+        outputs: dict[str, np.ndarray] = {}
+        datatypes: dict[str, str] = {}
+        args = self._output_args
+        for index in range(count.value):
+            check(fn.InferenceResponseOutput(response, index, *args))
+            name = (self._o_name.value or b"").decode()
+            datatype = capi.DATATYPES[self._o_type.value]
+            shape = self._o_shape[: self._o_dims.value]
+            size = self._o_size.value
+            raw = ctypes.string_at(self._o_base.value or 0, size) if size else b""
+            if datatype == "BYTES":
+                array = deserialize_bytes_tensor(raw).reshape(shape)
+            else:
+                array = np.frombuffer(raw, dtype=triton_to_np_dtype(datatype)).reshape(shape)
+            outputs[name] = array
+            datatypes[name] = datatype
+        parameters: dict[str, Any] = {}
+        check(fn.InferenceResponseParameterCount(response, byref(count)))
+        for index in range(count.value):
+            ptype, value = c_int(), self._o_pvalue
+            check(fn.InferenceResponseParameter(response, index, byref(self._o_name), byref(ptype), byref(value)))
+            key = (self._o_name.value or b"").decode()
+            address = value.value or 0
+            if ptype.value == capi.PARAM_STRING:
+                parameters[key] = ctypes.string_at(address).decode(errors="replace")
+            elif ptype.value == capi.PARAM_INT:
+                parameters[key] = c_int64.from_address(address).value
+            elif ptype.value == capi.PARAM_BOOL:
+                parameters[key] = c_bool.from_address(address).value
+            elif ptype.value == capi.PARAM_DOUBLE:
+                parameters[key] = c_double.from_address(address).value
+        return InferResult(outputs=outputs, datatypes=datatypes, parameters=parameters)

@@ -1,0 +1,155 @@
+"""Triton in this process (tdask.triton.inprocess): lifecycle, logs, errors, both callback paths.
+
+The operator-level behaviour (bad requests, deadlines, a misbehaving model, a killed stub or
+worker) is covered in both modes by tests/test_triton_operator.py and test_triton_streaming.py;
+these tests drive the in-process server directly, each in a fresh Python process, since
+Triton's core is loaded once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+TEST_MODELS = ROOT / "tests" / "models"
+
+
+def _run(script: str, tmp_path: Path, timeout: float = 120) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("shim", [True, False], ids=["c-shim", "python-callbacks"])
+def test_lifecycle_inference_errors_and_log(tmp_path, shim):
+    """Start, load with an override (from the second repository), infer (INT64 and BYTES, parameters),
+    typed errors for a bad input and a raising model, timeout, unload, stop: nothing left behind."""
+    script = f"""
+    import asyncio, json, os
+    import numpy as np
+    from tdask.triton.inprocess import InProcessServer
+    from tdask.triton.http_client import TritonHttpError, ReservedParameterError
+    from tdask.triton.process import SHM_DIR
+
+    async def go():
+        out = {{}}
+        server = InProcessServer(model_repository=[{str(TEST_MODELS)!r}, {str(MODELS)!r}],
+                                 log_dir={str(tmp_path)!r}, name="w/1", use_shim={shim!r})
+        async with server:
+            await server.start()  # a no-op
+            out["native"] = server.native_callbacks
+            await server.load_model("encoder", {{"parameters": {{"input_copies": "3"}}}})
+            await server.load_model("bytes_upper")
+            await server.load_model("misbehaving")
+            client = server.client()
+            x = np.arange(5, dtype=np.int64)
+            r = await client.infer("encoder", {{"input": (x, "INT64")}}, request_id="r1")
+            out["encoded"] = r.outputs["output"].tolist()
+            out["copies"] = r.outputs["input_copies"].tolist()
+            r = await client.infer("encoder", {{"input": (x, "INT64")}}, parameters={{"input_copies": 1}})
+            out["copies_param"] = r.outputs["input_copies"].tolist()
+            words = np.array([b"ab", b"", b"xY"], dtype=object)
+            r = await client.infer("bytes_upper", {{"text": (words, "BYTES")}})
+            out["bytes"] = [bytes(v).decode() for v in r.outputs[next(iter(r.outputs))].reshape(-1)]
+            errors = {{}}
+            for label, call in {{
+                "dtype": client.infer("encoder", {{"input": (x.astype(np.int32), "INT32")}}),
+                "unknown": client.infer("nope", {{"input": (x, "INT64")}}),
+                "raise": client.infer("misbehaving", {{"input": (np.arange(4, dtype=np.int64), "INT64")}},
+                                      parameters={{"mode": "raise"}}),
+            }}.items():
+                try:
+                    await call
+                    errors[label] = None
+                except TritonHttpError as exc:
+                    errors[label] = [exc.status, exc.message]
+            out["errors"] = errors
+            try:
+                await client.infer("encoder", {{"input": (x, "INT64")}}, parameters={{"priority": 1}})
+            except ReservedParameterError:
+                out["reserved"] = True
+            try:
+                await client.infer("encoder", {{"input": (np.arange(1000, dtype=np.int64), "INT64")}},
+                                   parameters={{"delay": 0.001}}, timeout=0.2)
+            except TimeoutError:
+                out["timeout"] = True
+            r = await client.infer("encoder", {{"input": (x, "INT64")}})  # serves on
+            out["after"] = r.outputs["input_copies"].tolist()
+            await server.unload_model("misbehaving")
+            out["prefix"] = server.shm_region_prefix
+        await server.stop()  # a no-op
+        out["alive"] = server.is_alive()
+        out["shm_left"] = [p.name for p in SHM_DIR.glob(out["prefix"] + "*")]
+        try:
+            await server.start()
+        except RuntimeError as exc:
+            out["restart"] = str(exc)
+        return out
+
+    print(json.dumps(asyncio.run(go())))
+    """
+    out = _run(script, tmp_path)
+    import shutil
+
+    if shim:
+        assert out["native"] == (shutil.which("cc") is not None or shutil.which("gcc") is not None)
+    else:
+        assert out["native"] is False
+    assert out["encoded"] == [~v for v in range(5)] * 3 and out["copies"] == [3]
+    assert out["copies_param"] == [1]
+    assert out["bytes"] == ["AB", "", "XY"]
+    assert out["errors"]["dtype"][0] == 400 and "INT32" in out["errors"]["dtype"][1]
+    assert out["errors"]["unknown"][0] in (400, 404) and "nope" in out["errors"]["unknown"][1]
+    assert out["errors"]["raise"][0] in (400, 500) and "raised on purpose" in out["errors"]["raise"][1]
+    assert out["reserved"] and out["timeout"] and out["after"] == [3]
+    assert out["alive"] is False and out["shm_left"] == []
+    assert "cannot be started" in out["restart"]
+    log = (tmp_path / "w_1.triton.log").read_text()  # <log-dir>/<worker>.triton.log, "/" made safe
+    assert "starting Triton in process" in log and "successfully loaded 'encoder'" in log
+
+
+def test_stubs_do_not_outlive_a_killed_owner(tmp_path):
+    """SIGKILL the process hosting Triton: the reaper ends its python-backend stubs and removes their
+    shared memory (the owner's process group is left alone)."""
+    import psutil
+
+    from tdask.triton.process import SHM_DIR
+
+    script = f"""
+    import asyncio, json, os, signal
+    from tdask.triton.inprocess import InProcessServer
+    server = InProcessServer(model_repository={str(MODELS)!r}, log_dir={str(tmp_path)!r}, name="owned")
+    async def go():
+        await server.start()
+        await server.load_model("encoder")
+    asyncio.run(go())
+    print(json.dumps({{"pid": os.getpid(), "shm": server.shm_region_prefix}}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+    info = _run(script, tmp_path)
+
+    def stubs() -> list[int]:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            if info["shm"] in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc.info["pid"])
+        return found
+
+    wait_for(lambda: stubs() == [], timeout=20, message=lambda: f"stubs outlived their owner: {stubs()}")
+    wait_for(lambda: not list(SHM_DIR.glob(info["shm"] + "*")), timeout=20, message="shared memory left behind")
