@@ -68,11 +68,25 @@ class OperatorMetrics:
 
 
 class TritonMetrics:
-    """Reads a Triton server's Prometheus metrics (``host:port``) and keeps the last ones read."""
+    """Reads a Triton server's Prometheus metrics and keeps the last ones read.
 
-    def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
-        host, _, port = url.rpartition(":")
-        self.host, self.port = host, int(port)
+    Parameters
+    ----------
+    source
+        Where they come from: ``host:port`` of a ``tritonserver``'s metrics endpoint (subprocess
+        mode), or a function returning the Prometheus text (in-process mode: Triton's C API).
+    timeout_s
+        Bound on one HTTP read.
+    """
+
+    def __init__(self, source: str | Callable[[], str], *, timeout_s: float = 2.0) -> None:
+        self._read: Callable[[], str] | None = None
+        if callable(source):
+            self._read, self.where = source, "in process"
+        else:
+            host, _, port = source.rpartition(":")
+            self.host, self.port = host, int(port)
+            self.where = source
         self.timeout_s = timeout_s
         self.families: list[Metric] = []
         self._warned = False
@@ -80,12 +94,12 @@ class TritonMetrics:
     async def refresh(self) -> None:
         """Read the server's metrics now; on failure keep the previous ones (logged once)."""
         try:
-            text = await asyncio.wait_for(self._get(), self.timeout_s)
+            text = self._read() if self._read is not None else await asyncio.wait_for(self._get(), self.timeout_s)
             self.families = _parse_keeping_names(text)
             self._warned = False
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError, ValueError, RuntimeError) as exc:
             if not self._warned:
-                logger.warning("could not read Triton's metrics at %s:%s: %r", self.host, self.port, exc)
+                logger.warning("could not read Triton's metrics (%s): %r", self.where, exc)
                 self._warned = True
 
     async def _get(self) -> str:

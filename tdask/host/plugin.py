@@ -251,7 +251,7 @@ class OperatorHost(WorkerPlugin):
                 assert self.worker is not None
                 repositories = sorted({c.repository for c in self.operators if c.is_triton and c.repository})
                 name = str(self.worker.name).replace("/", "_")
-                mode = dask.config.get("tdask.triton.mode", "subprocess")
+                mode = dask.config.get("tdask.triton.mode", "in-process")
                 server: Any
                 if mode == "in-process":
                     from tdask.triton.inprocess import InProcessServer
@@ -273,11 +273,14 @@ class OperatorHost(WorkerPlugin):
                 self._triton = server
                 if server.metrics_url is not None:
                     self._triton_metrics = TritonMetrics(server.metrics_url)
+                elif getattr(server, "in_process", False) and server.metrics:
+                    self._triton_metrics = TritonMetrics(server.metrics_text)
             return self._triton
 
     def _triton_exited(self, returncode: int) -> None:
         if not self._closing:
-            self.restart_worker(f"its Triton server exited (status {returncode})")
+            broken = getattr(self._triton, "broken", None)  # in process: why it cannot serve on
+            self.restart_worker(broken or f"its Triton server exited (status {returncode})")
 
     def _beyond_repair(self) -> bool:
         return self._restart is not None or (self._triton is not None and not self._triton.is_alive())

@@ -47,9 +47,12 @@ from ctypes import (
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["API_VERSION", "Completions", "TritonCApi", "TritonCError", "find_libtritonserver"]
+__all__ = ["API_VERSION", "Completions", "ResponseReader", "TritonCApi", "TritonCError", "find_libtritonserver"]
 
 #: The C API version this binding is written against (major must match, minor at least this).
 API_VERSION = (1, 34)
@@ -78,6 +81,7 @@ DATATYPE_CODE = {name: code for code, name in enumerate(DATATYPES)}
 # TRITONSERVER_ParameterType
 PARAM_STRING, PARAM_INT, PARAM_BOOL, PARAM_DOUBLE, PARAM_BYTES = 0, 1, 2, 3, 4
 MEMORY_CPU = 0
+METRIC_PROMETHEUS = 0  # TRITONSERVER_MetricFormat
 MODEL_CONTROL_EXPLICIT = 2
 RESPONSE_FINAL = 1  # TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUEST_RELEASE_ALL = 1
@@ -112,6 +116,11 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "TRITONSERVER_ServerOptionsSetLogError": (_ERR, [_P, c_bool]),
     "TRITONSERVER_ServerOptionsSetLogVerbose": (_ERR, [_P, c_int]),
     "TRITONSERVER_ServerOptionsSetMetrics": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetGpuMetrics": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetCpuMetrics": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetStrictModelConfig": (_ERR, [_P, c_bool]),
+    "TRITONSERVER_ServerOptionsSetModelLoadRetryCount": (_ERR, [_P, c_uint32]),
+    "TRITONSERVER_ServerOptionsSetModelLoadThreadCount": (_ERR, [_P, c_uint32]),
     "TRITONSERVER_ServerOptionsSetBackendDirectory": (_ERR, [_P, c_char_p]),
     "TRITONSERVER_ServerOptionsSetBackendConfig": (_ERR, [_P, c_char_p, c_char_p, c_char_p]),
     "TRITONSERVER_ServerNew": (_ERR, [_PP, _P]),
@@ -124,7 +133,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "TRITONSERVER_ServerModelTransactionProperties": (_ERR, [_P, c_char_p, c_int64, POINTER(c_uint32), _PP]),
     "TRITONSERVER_ServerModelIndex": (_ERR, [_P, c_uint32, _PP]),
     "TRITONSERVER_ServerMetrics": (_ERR, [_P, _PP]),
-    "TRITONSERVER_MetricsFormatted": (_ERR, [_P, c_int, POINTER(c_char_p), POINTER(c_size_t)]),
+    "TRITONSERVER_MetricsFormatted": (_ERR, [_P, c_int, POINTER(c_void_p), POINTER(c_size_t)]),
     "TRITONSERVER_MetricsDelete": (_ERR, [_P]),
     "TRITONSERVER_MessageSerializeToJson": (_ERR, [_P, POINTER(c_void_p), POINTER(c_size_t)]),
     "TRITONSERVER_MessageDelete": (_ERR, [_P]),
@@ -501,3 +510,74 @@ class Completions:
             batch.append(self._pending.popleft())
         if batch and self._on_events is not None:
             self._on_events(batch)
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class ResponseReader:
+    """Reads a ``TRITONSERVER_InferenceResponse`` into numpy arrays; one per thread that reads.
+
+    Its out-parameters are made once and reused by every call (the hot path of a request).
+    """
+
+    def __init__(self) -> None:
+        self._name, self._type, self._shape = c_char_p(), c_int(), POINTER(c_int64)()
+        self._dims, self._base, self._size = c_uint64(), c_void_p(), c_size_t()
+        self._count, self._pvalue = c_uint32(), c_void_p()
+        outs = (self._name, self._type, self._shape, self._dims, self._base, self._size, c_int(), c_int64(), c_void_p())
+        self._keep = outs  # the byref()s below point into these
+        self._output_args = tuple(ctypes.byref(o) for o in outs)
+
+    def read(
+        self, api: TritonCApi, fn: Any, response: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, Any]]:
+        """The response's outputs (copied out), their Triton datatypes and its parameters.
+
+        Raises
+        ------
+        TritonCError
+            The response is an error (the model's, or Triton's).
+        """
+        err = fn.InferenceResponseError(response)
+        if err:
+            raise api.error(err)
+        check = api.check
+        count = self._count
+        check(fn.InferenceResponseOutputCount(response, ctypes.byref(count)))
+        outputs: dict[str, np.ndarray] = {}
+        datatypes: dict[str, str] = {}
+        args = self._output_args
+        for index in range(count.value):
+            check(fn.InferenceResponseOutput(response, index, *args))
+            name = (self._name.value or b"").decode()
+            datatype = DATATYPES[self._type.value]
+            shape = self._shape[: self._dims.value]
+            size = self._size.value
+            raw = ctypes.string_at(self._base.value or 0, size) if size else b""
+            if datatype == "BYTES":
+                array = deserialize_bytes_tensor(raw).reshape(shape)
+            else:
+                array = np.frombuffer(raw, dtype=triton_to_np_dtype(datatype)).reshape(shape)
+            outputs[name] = array
+            datatypes[name] = datatype
+        parameters: dict[str, Any] = {}
+        check(fn.InferenceResponseParameterCount(response, ctypes.byref(count)))
+        for index in range(count.value):
+            ptype, value = c_int(), self._pvalue
+            check(
+                fn.InferenceResponseParameter(
+                    response, index, ctypes.byref(self._name), ctypes.byref(ptype), ctypes.byref(value)
+                )
+            )
+            key = (self._name.value or b"").decode()
+            address = value.value or 0
+            if ptype.value == PARAM_STRING:
+                parameters[key] = ctypes.string_at(address).decode(errors="replace")
+            elif ptype.value == PARAM_INT:
+                parameters[key] = c_int64.from_address(address).value
+            elif ptype.value == PARAM_BOOL:
+                parameters[key] = c_bool.from_address(address).value
+            elif ptype.value == PARAM_DOUBLE:
+                parameters[key] = c_double.from_address(address).value
+        return outputs, datatypes, parameters

@@ -31,21 +31,21 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from ctypes import POINTER, byref, c_bool, c_char_p, c_double, c_int, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
+from ctypes import byref, c_int64, c_size_t, c_void_p
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask.config
 import numpy as np
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
+from tritonclient.utils import serialize_byte_tensor
 
 from tdask.triton import capi, model_config
-from tdask.triton.binary import _pytriton_bundle, prepare_bundle_backends, server_env
 from tdask.triton.http_client import InferResult, TritonHttpError
+from tdask.triton.inprocess_setup import prepare_process, server_options
 from tdask.triton.process import WORKDIR_PREFIX, Reaper, new_shm_prefix, remove_shm_regions, sweep_stale_leftovers
 from tdask.triton.server import Status, TritonServerError
 
@@ -57,6 +57,43 @@ logger = logging.getLogger(__name__)
 __all__ = ["InProcessServer"]
 
 _FINAL = capi.RESPONSE_FINAL
+
+
+async def _in_daemon_thread(call: Callable[..., Any], *args: Any, timeout_s: float | None) -> Any:
+    """Run a blocking C call in its own daemon thread and await its result, at most ``timeout_s``.
+
+    Not ``asyncio.to_thread``: a call Triton never returns from would hold a thread of the
+    loop's default executor, whose shutdown (``asyncio.run``'s end, the process's exit) waits
+    for it. A daemon thread is abandoned at exit instead.
+
+    Raises
+    ------
+    TimeoutError
+        The call did not return in ``timeout_s`` (it goes on in its thread).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = call(*args), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=f"tdask-triton-{getattr(call, '__name__', 'call')}", daemon=True).start()
+    return await asyncio.wait_for(asyncio.shield(future), timeout_s)
 
 
 class _Inflight:
@@ -94,6 +131,8 @@ class InProcessServer:
     use_shim
         Use the C shim for Triton's callbacks when it can be built; default
         ``tdask.triton.in-process-shim``.
+    metrics
+        Collect Triton's Prometheus metrics (:meth:`metrics_text`); default ``tdask.triton.metrics``.
     """
 
     in_process = True
@@ -107,6 +146,7 @@ class InProcessServer:
         stop_timeout_s: float = 10.0,
         name: str = "triton",
         use_shim: bool | None = None,
+        metrics: bool | None = None,
     ) -> None:
         if isinstance(model_repository, (str, os.PathLike)):
             model_repository = [model_repository]
@@ -122,7 +162,8 @@ class InProcessServer:
         self.name = name
         self.use_shim = bool(dask.config.get("tdask.triton.in-process-shim", True)) if use_shim is None else use_shim
         self.status = Status.created
-        self.metrics_url: str | None = None  # Triton's metrics are not served over HTTP in this mode
+        self.metrics = bool(dask.config.get("tdask.triton.metrics", True)) if metrics is None else metrics
+        self.metrics_url: str | None = None  # no HTTP endpoint in this mode: see metrics_text()
         self._lock = asyncio.Lock()
         self._api: capi.TritonCApi | None = None
         self._server: int | None = None
@@ -136,26 +177,10 @@ class InProcessServer:
         self._shm_prefix = new_shm_prefix()
         self._reaper: Reaper | None = None
         self._stopped = asyncio.Event()
+        self.broken: str | None = None  # why the server cannot serve on (a load that never returns)
+        self._exit_callbacks: list[Callable[[int], object]] = []
         self._decoupled: dict[str, bool] = {}
-        # Out-parameters of the response calls, made once (all calls run on the loop's thread).
-        self._o_name, self._o_type, self._o_shape = c_char_p(), c_int(), POINTER(c_int64)()
-        self._o_dims, self._o_base, self._o_size = c_uint64(), c_void_p(), c_size_t()
-        self._o_mtype, self._o_mid, self._o_userp, self._o_count = c_int(), c_int64(), c_void_p(), c_uint32()
-        self._o_pvalue = c_void_p()
-        self._output_args = tuple(
-            byref(o)
-            for o in (
-                self._o_name,
-                self._o_type,
-                self._o_shape,
-                self._o_dims,
-                self._o_base,
-                self._o_size,
-                self._o_mtype,
-                self._o_mid,
-                self._o_userp,
-            )
-        )
+        self._reader = capi.ResponseReader()  # all responses are read on the loop's thread
 
     # ------------------------------------------------------------------ what the operator and plugin read
 
@@ -173,9 +198,9 @@ class InProcessServer:
         return os.getpid()
 
     @property
-    def returncode(self) -> None:
-        """Always ``None``: the server cannot exit apart from this process."""
-        return None
+    def returncode(self) -> int | None:
+        """``None``, or 1 once the server is :attr:`broken` (it cannot exit apart from this process)."""
+        return 1 if self.broken else None
 
     @property
     def log_path(self) -> Path | None:
@@ -198,14 +223,33 @@ class InProcessServer:
         return self.completions is not None and self.completions.native
 
     def is_alive(self) -> bool:
-        """Whether the server is running (it dies only with this process)."""
-        return self.status is Status.running
+        """Whether the server is running and not :attr:`broken`."""
+        return self.status is Status.running and self.broken is None
 
     def add_exit_callback(self, callback: Callable[[int], object]) -> None:
-        """Accepted for interface parity; never called (the server dies only with this process)."""
+        """Call ``callback(1)`` if the server breaks (the only way it "exits" apart from this process).
+
+        As with the subprocess mode, the owner restarts the worker then (a fresh process, a
+        fresh Triton core).
+        """
+        self._exit_callbacks.append(callback)
 
     def remove_exit_callback(self, callback: Callable[[int], object]) -> None:
-        """Accepted for interface parity."""
+        """Forget a callback given to :meth:`add_exit_callback`."""
+        if callback in self._exit_callbacks:
+            self._exit_callbacks.remove(callback)
+
+    def _break(self, reason: str) -> None:
+        """Mark the server beyond repair in this process and tell the exit callbacks."""
+        if self.broken is not None:
+            return
+        self.broken = reason
+        logger.error("Triton server %r (in process) is broken: %s", self.name, reason)
+        for callback in list(self._exit_callbacks):
+            try:
+                callback(1)
+            except Exception:
+                logger.exception("an exit callback of Triton server %r failed", self.name)
 
     async def wait(self) -> int:
         """Wait until the server is stopped; returns 0."""
@@ -268,54 +312,20 @@ class InProcessServer:
             self._log_path = self._workdir / "triton.log"
         with open(self._log_path, "ab") as log:
             log.write(f"--- tdask: starting Triton in process {os.getpid()} ({api.path})\n".encode())
-        bundle = _pytriton_bundle()
-        backends: Path | None = None
-        if bundle is not None and str(api.path).startswith(str(bundle.libs_dir or "//")):
-            try:
-                backends = prepare_bundle_backends(bundle, self._workdir)
-            except FileNotFoundError as exc:
-                raise TritonServerError(str(exc)) from exc
-            # The python backend starts its stubs from this process: they need what server_env
-            # gives a tritonserver process (this interpreter first on PATH, the bundle's libs).
-            # A backend's RPATH is relative to its real place, not to the symlink Triton opens:
-            # load each from its real place first, so that its dependencies resolve (Triton's
-            # later dlopen of the symlink finds the same file already loaded).
-            for backend in (bundle.bundle_root or Path("/")).glob("backends/*/libtriton_*.so"):
-                try:
-                    ctypes.CDLL(str(backend.resolve()))
-                except OSError as exc:
-                    logger.warning("could not preload Triton backend %s: %s", backend, exc)
-            env = server_env(bundle)
-            for key in ("PATH", "LD_LIBRARY_PATH"):
-                os.environ[key] = env[key]
-        elif Path("/opt/tritonserver/backends").is_dir():
-            backends = Path("/opt/tritonserver/backends")
-            python_dir = str(Path(sys.executable).parent)
-            if not os.environ.get("PATH", "").startswith(python_dir):
-                os.environ["PATH"] = os.pathsep.join([python_dir, os.environ.get("PATH", "")])
-        options = c_void_p()
+        backends = prepare_process(api, self._workdir)
+        options = server_options(
+            api,
+            repositories=self.model_repositories,
+            name=self.name,
+            exit_timeout_s=max(1, int(self.stop_timeout_s / 2)),
+            log_path=self._log_path,
+            log_verbose=self.log_verbose,
+            metrics=self.metrics,
+            backends=backends,
+            shm_prefix=self._shm_prefix,
+        )
         fn = api.fn
-        api.check(fn.ServerOptionsNew(byref(options)))
         try:
-            for repository in self.model_repositories:
-                api.check(fn.ServerOptionsSetModelRepositoryPath(options, str(repository).encode()))
-            api.check(fn.ServerOptionsSetServerId(options, self.name.encode()))
-            api.check(fn.ServerOptionsSetModelControlMode(options, capi.MODEL_CONTROL_EXPLICIT))
-            api.check(fn.ServerOptionsSetStrictReadiness(options, True))
-            api.check(fn.ServerOptionsSetExitOnError(options, True))
-            api.check(fn.ServerOptionsSetExitTimeout(options, max(1, int(self.stop_timeout_s / 2))))
-            api.check(fn.ServerOptionsSetLogFile(options, str(self._log_path).encode()))
-            for setter in (fn.ServerOptionsSetLogInfo, fn.ServerOptionsSetLogWarn, fn.ServerOptionsSetLogError):
-                api.check(setter(options, True))
-            api.check(fn.ServerOptionsSetLogVerbose(options, self.log_verbose))
-            api.check(fn.ServerOptionsSetMetrics(options, False))
-            if backends is not None:
-                api.check(fn.ServerOptionsSetBackendDirectory(options, str(backends).encode()))
-            api.check(
-                fn.ServerOptionsSetBackendConfig(
-                    options, b"python", b"shm-region-prefix-name", self._shm_prefix.encode()
-                )
-            )
             server = c_void_p()
             err = await asyncio.to_thread(fn.ServerNew, byref(server), options)
             if err:
@@ -371,12 +381,18 @@ class InProcessServer:
                 server, self._server = self._server, None
                 # Stop waits (up to the exit timeout) for in-flight requests, whose events still
                 # reach the loop meanwhile; Delete then unloads the models and ends the stubs.
-                for call in (api.fn.ServerStop, api.fn.ServerDelete):
-                    err = await asyncio.to_thread(call, server)
+                # A broken server's Delete would wait for ever on the load that never returned
+                # (it holds the model's lifecycle): it is left to this process's exit, which the
+                # reaper below follows by ending the stubs and removing their shared memory.
+                calls = (api.fn.ServerStop,) if self.broken else (api.fn.ServerStop, api.fn.ServerDelete)
+                for call in calls:
+                    err = await _in_daemon_thread(call, server, timeout_s=self.stop_timeout_s + 30)
                     if err:
                         logger.warning("Triton server %r: %s", self.name, api.error(err))
-                logger.info("Triton server %r stopped (in process)", self.name)
-            if api is not None and self._allocator is not None:
+                logger.info(
+                    "Triton server %r stopped (in process%s)", self.name, ", broken" if self.broken else ""
+                )
+            if api is not None and self._allocator is not None and not self.broken:
                 api.fn.ResponseAllocatorDelete(self._allocator)
                 self._allocator = None
         finally:
@@ -409,6 +425,8 @@ class InProcessServer:
     def _running(self) -> tuple[capi.TritonCApi, int]:
         if self.status is not Status.running or self._api is None or self._server is None:
             raise RuntimeError(f"Triton server {self.name!r} is {self.status.value}, not running")
+        if self.broken is not None:
+            raise TritonServerError(f"Triton server {self.name!r} is broken: {self.broken}")
         return self._api, self._server
 
     async def load_model(
@@ -430,10 +448,21 @@ class InProcessServer:
             parameters[0] = api.fn.ParameterNew(b"config", capi.PARAM_STRING, payload)
             count = 1
         try:
-            call = asyncio.to_thread(api.fn.ServerLoadModelWithParameters, server, model.encode(), parameters, count)
-            err = await asyncio.wait_for(call, timeout_s) if timeout_s is not None else await call
+            err = await _in_daemon_thread(
+                api.fn.ServerLoadModelWithParameters, server, model.encode(), parameters, count, timeout_s=timeout_s
+            )
         except TimeoutError:
-            raise TritonServerError(f"loading model {model!r} took longer than {timeout_s:g}s") from None
+            # Triton cannot interrupt a load: its 2.51 python backend waits without a bound for a
+            # stub's initialize (even a dead stub's), and ServerDelete then waits for the load.
+            # Left so, the worker would hang at its stop; it restarts instead, as the subprocess
+            # mode does for a server that died. (The parameter stays with the stuck thread.)
+            count = 0
+            reason = (
+                f"loading model {model!r} took longer than {timeout_s:g}s and cannot be interrupted in process; "
+                f"the worker restarts (log {self._log_path})"
+            )
+            self._break(reason)
+            raise TritonServerError(reason, log_tail=self.log_tail()) from None
         finally:
             if count:
                 api.fn.ParameterDelete(parameters[0])
@@ -488,8 +517,24 @@ class InProcessServer:
             raise TritonHttpError(exc.http_status, exc.message) from None
 
     def metrics_text(self) -> str:
-        """Triton's Prometheus metrics, as text (empty: metrics are off in this mode)."""
-        return ""
+        """Triton's Prometheus metrics, as text (what its ``/metrics`` endpoint serves); empty when off.
+
+        Raises
+        ------
+        RuntimeError
+            The server is not running.
+        """
+        api, server = self._running()
+        if not self.metrics:
+            return ""
+        metrics = c_void_p()
+        api.check(api.fn.ServerMetrics(server, byref(metrics)))
+        try:
+            base, size = c_void_p(), c_size_t()
+            api.check(api.fn.MetricsFormatted(metrics, capi.METRIC_PROMETHEUS, byref(base), byref(size)))
+            return ctypes.string_at(base.value or 0, size.value).decode() if size.value else ""
+        finally:
+            api.fn.MetricsDelete(metrics)
 
     def client(self) -> InProcessClient:
         """What the operator calls instead of the HTTP and gRPC-stream clients."""
@@ -636,41 +681,5 @@ class InProcessServer:
                 entry.waiter.set_result(None)
 
     def _read_response(self, api: capi.TritonCApi, fn: Any, response: int) -> InferResult:
-        err = fn.InferenceResponseError(response)
-        if err:
-            raise api.error(err)
-        check = api.check
-        count = self._o_count
-        check(fn.InferenceResponseOutputCount(response, byref(count)))
-        outputs: dict[str, np.ndarray] = {}
-        datatypes: dict[str, str] = {}
-        args = self._output_args
-        for index in range(count.value):
-            check(fn.InferenceResponseOutput(response, index, *args))
-            name = (self._o_name.value or b"").decode()
-            datatype = capi.DATATYPES[self._o_type.value]
-            shape = self._o_shape[: self._o_dims.value]
-            size = self._o_size.value
-            raw = ctypes.string_at(self._o_base.value or 0, size) if size else b""
-            if datatype == "BYTES":
-                array = deserialize_bytes_tensor(raw).reshape(shape)
-            else:
-                array = np.frombuffer(raw, dtype=triton_to_np_dtype(datatype)).reshape(shape)
-            outputs[name] = array
-            datatypes[name] = datatype
-        parameters: dict[str, Any] = {}
-        check(fn.InferenceResponseParameterCount(response, byref(count)))
-        for index in range(count.value):
-            ptype, value = c_int(), self._o_pvalue
-            check(fn.InferenceResponseParameter(response, index, byref(self._o_name), byref(ptype), byref(value)))
-            key = (self._o_name.value or b"").decode()
-            address = value.value or 0
-            if ptype.value == capi.PARAM_STRING:
-                parameters[key] = ctypes.string_at(address).decode(errors="replace")
-            elif ptype.value == capi.PARAM_INT:
-                parameters[key] = c_int64.from_address(address).value
-            elif ptype.value == capi.PARAM_BOOL:
-                parameters[key] = c_bool.from_address(address).value
-            elif ptype.value == capi.PARAM_DOUBLE:
-                parameters[key] = c_double.from_address(address).value
+        outputs, datatypes, parameters = self._reader.read(api, fn, response)
         return InferResult(outputs=outputs, datatypes=datatypes, parameters=parameters)

@@ -643,6 +643,14 @@ class TritonServer:
         try:
             await client.load_model(model, config=payload, client_timeout=timeout_s)
         except InferenceServerException as exc:
+            process = self._process
+            if "DEADLINE_EXCEEDED" in str(exc.status()) and process is not None and self.is_alive():
+                # Triton cannot interrupt a load (see InProcessServer.load_model): give the
+                # server up; its exit restarts the worker, the reaper ends its stubs.
+                reason = f"loading model {model!r} took longer than {timeout_s:g}s and cannot be interrupted"
+                logger.error("Triton server %r: %s; killing it (log %s)", self.name, reason, self._log_path)
+                process.kill()
+                raise TritonServerError(f"{reason}; the server was killed", log_tail=self.log_tail()) from exc
             raise self._request_failed(f"loading model {model!r} on Triton server {self.name!r}", exc) from exc
         finally:
             await client.close()
