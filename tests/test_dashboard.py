@@ -38,13 +38,15 @@ CHROMIUM_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def pipeline():
+def pipeline(request):
+    """The hello world's pipeline, its Triton in the mode the test asks for (indirect parameter)."""
     operators = hello_world_operators(
         encoders=TritonGroup(workers=1, max_inflight=2, instances=1, kind="CPU"),
         decoders=TritonGroup(workers=1, max_inflight=2, instances=1, kind="CPU"),
         encoder_decoders=PythonGroup(workers=1, max_inflight=4),
     )
-    with dask.config.set({"tdask.worker.report-interval": "500ms"}):
+    settings = {"tdask.worker.report-interval": "500ms", "tdask.triton.mode": request.param}
+    with dask.config.set(settings):
         with Deployment(operators, dashboard_address="127.0.0.1:0") as deployment:
             yield deployment
     assert_no_children()
@@ -65,8 +67,10 @@ def _triton_successes(url: str, model: str, worker: str) -> float:
     )
 
 
+@pytest.mark.parametrize("pipeline", ["in-process", "subprocess"], indirect=True)
 def test_triton_metrics_per_worker(pipeline):
-    """Triton's per-model counters appear on the worker's /metrics and the scheduler's, labelled by worker."""
+    """Triton's per-model counters appear on the worker's /metrics and the scheduler's, labelled by worker:
+    read from its metrics endpoint (subprocess) or its C API (in process)."""
     client = pipeline.client
     info = client.scheduler_info(n_workers=-1)["workers"]
     port = next(w["services"]["dashboard"] for w in info.values() if w["name"] == "encoder.0")
@@ -104,6 +108,7 @@ def _chromium() -> str:
     pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
 
 
+@pytest.mark.parametrize("pipeline", ["in-process"], indirect=True)  # the page is the same in both modes
 def test_dashboard_page_in_a_browser(pipeline, record_property):
     """Open the Dask dashboard, follow its navigation to tdask's page while traffic runs, read what it drew."""
     chromium = _chromium()

@@ -124,6 +124,80 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
     assert "starting Triton in process" in log and "successfully loaded 'encoder'" in log
 
 
+@pytest.mark.parametrize("mode", ["in-process", "subprocess"])
+def test_a_failing_load_is_a_prompt_error_and_a_hung_load_breaks_the_server(tmp_path, mode):
+    """Loads that fail (initialize raises, an unknown backend) raise TritonServerError with Triton's
+    reason within seconds, and the server serves on. (In process they used to be retried for ever:
+    the C API leaves the load retry count uninitialized.) A load that never returns (initialize
+    hangs; Triton 2.51 cannot interrupt it) raises once its timeout passes and breaks the server:
+    its exit callbacks fire (the worker restarts on that), the stop is prompt, the process exits
+    and no stub or shared-memory region outlives it."""
+    script = f"""
+    import asyncio, json, os, time
+    import numpy as np
+    from tdask.triton.inprocess import InProcessServer
+    from tdask.triton.server import TritonServer, TritonServerError
+
+    async def go():
+        out = {{"exited": []}}
+        cls = InProcessServer if {mode!r} == "in-process" else TritonServer
+        server = cls(model_repository=[{str(TEST_MODELS)!r}, {str(MODELS)!r}], log_dir={str(tmp_path)!r},
+                     name="loads")
+        await server.start()
+        server.add_exit_callback(out["exited"].append)
+        out["prefix"] = server.shm_region_prefix
+        for label, config in (("raise", {{"parameters": {{"init": "raise"}}}}), ("backend", {{"backend": "nope"}})):
+            began = time.monotonic()
+            try:
+                await server.load_model("misbehaving", config, timeout_s=60)
+            except TritonServerError as exc:
+                out[label] = [str(exc), time.monotonic() - began]
+        await server.load_model("encoder", timeout_s=60)
+        if {mode!r} == "in-process":
+            client = server.client()
+        else:
+            from tdask.triton.http_client import TritonHttpClient
+            client = TritonHttpClient.from_url(server.http_url)
+        r = await client.infer("encoder", {{"input": (np.arange(2, dtype=np.int64), "INT64")}})
+        out["served"] = r.outputs["output"].tolist()
+        began = time.monotonic()
+        try:
+            await server.load_model("misbehaving", {{"parameters": {{"init": "hang"}}}}, timeout_s=3)
+        except TritonServerError as exc:
+            out["hang"] = [str(exc), time.monotonic() - began]
+        for _ in range(100):
+            if out["exited"]:
+                break
+            await asyncio.sleep(0.05)
+        out["alive"] = server.is_alive()
+        began = time.monotonic()
+        await server.stop()
+        out["stop_s"] = time.monotonic() - began
+        return out
+
+    print(json.dumps(asyncio.run(go())))
+    """
+    out = _run(script, tmp_path, timeout=150)
+    assert "failed to initialize on purpose" in out["raise"][0] and out["raise"][1] < 30, out
+    assert "nope" in out["backend"][0] and out["backend"][1] < 30, out
+    assert out["served"] == [-1, -2]
+    assert "cannot be interrupted" in out["hang"][0] and 3 <= out["hang"][1] < 10, out
+    assert out["exited"] and out["alive"] is False, out
+    assert out["stop_s"] < 30, out
+
+    import psutil
+
+    def leftovers() -> list[str]:
+        found = [
+            f"{p.pid} {p.name()}"
+            for p in psutil.process_iter(["cmdline"])
+            if out["prefix"] in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE
+        ]
+        return found + [r.name for r in Path("/dev/shm").glob(out["prefix"] + "*")]
+
+    wait_for(lambda: not leftovers(), timeout=15, message=lambda: f"left behind: {leftovers()}")
+
+
 def test_stubs_do_not_outlive_a_killed_owner(tmp_path):
     """SIGKILL the process hosting Triton: the reaper ends its python-backend stubs and removes their
     shared memory (the owner's process group is left alone)."""

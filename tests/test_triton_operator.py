@@ -295,3 +295,30 @@ def test_misbehaving_model_gives_operator_error_and_keeps_serving(client, mode, 
         with pytest.raises(OperatorError, match=message) as info:
             op.infer(inputs={"input": np.arange(4, dtype=np.int64)}, parameters={"mode": mode}, timeout=30)
         assert info.value.operator == "misbehaving" and info.value.request_id
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "init, message",
+    [("raise", "failed to initialize on purpose"), ("hang", "took longer than 3s and cannot be interrupted")],
+)
+def test_a_model_that_fails_or_hangs_in_load_fails_the_deployment_promptly(mode, init, message):
+    """A model whose initialize raises, or never returns (past tdask.triton.load-timeout): the
+    deployment's start fails naming the worker's operator and Triton's reason (the worker's plugin
+    cannot start: tdask's RuntimeError "the tdask deployment failed to start"), in seconds, and its close leaves nothing behind (a hung load breaks the worker's server: the
+    worker restarts rather than hang, see test_triton_inprocess.py)."""
+    before = child_pids()
+    broken = OperatorConfig(
+        name="misbehaving",
+        implementation="triton",
+        repository=TEST_MODELS,
+        parameters={"config": {"parameters": {"init": init}}},
+    )
+    began = time.monotonic()
+    with dask.config.set({"tdask.triton.mode": mode, "tdask.triton.load-timeout": "3s"}):
+        with pytest.raises(RuntimeError, match="failed to start.*misbehaving: TritonServerError") as info:
+            with Deployment([(broken, 1)], dashboard_address="127.0.0.1:0"):
+                pass
+    assert message in str(info.value)
+    assert time.monotonic() - began < 90
+    assert_no_children(ignore=before)
