@@ -5,8 +5,9 @@
 Deploys the hello world (2 encoder, 2 decoder and 2 encoder_decoder workers by default, the
 scheduler embedded in this process as in ``python -m tdask.hello_world``), keeps ``--in-flight``
 requests of random int64 arrays in flight, checks every answer, and every ``--kill-every``
-SIGKILLs one process picked at random: a worker, a worker's ``tritonserver``, or one of its
-python-backend stubs. Prints a table per section and one JSON line (as ``python -m bench``):
+SIGKILLs one process picked at random: a worker, a worker's ``tritonserver`` (``--triton-mode
+subprocess`` only: in process, Triton is the worker itself), or one of its python-backend stubs.
+Prints a table per section and one JSON line (as ``python -m bench``):
 
 - what happened to the requests: answered right, wrong, lost (no answer at all), duplicated,
   and the errors by type (every one a typed tdask error, or counted as untyped), p50 and p99;
@@ -44,7 +45,7 @@ import psutil
 
 from bench.common import machine, table, versions
 
-_PREFIX = re.compile(r"shm-region-prefix-name=(tdask\d+-[0-9a-f]+_)")
+_PREFIX = re.compile(r"(?:shm-region-prefix-name=|\s)(tdask\d+-[0-9a-f]+_)")  # server or stub command line
 MB = 2**20
 
 
@@ -54,7 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=20_000, help="requests in all")
     p.add_argument("--kill-every", default="3s", help="SIGKILL one process this often (e.g. 3s, 500ms)")
-    p.add_argument("--kill", default="worker,tritonserver,stub", help="kinds of process to kill")
+    p.add_argument(
+        "--kill",
+        default=None,
+        help="kinds of process to kill (default: worker,stub, and tritonserver in subprocess mode)",
+    )
+    p.add_argument(
+        "--triton-mode",
+        choices=("subprocess", "in-process"),
+        default=None,
+        help="tdask.triton.mode of the workers (default: the configured one)",
+    )
     p.add_argument("--in-flight", type=int, default=32, help="requests kept in flight")
     p.add_argument("--size", type=int, default=1000, help="int64 elements per request")
     p.add_argument("--workers", type=int, default=2, help="workers per operator (encoder, decoder, encoder_decoder)")
@@ -67,10 +78,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.kill_every_s = parse_timedelta(args.kill_every, default="seconds")
     args.timeout_s = parse_timedelta(args.timeout, default="seconds")
     args.sample_every_s = parse_timedelta(args.sample_every, default="seconds")
+    import dask.config
+
+    import tdask.config  # noqa: F401  (tdask's defaults: tdask.triton.mode)
+
+    args.triton_mode = args.triton_mode or dask.config.get("tdask.triton.mode")
+    kinds = {"worker", "tritonserver", "stub"} if args.triton_mode == "subprocess" else {"worker", "stub"}
+    args.kill = args.kill or ",".join(k for k in ("worker", "tritonserver", "stub") if k in kinds)
     args.kinds = [k.strip() for k in args.kill.split(",") if k.strip()]
-    unknown = set(args.kinds) - {"worker", "tritonserver", "stub"}
+    unknown = set(args.kinds) - kinds
     if unknown:
-        p.error(f"--kill: unknown kinds {sorted(unknown)}")
+        p.error(
+            f"--kill: unknown kinds {sorted(unknown)} in tdask.triton.mode {args.triton_mode!r} "
+            "(in process there is no tritonserver: Triton is the worker)"
+        )
     return args
 
 
@@ -311,7 +332,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     outcome, watch = Outcome(), Watch()
     with tempfile.TemporaryDirectory(prefix="tdask-soak-logs-") as tmp:
         log_dir = Path(args.log_dir or tmp).resolve()
-        with dask.config.set({"tdask.request.plane": args.plane}):
+        with dask.config.set({"tdask.request.plane": args.plane, "tdask.triton.mode": args.triton_mode}):
             async with deployment(operators, scheduler="embedded", log_dir=log_dir) as cluster:
                 view = _Cluster(cluster.client)
                 op = RemoteOperator("encoder_decoder", client=cluster.client)

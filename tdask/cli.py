@@ -374,6 +374,29 @@ def _check_triton() -> tuple[Check, Check]:
     return found, Check("python-stub", False, f"{reason}; Triton python-backend models cannot run")
 
 
+def _check_in_process() -> Check:
+    """Check Triton's library for the in-process mode (required when it is the mode): found, API version, shim."""
+    import dask.config
+
+    from tdask.triton import capi
+
+    mode = dask.config.get("tdask.triton.mode", "in-process")
+    required = mode == "in-process"
+    try:
+        api = capi.TritonCApi.load()
+    except (OSError, RuntimeError) as exc:
+        return Check("in-process", False, f"tdask.triton.mode: {mode}; {exc}", required=required)
+    shim = capi.find_shim()
+    if shim is not None:
+        callbacks = f"C shim {shim}"
+    elif shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc"):
+        callbacks = "C shim built on first use"
+    else:
+        callbacks = "Python (no C compiler: `python -m tdask.triton.capi --build-shim` where there is one)"
+    detail = f"tdask.triton.mode: {mode}; {api.path} (C API {api.version[0]}.{api.version[1]}); callbacks: {callbacks}"
+    return Check("in-process", True, detail, required=required)
+
+
 def _check_numpy() -> Check:
     import numpy
 
@@ -427,7 +450,7 @@ def run_checks() -> list[Check]:
     list of Check
         In the order they are reported.
     """
-    return [*_check_triton(), _check_numpy(), _check_loopback(), _check_versions(), _check_gpu()]
+    return [*_check_triton(), _check_in_process(), _check_numpy(), _check_loopback(), _check_versions(), _check_gpu()]
 
 
 @main.command()

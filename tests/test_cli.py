@@ -22,7 +22,7 @@ from tests.test_hello_world import PY, _assert_clean, _env, _run
 
 pytestmark = pytest.mark.timeout(300)
 
-CHECKS = ["tritonserver", "python-stub", "numpy", "loopback", "versions", "gpu"]
+CHECKS = ["tritonserver", "python-stub", "in-process", "numpy", "loopback", "versions", "gpu"]
 
 
 def test_check_passes_here_with_one_line_per_check():
@@ -36,6 +36,7 @@ def test_check_passes_here_with_one_line_per_check():
     origins = r"the nvidia-pytriton wheel|PATH|\$TDASK_TRITONSERVER|/opt/tritonserver"
     assert re.search(rf"tritonserver \(from ({origins})\)$", by_name["tritonserver"]), by_name["tritonserver"]
     assert "triton_python_backend_stub" in by_name["python-stub"]
+    assert re.search(r"libtritonserver\S* \(C API 1\.\d+\); callbacks: (C shim|Python)", by_name["in-process"])
     assert re.search(r"tdask [\d.]+, dask [\d.]+, distributed [\d.]+", by_name["versions"])
 
 

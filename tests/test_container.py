@@ -116,6 +116,8 @@ def test_the_images_install_with_the_readmes_line(dockerfile):
     project = [line for line in installs if "tritonserver" not in line]  # the NGC image's own wheel
     assert project == [readme_install_lines()[0 if dockerfile == "Dockerfile.cpu" else 1]], installs
     assert "COPY models /models" in text  # the repository the recipes name
+    # The in-process mode's C shim is built into the image (workers need no compiler).
+    assert re.search(r"^\s+&& python3? -m tdask\.triton\.capi --build-shim", text, re.M), text
     assert re.search(r'^CMD \["dask", "scheduler"\]$', text, re.M)
     assert re.search(r'^ENTRYPOINT \["tini", "--"\]$', text, re.M)
     if dockerfile == "Dockerfile.gpu":

@@ -227,3 +227,39 @@ def test_stubs_do_not_outlive_a_killed_owner(tmp_path):
 
     wait_for(lambda: stubs() == [], timeout=20, message=lambda: f"stubs outlived their owner: {stubs()}")
     wait_for(lambda: not list(SHM_DIR.glob(info["shm"] + "*")), timeout=20, message="shared memory left behind")
+
+
+def test_build_shim_ahead_of_use_and_find_it(tmp_path):
+    """``python -m tdask.triton.capi --build-shim --into DIR`` (what the container images run) compiles
+    the shim; a worker finds it there through $TDASK_SHIM_DIR and logs that it uses it."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here to build the shim with")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    built = subprocess.run(
+        [sys.executable, "-m", "tdask.triton.capi", "--build-shim", "--into", str(tmp_path / "shim")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert built.returncode == 0, built.stderr
+    path = Path(built.stdout.strip())
+    assert path.parent == tmp_path / "shim" and path.is_file()
+    script = """
+    import json, logging
+    logging.basicConfig(level=logging.INFO)
+    from tdask.triton import capi
+    print(json.dumps({"found": str(capi.find_shim()), "native": capi.Completions(capi.TritonCApi.load()).native}))
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(env, TDASK_SHIM_DIR=str(path.parent)),
+    )
+    assert json.loads(done.stdout.splitlines()[-1]) == {"found": str(path), "native": True}, done.stderr
+    assert f"Triton's callbacks: tdask's C shim {path}" in done.stderr
+    assert not (tmp_path / "cache").exists(), "nothing was compiled into the user's cache"

@@ -304,9 +304,10 @@ def test_misbehaving_model_gives_operator_error_and_keeps_serving(client, mode, 
 )
 def test_a_model_that_fails_or_hangs_in_load_fails_the_deployment_promptly(mode, init, message):
     """A model whose initialize raises, or never returns (past tdask.triton.load-timeout): the
-    deployment's start fails naming the worker's operator and Triton's reason (the worker's plugin
-    cannot start: tdask's RuntimeError "the tdask deployment failed to start"), in seconds, and its close leaves nothing behind (a hung load breaks the worker's server: the
-    worker restarts rather than hang, see test_triton_inprocess.py)."""
+    deployment's start fails naming the operator and Triton's reason (the worker's plugin cannot
+    start: "the tdask deployment failed to start"), in seconds, and its close leaves nothing
+    behind (a hung load breaks the worker's server: the worker restarts rather than hang, see
+    test_triton_inprocess.py)."""
     before = child_pids()
     broken = OperatorConfig(
         name="misbehaving",

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from ctypes import (
@@ -211,8 +212,9 @@ class TritonCError(Exception):
 def find_libtritonserver() -> Path:
     """Return the ``libtritonserver`` to load.
 
-    ``$TDASK_LIBTRITONSERVER``, then the nvidia-pytriton wheel's bundled copy, then
-    ``/opt/tritonserver/lib/libtritonserver.so``.
+    ``$TDASK_LIBTRITONSERVER``, then ``/opt/tritonserver/lib/libtritonserver.so`` (a Triton
+    install, e.g. NVIDIA's image: the same precedence over the wheel as the ``tritonserver``
+    binary's lookup), then the nvidia-pytriton wheel's bundled copy.
 
     Raises
     ------
@@ -226,14 +228,14 @@ def find_libtritonserver() -> Path:
         if not Path(env).is_file():
             raise FileNotFoundError(f"$TDASK_LIBTRITONSERVER={env!r} is not a file")
         return Path(env)
+    opt = Path("/opt/tritonserver/lib/libtritonserver.so")
+    if opt.is_file():  # a Triton install (NVIDIA's image) wins over the wheel, as for the binary
+        return opt
     bundle = _pytriton_bundle()
     if bundle is not None and bundle.libs_dir is not None:
         found = sorted(bundle.libs_dir.glob("libtritonserver*.so*"))
         if found:
             return found[0]
-    opt = Path("/opt/tritonserver/lib/libtritonserver.so")
-    if opt.is_file():
-        return opt
     raise FileNotFoundError(
         "no libtritonserver found for Triton in the worker's process: set $TDASK_LIBTRITONSERVER, "
         "install the nvidia-pytriton wheel (which bundles one) or Triton in /opt/tritonserver"
@@ -342,15 +344,64 @@ def _cache_dir() -> Path:
     return Path(base) / "tdask"
 
 
-def build_shim() -> Path | None:
-    """Compile the C shim into the user's cache (once per source version); ``None`` without a compiler.
+def shim_path(directory: Path) -> Path:
+    """Where the shim of this source version lives in ``directory`` (its name carries the source's hash)."""
+    digest = hashlib.sha256(_SHIM_SOURCE.read_bytes()).hexdigest()[:12]
+    return directory / f"tdask_inprocess_shim-{digest}.so"
 
-    The build is optional: a failed or impossible one is logged and the Python callbacks serve.
+
+def find_shim() -> Path | None:
+    """The C shim already built for this source: in ``$TDASK_SHIM_DIR``, the package's directory or the cache."""
+    places = [Path(os.environ["TDASK_SHIM_DIR"])] if os.environ.get("TDASK_SHIM_DIR") else []
+    for place in [*places, _SHIM_SOURCE.parent, _cache_dir()]:
+        if shim_path(place).is_file():
+            return shim_path(place)
+    return None
+
+
+def build_shim(directory: Path | None = None) -> Path | None:
+    """Return the C shim, compiling it when needed; ``None`` without a compiler.
+
+    Looked for, in order: ``$TDASK_SHIM_DIR``, the installed package's own directory (where a
+    container image builds it: ``python -m tdask.triton.capi --build-shim``), the user's cache
+    (``~/.cache/tdask``), where it is compiled on first use. With ``directory``, it is built
+    there (if not there yet) and nowhere else is looked at. The build is optional: a failed or
+    impossible one is logged and the Python callbacks serve.
     """
-    source = _SHIM_SOURCE.read_bytes()
-    target = _cache_dir() / f"tdask_inprocess_shim-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if directory is None:
+        found = find_shim()
+        if found is not None:
+            return found
+        directory = _cache_dir()
+    target = shim_path(directory)
     if target.is_file():
         return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning(
+            "no C compiler to build tdask's C shim (%s): Triton's callbacks run in Python, each taking the GIL; "
+            "build it once with `python -m tdask.triton.capi --build-shim`",
+            target,
+        )
+        return None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            subprocess.run(
+                [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(_SHIM_SOURCE), "-lpthread"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            os.chmod(built, 0o755)
+            os.replace(built, target)  # atomic: concurrent builders each install a whole file
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        logger.warning("could not build tdask's C shim (%s %s); using Python callbacks", exc, detail[-400:])
+        return None
+    logger.info("built tdask's C shim %s", target)
+    return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.info("no C compiler: Triton's callbacks run in Python (each takes the GIL)")
@@ -398,6 +449,11 @@ class Completions:
                 self._shim = ctypes.CDLL(str(path))
             except OSError as exc:
                 logger.warning("could not load tdask's C shim %s (%s); using Python callbacks", path, exc)
+        if self._shim is not None:
+            logger.info("Triton's callbacks: tdask's C shim %s (no GIL taken on Triton's threads)", path)
+        else:
+            why = "tdask.triton.in-process-shim is false" if not use_shim else "no shim could be built or loaded"
+            logger.info("Triton's callbacks: Python (each takes the GIL on a Triton thread): %s", why)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_events: Callable[[list[tuple[int, int, int | None, int]]], None] | None = None
         self._fd = -1
@@ -581,3 +637,31 @@ class ResponseReader:
             elif ptype.value == PARAM_DOUBLE:
                 parameters[key] = c_double.from_address(address).value
         return outputs, datatypes, parameters
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tdask.triton.capi --build-shim [--into DIR]``: build the C shim ahead of use.
+
+    By default into the installed package's directory, where every worker of this Python finds
+    it (a container image does this at build time, so that workers need no compiler); exit
+    status 1 when it could not be built.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tdask.triton.capi", description="build tdask's C shim")
+    parser.add_argument("--build-shim", action="store_true", help="compile the in-process mode's C shim")
+    parser.add_argument("--into", type=Path, default=_SHIM_SOURCE.parent, help="directory (default: the package's)")
+    args = parser.parse_args(argv)
+    if not args.build_shim:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    built = build_shim(args.into)
+    if built is None:
+        return 1
+    sys.stdout.write(f"{built}\n")  # a CLI: the path, for scripts
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -389,9 +389,7 @@ class InProcessServer:
                     err = await _in_daemon_thread(call, server, timeout_s=self.stop_timeout_s + 30)
                     if err:
                         logger.warning("Triton server %r: %s", self.name, api.error(err))
-                logger.info(
-                    "Triton server %r stopped (in process%s)", self.name, ", broken" if self.broken else ""
-                )
+                logger.info("Triton server %r stopped (in process%s)", self.name, ", broken" if self.broken else "")
             if api is not None and self._allocator is not None and not self.broken:
                 api.fn.ResponseAllocatorDelete(self._allocator)
                 self._allocator = None
