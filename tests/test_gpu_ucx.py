@@ -37,7 +37,12 @@ def test_cupy_tensors_round_trip():
 
 
 @pytest.mark.skipif(_UCX_REASON is not None, reason=_UCX_REASON or "")
-def test_ucxx_protocol_forwarding():
+@pytest.mark.parametrize("n", [100_000, 4_000_000], ids=["800KB", "32MB"])
+def test_ucxx_protocol_forwarding(n):
+    """The producer's output goes by reference; the consumer pulls it worker to worker over UCX.
+
+    On CPU, distributed-ucxx runs UCX over TCP; 32 MB takes UCX's rendezvous path, 800 KB its eager one.
+    """
     operators = [
         OperatorConfig(name="forward", implementation=Forward),
         OperatorConfig(name="producer", implementation=Producer),
@@ -45,10 +50,12 @@ def test_ucxx_protocol_forwarding():
     ]
     with Deployment(operators, protocol="ucxx", dashboard_address=None) as dep:
         assert dep.scheduler_address.startswith("ucxx://127.0.0.1:")
-        n = 100_000
-        response = RemoteOperator("forward", client=dep.client).infer(
-            inputs={"start": np.array([0.0])}, parameters={"n": n}
-        )
-        assert response.outputs["sum"][0] == np.arange(n, dtype=np.float64).sum()
+        workers = dep.client.scheduler_info()["workers"]
+        assert workers and all(address.startswith("ucxx://") for address in workers)
+        for round_ in range(2):  # the second pull reuses the comm the first one opened
+            response = RemoteOperator("forward", client=dep.client).infer(
+                inputs={"start": np.array([float(round_)])}, parameters={"n": n}
+            )
+            assert response.outputs["sum"][0] == np.arange(round_, round_ + n, dtype=np.float64).sum()
         stats = store_stats(dep.client)
-        assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == n * 8
+        assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == 2 * n * 8
