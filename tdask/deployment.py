@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +85,10 @@ class Deployment(SyncMethodMixin):
     host
         Address every process binds (default 127.0.0.1; set it to serve other machines).
     protocol
-        ``"tcp"``, ``"tls"`` or ``"ucxx"`` (with distributed-ucxx installed).
+        ``"tcp"``, ``"tls"`` or ``"ucxx"`` (with distributed-ucxx installed). With ``"ucxx"``,
+        ``UCXPY_PROGRESS_MODE`` defaults to ``blocking`` in this process and its workers: UCX
+        contexts that ucxx starts in its default ``thread`` mode crashed worker and client
+        processes with SIGSEGV (docs/design.md, "Dependencies").
     dashboard_address
         The scheduler's dashboard (``":0"``-style; ``None`` to disable).
     security
@@ -118,6 +122,8 @@ class Deployment(SyncMethodMixin):
         self.scheduler_address_given = scheduler_address
         self.host = host
         self.protocol = protocol
+        if protocol == "ucxx":
+            os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
         self.dashboard_address = dashboard_address
         self.security = security
         self.log_dir = Path(log_dir) if log_dir is not None else None
