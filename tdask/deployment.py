@@ -87,8 +87,8 @@ class Deployment(SyncMethodMixin):
     protocol
         ``"tcp"``, ``"tls"`` or ``"ucxx"`` (with distributed-ucxx installed). With ``"ucxx"``,
         ``UCXPY_PROGRESS_MODE`` defaults to ``blocking`` in this process and its workers: UCX
-        contexts that ucxx starts in its default ``thread`` mode crashed worker and client
-        processes with SIGSEGV (docs/design.md, "Dependencies").
+        contexts in ucxx's ``thread`` mode crashed processes with SIGSEGV (docs/design.md,
+        "Dependencies"). UCX's context outlives the deployment (its listeners included).
     dashboard_address
         The scheduler's dashboard (``":0"``-style; ``None`` to disable).
     security
