@@ -3,7 +3,9 @@
 
 ``forward`` calls ``producer`` (which keeps a large array in its worker's store) and passes the
 descriptor on to ``consumer`` (on another worker), which times the fetch of the bytes from the
-producer's worker and reports it; ``forward`` itself never touches the bytes.
+producer's worker and reports it; ``forward`` itself never touches the bytes. With
+``parameters={"device": "cuda"}`` the array is a cupy array on the producer's GPU
+(``bench/gpu_check.py``: device to device over UCX).
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ class Producer(Operator):
     """Returns ``nbytes`` bytes (uint8), kept in this worker's store; built once per size."""
 
     async def setup(self) -> None:
-        self.cache: dict[int, np.ndarray] = {}
+        self.cache: dict[tuple[int, str], np.ndarray] = {}
 
     async def execute(self, requests):  # type: ignore[no-untyped-def]
         for request in requests:
             nbytes = int(request.parameters["nbytes"])
-            data = self.cache.get(nbytes)
+            device = request.parameters.get("device", "cpu")
+            data = self.cache.get((nbytes, device))
             if data is None:
                 self.cache.clear()  # keep one size at a time: 256 MB is enough to hold
-                data = self.cache[nbytes] = np.arange(nbytes // 8, dtype=np.uint64).view(np.uint8)
+                xp = np
+                if device == "cuda":
+                    import cupy as xp
+                data = self.cache[(nbytes, device)] = xp.arange(nbytes // 8, dtype=xp.uint64).view(xp.uint8)
             await request.response_sender().send(outputs={"data": data})
 
 
@@ -40,17 +46,29 @@ class Consumer(Operator):
             remote = isinstance(ref, RemoteTensor)
             began = time.perf_counter()
             data = (await request.fetch_inputs())["data"]
+            device = type(data).__module__.split(".")[0] == "cupy"
+            if device:
+                data.device.synchronize()  # the bytes are there, not only enqueued
             fetch_s = time.perf_counter() - began
             n = int(data.nbytes)
             # Spot-check the bytes (first and last 8) against what Producer makes.
             ok = n == int(request.parameters["nbytes"]) and _spot_ok(data)
             await request.response_sender().send(
                 outputs={"ok": np.array([ok])},
-                parameters={"fetch_s": fetch_s, "nbytes": n, "remote": remote, "owner": getattr(ref, "owner", "")},
+                parameters={
+                    "fetch_s": fetch_s,
+                    "nbytes": n,
+                    "remote": remote,
+                    "owner": getattr(ref, "owner", ""),
+                    "on_device": device,
+                },
             )
 
 
 def _spot_ok(data: np.ndarray) -> bool:
+    if type(data).__module__.split(".")[0] == "cupy":  # only the first and last word come to the host
+        first, last = data[:8].get().view(np.uint64), data[-8:].get().view(np.uint64)
+        return int(first[0]) == 0 and int(last[0]) == data.size // 8 - 1
     words = data.view(np.uint64)
     return int(words[0]) == 0 and int(words[-1]) == words.size - 1
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RemoteTensor", "TensorStore"]
+__all__ = ["HOST_COPIES", "HostCopies", "RemoteTensor", "TensorStore", "count_host_copy"]
 
 # The data plane's Dask comm handlers on every worker (both halves live in this file;
 # tdask.protocol.Rpc lists them with the others).
@@ -48,6 +48,48 @@ RELEASE = "tdask_release"
 STORE_STATS = "tdask_store_stats"
 # distributed's stream message telling a worker that another worker was removed.
 _REMOVE_WORKER = "remove-worker"
+
+
+class HostCopies:
+    """Bytes of device tensors copied through host memory on the data path, in this process.
+
+    Counted where the copy happens: a cupy tensor serialized for a comm that carries no device
+    buffers (TCP: Dask's ``dask`` serializer stages it through host memory) and put back on the
+    device at the other end, a cupy tensor sent inline, a device input handed to Triton in an
+    HTTP body, a ``KIND_GPU`` model's output that came back in one. Over UCX with CUDA shared
+    memory between tdask and Triton, none of these happen and the counter stays 0.
+    One per process (a worker process hosts one store), reported by :meth:`TensorStore.stats`.
+    """
+
+    def __init__(self) -> None:
+        self.copies = 0
+        self.bytes = 0
+        self.by_where: dict[str, int] = {}
+
+    def add(self, nbytes: int, where: str) -> None:
+        """Count one copy of ``nbytes`` through host memory at ``where`` (a short label)."""
+        self.copies += 1
+        self.bytes += int(nbytes)
+        self.by_where[where] = self.by_where.get(where, 0) + int(nbytes)
+
+
+#: This process's count of device bytes copied through host memory (see :class:`HostCopies`).
+HOST_COPIES = HostCopies()
+
+
+def count_host_copy(nbytes: int, where: str) -> None:
+    """Count a device tensor's ``nbytes`` copied through host memory at ``where``."""
+    HOST_COPIES.add(nbytes, where)
+
+
+def is_device_array(value: Any) -> bool:
+    """Whether ``value`` is a device (cupy) array."""
+    return type(value).__module__.split(".")[0] == "cupy"
+
+
+def _carries_device_buffers(comm: Any) -> bool:
+    """Whether ``comm`` moves device buffers as they are (UCX), rather than through host memory."""
+    return "ucx" in type(comm).__module__.lower() or "ucx" in str(getattr(comm, "peer_address", "")).split("://")[0]
 
 
 def _device_of(array: Any) -> str:
@@ -267,6 +309,8 @@ class DataPlanePeer:
             )
         self.pulls += 1
         self.pulled_bytes += tensor.nbytes
+        if reply.get("host_staged"):  # the owner staged a device tensor through host memory
+            count_host_copy(tensor.nbytes, "fetch: host to device")
         return reply["data"]
 
     async def place(self, address: str, array: Any) -> RemoteTensor:
@@ -393,15 +437,23 @@ class TensorStore(DataPlanePeer):
             if self._tensors.pop(tensor_id, None) is not None:
                 self.released += 1
 
-    def _handle_fetch(self, tensor_id: str) -> dict[str, Any]:
+    def _handle_fetch(self, comm: Any, tensor_id: str) -> dict[str, Any]:
         entry = self._tensors.get(tensor_id)
         if entry is None:
             return {"status": "missing"}
+        array = entry[0]
         self.served += 1
-        self.served_bytes += int(entry[0].nbytes)
-        return {"status": "OK", "data": to_serialize(entry[0])}
+        self.served_bytes += int(array.nbytes)
+        if is_device_array(array) and not _carries_device_buffers(comm):
+            # Dask serializes a cupy array for a comm without device buffers (TCP) with its
+            # "dask" serializer: device -> host here, host -> device at the receiver.
+            count_host_copy(int(array.nbytes), "fetch: device to host")
+            return {"status": "OK", "data": to_serialize(array), "host_staged": True}
+        return {"status": "OK", "data": to_serialize(array)}
 
-    def _handle_put(self, tensor_id: str, data: Any) -> None:
+    def _handle_put(self, comm: Any, tensor_id: str, data: Any) -> None:
+        if is_device_array(data) and not _carries_device_buffers(comm):
+            count_host_copy(2 * int(data.nbytes), "put: device to host to device")
         self._tensors[tensor_id] = (data, time.monotonic() + self.ttl_s)
         self.puts += 1
 
@@ -409,8 +461,14 @@ class TensorStore(DataPlanePeer):
         self._drop(tensor_ids)
 
     def stats(self) -> dict[str, int]:
-        """Counters used by tests and benchmarks to prove where bytes moved."""
+        """Counters used by tests and benchmarks to prove where bytes moved.
+
+        ``host_copy_bytes``/``host_copies``: device tensor bytes this process copied through
+        host memory on the data path (:class:`HostCopies`; 0 when device tensors stay on device).
+        """
         return {
+            "host_copies": HOST_COPIES.copies,
+            "host_copy_bytes": HOST_COPIES.bytes,
             "tensors": len(self._tensors),
             "bytes": sum(int(a.nbytes) for a, _ in self._tensors.values()),
             "puts": self.puts,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,7 +113,10 @@ class Deployment(SyncMethodMixin):
     host
         Address every process binds (default 127.0.0.1; set it to serve other machines).
     protocol
-        ``"tcp"``, ``"tls"`` or ``"ucxx"`` (with distributed-ucxx installed).
+        ``"tcp"``, ``"tls"`` or ``"ucxx"`` (with distributed-ucxx installed). With ``"ucxx"``,
+        ``UCXPY_PROGRESS_MODE`` defaults to ``blocking`` in this process and its workers: UCX
+        contexts in ucxx's ``thread`` mode crashed processes with SIGSEGV (docs/design.md,
+        "Dependencies"). UCX's context outlives the deployment (its listeners included).
     dashboard_address
         The scheduler's dashboard (``":0"``-style; ``None`` to disable).
     security
@@ -146,6 +150,8 @@ class Deployment(SyncMethodMixin):
         self.scheduler_address_given = scheduler_address
         self.host = host
         self.protocol = protocol
+        if protocol == "ucxx":
+            os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
         self.dashboard_address = dashboard_address
         self.security = security
         self.log_dir = Path(log_dir) if log_dir is not None else None

@@ -17,6 +17,7 @@ on the scheduler's (the whole cluster)::
     tdask_requests_inflight{...}, tdask_requests_inflight_limit{...}, tdask_requests_waiting{...}
     tdask_data_plane_served_bytes_total{worker}, tdask_data_plane_pulled_bytes_total{worker},
     tdask_data_plane_served_total{worker}, tdask_data_plane_pulled_total{worker},
+    tdask_data_plane_host_copy_bytes_total{worker}   device bytes staged through host memory
     tdask_tensors_stored{worker}, tdask_tensors_stored_bytes{worker}
     nv_inference_*{model, version, worker}                      Triton's own, re-exported
 
@@ -168,6 +169,11 @@ _DATA_PLANE_COUNTERS = (
     ("tdask_data_plane_served", "Tensors this worker served to others.", "served"),
     ("tdask_data_plane_pulled_bytes", "Bytes of tensors this worker pulled from others.", "pulled_bytes"),
     ("tdask_data_plane_pulled", "Tensors this worker pulled from others.", "pulls"),
+    (
+        "tdask_data_plane_host_copy_bytes",
+        "Bytes of device tensors this worker copied through host memory on the data path (0: device to device).",
+        "host_copy_bytes",
+    ),
 )
 _DATA_PLANE_GAUGES = (
     ("tdask_tensors_stored", "Tensors held in this worker's store now.", "tensors"),

@@ -176,3 +176,26 @@ class SlowStart(Operator):
                 self.context.restart_worker("asked to by a test")
                 continue
             await request.response_sender().send(outputs={"pid": np.array([os.getpid()])})
+
+
+class CupyProducer(Operator):
+    """Makes ``n`` float32 values on the GPU (cupy), counting from 0: a device output."""
+
+    async def execute(self, requests):
+        import cupy
+
+        for request in requests:
+            n = int(request.parameters.get("n", 10))
+            await request.response_sender().send(outputs={"data": cupy.arange(n, dtype=cupy.float32)})
+
+
+class DeviceSum(Operator):
+    """Sums its ``data`` input and says on which device it arrived (``device``: "cpu" or "cuda")."""
+
+    async def execute(self, requests):
+        for request in requests:
+            data = (await request.fetch_inputs())["data"]
+            device = "cuda" if type(data).__module__.startswith("cupy") else "cpu"
+            await request.response_sender().send(
+                outputs={"sum": np.array([float(data.sum())])}, parameters={"device": device}
+            )

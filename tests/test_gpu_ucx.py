@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from tdask import Deployment, OperatorConfig, RemoteOperator
 from tdask.cli import gpu_unavailable_reason
-from tests.conftest import store_stats
-from tests.operators import Consumer, Echo, Forward, Producer
+from tests.conftest import ROOT
+from tests.operators import Echo
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,18 +41,27 @@ def test_cupy_tensors_round_trip():
 
 
 @pytest.mark.skipif(_UCX_REASON is not None, reason=_UCX_REASON or "")
-def test_ucxx_protocol_forwarding():
-    operators = [
-        OperatorConfig(name="forward", implementation=Forward),
-        OperatorConfig(name="producer", implementation=Producer),
-        OperatorConfig(name="consumer", implementation=Consumer),
-    ]
-    with Deployment(operators, protocol="ucxx", dashboard_address=None) as dep:
-        assert dep.scheduler_address.startswith("ucxx://127.0.0.1:")
-        n = 100_000
-        response = RemoteOperator("forward", client=dep.client).infer(
-            inputs={"start": np.array([0.0])}, parameters={"n": n}
-        )
-        assert response.outputs["sum"][0] == np.arange(n, dtype=np.float64).sum()
-        stats = store_stats(dep.client)
-        assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == n * 8
+@pytest.mark.parametrize("n", [100_000, 4_000_000], ids=["800KB", "32MB"])
+def test_ucxx_protocol_forwarding(n):
+    """The producer's output goes by reference; the consumer pulls it worker to worker over UCX.
+
+    On CPU, distributed-ucxx runs UCX over TCP; 32 MB takes UCX's rendezvous path, 800 KB its eager
+    one. The deployment runs in a child process (tests/ucx_forwarding.py): UCX's process-wide
+    context outlives a deployment, listening on every interface, and must not stay in this one.
+    """
+    rounds = 2  # the second pull reuses the comm the first one opened
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.ucx_forwarding", str(n), str(rounds)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["scheduler"].startswith("ucxx://127.0.0.1:")
+    assert got["workers"] and all(address.startswith("ucxx://") for address in got["workers"])
+    assert got["sums"] == [float(np.arange(r, r + n, dtype=np.float64).sum()) for r in range(rounds)]
+    stats = got["stats"]
+    assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == rounds * n * 8

@@ -185,6 +185,17 @@ def test_embedded_over_tls(tmp_path):
     _assert_clean(since)
 
 
+def test_embedded_over_ucxx(tmp_path):
+    """The hello world with ``--protocol ucxx``: every comm (client, scheduler, workers) on UCX."""
+    pytest.importorskip("distributed_ucxx", reason="distributed-ucxx is not installed (pip install 'tdask[ucx]')")
+    since = time.time()
+    result = _run(["-m", "tdask.hello_world", *FAST, "--protocol", "ucxx", "--log-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^scheduler: ucxx://127\.0\.0\.1:\d+$", result.stdout, re.M)
+    assert "Correct: 10/10" in result.stdout
+    _assert_clean(since)
+
+
 def test_deploy_over_tls_needs_shared_certificates(tmp_path):
     result = _run(["-m", "tdask.hello_world.deploy", "--protocol", "tls", "--log-dir", str(tmp_path)], timeout=60)
     assert result.returncode == 2

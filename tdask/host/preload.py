@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,56 @@ from tdask.operator import OperatorConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dask_setup", "parse_operator_option"]
+__all__ = ["cuda_worker_unavailable_reason", "dask_setup", "parse_operator_option"]
+
+# The command lines that start dask-cuda's CUDAWorker (click's command path of each).
+_CUDA_WORKER_COMMANDS = ("dask cuda worker", "dask-cuda-worker")
+
+
+def cuda_worker_unavailable_reason() -> str | None:
+    """Say why ``dask cuda worker`` cannot start here: NVML (which dask-cuda needs) or no GPU.
+
+    Returns
+    -------
+    str or None
+        The reason, or ``None`` when NVML loads and reports at least one GPU.
+    """
+    try:
+        import pynvml  # nvidia-ml-py, a dependency of dask-cuda
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+        return f"NVML cannot be used ({type(exc).__name__}: {exc})"
+    return None if count > 0 else "NVML reports no GPU"
+
+
+def _refuse_cuda_worker_without_gpu() -> None:
+    """Exit with one line when ``dask cuda worker`` runs this preload on a machine without a GPU.
+
+    dask-cuda imports the preload while it parses its command line, before it looks for GPUs;
+    without one it fails with a traceback through pynvml. Only the real command line is
+    stopped (click's command path and ``sys.argv`` both name it), not code that merely parses
+    such a command line.
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.command_path not in _CUDA_WORKER_COMMANDS:
+        return
+    program = " ".join([sys.argv[0].rsplit("/", 1)[-1], *sys.argv[1:3]])
+    if not (program.startswith("dask cuda worker") or program.startswith("dask-cuda-worker")):
+        return
+    reason = cuda_worker_unavailable_reason()
+    if reason is not None:
+        sys.exit(
+            f"tdask: `{ctx.command_path}` needs an NVIDIA GPU and this machine has none it can use: {reason}. "
+            "Without a GPU, start the worker with `dask worker` and the same arguments."
+        )
+
+
+_refuse_cuda_worker_without_gpu()
 
 
 def parse_operator_option(text: str) -> list[OperatorConfig]:

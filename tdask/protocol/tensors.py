@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tdask.data_plane import RemoteTensor
+from tdask.data_plane import RemoteTensor, count_host_copy
 from tdask.exceptions import InvalidRequestError, OperatorError
 
 # -- the tensor codec ----------------------------------------------------------------------
@@ -107,6 +107,7 @@ def encode_inline(array: Any) -> Mapping[str, Any]:
         import cupy
 
         host = np.require(cupy.asnumpy(array), requirements="C")
+        count_host_copy(host.nbytes, "inline cupy: device to host")
         return {"cu": [_dtype_form(host.dtype), list(host.shape), host.reshape(-1).view(np.uint8).data]}
     raise TypeError(f"cannot send a {type(array).__name__} inline; expected a numpy or cupy array")
 
@@ -212,6 +213,7 @@ def _decode_array(kind: str, form: Any) -> Any:
         import cupy
     except ImportError:
         raise InvalidRequestError("a cupy tensor arrived, but cupy is not installed here") from None
+    count_host_copy(array.nbytes, "inline cupy: host to device")
     return cupy.asarray(array)
 
 
@@ -223,15 +225,17 @@ async def encode_tensors(
 ) -> tuple[dict[str, Any], list[RemoteTensor]]:
     """Turn arrays and descriptors into message entries.
 
-    Arrays above ``threshold`` bytes are handed to ``place`` (an async callable storing them and
-    returning a descriptor). Returns the entries and the descriptors created here.
+    Arrays above ``threshold`` bytes, and device (cupy) arrays of any size, are handed to
+    ``place`` (an async callable storing them and returning a descriptor): a device tensor stays
+    on its device and moves through the data plane (device to device over UCX), never through
+    host bytes in a message. Returns the entries and the descriptors created here.
     """
     entries: dict[str, Any] = {}
     placed: list[RemoteTensor] = []
     for name, value in tensors.items():
         if isinstance(value, RemoteTensor):
             entries[name] = {"ref": value.to_msg()}
-        elif value.nbytes <= threshold or value.dtype.kind == "O":  # BYTES tensors always go inline
+        elif (value.nbytes <= threshold and not _is_cupy(value)) or value.dtype.kind == "O":  # BYTES: always inline
             entries[name] = encode_inline(value)
         else:
             tensor = await place(value)

@@ -22,14 +22,21 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 from urllib.parse import quote
 
 import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
-__all__ = ["InferResult", "ReservedParameterError", "TritonHttpClient", "TritonHttpError", "RESERVED_PARAMETERS"]
+__all__ = [
+    "InferResult",
+    "ReservedParameterError",
+    "ShmTensor",
+    "TritonHttpClient",
+    "TritonHttpError",
+    "RESERVED_PARAMETERS",
+]
 
 # Request parameters that Triton interprets itself (tritonclient refuses them too).
 RESERVED_PARAMETERS = frozenset(
@@ -78,6 +85,41 @@ class InferResult:
     outputs: dict[str, np.ndarray]
     datatypes: dict[str, str]
     parameters: dict[str, Any]
+    #: Outputs Triton wrote into a shared-memory region instead of the body: name -> shape.
+    in_shm: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShmTensor:
+    """Where a tensor lies in a registered shared-memory region (Triton's shared-memory extension).
+
+    Attributes
+    ----------
+    region : str
+        The region's name, as registered with Triton.
+    offset : int
+        Its first byte in the region.
+    byte_size : int
+        Its size (for an output: the room given to Triton).
+    shape : list of int
+        An input's shape (unused for outputs).
+    datatype : str
+        An input's Triton datatype (unused for outputs).
+    """
+
+    region: str
+    offset: int
+    byte_size: int
+    shape: tuple[int, ...] = ()
+    datatype: str = ""
+
+    def parameters(self) -> dict[str, Any]:
+        """The request parameters that point Triton at this place."""
+        return {
+            "shared_memory_region": self.region,
+            "shared_memory_offset": self.offset,
+            "shared_memory_byte_size": self.byte_size,
+        }
 
 
 class ReservedParameterError(ValueError):
@@ -186,6 +228,8 @@ class TritonHttpClient:
         request_id: str = "",
         parameters: Mapping[str, str | bool | int | float] | None = None,
         timeout: float | None = None,
+        shm_inputs: Mapping[str, ShmTensor] | None = None,
+        outputs: Mapping[str, ShmTensor | None] | None = None,
     ) -> InferResult:
         """Run one inference.
 
@@ -203,6 +247,11 @@ class TritonHttpClient:
             Request parameters for the model.
         timeout
             Seconds the call may take; ``None``: no bound.
+        shm_inputs
+            Inputs already written into a registered shared-memory region (not sent in the body).
+        outputs
+            The outputs to return (``None``: all of them, in the body): name to the place in a
+            registered region Triton writes it to, or ``None`` for the body.
 
         Returns
         -------
@@ -227,7 +276,16 @@ class TritonHttpClient:
             spec, data = _encode_input(name, array, datatype)
             specs.append(spec)
             buffers.append(data)
+        for name, place in (shm_inputs or {}).items():
+            specs.append(
+                {"name": name, "shape": list(place.shape), "datatype": place.datatype, "parameters": place.parameters()}
+            )
         header: dict[str, Any] = {"inputs": specs, "parameters": {**(parameters or {}), "binary_data_output": True}}
+        if outputs is not None:
+            header["outputs"] = [
+                {"name": name, "parameters": place.parameters() if place is not None else {"binary_data": True}}
+                for name, place in outputs.items()
+            ]
         if request_id:
             header["id"] = request_id
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -337,10 +395,53 @@ class TritonHttpClient:
         meta = json.loads(memoryview(body)[:length].tobytes())
         outputs, datatypes = {}, {}
         offset = length
+        in_shm: dict[str, list[int]] = {}
         for spec in meta.get("outputs", []):
-            outputs[spec["name"]], offset = _decode_output(spec, body, offset)
             datatypes[spec["name"]] = spec["datatype"]
-        return InferResult(outputs, datatypes, dict(meta.get("parameters") or {}))
+            if "binary_data_size" not in (spec.get("parameters") or {}) and "data" not in spec:
+                in_shm[spec["name"]] = [int(d) for d in spec.get("shape", [])]  # written into its region
+                continue
+            outputs[spec["name"]], offset = _decode_output(spec, body, offset)
+        return InferResult(outputs, datatypes, dict(meta.get("parameters") or {}), in_shm)
+
+    async def register_shm(
+        self, kind: Literal["system", "cuda"], name: str, request: Mapping[str, Any], timeout: float = 30.0
+    ) -> None:
+        """Register a shared-memory region with Triton (``v2/{kind}sharedmemory/region/<name>/register``).
+
+        ``request`` is the extension's JSON: ``{"key", "offset", "byte_size"}`` for system memory,
+        ``{"raw_handle": {"b64"}, "device_id", "byte_size"}`` for CUDA memory.
+
+        Raises
+        ------
+        TritonHttpError
+            Triton refused it (e.g. a region of that name exists, or it cannot open the key).
+        """
+        await self._control(f"/v2/{kind}sharedmemory/region/{quote(name, safe='')}/register", request, timeout)
+
+    async def unregister_shm(self, kind: Literal["system", "cuda"], name: str, timeout: float = 30.0) -> None:
+        """Unregister a shared-memory region (Triton unmaps it; the memory stays the caller's)."""
+        await self._control(f"/v2/{kind}sharedmemory/region/{quote(name, safe='')}/unregister", None, timeout)
+
+    async def shm_status(self, kind: Literal["system", "cuda"], timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The shared-memory regions of ``kind`` registered with Triton (as its JSON lists them)."""
+        head = f"GET /v2/{kind}sharedmemory/status HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n"
+        async with asyncio.timeout(timeout):
+            status, _, body = await self._exchange([head.encode()])
+        if status != 200:
+            raise _http_error(status, body)
+        return list(json.loads(body))
+
+    async def _control(self, path: str, request: Mapping[str, Any] | None, timeout: float) -> None:
+        data = json.dumps(request).encode() if request is not None else b""
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        async with asyncio.timeout(timeout):
+            status, _, body = await self._exchange([head + data])
+        if status != 200:
+            raise _http_error(status, body)
 
     async def _acquire(self) -> tuple[_Connection, bool]:
         """Return a connection, and whether it was kept alive from an earlier call."""

@@ -32,10 +32,12 @@ import numpy as np
 from tritonclient.utils import np_to_triton_dtype
 
 from tdask.config import get_seconds
+from tdask.data_plane import count_host_copy
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
 from tdask.operator import Operator, Request
 from tdask.triton.grpc_stream import TritonStreamClient, TritonStreamError
 from tdask.triton.http_client import ReservedParameterError, TritonHttpClient, TritonHttpError, check_parameters
+from tdask.triton.shared_memory import ShmTransport, gpu_instance_device, host_array
 
 __all__ = ["TritonCoreOperator"]
 
@@ -70,16 +72,6 @@ def _triton_parameters(parameters: Mapping[str, Any]) -> dict[str, str | bool | 
             )
         out[key] = value
     return out
-
-
-def _host_array(value: Any) -> np.ndarray:
-    """Return a C-contiguous numpy array for the wire; cupy arrays are copied to the host."""
-    # np.require, not np.ascontiguousarray: the latter turns a 0-d array into a 1-d one.
-    if isinstance(value, np.ndarray):
-        return np.require(value, requirements="C")
-    if type(value).__module__.split(".")[0] == "cupy":
-        return np.require(value.get(), requirements="C")
-    raise TypeError(f"is a {type(value).__name__}, expected a numpy or cupy array")
 
 
 class TritonCoreOperator(Operator):
@@ -137,6 +129,27 @@ class TritonCoreOperator(Operator):
             )
             self._serve = self._serve_stream  # type: ignore[method-assign]
             self.logger.info("Triton model %r is decoupled: its responses are streamed (%s)", self.model, where)
+        # Large tensors (and, for KIND_GPU instances, device tensors) through shared memory
+        # (tdask.triton.shared-memory, tdask/triton/shared_memory.py), for the worker's own
+        # tritonserver's HTTP path; the decoupled path streams, and Triton in this process reads
+        # and writes tdask's buffers directly.
+        self.gpu_model = gpu_instance_device(config) is not None
+        self.shm: ShmTransport | None = None
+        if self.stream_client is None and not in_process:
+            output_specs = {
+                o["name"]: (o["datatype"], [int(d) for d in o.get("shape", [])]) for o in metadata.get("outputs", [])
+            }
+            try:
+                self.shm = ShmTransport.from_config(self.client, config, output_specs, self.server.shm_region_prefix)
+            except ValueError as exc:
+                raise ValueError(f"operator {self.name!r}: {exc}") from None
+            if self.shm is not None:
+                self.logger.info(
+                    "model %r: tensors from %d bytes through %s shared memory",
+                    self.model,
+                    self.shm.threshold,
+                    self.shm.kind,
+                )
         self.server.add_exit_callback(self._on_server_exit)
         self.logger.info("Triton model %r ready on %s (server %s)", self.model, where, self.server.pid)
 
@@ -149,6 +162,9 @@ class TritonCoreOperator(Operator):
         server = getattr(self, "server", None)
         if server is not None:
             server.remove_exit_callback(self._on_server_exit)
+        shm = getattr(self, "shm", None)
+        if shm is not None:
+            await shm.close()
         client = getattr(self, "client", None)
         if client is not None:
             with contextlib.suppress(Exception):
@@ -176,8 +192,10 @@ class TritonCoreOperator(Operator):
             return
         await sender.send(outputs=outputs, parameters=parameters)
 
-    async def _inputs(self, request: Request) -> dict[str, tuple[np.ndarray, str]]:
-        """The request's inputs as host arrays with their Triton datatypes, checked against the model.
+    async def _inputs(self, request: Request) -> dict[str, tuple[Any, str]]:
+        """The request's inputs with their Triton datatypes, checked against the model.
+
+        Host arrays, except device (cupy) arrays when CUDA shared memory takes them to the model.
 
         Raises the request's timeout when its deadline passed, :class:`InvalidRequestError` for an
         input the model does not take.
@@ -188,7 +206,8 @@ class TritonCoreOperator(Operator):
         inputs = {}
         for name, value in (await request.fetch_inputs()).items():
             try:
-                array = _host_array(value)
+                keep = getattr(self, "shm", None) is not None and self.shm.kind == "cuda"  # type: ignore[union-attr]
+                array = value if keep and type(value).__module__.split(".")[0] == "cupy" else host_array(value)
             except TypeError as exc:
                 raise request.error(f"input {name!r} {exc}") from None
             datatype = np_to_triton_dtype(array.dtype)
@@ -210,15 +229,25 @@ class TritonCoreOperator(Operator):
         if remaining is not None and remaining <= 0:
             raise self._timeout(request)
         began = time.monotonic()
+        call: dict[str, Any] = {
+            "model_version": self.model_version,
+            "request_id": str(request.request_id),
+            "parameters": parameters,
+            "timeout": remaining,
+        }
         try:
-            result = await self.client.infer(
-                self.model,
-                inputs,
-                model_version=self.model_version,
-                request_id=str(request.request_id),
-                parameters=parameters,
-                timeout=remaining,
-            )
+            result = None
+            if self.shm is not None:
+                result = await self.shm.infer(self.client, self.model, inputs, **call)
+            if result is None:  # nothing worth shared memory, or no region free: the HTTP body
+                body = {name: (host_array(array), datatype) for name, (array, datatype) in inputs.items()}
+                result = await self.client.infer(self.model, body, **call)
+                if self.shm is not None:
+                    self.shm.learn(inputs, result)
+                if self.gpu_model:  # a KIND_GPU model's outputs staged through host memory by Triton
+                    count_host_copy(
+                        sum(int(a.nbytes) for a in result.outputs.values()), "KIND_GPU outputs in host memory"
+                    )
         except TimeoutError:
             raise self._timeout(request) from None
         except ReservedParameterError as exc:
