@@ -50,7 +50,8 @@ def test_kind_gpu_outputs_come_back_as_cupy_through_cuda_shared_memory():
     encoder = OperatorConfig(
         name="encoder", implementation="triton", repository=MODEL_REPOSITORY, parameters={"config": GPU}
     )
-    with dask.config.set({"tdask.triton.shared-memory": "auto"}), Deployment([encoder], dashboard_address=None) as dep:
+    settings = {"tdask.triton.mode": "subprocess", "tdask.triton.shared-memory": "auto"}  # shm: subprocess mode's
+    with dask.config.set(settings), Deployment([encoder], dashboard_address=None) as dep:
         op = RemoteOperator("encoder", client=dep.client)
         data = cupy.arange(200_000, dtype=cupy.int64)
         response = op.infer(inputs={"input": data}, parameters={"input_copies": 2})

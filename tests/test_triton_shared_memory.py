@@ -27,6 +27,8 @@ pytestmark = pytest.mark.timeout(240)
 
 TEST_MODELS = os.path.join(os.path.dirname(__file__), "models")
 SETTINGS = {
+    # Shared memory is the subprocess mode's (in process, Triton reads tdask's buffers directly).
+    "tdask.triton.mode": "subprocess",
     "tdask.triton.shared-memory": "system",
     "tdask.triton.shared-memory-threshold": "4KiB",
     "tdask.triton.shared-memory-slots": 2,
