@@ -29,7 +29,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -43,11 +42,11 @@ import dask.config
 import numpy as np
 from tritonclient.utils import serialize_byte_tensor
 
-from tdask.triton import capi, model_config
+from tdask.triton import capi
+from tdask.triton.base import Status, TritonServerBase, TritonServerError
 from tdask.triton.http_client import InferResult, TritonHttpError
 from tdask.triton.inprocess_setup import prepare_process, server_options
 from tdask.triton.process import WORKDIR_PREFIX, Reaper, new_shm_prefix, remove_shm_regions, sweep_stale_leftovers
-from tdask.triton.server import Status, TritonServerError
 
 if TYPE_CHECKING:
     from tdask.triton.inprocess_client import InProcessClient
@@ -113,7 +112,7 @@ class _Inflight:
         self.timer: asyncio.TimerHandle | None = None
 
 
-class InProcessServer:
+class InProcessServer(TritonServerBase):
     """Triton's core in this process, in explicit model-control mode; one per process.
 
     Parameters
@@ -174,6 +173,7 @@ class InProcessServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._workdir: Path | None = None
         self._log_path: Path | None = None
+        self._log_offset = 0  # where this server's part of an appended log starts
         self._shm_prefix = new_shm_prefix()
         self._reaper: Reaper | None = None
         self._stopped = asyncio.Event()
@@ -183,10 +183,6 @@ class InProcessServer:
         self._reader = capi.ResponseReader()  # all responses are read on the loop's thread
 
     # ------------------------------------------------------------------ what the operator and plugin read
-
-    @property
-    def _safe_name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name) or "triton"
 
     def __repr__(self) -> str:
         """Name and state."""
@@ -203,19 +199,9 @@ class InProcessServer:
         return 1 if self.broken else None
 
     @property
-    def log_path(self) -> Path | None:
-        """Triton's log file."""
-        return self._log_path
-
-    @property
     def address(self) -> str:
         """Where requests go, for log lines."""
         return f"in-process (pid {os.getpid()})"
-
-    @property
-    def shm_region_prefix(self) -> str:
-        """Prefix of the python backend's shared-memory regions."""
-        return self._shm_prefix
 
     @property
     def native_callbacks(self) -> bool:
@@ -256,46 +242,7 @@ class InProcessServer:
         await self._stopped.wait()
         return 0
 
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of Triton's log."""
-        if self._log_path is None or not self._log_path.is_file():
-            return ""
-        with open(self._log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-            return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
-
     # ------------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> InProcessServer:
-        """Start the server."""
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Stop the server."""
-        await self.stop()
-
-    async def start(self) -> None:
-        """Load ``libtritonserver`` and start the server; a no-op when running.
-
-        Raises
-        ------
-        TritonServerError
-            Triton refused the options or failed to start (its message and log tail say why).
-        """
-        async with self._lock:
-            if self.status is Status.running:
-                return
-            if self.status is not Status.created:
-                raise RuntimeError(f"Triton server {self.name!r} is {self.status.value} and cannot be started")
-            self.status = Status.starting
-            try:
-                await self._start()
-            except BaseException:
-                await self._shutdown()
-                self.status = Status.stopped
-                raise
-            self.status = Status.running
 
     async def _start(self) -> None:
         began = time.monotonic()
@@ -311,6 +258,7 @@ class InProcessServer:
         else:
             self._log_path = self._workdir / "triton.log"
         with open(self._log_path, "ab") as log:
+            self._log_offset = log.tell()  # log_tail reads this server's part of an appended log
             log.write(f"--- tdask: starting Triton in process {os.getpid()} ({api.path})\n".encode())
         backends = prepare_process(api, self._workdir)
         options = server_options(
@@ -410,15 +358,6 @@ class InProcessServer:
                 self._workdir = None
 
     # ------------------------------------------------------------------ models
-
-    def model_config(self, model: str, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Return the config ``model`` loads with (as ``TritonServer.model_config``)."""
-        try:
-            if override:
-                return model_config.build_model_config(self.model_repositories, model, override)
-            return model_config.read_model_config(self.model_repositories, model)
-        except model_config.ModelConfigError as exc:
-            raise TritonServerError(str(exc)) from exc
 
     def _running(self) -> tuple[capi.TritonCApi, int]:
         if self.status is not Status.running or self._api is None or self._server is None:

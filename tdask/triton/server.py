@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -28,16 +26,14 @@ from typing import Any
 import dask.config
 
 from tdask.config import get_seconds
-from tdask.triton import model_config
+from tdask.triton.base import Status, TritonServerBase, TritonServerError
 from tdask.triton.binary import TritonBinary, find_tritonserver, prepare_bundle_backends, server_args, server_env
 from tdask.triton.process import (
-    LOG_TAIL_LINES,
     POLL_INTERVAL_S,
     WORKDIR_PREFIX,
     ProcessWatch,
     Reaper,
     free_port,
-    log_tail,
     make_pdeathsig,
     new_shm_prefix,
     remove_shm_regions,
@@ -57,34 +53,7 @@ _START_ATTEMPTS = 3
 _CONTROL_CHANNEL_ARGS = [("grpc.enable_http_proxy", 0)]
 
 
-class TritonServerError(RuntimeError):
-    """The Triton server failed to start, died, or refused a repository request.
-
-    Attributes
-    ----------
-    returncode : int or None
-        The server's exit status when it has exited (negative: killed by that signal).
-    log_tail : str
-        The last lines of the server log, so the cause is visible without opening the file.
-    """
-
-    def __init__(self, message: str, *, returncode: int | None = None, log_tail: str = "") -> None:
-        super().__init__(message)
-        self.returncode = returncode
-        self.log_tail = log_tail
-
-
-class Status(enum.Enum):
-    """Lifecycle of a :class:`TritonServer`; it is not restartable once stopped."""
-
-    created = "created"
-    starting = "starting"
-    running = "running"
-    stopping = "stopping"
-    stopped = "stopped"
-
-
-class TritonServer:
+class TritonServer(TritonServerBase):
     """A ``tritonserver`` process in explicit model-control mode, on 127.0.0.1.
 
     One per worker process. Start it with ``await server.start()`` (or ``async with``), talk to
@@ -186,11 +155,6 @@ class TritonServer:
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def _safe_name(self) -> str:
-        """The name, made safe for a file name."""
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name) or "triton"
-
     def __repr__(self) -> str:
         """Name, state, pid and gRPC address."""
         where = f" grpc={self.grpc_url}" if self._grpc_port else ""
@@ -228,30 +192,13 @@ class TritonServer:
         return self._watch.returncode if self._watch is not None else None
 
     @property
-    def log_path(self) -> Path | None:
-        """The file that receives the server's output."""
-        return self._log_path
-
-    @property
     def model_repository(self) -> Path:
         """The (first) model repository."""
         return self.model_repositories[0]
 
-    @property
-    def shm_region_prefix(self) -> str:
-        """Prefix of the python backend's shared-memory regions (``/dev/shm/<prefix>*``)."""
-        return self._shm_prefix
-
     def is_alive(self) -> bool:
         """Whether the server process is running (it may still be starting)."""
         return self._watch is not None and not self._watch.exited.is_set()
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        """Return what this server wrote to its log that explains a failure.
-
-        Its error lines, then its last ``lines`` lines (see :func:`tdask.triton.process.log_tail`).
-        """
-        return log_tail(self._log_path, self._log_offset, lines)
 
     # ------------------------------------------------------------------ death notification
 
@@ -304,40 +251,6 @@ class TritonServer:
             watch.remove_callback(notify)
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> TritonServer:
-        """Start the server (see :meth:`start`)."""
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Stop the server (see :meth:`stop`)."""
-        await self.stop()
-
-    async def start(self) -> None:
-        """Start the server and wait until it is ready; a no-op when it is already running.
-
-        Raises
-        ------
-        TritonServerError
-            The server exited during start-up, or was not ready within ``startup_timeout_s``;
-            the message has the exit status and the end of the log. Nothing is left running.
-        RuntimeError
-            The server was stopped before (a stopped server cannot be restarted).
-        """
-        async with self._lock:
-            if self.status is Status.running:
-                return
-            if self.status is not Status.created:
-                raise RuntimeError(f"Triton server {self.name!r} is {self.status.value} and cannot be started")
-            self.status = Status.starting
-            try:
-                await self._start()
-            except BaseException:
-                await self._shutdown()
-                self.status = Status.stopped
-                raise
-            self.status = Status.running
 
     async def _start(self) -> None:
         began = time.monotonic()
@@ -573,26 +486,6 @@ class TritonServer:
         logger.info("Triton server %r stopped (status %s)", self.name, watch.returncode)
 
     # ------------------------------------------------------------------ models
-
-    def model_config(self, model: str, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The config ``model`` loads with, in Triton's JSON form.
-
-        The repository's ``config.pbtxt`` (``{}`` if absent), with ``override`` merged in and
-        checked (:mod:`tdask.triton.model_config`).
-
-        Raises
-        ------
-        TritonServerError
-            The repository's ``config.pbtxt`` does not parse.
-        ValueError
-            The merged config is not a valid ``ModelConfig`` (e.g. a misspelt key).
-        """
-        try:
-            if override:
-                return model_config.build_model_config(self.model_repositories, model, override)
-            return model_config.read_model_config(self.model_repositories, model)
-        except model_config.ModelConfigError as exc:
-            raise TritonServerError(str(exc)) from exc
 
     def _client(self) -> Any:
         from tritonclient.grpc import aio as grpcclient
