@@ -10,13 +10,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
+import dask.config
+
 from tdask.triton import model_config
-from tdask.triton.process import LOG_TAIL_LINES, log_tail
+from tdask.triton.process import LOG_TAIL_LINES, log_tail, new_shm_prefix
 
 __all__ = ["Status", "TritonServerBase", "TritonServerError"]
 
@@ -51,18 +54,45 @@ class Status(enum.Enum):
 class TritonServerBase(abc.ABC):
     """The lifecycle and the read-only surface both server kinds share.
 
-    Subclasses set ``name``, ``model_repositories``, ``status`` (:attr:`Status.created`),
-    ``_lock``, ``_log_path``, ``_log_offset`` and ``_shm_prefix`` in their constructor, and
-    implement ``_start``, ``_shutdown`` and ``stop``.
+    Subclasses call this constructor and implement ``_start``, ``_shutdown`` and ``stop``.
+
+    Parameters
+    ----------
+    model_repository
+        The model repository, or several (each must be a directory).
+    log_dir
+        Directory of ``<name>.triton.log`` (appended); ``None``: a temporary file.
+    log_verbose
+        Triton's verbose log level; default ``tdask.triton.log-verbose``.
+    name
+        Names the log file and the log lines (the worker's name).
     """
 
-    name: str
-    model_repositories: list[Path]
-    status: Status
-    _lock: asyncio.Lock
-    _log_path: Path | None
-    _log_offset: int
-    _shm_prefix: str
+    def __init__(
+        self,
+        model_repository: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        log_dir: str | os.PathLike[str] | None,
+        log_verbose: int | None,
+        name: str,
+    ) -> None:
+        if isinstance(model_repository, (str, os.PathLike)):
+            model_repository = [model_repository]
+        self.model_repositories = [Path(path).resolve() for path in model_repository]
+        if not self.model_repositories:
+            raise ValueError(f"{type(self).__name__} needs at least one model repository")
+        for path in self.model_repositories:
+            if not path.is_dir():
+                raise FileNotFoundError(f"model repository {str(path)!r} is not a directory")
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log_verbose = int(dask.config.get("tdask.triton.log-verbose") if log_verbose is None else log_verbose)
+        self.name = name
+        self.status = Status.created
+        self._lock = asyncio.Lock()
+        self._log_path: Path | None = None
+        self._log_offset = 0  # where this server's part of an appended log starts
+        # The python backend names its shared-memory regions with this; one per server, so that
+        # servers on one host never collide and a stop can remove what a killed one left.
+        self._shm_prefix = new_shm_prefix()
 
     @abc.abstractmethod
     async def _start(self) -> None:

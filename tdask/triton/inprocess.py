@@ -46,7 +46,7 @@ from tdask.triton import capi
 from tdask.triton.base import Status, TritonServerBase, TritonServerError
 from tdask.triton.http_client import InferResult, TritonHttpError
 from tdask.triton.inprocess_setup import prepare_process, server_options
-from tdask.triton.process import WORKDIR_PREFIX, Reaper, new_shm_prefix, remove_shm_regions, sweep_stale_leftovers
+from tdask.triton.process import WORKDIR_PREFIX, Reaper, remove_shm_regions, sweep_stale_leftovers
 
 if TYPE_CHECKING:
     from tdask.triton.inprocess_client import InProcessClient
@@ -147,23 +147,11 @@ class InProcessServer(TritonServerBase):
         use_shim: bool | None = None,
         metrics: bool | None = None,
     ) -> None:
-        if isinstance(model_repository, (str, os.PathLike)):
-            model_repository = [model_repository]
-        self.model_repositories = [Path(p).resolve() for p in model_repository]
-        if not self.model_repositories:
-            raise ValueError("InProcessServer needs at least one model repository")
-        for path in self.model_repositories:
-            if not path.is_dir():
-                raise FileNotFoundError(f"model repository {str(path)!r} is not a directory")
-        self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.log_verbose = int(dask.config.get("tdask.triton.log-verbose") if log_verbose is None else log_verbose)
+        super().__init__(model_repository, log_dir, log_verbose, name)
         self.stop_timeout_s = float(stop_timeout_s)
-        self.name = name
         self.use_shim = bool(dask.config.get("tdask.triton.in-process-shim", True)) if use_shim is None else use_shim
-        self.status = Status.created
         self.metrics = bool(dask.config.get("tdask.triton.metrics", True)) if metrics is None else metrics
         self.metrics_url: str | None = None  # no HTTP endpoint in this mode: see metrics_text()
-        self._lock = asyncio.Lock()
         self._api: capi.TritonCApi | None = None
         self._server: int | None = None
         self._allocator: int | None = None
@@ -172,9 +160,6 @@ class InProcessServer(TritonServerBase):
         self._next_token = 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._workdir: Path | None = None
-        self._log_path: Path | None = None
-        self._log_offset = 0  # where this server's part of an appended log starts
-        self._shm_prefix = new_shm_prefix()
         self._reaper: Reaper | None = None
         self._stopped = asyncio.Event()
         self.broken: str | None = None  # why the server cannot serve on (a load that never returns)

@@ -35,7 +35,6 @@ from tdask.triton.process import (
     Reaper,
     free_port,
     make_pdeathsig,
-    new_shm_prefix,
     remove_shm_regions,
     sweep_stale_leftovers,
     terminate_at_exit,
@@ -106,18 +105,7 @@ class TritonServer(TritonServerBase):
         env: Mapping[str, str] | None = None,
         metrics: bool | None = None,
     ) -> None:
-        if isinstance(model_repository, (str, os.PathLike)):
-            model_repository = [model_repository]
-        self.model_repositories = [Path(path).resolve() for path in model_repository]
-        if not self.model_repositories:
-            raise ValueError("TritonServer needs at least one model repository")
-        for path in self.model_repositories:
-            if not path.is_dir():
-                raise FileNotFoundError(f"model repository {str(path)!r} is not a directory")
-        self.log_dir = Path(log_dir) if log_dir is not None else None
-        if log_verbose is None:
-            log_verbose = dask.config.get("tdask.triton.log-verbose")
-        self.log_verbose = int(log_verbose)
+        super().__init__(model_repository, log_dir, log_verbose, name)
         if startup_timeout_s is None:
             startup_timeout_s = get_seconds("tdask.triton.startup-timeout")
             if startup_timeout_s is None:
@@ -126,7 +114,6 @@ class TritonServer(TritonServerBase):
                 )
         self.startup_timeout_s = float(startup_timeout_s)
         self.stop_timeout_s = float(stop_timeout_s)
-        self.name = name
         if binary is None or isinstance(binary, TritonBinary):
             self._binary = binary
         else:
@@ -136,22 +123,15 @@ class TritonServer(TritonServerBase):
         self._extra_env = dict(env) if env else None
         self.metrics = bool(dask.config.get("tdask.triton.metrics", True)) if metrics is None else metrics
 
-        self.status = Status.created
-        self._lock = asyncio.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: ProcessWatch | None = None
         self._reaper: Reaper | None = None
         self._finalizer: weakref.finalize | None = None
         self._workdir: Path | None = None
-        self._log_path: Path | None = None
-        self._log_offset = 0
         self._grpc_port: int | None = None
         self._http_port: int | None = None
         self._metrics_port: int | None = None
         self._stopping = False
-        # The python backend names its shared-memory regions with this; one per server so that
-        # servers on one host never collide and stop() can remove what a killed server left.
-        self._shm_prefix = new_shm_prefix()
 
     # ------------------------------------------------------------------ properties
 
