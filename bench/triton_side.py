@@ -9,6 +9,7 @@ sides run the same model code with the same instance count.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -45,11 +46,35 @@ def model_overrides(instances: int = 1) -> dict[str, dict[str, Any]]:
     return {config.name: config.parameters["config"] for config, _ in ops if config.is_triton}
 
 
+# This process's environment as it started. A Dask Nanny writes its pre-spawn environment
+# (MALLOC_TRIM_THRESHOLD_ and the like) into the environment of the process that runs it, so an
+# ensemble server started after a round's deployment would inherit the workers' malloc settings.
+_ENVIRON_AT_START = dict(os.environ)
+_PRE_SPAWN_KEYS = (
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+
+
+def _restore_environ() -> None:
+    """Undo what earlier rounds' nannies wrote into this process's environment."""
+    for key in _PRE_SPAWN_KEYS:
+        if key in _ENVIRON_AT_START:
+            os.environ[key] = _ENVIRON_AT_START[key]
+        else:
+            os.environ.pop(key, None)
+
+
 @contextlib.asynccontextmanager
 async def ensemble_server(log_dir: str | None = None, instances: int = 1) -> AsyncIterator[Any]:
-    """A running TritonServer with encoder, decoder and the ensemble loaded."""
+    """A running TritonServer with encoder, decoder and the ensemble loaded (every round alike:
+    the server starts with this process's environment as it was before any deployment)."""
     from tdask.triton.server import TritonServer
 
+    _restore_environ()
     with tempfile.TemporaryDirectory(prefix="tdask-bench-repo-") as tmp:
         repo = assemble_repository(Path(tmp))
         server = TritonServer(model_repository=repo, log_dir=log_dir, name="bench-ensemble")

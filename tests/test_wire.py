@@ -679,16 +679,30 @@ def test_wire_under_uvloop():
 
     def loop_of_worker(dask_worker):
         loop = type(asyncio.get_running_loop()).__module__
-        return loop, dask_worker.plugins[PLUGIN_NAME].direct._wire_address(), dask_worker._tick_interval
+        malloc = (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+        return loop, dask_worker.plugins[PLUGIN_NAME].direct._wire_address(), dask_worker._tick_interval, malloc
 
     operators = [OperatorConfig(name="identity", implementation=Identity)]
-    # Also Dask's tick: 100 ms in the processes a Deployment starts, unless the user set one.
-    for choice, expected, tick, tick_s in (("auto", "uvloop", "20ms", 0.1), ("asyncio", "asyncio", "50ms", 0.05)):
-        with dask.config.set({"tdask.worker.event-loop": choice, "distributed.admin.tick.interval": tick}):
+    # Also Dask's tick (100 ms in the processes a Deployment starts, unless the user set one) and
+    # the workers' malloc settings (tdask.worker.malloc; {} keeps Dask's).
+    cases = (
+        ("auto", "uvloop", "20ms", 0.1, None, ("67108864", "16777216")),
+        ("asyncio", "asyncio", "50ms", 0.05, {}, ("65536", None)),
+    )
+    for choice, expected, tick, tick_s, malloc, worker_malloc in cases:
+        # A Nanny writes its pre-spawn environment into this process's (earlier tests' nannies
+        # too), where it would outrank the next deployment's config: clear it for each case.
+        for key in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+            os.environ.pop(key, None)
+        config = {"tdask.worker.event-loop": choice, "distributed.admin.tick.interval": tick}
+        if malloc is not None:
+            config["tdask.worker.malloc"] = malloc
+        with dask.config.set(config):
             with Deployment(operators, dashboard_address=None) as dep:
-                ((worker_loop, wire, worker_tick),) = dep.client.run(loop_of_worker).values()
+                ((worker_loop, wire, worker_tick, got_malloc),) = dep.client.run(loop_of_worker).values()
                 assert worker_loop.startswith(expected) and wire is not None, (choice, worker_loop)
                 assert worker_tick == tick_s and dep.cluster.scheduler._tick_interval == tick_s
+                assert got_malloc == worker_malloc
                 response = RemoteOperator("identity", client=dep.client).infer(inputs={"x": np.arange(3)})
                 assert response.outputs["x"].tolist() == [0, 1, 2]
                 assert caller_sessions(dep) == ["WireSession"]
