@@ -402,26 +402,6 @@ def build_shim(directory: Path | None = None) -> Path | None:
         return None
     logger.info("built tdask's C shim %s", target)
     return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("no C compiler: Triton's callbacks run in Python (each takes the GIL)")
-        return None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            subprocess.run(
-                [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(_SHIM_SOURCE), "-lpthread"],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            os.replace(built, target)  # atomic: concurrent builders each install a whole file
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        logger.warning("could not build tdask's C shim (%s %s); using Python callbacks", exc, detail[-400:])
-        return None
-    return target
 
 
 class Completions:

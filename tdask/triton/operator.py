@@ -32,7 +32,7 @@ import numpy as np
 from tritonclient.utils import np_to_triton_dtype
 
 from tdask.config import get_seconds
-from tdask.data_plane import count_host_copy
+from tdask.data_plane import count_host_copy, is_device_array
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
 from tdask.operator import Operator, Request
 from tdask.triton.grpc_stream import TritonStreamClient, TritonStreamError
@@ -204,10 +204,10 @@ class TritonCoreOperator(Operator):
         if remaining is not None and remaining <= 0:
             raise self._timeout(request)
         inputs = {}
+        keep_device = self.shm is not None and self.shm.kind == "cuda"  # CUDA shared memory takes cupy as is
         for name, value in (await request.fetch_inputs()).items():
             try:
-                keep = getattr(self, "shm", None) is not None and self.shm.kind == "cuda"  # type: ignore[union-attr]
-                array = value if keep and type(value).__module__.split(".")[0] == "cupy" else host_array(value)
+                array = value if keep_device and is_device_array(value) else host_array(value)
             except TypeError as exc:
                 raise request.error(f"input {name!r} {exc}") from None
             datatype = np_to_triton_dtype(array.dtype)
