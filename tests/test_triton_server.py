@@ -25,6 +25,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tdask.triton import TritonServer, TritonServerError, find_tritonserver, merge_model_config
+from tdask.triton.process import ProcessWatch
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -522,6 +523,37 @@ def test_unparsable_config_pbtxt_is_a_clear_error(tmp_path):
     server = TritonServer(model_repository=tmp_path)  # never started: reading configs needs no process
     with pytest.raises(TritonServerError, match="cannot parse"):
         server.model_config("broken", {"parameters": {"a": 1}})
+
+
+def test_exit_callbacks_run_in_order_even_when_added_while_others_run():
+    # The race that once failed test_killed_server_is_detected_and_cleaned_up in CI: the process
+    # had exited and the first callback (the server's log of the death) was still running when
+    # wait() registered its own; that one used to run at once in the caller's thread and resolve
+    # wait() before the callbacks registered earlier had been called.
+    import threading
+
+    first_running, release = threading.Event(), threading.Event()
+    calls: list[tuple[str, int]] = []
+
+    def slow_first(returncode: int) -> None:
+        first_running.set()
+        release.wait(10)
+        calls.append(("first", returncode))
+
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    watch = ProcessWatch(process, slow_first)
+    watch.add_callback(lambda rc: calls.append(("second", rc)))
+    assert first_running.wait(30)
+    assert watch.exited.is_set() and watch.returncode == 3
+    watch.add_callback(lambda rc: calls.append(("late", rc)))  # queued, not run in this thread
+    assert calls == []
+    release.set()
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == [("first", 3), ("second", 3), ("late", 3)]
+    watch.add_callback(lambda rc: calls.append(("after", rc)))  # all called: runs right here
+    assert calls[-1] == ("after", 3)
 
 
 def test_killed_server_is_detected_and_cleaned_up(tmp_path):

@@ -254,6 +254,7 @@ class ProcessWatch:
         self.returncode: int | None = None
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[int], object]] = [on_exit]
+        self._drained = False  # every callback registered so far has been called
         self._thread = threading.Thread(target=self._run, name=f"tdask-triton-watch-{process.pid}", daemon=True)
         self._thread.start()
 
@@ -262,17 +263,27 @@ class ProcessWatch:
         with self._lock:
             self.returncode = returncode
             self.exited.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+        # Callbacks run in the order they were registered, including those registered while
+        # earlier ones run (``TritonServer.wait`` resolves only after the callbacks before it).
+        while True:
+            with self._lock:
+                if not self._callbacks:
+                    self._drained = True
+                    return
+                callback = self._callbacks.pop(0)
             try:
                 callback(returncode)
             except Exception:  # a caller's bug must not hide the others' notifications
                 logger.exception("Triton exit callback %r failed", callback)
 
     def add_callback(self, callback: Callable[[int], object]) -> None:
-        """Call ``callback(returncode)`` at exit, or now (in this thread) if the process has exited."""
+        """Call ``callback(returncode)`` at exit, or now (in this thread) once all are called.
+
+        A callback added after the exit but while the watcher thread is still calling the
+        earlier ones is queued behind them, so callbacks always run in the order given.
+        """
         with self._lock:
-            if not self.exited.is_set():
+            if not self._drained:
                 self._callbacks.append(callback)
                 return
             returncode = self.returncode

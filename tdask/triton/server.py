@@ -185,8 +185,9 @@ class TritonServer(TritonServerBase):
     def add_exit_callback(self, callback: Callable[[int], object]) -> None:
         """Call ``callback(returncode)`` once the server process exits.
 
-        It runs in a watcher thread (use ``loop.call_soon_threadsafe`` to reach a loop), or
-        right away in the caller's thread if the server has already exited.
+        It runs in a watcher thread (use ``loop.call_soon_threadsafe`` to reach a loop), after
+        the callbacks added before it, or right away in the caller's thread if the server has
+        exited and every callback has been called.
         """
         if self._watch is None:
             raise RuntimeError(f"Triton server {self.name!r} has not been started")
