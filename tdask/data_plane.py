@@ -5,7 +5,11 @@ dtype, shape and bytes; others serialized with Dask's own serialization). Larger
 store of the worker that produced (or received) them, and messages carry a :class:`RemoteTensor`
 descriptor. Whoever needs the bytes pulls them from the owner with a Dask RPC (``tdask_fetch``),
 so they move once, over TCP or UCX, straight from owner to consumer; forwarding a descriptor
-moves no bytes at all.
+moves no bytes at all. Where the request plane has a quicker route to the owner (the direct
+plane's wire on ``tcp://`` and ``tls://`` clusters), host tensors up to
+``tdask.data-plane.wire-max-bytes`` are fetched, placed and released over it instead
+(:class:`Shortcut`); Dask's comm remains the route for device tensors, larger ones, and owners
+the shortcut cannot reach.
 
 Lifetime: whoever receives a descriptor holds it and releases it when done (an operator's
 received tensors are released when the request it serves finishes, unless it forwards them in its
@@ -20,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from distributed.comm import connect, parse_address, parse_host_port
@@ -29,7 +33,7 @@ from distributed.core import send_recv
 from distributed.protocol import to_serialize
 
 from tdask import context
-from tdask.config import get_seconds
+from tdask.config import get_bytes, get_seconds
 from tdask.exceptions import DataPlaneError
 
 if TYPE_CHECKING:
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HOST_COPIES", "HostCopies", "RemoteTensor", "TensorStore", "count_host_copy"]
+__all__ = ["HOST_COPIES", "HostCopies", "RemoteTensor", "Shortcut", "TensorStore", "count_host_copy"]
 
 # The data plane's Dask comm handlers on every worker (both halves live in this file;
 # tdask.protocol.Rpc lists them with the others).
@@ -279,17 +283,74 @@ async def call_peer(pool: ConnectionPool, address: str, op: str, *, mark: bool =
             pool.reuse(address, comm)
 
 
+class Shortcut(Protocol):
+    """A quicker route to a tensor's owner than a Dask RPC (the direct plane's wire).
+
+    Each method answers ``None`` when it cannot take this owner or tensor (no wire to it, the
+    session dropped before the answer, a device tensor): the data plane then uses Dask's comm,
+    which also reports an owner that is gone. Nothing is lost either way: a fetch or a release
+    is idempotent, and a place that was not answered is made again under a new id.
+    """
+
+    async def fetch_tensor(self, owner: str, tensor_id: str) -> tuple[bool, Any] | None:
+        """``(True, array)``, or ``(False, None)`` when the owner does not hold it."""
+        ...
+
+    async def put_tensor(self, owner: str, tensor_id: str, array: Any) -> bool | None:
+        """True once the owner holds ``array`` under ``tensor_id``."""
+        ...
+
+    async def release_tensors(self, owner: str, tensor_ids: list[str]) -> bool | None:
+        """True once the owner dropped them (those it did not hold are ignored)."""
+        ...
+
+
+def shortcut_takes(tensor: RemoteTensor | Any) -> bool:
+    """Whether a tensor (a descriptor or an array) may take the :class:`Shortcut`.
+
+    Host memory, a plain dtype, at most ``tdask.data-plane.wire-max-bytes``.
+    """
+    if isinstance(tensor, RemoteTensor):
+        if tensor.device != "cpu":
+            return False
+        nbytes = tensor.nbytes
+    elif isinstance(tensor, np.ndarray) and tensor.dtype.kind != "O":
+        nbytes = tensor.nbytes
+    else:
+        return False
+    return nbytes <= get_bytes("tdask.data-plane.wire-max-bytes")
+
+
 class DataPlanePeer:
-    """Fetches, places and releases tensors over an RPC pool (a Client's or a Worker's)."""
+    """Fetches, places and releases tensors over an RPC pool (a Client's or a Worker's).
+
+    ``shortcut``, when set (by whoever owns this process's request plane), is tried first for
+    host tensors (:class:`Shortcut`).
+    """
 
     def __init__(self, pool: ConnectionPool, address: str | None = None) -> None:
         self.pool = pool
         self.address = address
+        self.shortcut: Shortcut | None = None
         self.pulls = 0
         self.pulled_bytes = 0
+        self.shortcut_calls = 0
 
     async def fetch(self, tensor: RemoteTensor) -> Any:
-        """Pull ``tensor``'s bytes from its owner (:class:`DataPlaneError` when they are gone)."""
+        """Pull ``tensor``'s bytes from its owner (:class:`DataPlaneError` when they are gone).
+
+        A host array comes back read-only, as inline tensors do, whichever route it took.
+        """
+        shortcut = self.shortcut
+        if shortcut is not None and shortcut_takes(tensor):
+            answer = await shortcut.fetch_tensor(tensor.owner, tensor.tensor_id)
+            if answer is not None:
+                self.shortcut_calls += 1
+                if not answer[0]:
+                    raise self._missing(tensor)
+                self.pulls += 1
+                self.pulled_bytes += tensor.nbytes
+                return answer[1]
         try:
             reply = await call_peer(self.pool, tensor.owner, FETCH, tensor_id=tensor.tensor_id)
         except (TimeoutError, OSError) as exc:
@@ -300,21 +361,34 @@ class DataPlanePeer:
                 tensor_id=tensor.tensor_id,
             ) from exc
         if reply.get("status") != "OK":
-            raise DataPlaneError(
-                f"tensor {tensor.tensor_id} is not in the store of {tensor.owner} "
-                "(released, expired, or its worker restarted)",
-                worker=tensor.owner,
-                owner=tensor.owner,
-                tensor_id=tensor.tensor_id,
-            )
+            raise self._missing(tensor)
         self.pulls += 1
         self.pulled_bytes += tensor.nbytes
         if reply.get("host_staged"):  # the owner staged a device tensor through host memory
             count_host_copy(tensor.nbytes, "fetch: host to device")
-        return reply["data"]
+        data = reply["data"]
+        if isinstance(data, np.ndarray):
+            data.flags.writeable = False  # as over the wire and inline: the same on every route
+        return data
+
+    @staticmethod
+    def _missing(tensor: RemoteTensor) -> DataPlaneError:
+        return DataPlaneError(
+            f"tensor {tensor.tensor_id} is not in the store of {tensor.owner} "
+            "(released, expired, or its worker restarted)",
+            worker=tensor.owner,
+            owner=tensor.owner,
+            tensor_id=tensor.tensor_id,
+        )
 
     async def place(self, address: str, array: Any) -> RemoteTensor:
         """Put ``array`` into the store of the worker at ``address``."""
+        shortcut = self.shortcut
+        if shortcut is not None and shortcut_takes(array):
+            tensor = _describe(address, uuid.uuid4().hex, array)
+            if await shortcut.put_tensor(address, tensor.tensor_id, array):
+                self.shortcut_calls += 1
+                return tensor
         tensor = _describe(address, uuid.uuid4().hex, array)
         await call_peer(self.pool, address, PUT, tensor_id=tensor.tensor_id, data=to_serialize(array))
         return tensor
@@ -329,6 +403,9 @@ class DataPlanePeer:
             if not is_gone(tensor.owner):
                 by_owner.setdefault(tensor.owner, []).append(tensor.tensor_id)
         for owner, ids in by_owner.items():
+            if self.shortcut is not None and await self.shortcut.release_tensors(owner, ids):
+                self.shortcut_calls += 1
+                continue
             try:
                 await call_peer(self.pool, owner, RELEASE, tensor_ids=ids)
             except Exception as exc:  # owner gone: its store went with it
@@ -426,24 +503,42 @@ class TensorStore(DataPlanePeer):
         remote = []
         for tensor in tensors:
             if tensor.owner == self.worker.address:
-                self._drop([tensor.tensor_id])
+                self.drop([tensor.tensor_id])
             else:
                 remote.append(tensor)
         if remote:
             await super().release(remote)
 
-    def _drop(self, ids: Iterable[str]) -> None:
+    def drop(self, ids: Iterable[str]) -> None:
+        """Forget these tensors (ids not held are ignored): what a release does at the owner."""
         for tensor_id in ids:
             if self._tensors.pop(tensor_id, None) is not None:
                 self.released += 1
 
-    def _handle_fetch(self, comm: Any, tensor_id: str) -> dict[str, Any]:
+    def peek(self, tensor_id: str) -> Any | None:
+        """The array held under ``tensor_id`` (None when it is not), without counting a serve."""
+        entry = self._tensors.get(tensor_id)
+        return None if entry is None else entry[0]
+
+    def serve(self, tensor_id: str) -> Any | None:
+        """The array a peer asked for (counted as served), or None when it is not held."""
         entry = self._tensors.get(tensor_id)
         if entry is None:
-            return {"status": "missing"}
+            return None
         array = entry[0]
         self.served += 1
         self.served_bytes += int(array.nbytes)
+        return array
+
+    def keep(self, tensor_id: str, array: Any) -> None:
+        """Hold ``array`` under the id a peer chose for it (what a place does at the owner)."""
+        self._tensors[tensor_id] = (array, time.monotonic() + self.ttl_s)
+        self.puts += 1
+
+    def _handle_fetch(self, comm: Any, tensor_id: str) -> dict[str, Any]:
+        array = self.serve(tensor_id)
+        if array is None:
+            return {"status": "missing"}
         if is_device_array(array) and not _carries_device_buffers(comm):
             # Dask serializes a cupy array for a comm without device buffers (TCP) with its
             # "dask" serializer: device -> host here, host -> device at the receiver.
@@ -454,11 +549,10 @@ class TensorStore(DataPlanePeer):
     def _handle_put(self, comm: Any, tensor_id: str, data: Any) -> None:
         if is_device_array(data) and not _carries_device_buffers(comm):
             count_host_copy(2 * int(data.nbytes), "put: device to host to device")
-        self._tensors[tensor_id] = (data, time.monotonic() + self.ttl_s)
-        self.puts += 1
+        self.keep(tensor_id, data)
 
     def _handle_release(self, tensor_ids: list[str]) -> None:
-        self._drop(tensor_ids)
+        self.drop(tensor_ids)
 
     def stats(self) -> dict[str, int]:
         """Counters used by tests and benchmarks to prove where bytes moved.
@@ -476,6 +570,7 @@ class TensorStore(DataPlanePeer):
             "served_bytes": self.served_bytes,
             "pulls": self.pulls,
             "pulled_bytes": self.pulled_bytes,
+            "shortcut_calls": self.shortcut_calls,
             "local_gets": self.local_gets,
             "released": self.released,
             "expired": self.expired,

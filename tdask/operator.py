@@ -281,8 +281,8 @@ class Request:
 
     ``inputs`` maps names to numpy (or cupy) arrays for tensors that travelled inline and to
     :class:`~tdask.data_plane.RemoteTensor` descriptors for large ones; pass a descriptor on to
-    forward it by reference, or call :meth:`fetch_inputs` to get arrays. Inline inputs are
-    read-only (as in Triton's python backend): copy one before changing it. Forwarding one
+    forward it by reference, or call :meth:`fetch_inputs` to get arrays. Inputs are read-only,
+    inline or fetched (as in Triton's python backend): copy one before changing it. Forwarding one
     unchanged reuses its wire form instead of serializing it again.
     """
 

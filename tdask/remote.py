@@ -34,7 +34,14 @@ from tdask.exceptions import (
     error_from_msg,
 )
 from tdask.protocol import ResponseMsg, operator_key
-from tdask.request_plane import BrokerSession, Registry, RequestPlane, ResponseStream, make_request_plane
+from tdask.request_plane import (
+    BrokerSession,
+    DirectRequestPlane,
+    Registry,
+    RequestPlane,
+    ResponseStream,
+    make_request_plane,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +69,8 @@ class Response:
     """One response of an operator.
 
     ``outputs`` maps names to arrays, or to :class:`RemoteTensor` descriptors for large tensors
-    that were not fetched (``fetch=False``, the default inside operators).
+    that were not fetched (``fetch=False``, the default inside operators). Host arrays are
+    read-only, inline or fetched: copy one before changing it.
     """
 
     request_id: str
@@ -101,6 +109,8 @@ class _ClientEndpoint:
         self.plane: RequestPlane = make_request_plane(broker, connection_args=client.connection_args)
         self.plane.owner_closing = lambda: self.closed
         self.peer = client_peer(client)
+        if isinstance(self.plane, DirectRequestPlane):
+            self.peer.shortcut = self.plane  # host tensors over the workers' wires
 
     @property
     def closed(self) -> bool:

@@ -185,6 +185,67 @@ def test_large_tensors_travel_by_reference(deployment, client):
     assert delta("forward.0", "pulled_bytes") == 0, "the orchestrator forwarded the descriptor, not the bytes"
     assert delta("forward.0", "served_bytes") == 0
     assert all(s["tensors"] == 0 for s in after.values()), after
+    # The route: the direct plane's wire carries host tensors up to wire-max-bytes (10 MiB <
+    # 16 MiB); Dask's comm on the queue plane and with direct-transport: dask.
+    on_wire = _wire_carries_data()
+    assert (delta("consumer.0", "shortcut_calls") > 0) == on_wire, (on_wire, after["consumer.0"])
+
+
+def _wire_carries_data() -> bool:
+    return dask.config.get("tdask.request.plane") == "direct" and (
+        dask.config.get("tdask.request.direct-transport") == "wire"
+    )
+
+
+def _set_everywhere(client, key, value):
+    """Set a dask config value in this process and in every worker (the previous one is returned)."""
+
+    def set_it(key=key, value=value):
+        previous = dask.config.get(key)
+        dask.config.set({key: value})
+        return previous
+
+    client.run(set_it)
+    return set_it()
+
+
+def test_tensors_above_wire_max_bytes_move_on_dasks_comm(deployment, client):
+    """Above tdask.data-plane.wire-max-bytes the bytes take Dask's comm, on every plane; the
+    answer is the same."""
+    previous = _set_everywhere(client, "tdask.data-plane.wire-max-bytes", "64KiB")
+    try:
+        before = store_stats(client)
+        n = 2**20 // 8  # 1 MiB: by reference, above the lowered wire limit
+        response = RemoteOperator("forward", client=client).infer(
+            inputs={"start": np.array([1.0])}, parameters={"n": n}
+        )
+        assert response.outputs["sum"][0] == np.arange(1.0, 1.0 + n).sum()
+        after = store_stats(client)
+    finally:
+        _set_everywhere(client, "tdask.data-plane.wire-max-bytes", previous)
+    assert after["consumer.0"]["pulled_bytes"] - before["consumer.0"]["pulled_bytes"] == n * 8
+    assert after["consumer.0"]["shortcut_calls"] == before["consumer.0"]["shortcut_calls"]
+    assert all(s["tensors"] == 0 for s in after.values()), after
+
+
+def test_a_released_tensor_fails_its_fetch_with_a_data_plane_error(client):
+    """Fetching what its owner no longer holds names the tensor and its owner (wire or comm)."""
+    from tdask import DataPlaneError
+    from tdask.data_plane import client_peer
+
+    big = np.arange(20_000, dtype=np.int64)  # 160 KB: placed, then handed back by reference
+    lazy = RemoteOperator("identity", client=client).infer(inputs={"x": big}, fetch=False)
+    tensor = lazy.outputs["x"]
+    assert isinstance(tensor, RemoteTensor)
+    np.testing.assert_array_equal(client.sync(tensor.fetch), big)  # held: served (not released)
+    peer = client_peer(client)
+    calls = peer.shortcut_calls
+    client.sync(lazy.release)
+    with pytest.raises(DataPlaneError, match=f"tensor {tensor.tensor_id} is not in the store of") as info:
+        client.sync(tensor.fetch)
+    assert info.value.owner == tensor.owner and info.value.tensor_id == tensor.tensor_id
+    assert (peer.shortcut_calls > calls) == _wire_carries_data()
+    assert all(s["tensors"] == 0 for s in store_stats(client).values())
 
 
 def test_large_client_input_and_output(client):

@@ -84,6 +84,39 @@ def test_sigkill_with_requests_in_flight_loses_nothing(deployment):
     assert all(r.worker != victim for r in responses)
 
 
+def test_a_tensor_whose_owner_was_killed_fails_its_fetch_at_once(deployment):
+    """SIGKILL the worker holding a tensor: its fetch fails with a DataPlaneError naming the
+    owner and the tensor within seconds (on the direct plane the wire session to it dies and the
+    fetch falls back to Dask's comm, which finds the owner gone); then the operator is back."""
+    import asyncio
+    import signal
+
+    from tdask import DataPlaneError, RemoteTensor
+    from tests.conftest import run_async
+
+    async def go(c):
+        op = RemoteOperator("identity", client=c)
+        big = np.arange(50_000, dtype=np.int64)  # 400 KB: placed in identity's store
+        lazy = await op.infer(inputs={"x": big}, fetch=False)
+        tensor = lazy.outputs["x"]
+        assert isinstance(tensor, RemoteTensor)
+        pid = (await c.run(os.getpid, workers=[tensor.owner]))[tensor.owner]
+        os.kill(pid, signal.SIGKILL)
+        began = time.monotonic()
+        with pytest.raises(DataPlaneError) as info:
+            await asyncio.wait_for(lazy.fetch(), 30)
+        took = time.monotonic() - began
+        assert info.value.owner == tensor.owner and info.value.tensor_id == tensor.tensor_id
+        again = await op.infer(inputs={"x": np.arange(3)}, timeout=60)  # re-hosted by the Nanny
+        assert tensor.tensor_id in str(info.value) and tensor.owner in str(info.value)
+        return took, again, pid
+
+    took, again, pid = run_async(deployment.scheduler_address, go)
+    assert took < 10, f"the fetch took {took:.1f}s to fail"
+    np.testing.assert_array_equal(again.outputs["x"], np.arange(3))
+    assert again.parameters["pid"] != pid, "answered by the restarted worker"
+
+
 def test_queued_request_cancelled_is_never_served(deployment):
     """A request that times out while queued behind busy workers is never run."""
     import asyncio

@@ -36,6 +36,7 @@ from tdask.operator import Operator, OperatorConfig, OperatorContext
 from tdask.protocol import Rpc
 from tdask.request_plane import (
     BrokerSession,
+    DirectRequestPlane,
     DirectServer,
     QueueServer,
     Registry,
@@ -208,7 +209,9 @@ class OperatorHost(WorkerPlugin):
             keep_unanswered=self._beyond_repair,
         )
         self.plane.on_orphan = self.serving.release_orphan
-        self.direct.serve(on_submit=self.serving.on_direct, on_cancel=self.serving.cancel)
+        self.direct.serve(on_submit=self.serving.on_direct, on_cancel=self.serving.cancel, store=self.store)
+        if isinstance(self.plane, DirectRequestPlane):
+            self.store.shortcut = self.plane  # host tensors to and from other workers' wires
         worker.handlers[Rpc.HOST_STATS] = self.serving.stats
         worker.handle_scheduler = self._handle_scheduler  # type: ignore[method-assign]
         self._metrics_token = export_worker(lambda: str(worker.name), self._live_metrics)

@@ -27,6 +27,9 @@ withdraw       keys ([requester, id] pairs) broker -> worker (cancel leased requ
 requester-left requester                    broker -> worker (a client closed)
 replies        replies                      broker or worker -> caller
 refused        id                           worker -> caller (not hosted here any more)
+data           call, action, ...            caller -> worker on the wire: fetch, put or release
+                                            tensors of its store (tdask.data_plane.Shortcut)
+data-reply     call, status, ...            worker -> caller: the answer (fetch: data)
 ============== ============================ ===========================================
 
 Tensors in ``inputs``/``outputs`` are entries made by :func:`encode_tensors`: ``{"nd": [dtype,
@@ -41,6 +44,7 @@ messages never unpickle what a peer sent (:func:`decode_inline`).
 # One package, two files: the messages (messages.py) and the tensors they carry (tensors.py);
 # everything is imported from here.
 from tdask.protocol.messages import (
+    DataAction,
     Op,
     ProtocolError,
     RequestMsg,
@@ -51,6 +55,8 @@ from tdask.protocol.messages import (
     check_request,
     check_shape,
     credit,
+    data,
+    data_reply,
     error_reply,
     hello,
     operator_key,
@@ -83,6 +89,7 @@ from tdask.protocol.tensors import (
 )
 
 __all__ = [
+    "DataAction",
     "Op",
     "Place",
     "ProtocolError",
@@ -98,6 +105,8 @@ __all__ = [
     "check_response_parameters",
     "check_shape",
     "credit",
+    "data",
+    "data_reply",
     "decode_inline",
     "decode_tensors",
     "encode_inline",

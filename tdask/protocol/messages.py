@@ -12,6 +12,7 @@ from tdask import data_plane
 from tdask.exceptions import error_to_msg
 
 __all__ = [
+    "DataAction",
     "Op",
     "Rpc",
     "ProtocolError",
@@ -37,6 +38,16 @@ class Op:
     REQUESTER_LEFT: Final = "requester-left"
     REPLIES: Final = "replies"
     REFUSED: Final = "refused"
+    DATA: Final = "data"
+    DATA_REPLY: Final = "data-reply"
+
+
+class DataAction:
+    """What a :attr:`Op.DATA` message asks of the owner's tensor store (the wire's data calls)."""
+
+    FETCH: Final = "fetch"  # tensor_id -> "data": a tensor entry
+    PUT: Final = "put"  # tensor_id, data: a tensor entry
+    RELEASE: Final = "release"  # tensor_ids
 
 
 class Rpc:
@@ -72,6 +83,8 @@ _FIELDS: Final[dict[str, tuple[str, ...]]] = {
     Op.REQUESTER_LEFT: ("requester",),
     Op.REPLIES: ("replies",),
     Op.REFUSED: ("id",),
+    Op.DATA: ("call", "action"),
+    Op.DATA_REPLY: ("call", "status"),
 }
 
 
@@ -286,3 +299,17 @@ def replies(responses: list[ResponseMsg]) -> dict[str, Any]:
 
 def refused(request_id: str) -> dict[str, Any]:
     return {"op": Op.REFUSED, "id": request_id}
+
+
+def data(call: int, action: str, **fields: Any) -> dict[str, Any]:
+    """A data-plane call on the wire (:class:`DataAction`); ``call`` numbers it for its reply."""
+    return {"op": Op.DATA, "call": call, "action": action, **fields}
+
+
+def data_reply(call: int, status: str, **fields: Any) -> dict[str, Any]:
+    """The answer to :func:`data`.
+
+    Status ``"OK"``, ``"missing"`` (fetch: not held) or ``"refused"`` (the owner cannot serve
+    it here: the caller uses Dask's comm).
+    """
+    return {"op": Op.DATA_REPLY, "call": call, "status": status, **fields}
