@@ -334,7 +334,8 @@ class DataPlanePeer:
         self.shortcut: Shortcut | None = None
         self.pulls = 0
         self.pulled_bytes = 0
-        self.shortcut_calls = 0
+        self.shortcut_calls = 0  # calls the shortcut answered
+        self.shortcut_declined = 0  # calls it left to Dask's comm
 
     async def fetch(self, tensor: RemoteTensor) -> Any:
         """Pull ``tensor``'s bytes from its owner (:class:`DataPlaneError` when they are gone).
@@ -351,6 +352,7 @@ class DataPlanePeer:
                 self.pulls += 1
                 self.pulled_bytes += tensor.nbytes
                 return answer[1]
+            self.shortcut_declined += 1
         try:
             reply = await call_peer(self.pool, tensor.owner, FETCH, tensor_id=tensor.tensor_id)
         except (TimeoutError, OSError) as exc:
@@ -389,6 +391,7 @@ class DataPlanePeer:
             if await shortcut.put_tensor(address, tensor.tensor_id, array):
                 self.shortcut_calls += 1
                 return tensor
+            self.shortcut_declined += 1
         tensor = _describe(address, uuid.uuid4().hex, array)
         await call_peer(self.pool, address, PUT, tensor_id=tensor.tensor_id, data=to_serialize(array))
         return tensor
@@ -403,9 +406,11 @@ class DataPlanePeer:
             if not is_gone(tensor.owner):
                 by_owner.setdefault(tensor.owner, []).append(tensor.tensor_id)
         for owner, ids in by_owner.items():
-            if self.shortcut is not None and await self.shortcut.release_tensors(owner, ids):
-                self.shortcut_calls += 1
-                continue
+            if self.shortcut is not None:
+                if await self.shortcut.release_tensors(owner, ids):
+                    self.shortcut_calls += 1
+                    continue
+                self.shortcut_declined += 1
             try:
                 await call_peer(self.pool, owner, RELEASE, tensor_ids=ids)
             except Exception as exc:  # owner gone: its store went with it
@@ -571,6 +576,7 @@ class TensorStore(DataPlanePeer):
             "pulls": self.pulls,
             "pulled_bytes": self.pulled_bytes,
             "shortcut_calls": self.shortcut_calls,
+            "shortcut_declined": self.shortcut_declined,
             "local_gets": self.local_gets,
             "released": self.released,
             "expired": self.expired,

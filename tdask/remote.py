@@ -42,6 +42,7 @@ from tdask.request_plane import (
     ResponseStream,
     make_request_plane,
 )
+from tdask.request_plane.wire import wire_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ class _ClientEndpoint:
         self.plane: RequestPlane = make_request_plane(broker, connection_args=client.connection_args)
         self.plane.owner_closing = lambda: self.closed
         self.peer = client_peer(client)
-        if isinstance(self.plane, DirectRequestPlane):
+        scheduler = str(getattr(client.scheduler, "address", "") or "")
+        if isinstance(self.plane, DirectRequestPlane) and wire_wanted(scheduler):
             self.peer.shortcut = self.plane  # host tensors over the workers' wires
 
     @property

@@ -228,6 +228,26 @@ def test_tensors_above_wire_max_bytes_move_on_dasks_comm(deployment, client):
     assert all(s["tensors"] == 0 for s in after.values()), after
 
 
+def test_a_tensor_above_the_wire_frame_falls_back_to_dasks_comm(client):
+    """wire-max-bytes set above tdask.wire.max-frame (64 MiB): the place is not tried on the
+    wire, the owner refuses the fetch there, and both go over Dask's comm: nothing is lost."""
+    from tdask.data_plane import client_peer
+
+    peer = client_peer(client)
+    declined = peer.shortcut_declined
+    previous = _set_everywhere(client, "tdask.data-plane.wire-max-bytes", "1GiB")
+    try:
+        big = np.arange(9 * 2**20, dtype=np.int64)  # 72 MiB
+        response = RemoteOperator("identity", client=client).infer(inputs={"x": big})
+    finally:
+        _set_everywhere(client, "tdask.data-plane.wire-max-bytes", previous)
+    np.testing.assert_array_equal(response.outputs["x"], big)
+    # On the wire the place was not tried and the fetch was refused: two calls left to Dask's comm.
+    assert peer.shortcut_declined - declined == (2 if _wire_carries_data() else 0)
+    assert not response.outputs["x"].flags.writeable
+    assert all(s["tensors"] == 0 for s in store_stats(client).values())
+
+
 def test_a_released_tensor_fails_its_fetch_with_a_data_plane_error(client):
     """Fetching what its owner no longer holds names the tensor and its owner (wire or comm)."""
     from tdask import DataPlaneError

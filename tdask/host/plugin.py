@@ -43,6 +43,7 @@ from tdask.request_plane import (
     RequestPlane,
     make_request_plane,
 )
+from tdask.request_plane.wire import wire_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class OperatorHost(WorkerPlugin):
         )
         self.plane.on_orphan = self.serving.release_orphan
         self.direct.serve(on_submit=self.serving.on_direct, on_cancel=self.serving.cancel, store=self.store)
-        if isinstance(self.plane, DirectRequestPlane):
+        if isinstance(self.plane, DirectRequestPlane) and wire_wanted(worker.address):
             self.store.shortcut = self.plane  # host tensors to and from other workers' wires
         worker.handlers[Rpc.HOST_STATS] = self.serving.stats
         worker.handle_scheduler = self._handle_scheduler  # type: ignore[method-assign]
