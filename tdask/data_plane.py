@@ -335,6 +335,7 @@ class DataPlanePeer:
         self.pulls = 0
         self.pulled_bytes = 0
         self.shortcut_calls = 0  # calls the shortcut answered
+        self.shortcut_pulled_bytes = 0  # of pulled_bytes, those it fetched
         self.shortcut_declined = 0  # calls it left to Dask's comm
 
     async def fetch(self, tensor: RemoteTensor) -> Any:
@@ -351,6 +352,7 @@ class DataPlanePeer:
                     raise self._missing(tensor)
                 self.pulls += 1
                 self.pulled_bytes += tensor.nbytes
+                self.shortcut_pulled_bytes += tensor.nbytes
                 return answer[1]
             self.shortcut_declined += 1
         try:
@@ -577,6 +579,7 @@ class TensorStore(DataPlanePeer):
             "pulled_bytes": self.pulled_bytes,
             "shortcut_calls": self.shortcut_calls,
             "shortcut_declined": self.shortcut_declined,
+            "shortcut_pulled_bytes": self.shortcut_pulled_bytes,
             "local_gets": self.local_gets,
             "released": self.released,
             "expired": self.expired,

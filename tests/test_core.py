@@ -185,10 +185,27 @@ def test_large_tensors_travel_by_reference(deployment, client):
     assert delta("forward.0", "pulled_bytes") == 0, "the orchestrator forwarded the descriptor, not the bytes"
     assert delta("forward.0", "served_bytes") == 0
     assert all(s["tensors"] == 0 for s in after.values()), after
-    # The route: the direct plane's wire carries host tensors up to wire-max-bytes (10 MiB <
-    # 16 MiB); Dask's comm on the queue plane and with direct-transport: dask.
-    on_wire = _wire_carries_data()
-    assert (delta("consumer.0", "shortcut_calls") > 0) == on_wire, (on_wire, after["consumer.0"])
+    # 10 MiB is above tdask.data-plane.wire-max-bytes (1 MiB): Dask's comm on every plane.
+    assert delta("consumer.0", "shortcut_pulled_bytes") == 0
+
+
+def test_host_tensors_up_to_wire_max_bytes_take_the_wire(deployment, client):
+    """The direct plane's wire carries host tensors up to wire-max-bytes; Dask's comm on the
+    queue plane and with direct-transport: dask."""
+    before = store_stats(client)
+    n = 2**19 // 8  # 512 KiB: by reference, under the wire's limit
+    response = RemoteOperator("forward", client=client).infer(inputs={"start": np.array([1.0])}, parameters={"n": n})
+    assert response.outputs["sum"][0] == np.arange(1.0, 1.0 + n).sum()
+    after = store_stats(client)
+    consumer = {key: after["consumer.0"][key] - before["consumer.0"][key] for key in after["consumer.0"]}
+    assert consumer["pulled_bytes"] == n * 8
+    assert after["producer.0"]["served_bytes"] - before["producer.0"]["served_bytes"] == n * 8
+    if _wire_carries_data():
+        assert consumer["shortcut_pulled_bytes"] == n * 8, consumer
+        assert consumer["shortcut_calls"] >= 1 and consumer["shortcut_declined"] == 0, consumer
+    else:
+        assert consumer["shortcut_calls"] == consumer["shortcut_pulled_bytes"] == 0, consumer
+    assert all(s["tensors"] == 0 for s in after.values()), after
 
 
 def _wire_carries_data() -> bool:
@@ -215,7 +232,7 @@ def test_tensors_above_wire_max_bytes_move_on_dasks_comm(deployment, client):
     previous = _set_everywhere(client, "tdask.data-plane.wire-max-bytes", "64KiB")
     try:
         before = store_stats(client)
-        n = 2**20 // 8  # 1 MiB: by reference, above the lowered wire limit
+        n = 2**19 // 8  # 512 KiB: by reference, above the lowered wire limit
         response = RemoteOperator("forward", client=client).infer(
             inputs={"start": np.array([1.0])}, parameters={"n": n}
         )
@@ -224,7 +241,7 @@ def test_tensors_above_wire_max_bytes_move_on_dasks_comm(deployment, client):
     finally:
         _set_everywhere(client, "tdask.data-plane.wire-max-bytes", previous)
     assert after["consumer.0"]["pulled_bytes"] - before["consumer.0"]["pulled_bytes"] == n * 8
-    assert after["consumer.0"]["shortcut_calls"] == before["consumer.0"]["shortcut_calls"]
+    assert after["consumer.0"]["shortcut_pulled_bytes"] == before["consumer.0"]["shortcut_pulled_bytes"]
     assert all(s["tensors"] == 0 for s in after.values()), after
 
 
