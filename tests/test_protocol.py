@@ -59,7 +59,7 @@ MESSAGES = {
     Op.REPLIES: protocol.replies([RESPONSE, protocol.error_reply("r2", WorkerLostError("gone"))]),
     Op.REFUSED: protocol.refused("r1"),
     Op.DATA: protocol.data(7, protocol.DataAction.FETCH, tensor_id="t1"),
-    Op.DATA_REPLY: protocol.data_reply(7, "OK", data=protocol.encode_inline(np.arange(4))),
+    Op.DATA_REPLY: protocol.data_reply(7, "OK", tensor=["<i8", [4]], bytes=np.arange(4).tobytes()),
 }
 
 

@@ -351,6 +351,38 @@ def test_send_refuses_a_message_above_max_frame_and_splits_a_batch_that_is():
     assert [m["i"] for f in frames[1:] for m in f] == list(range(51))
 
 
+def test_a_payload_leaves_uncopied_and_arrives_as_an_ordinary_field():
+    """send_with_payload: the peer reads a plain message whose last field is the payload's
+    bytes, in order with plain messages, also when the batch is split into frames; the
+    message's size is checked against max-frame as send's is."""
+    import numpy as np
+
+    async def main():
+        server, address, frames, lengths = await frame_reader_server()
+        session = await open_session(address, "tester", lambda message: None, timeout=5)
+        arrays = [np.arange(n, dtype=np.int64) for n in (0, 1, 3000, 7000)]  # up to 56 KB each
+        for i, array in enumerate(arrays):
+            session.send({"op": "plain", "i": 2 * i})
+            session.send_with_payload({"op": "with", "i": 2 * i + 1, "shape": [array.size]}, "bytes", array.data)
+        with pytest.raises(MessageTooLargeError, match="tdask.wire.max-frame"):
+            session.send_with_payload({"op": "big"}, "bytes", memoryview(bytes(70_000)))
+        session.send({"op": "last", "i": 8})
+        await asyncio.sleep(0.3)
+        await session.close()
+        server.close()
+        return frames, lengths, arrays
+
+    with dask.config.set({"tdask.wire.max-frame": "64KiB"}):
+        frames, lengths, arrays = asyncio.run(main())
+    messages = [m for f in frames[1:] for m in f]
+    assert [m["i"] for m in messages] == list(range(9)) and max(lengths) <= 65_536
+    assert len(frames) >= 3  # the 56 KB and 24 KB payloads could not share a frame
+    for i, array in enumerate(arrays):
+        got = messages[2 * i + 1]
+        assert got["op"] == "with" and got["shape"] == [array.size]
+        assert np.array_equal(np.frombuffer(got["bytes"], dtype=np.int64), array)
+
+
 # -- backpressure --------------------------------------------------------------------------
 
 

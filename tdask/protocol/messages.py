@@ -45,8 +45,10 @@ class Op:
 class DataAction:
     """What a :attr:`Op.DATA` message asks of the owner's tensor store (the wire's data calls)."""
 
-    FETCH: Final = "fetch"  # tensor_id -> "data": a tensor entry
-    PUT: Final = "put"  # tensor_id, data: a tensor entry
+    # A tensor travels as "tensor": [dtype, shape] and "bytes" (its memory, the last field:
+    # the wire sends it without a copy), the parts of the inline "nd" form.
+    FETCH: Final = "fetch"  # tensor_id -> tensor, bytes
+    PUT: Final = "put"  # tensor_id, tensor, bytes
     RELEASE: Final = "release"  # tensor_ids
 
 

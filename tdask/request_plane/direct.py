@@ -371,8 +371,13 @@ class DirectRequestPlane(RequestPlane):
 
     # -- data calls (tdask.data_plane.Shortcut) ---------------------------------------------
 
-    async def _data_call(self, worker: str, action: str, **fields: Any) -> dict[str, Any] | None:
-        """One data call to ``worker`` over its wire session; None: use Dask's comm."""
+    async def _data_call(
+        self, worker: str, action: str, payload: memoryview | None = None, **fields: Any
+    ) -> dict[str, Any] | None:
+        """One data call to ``worker`` over its wire session; None: use Dask's comm.
+
+        ``payload``, when given, travels as the message's ``bytes`` field without a copy here.
+        """
         if self._closed or is_gone(worker) or not wire_wanted(worker):
             return None
         try:
@@ -388,7 +393,11 @@ class DirectRequestPlane(RequestPlane):
         self._calls[number] = (worker, future)
         try:
             await session.drain()
-            session.send(protocol.data(number, action, **fields))
+            message = protocol.data(number, action, **fields)
+            if payload is None:
+                session.send(message)
+            else:
+                session.send_with_payload(message, "bytes", payload)
             reply = await future
         except (MessageTooLargeError, CommClosedError, OSError):
             return None
@@ -406,7 +415,7 @@ class DirectRequestPlane(RequestPlane):
         if reply["status"] != "OK":
             return (False, None)
         try:
-            return (True, decode_inline(reply["data"]))
+            return (True, decode_inline({"nd": [*reply["tensor"], reply["bytes"]]}))
         except Exception as exc:  # a malformed answer: Dask's comm gets a second chance
             logger.warning(
                 "tensor %s from %s could not be decoded (%s); fetching it over Dask's comm", tensor_id, owner, exc
@@ -417,7 +426,8 @@ class DirectRequestPlane(RequestPlane):
         """Place a host array in ``owner``'s store over the wire."""
         if array.nbytes > get_bytes("tdask.wire.max-frame") - _FRAME_ROOM:
             return None
-        reply = await self._data_call(owner, DataAction.PUT, tensor_id=tensor_id, data=encode_inline(array))
+        form, shape, data = encode_inline(array)["nd"]
+        reply = await self._data_call(owner, DataAction.PUT, data, tensor_id=tensor_id, tensor=[form, shape])
         return None if reply is None else reply["status"] == "OK"
 
     async def release_tensors(self, owner: str, tensor_ids: list[str]) -> bool | None:
@@ -613,18 +623,23 @@ class DirectServer:
             if array is None:
                 session.send(protocol.data_reply(number, "missing"))
                 return
-            if not isinstance(array, np.ndarray):  # a device tensor: Dask's comm (UCX) moves it
+            if not isinstance(array, np.ndarray) or array.dtype.kind == "O":  # a device tensor: UCX moves it
                 session.send(protocol.data_reply(number, "refused"))
                 return
+            form, shape, data = encode_inline(array)["nd"]
             try:
-                session.send(protocol.data_reply(number, "OK", data=encode_inline(array)))
+                if isinstance(session, WireSession):  # the tensor's memory, handed to the socket as it is
+                    reply = protocol.data_reply(number, "OK", tensor=[form, shape])
+                    session.send_with_payload(reply, "bytes", data)
+                else:
+                    session.send(protocol.data_reply(number, "OK", tensor=[form, shape], bytes=data))
             except MessageTooLargeError:  # above tdask.wire.max-frame: Dask's comm moves it
                 session.send(protocol.data_reply(number, "refused"))
                 return
             store.serve(message["tensor_id"])  # counted once it left
         elif action == DataAction.PUT:
             try:
-                array = decode_inline(message["data"])
+                array = decode_inline({"nd": [*message["tensor"], message["bytes"]]})
             except Exception as exc:
                 raise ProtocolError(f"a data call carried no tensor: {exc}") from None
             store.keep(message["tensor_id"], array)

@@ -69,6 +69,35 @@ _PACK_SIZE = 16 * 1024  # the packer's initial buffer (msgpack's default is 256 
 _LOG_EVERY = 60.0  # seconds between two warnings of one kind from one server (refusals, silent peers)
 
 
+class _Parts(list):
+    """One message packed as several buffers (its last one a payload sent without a copy)."""
+
+    nbytes = 0
+
+
+def _bin_header(size: int) -> bytes:
+    """The msgpack header of a ``bin`` of ``size`` bytes."""
+    if size < 0x100:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+def _flatten(batch: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for item in batch:
+        if type(item) is _Parts:
+            out.extend(item)
+        else:
+            out.append(item)
+    return out
+
+
+def _nbytes(item: Any) -> int:
+    return item.nbytes if type(item) is _Parts else len(item)
+
+
 class WireProtocolError(ProtocolError):
     """The peer does not speak this wire (a bad hello): the connection is closed."""
 
@@ -185,7 +214,7 @@ class WireSession(asyncio.BufferedProtocol):
         self._on_message: MessageHandler = on_message if on_message is not None else self._no_handler
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._outbox: list[bytes] = []  # packed messages, in order
+        self._outbox: list[bytes | _Parts] = []  # packed messages, in order
         self._queued = 0  # their bytes
         self._flush_pending = False
         self._last_batch = 0  # messages in the last write: more than one means a burst
@@ -255,8 +284,11 @@ class WireSession(asyncio.BufferedProtocol):
         """Move the incomplete frame to the front, into a larger buffer if it needs one."""
         pending = self._rend - self._rstart
         size = max(_READ_SIZE, pending + _MIN_READ)
-        if self._need > size:  # a large frame: its room grows with what arrived, doubling (so
-            size = max(size, min(self._need, 2 * pending))  # that a header alone reserves nothing)
+        if self._need > size:
+            if self._limit > _MAX_HELLO:  # a large frame from a peer that said hello: room for
+                size = self._need + _MIN_READ  # all of it at once (Dask's comm does the same)
+            else:  # before the hello, room grows with what arrived (a header reserves nothing)
+                size = max(size, min(self._need, 2 * pending))
         if size <= len(self._rbuf):  # then _rstart > 0: there was room before it
             self._rbuf[:pending] = self._rbuf[self._rstart : self._rend]
         else:
@@ -368,6 +400,9 @@ class WireSession(asyncio.BufferedProtocol):
                 f"a message of {size} bytes does not fit in one frame of tdask's wire "
                 f"(tdask.wire.max-frame: {self._max_frame} bytes)"
             )
+        self._enqueue(data, size)
+
+    def _enqueue(self, data: bytes | _Parts, size: int) -> None:
         self._outbox.append(data)
         self._queued += size
         if self._paused or self._flush_pending:
@@ -377,6 +412,32 @@ class WireSession(asyncio.BufferedProtocol):
         self._schedule_flush()
         if self._last_batch <= 1:
             self._write_outbox()
+
+    def send_with_payload(self, message: dict[str, Any], key: str, payload: memoryview) -> None:
+        """Queue ``message`` with ``payload`` as the ``bin`` value of one more key, not copied.
+
+        The peer receives an ordinary message (``message`` plus ``key``: the payload's bytes);
+        here the payload is handed to the transport as it is (a tensor's memory), where
+        :meth:`send` would copy it twice (into msgpack's buffer, then out of it). The payload
+        must not change until it is written. Raises as :meth:`send` does.
+        """
+        if self.closed.is_set() or self._transport is None or self._transport.is_closing():
+            raise CommClosedError(f"tdask wire session {self.name} is closed")
+        payload = payload.cast("B") if payload.format != "B" or payload.ndim != 1 else payload
+        head = bytearray(self._packer.pack_map_header(len(message) + 1))
+        for name, value in message.items():
+            head += self._packer.pack(name)
+            head += self._packer.pack(value)
+        head += self._packer.pack(key)
+        head += _bin_header(len(payload))
+        parts = _Parts((bytes(head), payload))
+        parts.nbytes = size = len(head) + len(payload)
+        if size >= self._max_frame:
+            raise MessageTooLargeError(
+                f"a message of {size} bytes does not fit in one frame of tdask's wire "
+                f"(tdask.wire.max-frame: {self._max_frame} bytes)"
+            )
+        self._enqueue(parts, size)
 
     def _overflow(self) -> None:
         queued = self._queued
@@ -418,7 +479,7 @@ class WireSession(asyncio.BufferedProtocol):
                 batch.insert(0, _HEADER.pack(len(head) + size) + head)
             self._outbox = []
             self._queued = 0
-            transport.writelines(batch)
+            transport.writelines(_flatten(batch))
             return
         self._write_frames(force=False)
 
@@ -431,7 +492,7 @@ class WireSession(asyncio.BufferedProtocol):
         while index < count and (force or not self._paused) and not transport.is_closing():
             stop, size = index, 0
             while stop < count:  # the longest run from index that fits one frame (one message always does)
-                item = len(batch[stop])
+                item = _nbytes(batch[stop])
                 items = stop - index + 1
                 head = 1 if items < 16 else 3 if items < 0x10000 else 5
                 if stop > index and size + item + head > limit:
@@ -439,7 +500,7 @@ class WireSession(asyncio.BufferedProtocol):
                 size += item
                 stop += 1
             head_bytes = _array_head(stop - index)
-            transport.writelines([_HEADER.pack(len(head_bytes) + size) + head_bytes, *batch[index:stop]])
+            transport.writelines([_HEADER.pack(len(head_bytes) + size) + head_bytes, *_flatten(batch[index:stop])])
             self._queued -= size
             index = stop
         if index < count:
