@@ -265,6 +265,46 @@ def test_a_tensor_above_the_wire_frame_falls_back_to_dasks_comm(client):
     assert all(s["tensors"] == 0 for s in store_stats(client).values())
 
 
+def test_a_workers_wire_answers_data_calls_and_closes_on_a_malformed_one(client):
+    """A raw wire peer: a fetch of an unknown tensor is answered "missing", a release "OK"; a
+    data call lacking its fields closes the connection (so a caller waiting on it falls back to
+    Dask's comm) instead of going unanswered."""
+    import struct
+
+    import msgpack
+
+    from tdask.host import PLUGIN_NAME
+    from tests.test_wire import HELLO, frame, raw_connect
+
+    if not _wire_carries_data():
+        pytest.skip("only the direct plane on the wire answers data calls")
+    wires = client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct._wire_address())
+    wire = next(iter(wires.values()))
+
+    async def main():
+        reader, writer = await raw_connect(
+            wire,
+            frame([HELLO])
+            + frame([{"op": "data", "call": 1, "action": "fetch", "tensor_id": "nope"}])
+            + frame([{"op": "data", "call": 2, "action": "release", "tensor_ids": ["nope"]}]),
+        )
+        replies = []
+        while len(replies) < 2:
+            (length,) = struct.unpack("<I", await asyncio.wait_for(reader.readexactly(4), 10))
+            replies.extend(msgpack.unpackb(await reader.readexactly(length)))
+        writer.write(frame([{"op": "data", "call": 3, "action": "fetch"}]))  # no tensor_id
+        rest = await asyncio.wait_for(reader.read(), 10)  # b"" once the worker closed it
+        writer.close()
+        return replies, rest
+
+    replies, rest = asyncio.run(main())
+    assert [(r["op"], r["call"], r["status"]) for r in replies] == [
+        ("data-reply", 1, "missing"),
+        ("data-reply", 2, "OK"),
+    ]
+    assert rest == b"", "the malformed call was answered instead of closing the connection"
+
+
 def test_a_released_tensor_fails_its_fetch_with_a_data_plane_error(client):
     """Fetching what its owner no longer holds names the tensor and its owner (wire or comm)."""
     from tdask import DataPlaneError

@@ -82,7 +82,9 @@ async def hung_up(reader: asyncio.StreamReader, timeout: float) -> bool:
     try:
         while await asyncio.wait_for(reader.read(65536), timeout):
             pass
-    except (ConnectionError, OSError):
+    except TimeoutError:  # still open (TimeoutError is an OSError: caught first)
+        return False
+    except OSError:  # reset
         pass
     return True
 

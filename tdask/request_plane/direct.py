@@ -613,6 +613,17 @@ class DirectServer:
             raise ProtocolError(f"a direct caller may not send {op!r}")
 
     def _on_data(self, session: Transport, message: dict[str, Any]) -> None:
+        """Answer a data call.
+
+        A malformed one closes the session (its caller's calls then go over Dask's comm) rather
+        than leaving it without an answer.
+        """
+        try:
+            self._answer_data(session, message)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"a malformed data call ({type(exc).__name__}: {exc})") from None
+
+    def _answer_data(self, session: Transport, message: dict[str, Any]) -> None:
         """Answer a data call from the store; anything it cannot serve here is refused."""
         number, action, store = message["call"], message["action"], self.store
         if store is None:
@@ -640,7 +651,7 @@ class DirectServer:
         elif action == DataAction.PUT:
             try:
                 array = decode_inline({"nd": [*message["tensor"], message["bytes"]]})
-            except Exception as exc:
+            except TdaskError as exc:  # not a tensor's bytes
                 raise ProtocolError(f"a data call carried no tensor: {exc}") from None
             store.keep(message["tensor_id"], array)
             session.send(protocol.data_reply(number, "OK"))
