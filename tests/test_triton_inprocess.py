@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -122,6 +123,53 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
     assert "cannot be started" in out["restart"]
     log = (tmp_path / "w_1.triton.log").read_text()  # <log-dir>/<worker>.triton.log, "/" made safe
     assert "starting Triton in process" in log and "successfully loaded 'encoder'" in log
+
+
+def test_large_outputs_are_handed_out_without_a_copy_and_their_buffers_come_back(tmp_path):
+    """With the C shim, an output of 64 KiB or more is a read-only numpy array over the buffer
+    Triton wrote (no copy): it stays intact while later responses are read, and goes back to
+    the shim's pool once the array is collected. Small outputs are copied."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the C shim (and its allocator) cannot be built here")
+    script = f"""
+    import asyncio, gc, json
+    import numpy as np
+    from tdask.triton.inprocess import InProcessServer
+
+    async def go():
+        out = {{}}
+        server = InProcessServer(model_repository=[{str(MODELS)!r}], log_dir={str(tmp_path)!r}, name="w")
+        async with server:
+            await server.load_model("encoder")
+            client = server.client()
+            buffers = server.completions.buffers
+            n = 100_000
+            first = (await client.infer("encoder", {{"input": (np.arange(n, dtype=np.int64), "INT64")}})).outputs
+            out["adopted"] = buffers.adopted
+            out["writeable"] = bool(first["output"].flags.writeable)
+            for k in range(1, 4):  # later responses, while the first array lives
+                x = np.full(n, k, dtype=np.int64)
+                r = await client.infer("encoder", {{"input": (x, "INT64")}})
+                assert (r.outputs["output"] == ~x).all()
+            out["first_intact"] = bool((first["output"] == ~np.arange(n, dtype=np.int64)).all())
+            del r, first
+            gc.collect()
+            hits = server.completions.pool_stats()[0]
+            await client.infer("encoder", {{"input": (np.arange(n, dtype=np.int64), "INT64")}})
+            out["reused"] = server.completions.pool_stats()[0] - hits
+            before = buffers.adopted
+            small = await client.infer("encoder", {{"input": (np.arange(5, dtype=np.int64), "INT64")}})
+            out["small_adopted"] = buffers.adopted - before
+            out["small"] = small.outputs["output"].tolist()
+        return out
+
+    print(json.dumps(asyncio.run(go())))
+    """
+    out = _run(script, tmp_path)
+    assert out["adopted"] == 1 and out["writeable"] is False
+    assert out["first_intact"], "a later response wrote into the buffer of an array still alive"
+    assert out["reused"] >= 1, "the collected array's buffer did not go back to the pool"
+    assert out["small_adopted"] == 0 and out["small"] == [~v for v in range(5)]
 
 
 @pytest.mark.parametrize("mode", ["in-process", "subprocess"])

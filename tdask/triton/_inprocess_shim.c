@@ -114,6 +114,55 @@ static int pool_class(size_t size) {
   return c < POOL_CLASSES ? c : -1;
 }
 
+/* Every buffer handed to Triton follows a header of HDR bytes (keeping malloc's alignment):
+ * its pool class (-1: not pooled) and whether Python adopted it. An adopted buffer is a numpy
+ * array's memory now (a response output handed out without a copy): Triton's release leaves it
+ * alone, and tdask_free_adopted returns it to the pool when the array is collected. */
+#define HDR 64
+#define TDASK_BUFFER_TAG ((void*)0x7464736bUL) /* buffer_userp of tdask's buffers: "tdsk" */
+typedef struct {
+  int32_t cls;
+  int32_t adopted;
+} tdask_hdr;
+
+static void* base_alloc(size_t total) {
+  void* p = NULL;
+  int c = -1;
+  if (total >= ((size_t)1 << POOL_MIN_SHIFT)) c = pool_class(total);
+  if (c >= 0) {
+    pthread_mutex_lock(&mu);
+    if (pool_n[c] > 0) {
+      p = pool[c][--pool_n[c]];
+      pool_hits++;
+    } else {
+      pool_misses++;
+    }
+    pthread_mutex_unlock(&mu);
+    if (p == NULL) p = malloc((size_t)1 << (POOL_MIN_SHIFT + c));
+  } else {
+    p = malloc(total);
+  }
+  if (p != NULL) {
+    tdask_hdr* h = (tdask_hdr*)p;
+    h->cls = c;
+    __atomic_store_n(&h->adopted, 0, __ATOMIC_RELEASE);
+  }
+  return p;
+}
+
+static void base_free(void* p) {
+  int c = ((tdask_hdr*)p)->cls;
+  if (c >= 0) {
+    pthread_mutex_lock(&mu);
+    if (pool_n[c] < POOL_KEEP) {
+      pool[c][pool_n[c]++] = p;
+      p = NULL;
+    }
+    pthread_mutex_unlock(&mu);
+  }
+  free(p);
+}
+
 /* TRITONSERVER_ResponseAllocatorAllocFn_t. The hook for device outputs: memory_type and
  * memory_type_id are Triton's preference per output; this build always answers host memory
  * (TRITONSERVER_MEMORY_CPU, id 0), and Triton copies device outputs into it. */
@@ -128,49 +177,34 @@ void* tdask_alloc(void* allocator, const char* name, size_t byte_size, int memor
     *buffer = NULL;
     return NULL;
   }
-  void* p = NULL;
-  if (byte_size >= ((size_t)1 << POOL_MIN_SHIFT)) {
-    int c = pool_class(byte_size);
-    if (c >= 0) {
-      pthread_mutex_lock(&mu);
-      if (pool_n[c] > 0) {
-        p = pool[c][--pool_n[c]];
-        pool_hits++;
-      } else {
-        pool_misses++;
-      }
-      pthread_mutex_unlock(&mu);
-      if (p == NULL) p = malloc((size_t)1 << (POOL_MIN_SHIFT + c));
-    } else {
-      p = malloc(byte_size);
-    }
-  } else {
-    p = malloc(byte_size);
-  }
+  void* p = base_alloc(byte_size + HDR);
   if (p == NULL) return error_new != NULL ? error_new(1 /* INTERNAL */, "tdask: out of host memory") : NULL;
-  *buffer = p;
+  *buffer = (char*)p + HDR;
+  *buffer_userp = TDASK_BUFFER_TAG;
   return NULL;
 }
 
-/* TRITONSERVER_ResponseAllocatorReleaseFn_t: back to the pool (or free). */
+/* TRITONSERVER_ResponseAllocatorReleaseFn_t: back to the pool (or free), unless adopted. */
 void* tdask_release(void* allocator, void* buffer, void* buffer_userp, size_t byte_size, int memory_type,
                     int64_t memory_type_id) {
-  (void)allocator; (void)buffer_userp; (void)memory_type; (void)memory_type_id;
-  if (buffer == NULL) return NULL;
-  if (byte_size >= ((size_t)1 << POOL_MIN_SHIFT)) {
-    int c = pool_class(byte_size);
-    if (c >= 0) {
-      pthread_mutex_lock(&mu);
-      if (pool_n[c] < POOL_KEEP) {
-        pool[c][pool_n[c]++] = buffer;
-        buffer = NULL;
-      }
-      pthread_mutex_unlock(&mu);
-    }
-  }
-  free(buffer);
+  (void)allocator; (void)byte_size; (void)memory_type; (void)memory_type_id;
+  if (buffer == NULL || buffer_userp != TDASK_BUFFER_TAG) return NULL;
+  tdask_hdr* h = (tdask_hdr*)((char*)buffer - HDR);
+  if (__atomic_load_n(&h->adopted, __ATOMIC_ACQUIRE)) return NULL; /* a numpy array's now */
+  base_free(h);
   return NULL;
 }
+
+/* Python takes a buffer of a response it is reading (before deleting the response). */
+void tdask_adopt(void* buffer) {
+  tdask_hdr* h = (tdask_hdr*)((char*)buffer - HDR);
+  __atomic_store_n(&h->adopted, 1, __ATOMIC_RELEASE);
+}
+
+/* The array that owned an adopted buffer was collected. */
+void tdask_free_adopted(void* buffer) { base_free((char*)buffer - HDR); }
+
+uintptr_t tdask_buffer_tag(void) { return (uintptr_t)TDASK_BUFFER_TAG; }
 
 void tdask_pool_stats(uint64_t* hits, uint64_t* misses) {
   pthread_mutex_lock(&mu);

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable
 from ctypes import (
     CFUNCTYPE,
@@ -446,6 +447,12 @@ class Completions:
             shim.tdask_drain.argtypes = [POINTER(_Event), c_size_t]
             shim.tdask_drain.restype = c_size_t
             shim.tdask_pool_stats.argtypes = [POINTER(c_uint64), POINTER(c_uint64)]
+            shim.tdask_adopt.argtypes = [c_void_p]
+            shim.tdask_adopt.restype = None
+            shim.tdask_free_adopted.argtypes = [c_void_p]
+            shim.tdask_free_adopted.restype = None
+            shim.tdask_buffer_tag.restype = c_void_p
+            self.buffers: BufferOwner | None = BufferOwner(shim)
             self.alloc_fn = ctypes.cast(shim.tdask_alloc, c_void_p).value
             self.release_fn = ctypes.cast(shim.tdask_release, c_void_p).value
             self.complete_fn = ctypes.cast(shim.tdask_response_complete, c_void_p).value
@@ -475,6 +482,7 @@ class Completions:
             def request_release(request, flags, userp):  # type: ignore[no-untyped-def]
                 self._push((KIND_RELEASE, flags, request, userp or 0))
 
+            self.buffers = None  # outputs are copied out of malloc'd buffers
             callbacks = [ALLOC_FN(alloc), RELEASE_FN(release), COMPLETE_FN(complete), COMPLETE_FN(request_release)]
             self._keep = callbacks  # ctypes callbacks must outlive every call Triton makes
             self.alloc_fn, self.release_fn, self.complete_fn, self.request_release_fn = (
@@ -551,17 +559,62 @@ class Completions:
 # --------------------------------------------------------------------------- responses
 
 
+# Outputs from this size on are handed out without a copy (BufferOwner); smaller ones are copied
+# (a copy of a few KiB costs less than the finalizer an adopted buffer needs).
+ADOPT_MIN_BYTES = 64 * 1024
+
+
+class BufferOwner:
+    """Hands a response's output buffer (from the C shim's allocator) to a numpy array.
+
+    The array then owns the buffer: deleting the response leaves it alone, and when the array
+    (and every view of it) is collected the buffer goes back to the shim's pool.
+    """
+
+    def __init__(self, shim: ctypes.CDLL) -> None:
+        self._adopt = shim.tdask_adopt
+        self._free = shim.tdask_free_adopted
+        self.tag = shim.tdask_buffer_tag()
+        self.adopted = 0  # buffers handed out so far
+        self.adopted_bytes = 0
+
+    def take(self, address: int, size: int, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
+        """A read-only array over the buffer at ``address`` (of a response not deleted yet)."""
+        self._adopt(address)
+        memory = (ctypes.c_char * size).from_address(address)
+        weakref.finalize(memory, self._free, address)
+        array = np.frombuffer(memoryview(memory).cast("B"), dtype=dtype).reshape(shape)
+        array.flags.writeable = False
+        self.adopted += 1
+        self.adopted_bytes += size
+        return array
+
+
 class ResponseReader:
     """Reads a ``TRITONSERVER_InferenceResponse`` into numpy arrays; one per thread that reads.
 
     Its out-parameters are made once and reused by every call (the hot path of a request).
+    With ``buffers`` (the C shim's), outputs of at least :data:`ADOPT_MIN_BYTES` in buffers the
+    shim allocated are handed out without a copy; the rest are copied out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: BufferOwner | None = None) -> None:
+        self.buffers = buffers
         self._name, self._type, self._shape = c_char_p(), c_int(), POINTER(c_int64)()
         self._dims, self._base, self._size = c_uint64(), c_void_p(), c_size_t()
         self._count, self._pvalue = c_uint32(), c_void_p()
-        outs = (self._name, self._type, self._shape, self._dims, self._base, self._size, c_int(), c_int64(), c_void_p())
+        self._memory_type, self._userp = c_int(), c_void_p()
+        outs = (
+            self._name,
+            self._type,
+            self._shape,
+            self._dims,
+            self._base,
+            self._size,
+            self._memory_type,
+            c_int64(),
+            self._userp,
+        )
         self._keep = outs  # the byref()s below point into these
         self._output_args = tuple(ctypes.byref(o) for o in outs)
 
@@ -590,11 +643,21 @@ class ResponseReader:
             datatype = DATATYPES[self._type.value]
             shape = self._shape[: self._dims.value]
             size = self._size.value
-            raw = ctypes.string_at(self._base.value or 0, size) if size else b""
-            if datatype == "BYTES":
-                array = deserialize_bytes_tensor(raw).reshape(shape)
+            buffers = self.buffers
+            if (
+                buffers is not None
+                and size >= ADOPT_MIN_BYTES
+                and datatype != "BYTES"
+                and self._userp.value == buffers.tag
+                and self._memory_type.value == MEMORY_CPU
+            ):
+                array = buffers.take(self._base.value or 0, size, triton_to_np_dtype(datatype), shape)
             else:
-                array = np.frombuffer(raw, dtype=triton_to_np_dtype(datatype)).reshape(shape)
+                raw = ctypes.string_at(self._base.value or 0, size) if size else b""
+                if datatype == "BYTES":
+                    array = deserialize_bytes_tensor(raw).reshape(shape)
+                else:
+                    array = np.frombuffer(raw, dtype=triton_to_np_dtype(datatype)).reshape(shape)
             outputs[name] = array
             datatypes[name] = datatype
         parameters: dict[str, Any] = {}

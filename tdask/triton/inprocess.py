@@ -274,6 +274,7 @@ class InProcessServer(TritonServerBase):
             fn.ServerOptionsDelete(options)
         self._reaper = Reaper(os.getpid(), self._shm_prefix, kill_group=False)
         self.completions = capi.Completions(api, use_shim=self.use_shim)
+        self._reader = capi.ResponseReader(self.completions.buffers)  # outputs without a copy, with the shim
         allocator = c_void_p()
         api.check(
             fn.ResponseAllocatorNew(byref(allocator), self.completions.alloc_fn, self.completions.release_fn, None)
