@@ -112,7 +112,7 @@ class _ClientEndpoint:
         self.peer = client_peer(client)
         scheduler = str(getattr(client.scheduler, "address", "") or "")
         if isinstance(self.plane, DirectRequestPlane) and wire_wanted(scheduler):
-            self.peer.shortcut = self.plane  # host tensors over the workers' wires
+            self.peer.shortcut = self.plane.data  # host tensors over the workers' wires
 
     @property
     def closed(self) -> bool:

@@ -212,7 +212,7 @@ class OperatorHost(WorkerPlugin):
         self.plane.on_orphan = self.serving.release_orphan
         self.direct.serve(on_submit=self.serving.on_direct, on_cancel=self.serving.cancel, store=self.store)
         if isinstance(self.plane, DirectRequestPlane) and wire_wanted(worker.address):
-            self.store.shortcut = self.plane  # host tensors to and from other workers' wires
+            self.store.shortcut = self.plane.data  # host tensors to and from other workers' wires
         worker.handlers[Rpc.HOST_STATS] = self.serving.stats
         worker.handle_scheduler = self._handle_scheduler  # type: ignore[method-assign]
         self._metrics_token = export_worker(lambda: str(worker.name), self._live_metrics)

@@ -6,6 +6,7 @@ module          role
 ``base``        the contracts: a caller's :class:`RequestPlane`, a session's :class:`Transport`
 ``registry``    the caller's side of the scheduler's registry (who hosts what)
 ``direct``      the direct plane, both halves (default): callers to workers, no scheduler hop
+``data_calls``  host tensors fetched, placed and released on the direct plane's wire
 ``queue``       the queue plane, both halves: requests through the scheduler's queues
 ``broker``      the scheduler's half: the registry, the queues, leases and credits
 ``dashboard``   the broker's ``/tdask`` pages

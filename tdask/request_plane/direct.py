@@ -14,11 +14,8 @@ Worker side (:class:`DirectServer`): accepts callers' sessions (the ``tdask_dire
 handler and the wire listener), hands their requests to the worker host, routes answers back on
 the session they came from, and cancels what a caller left running when its session closes.
 
-Data calls (the :class:`~tdask.data_plane.Shortcut` of the caller's data plane): on a wire
-session, a caller fetches, places and releases host tensors of the worker's store with one
-frame each way (``data`` / ``data-reply``), instead of a Dask RPC per tensor. A call the session
-cannot carry (no wire, the session closed before the answer) answers None: the data plane then
-uses Dask's comm.
+Both halves also carry the data calls of :mod:`tdask.request_plane.data_calls` (host tensors
+fetched, placed and released on the wire session).
 
 Compared with the queue plane, a hop crosses two processes instead of four; load balancing is
 per caller instead of global.
@@ -35,40 +32,26 @@ from collections.abc import Callable
 from typing import Any
 
 import dask.config
-import numpy as np
 from distributed.comm import get_address_host
 from distributed.comm.core import CommClosedError
 from distributed.core import send_recv
 
 from tdask import protocol
-from tdask.config import get_bytes, get_seconds
+from tdask.config import get_seconds
 from tdask.data_plane import TensorStore, connect_peer, is_gone
 from tdask.exceptions import ClientClosedError, DataPlaneError, OperatorUnavailableError, TdaskError, WorkerLostError
-from tdask.protocol import (
-    DataAction,
-    Op,
-    ProtocolError,
-    RequestMsg,
-    ResponseMsg,
-    Rpc,
-    check_message,
-    check_request,
-    decode_inline,
-    encode_inline,
-)
+from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_message, check_request
 from tdask.request_plane.base import RequestPlane, ResponseStream, Transport
+from tdask.request_plane.data_calls import DataCalls, answer_data_call
 from tdask.request_plane.queue import QueueRequestPlane
 from tdask.request_plane.registry import Registry
 from tdask.request_plane.session import Session, open_session
-from tdask.request_plane.wire import MessageTooLargeError, WireServer, WireSession, wire_ssl_context, wire_wanted
+from tdask.request_plane.wire import WireServer, WireSession, wire_ssl_context, wire_wanted
 from tdask.request_plane.wire import open_session as open_wire
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DirectRequestPlane", "DirectServer", "order_hosts"]
-
-# Room left in a wire frame beside a tensor a data call carries (the message around it).
-_FRAME_ROOM = 64 * 1024
 
 # A worker whose session just closed is most likely dead: the registry may list it until the
 # scheduler notices, and dialing it would stall for the connect timeout.
@@ -103,8 +86,7 @@ class DirectRequestPlane(RequestPlane):
         self._lost: dict[str, float] = {}  # worker -> when its session closed: avoided for a while
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
-        self._calls: dict[int, tuple[str, asyncio.Future[dict[str, Any] | None]]] = {}  # data calls
-        self._next_call = 0
+        self.data = DataCalls(self._worker_session, lambda: self._closed)  # the data plane's shortcut
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -254,9 +236,7 @@ class DirectRequestPlane(RequestPlane):
     def _on_worker_message(self, worker: str, message: dict[str, Any]) -> None:
         op = check_message(message)
         if op == Op.DATA_REPLY:
-            call = self._calls.pop(message["call"], None)
-            if call is not None and call[0] == worker and not call[1].done():
-                call[1].set_result(message)
+            self.data.on_reply(worker, message)
             return
         if op == Op.REFUSED:
             # The worker does not (or no longer) host it: it is leaving. Another host takes the
@@ -330,11 +310,7 @@ class DirectRequestPlane(RequestPlane):
         await session.read_forever()
         if self._workers.get(worker) is session:
             del self._workers[worker]
-        for number, (owner, future) in list(self._calls.items()):
-            if owner == worker:  # unanswered data calls go through Dask's comm instead
-                del self._calls[number]
-                if not future.done():
-                    future.set_result(None)
+        self.data.worker_lost(worker)  # its unanswered data calls go through Dask's comm instead
         closing = self._closed or self.owner_closing()
         if not closing:
             self._lost[worker] = time.monotonic()
@@ -368,72 +344,6 @@ class DirectRequestPlane(RequestPlane):
                 resend.append(request)
         for request in resend:
             await self._resend(request, exclude=worker)
-
-    # -- data calls (tdask.data_plane.Shortcut) ---------------------------------------------
-
-    async def _data_call(
-        self, worker: str, action: str, payload: memoryview | None = None, **fields: Any
-    ) -> dict[str, Any] | None:
-        """One data call to ``worker`` over its wire session; None: use Dask's comm.
-
-        ``payload``, when given, travels as the message's ``bytes`` field without a copy here.
-        """
-        if self._closed or is_gone(worker) or not wire_wanted(worker):
-            return None
-        try:
-            session = await self._worker_session(worker)
-        except Exception as exc:  # unreachable: Dask's comm says so, with the data plane's errors
-            logger.debug("no session to %s for a data call: %s", worker, exc)
-            return None
-        if not isinstance(session, WireSession) or session.closed.is_set():
-            return None
-        self._next_call += 1
-        number = self._next_call
-        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-        self._calls[number] = (worker, future)
-        try:
-            await session.drain()
-            message = protocol.data(number, action, **fields)
-            if payload is None:
-                session.send(message)
-            else:
-                session.send_with_payload(message, "bytes", payload)
-            reply = await future
-        except (MessageTooLargeError, CommClosedError, OSError):
-            return None
-        finally:
-            self._calls.pop(number, None)
-        if reply is None or reply["status"] == "refused":
-            return None
-        return reply
-
-    async def fetch_tensor(self, owner: str, tensor_id: str) -> tuple[bool, Any] | None:
-        """Fetch a host tensor of ``owner``'s store over the wire (see :class:`~tdask.data_plane.Shortcut`)."""
-        reply = await self._data_call(owner, DataAction.FETCH, tensor_id=tensor_id)
-        if reply is None:
-            return None
-        if reply["status"] != "OK":
-            return (False, None)
-        try:
-            return (True, decode_inline({"nd": [*reply["tensor"], reply["bytes"]]}))
-        except Exception as exc:  # a malformed answer: Dask's comm gets a second chance
-            logger.warning(
-                "tensor %s from %s could not be decoded (%s); fetching it over Dask's comm", tensor_id, owner, exc
-            )
-            return None
-
-    async def put_tensor(self, owner: str, tensor_id: str, array: Any) -> bool | None:
-        """Place a host array in ``owner``'s store over the wire."""
-        if array.nbytes > get_bytes("tdask.wire.max-frame") - _FRAME_ROOM:
-            return None
-        form, shape, data = encode_inline(array)["nd"]
-        reply = await self._data_call(owner, DataAction.PUT, data, tensor_id=tensor_id, tensor=[form, shape])
-        return None if reply is None else reply["status"] == "OK"
-
-    async def release_tensors(self, owner: str, tensor_ids: list[str]) -> bool | None:
-        """Release tensors of ``owner``'s store over the wire."""
-        reply = await self._data_call(owner, DataAction.RELEASE, tensor_ids=tensor_ids)
-        return None if reply is None else reply["status"] == "OK"
 
     async def cancel(self, request_id: str) -> None:
         """Cancel on the worker holding it, or through the broker."""
@@ -608,58 +518,9 @@ class DirectServer:
         elif op == Op.CANCEL:
             self._on_cancel([[requester, request_id] for request_id in message["request_ids"]])
         elif op == Op.DATA:
-            self._on_data(session, message)
+            answer_data_call(self.store, session, message)
         else:
             raise ProtocolError(f"a direct caller may not send {op!r}")
-
-    def _on_data(self, session: Transport, message: dict[str, Any]) -> None:
-        """Answer a data call.
-
-        A malformed one closes the session (its caller's calls then go over Dask's comm) rather
-        than leaving it without an answer.
-        """
-        try:
-            self._answer_data(session, message)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"a malformed data call ({type(exc).__name__}: {exc})") from None
-
-    def _answer_data(self, session: Transport, message: dict[str, Any]) -> None:
-        """Answer a data call from the store; anything it cannot serve here is refused."""
-        number, action, store = message["call"], message["action"], self.store
-        if store is None:
-            session.send(protocol.data_reply(number, "refused"))
-            return
-        if action == DataAction.FETCH:
-            array = store.peek(message["tensor_id"])
-            if array is None:
-                session.send(protocol.data_reply(number, "missing"))
-                return
-            if not isinstance(array, np.ndarray) or array.dtype.kind == "O":  # a device tensor: UCX moves it
-                session.send(protocol.data_reply(number, "refused"))
-                return
-            form, shape, data = encode_inline(array)["nd"]
-            try:
-                if isinstance(session, WireSession):  # the tensor's memory, handed to the socket as it is
-                    reply = protocol.data_reply(number, "OK", tensor=[form, shape])
-                    session.send_with_payload(reply, "bytes", data)
-                else:
-                    session.send(protocol.data_reply(number, "OK", tensor=[form, shape], bytes=data))
-            except MessageTooLargeError:  # above tdask.wire.max-frame: Dask's comm moves it
-                session.send(protocol.data_reply(number, "refused"))
-                return
-            store.serve(message["tensor_id"])  # counted once it left
-        elif action == DataAction.PUT:
-            try:
-                array = decode_inline({"nd": [*message["tensor"], message["bytes"]]})
-            except TdaskError as exc:  # not a tensor's bytes
-                raise ProtocolError(f"a data call carried no tensor: {exc}") from None
-            store.keep(message["tensor_id"], array)
-            session.send(protocol.data_reply(number, "OK"))
-        elif action == DataAction.RELEASE:
-            store.drop(message["tensor_ids"])
-            session.send(protocol.data_reply(number, "OK"))
-        else:
-            session.send(protocol.data_reply(number, "refused"))
 
     def route(self, response: ResponseMsg) -> Transport | None:
         """The session that ``response`` goes back on (None: it came through the broker)."""

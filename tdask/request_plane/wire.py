@@ -69,9 +69,7 @@ _PACK_SIZE = 16 * 1024  # the packer's initial buffer (msgpack's default is 256 
 _LOG_EVERY = 60.0  # seconds between two warnings of one kind from one server (refusals, silent peers)
 
 
-class _Parts(list):
-    """One message packed as several buffers (its last one a payload sent without a copy)."""
-
+class _Parts(list):  # one message packed as several buffers, its last a payload not copied
     nbytes = 0
 
 
@@ -79,23 +77,11 @@ def _bin_header(size: int) -> bytes:
     """The msgpack header of a ``bin`` of ``size`` bytes."""
     if size < 0x100:
         return b"\xc4" + size.to_bytes(1, "big")
-    if size < 0x10000:
-        return b"\xc5" + size.to_bytes(2, "big")
-    return b"\xc6" + size.to_bytes(4, "big")
+    return b"\xc5" + size.to_bytes(2, "big") if size < 0x10000 else b"\xc6" + size.to_bytes(4, "big")
 
 
 def _flatten(batch: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for item in batch:
-        if type(item) is _Parts:
-            out.extend(item)
-        else:
-            out.append(item)
-    return out
-
-
-def _nbytes(item: Any) -> int:
-    return item.nbytes if type(item) is _Parts else len(item)
+    return [part for item in batch for part in (item if type(item) is _Parts else (item,))]
 
 
 class WireProtocolError(ProtocolError):
@@ -284,11 +270,9 @@ class WireSession(asyncio.BufferedProtocol):
         """Move the incomplete frame to the front, into a larger buffer if it needs one."""
         pending = self._rend - self._rstart
         size = max(_READ_SIZE, pending + _MIN_READ)
-        if self._need > size:
-            if self._limit > _MAX_HELLO:  # a large frame from a peer that said hello: room for
-                size = self._need + _MIN_READ  # all of it at once (Dask's comm does the same)
-            else:  # before the hello, room grows with what arrived (a header reserves nothing)
-                size = max(size, min(self._need, 2 * pending))
+        if self._need > size:  # a large frame: room for all of it once the peer said hello (as
+            # Dask's comm); before, room grows with what arrived (a header alone reserves nothing)
+            size = self._need + _MIN_READ if self._limit > _MAX_HELLO else max(size, min(self._need, 2 * pending))
         if size <= len(self._rbuf):  # then _rstart > 0: there was room before it
             self._rbuf[:pending] = self._rbuf[self._rstart : self._rend]
         else:
@@ -389,20 +373,23 @@ class WireSession(asyncio.BufferedProtocol):
         TypeError
             The message holds something msgpack cannot encode; the session stays open.
         """
-        if self.closed.is_set() or self._transport is None or self._transport.is_closing():
-            raise CommClosedError(f"tdask wire session {self.name} is closed")
+        self._check_open()
         data = self._packer.pack(message)
         size = len(data)
         if size > _KEEP_READ:  # do not keep the room a large message took
             self._packer = msgpack.Packer(use_bin_type=True, buf_size=_PACK_SIZE)
+        self._enqueue(data, size)
+
+    def _check_open(self) -> None:
+        if self.closed.is_set() or self._transport is None or self._transport.is_closing():
+            raise CommClosedError(f"tdask wire session {self.name} is closed")
+
+    def _enqueue(self, data: bytes | _Parts, size: int) -> None:
         if size >= self._max_frame:
             raise MessageTooLargeError(
                 f"a message of {size} bytes does not fit in one frame of tdask's wire "
                 f"(tdask.wire.max-frame: {self._max_frame} bytes)"
             )
-        self._enqueue(data, size)
-
-    def _enqueue(self, data: bytes | _Parts, size: int) -> None:
         self._outbox.append(data)
         self._queued += size
         if self._paused or self._flush_pending:
@@ -414,15 +401,13 @@ class WireSession(asyncio.BufferedProtocol):
             self._write_outbox()
 
     def send_with_payload(self, message: dict[str, Any], key: str, payload: memoryview) -> None:
-        """Queue ``message`` with ``payload`` as the ``bin`` value of one more key, not copied.
+        """Queue ``message`` plus ``key``: ``payload`` (a ``bin``), the payload not copied.
 
-        The peer receives an ordinary message (``message`` plus ``key``: the payload's bytes);
-        here the payload is handed to the transport as it is (a tensor's memory), where
-        :meth:`send` would copy it twice (into msgpack's buffer, then out of it). The payload
-        must not change until it is written. Raises as :meth:`send` does.
+        The peer receives an ordinary message; here the payload (a tensor's memory, which must
+        not change until written) goes to the transport as it is, where :meth:`send` would copy
+        it twice. Raises as :meth:`send` does.
         """
-        if self.closed.is_set() or self._transport is None or self._transport.is_closing():
-            raise CommClosedError(f"tdask wire session {self.name} is closed")
+        self._check_open()
         payload = payload.cast("B") if payload.format != "B" or payload.ndim != 1 else payload
         head = bytearray(self._packer.pack_map_header(len(message) + 1))
         for name, value in message.items():
@@ -432,11 +417,6 @@ class WireSession(asyncio.BufferedProtocol):
         head += _bin_header(len(payload))
         parts = _Parts((bytes(head), payload))
         parts.nbytes = size = len(head) + len(payload)
-        if size >= self._max_frame:
-            raise MessageTooLargeError(
-                f"a message of {size} bytes does not fit in one frame of tdask's wire "
-                f"(tdask.wire.max-frame: {self._max_frame} bytes)"
-            )
         self._enqueue(parts, size)
 
     def _overflow(self) -> None:
@@ -492,7 +472,8 @@ class WireSession(asyncio.BufferedProtocol):
         while index < count and (force or not self._paused) and not transport.is_closing():
             stop, size = index, 0
             while stop < count:  # the longest run from index that fits one frame (one message always does)
-                item = _nbytes(batch[stop])
+                entry = batch[stop]
+                item = entry.nbytes if isinstance(entry, _Parts) else len(entry)
                 items = stop - index + 1
                 head = 1 if items < 16 else 3 if items < 0x10000 else 5
                 if stop > index and size + item + head > limit:

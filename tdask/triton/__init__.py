@@ -7,6 +7,9 @@
 - :mod:`~tdask.triton.model_config`: a model's ``config.pbtxt`` with a load-time override merged in.
 - :mod:`~tdask.triton.server`: :class:`TritonServer`, the lifecycle (start, load, unload, stop).
 - :mod:`~tdask.triton.http_client`: the lean HTTP client on every request's hot path.
+- :mod:`~tdask.triton.inprocess`: Triton in the worker's own process (the default mode), over
+  :mod:`~tdask.triton.capi` (the C API binding and the C shim's callbacks) and
+  :mod:`~tdask.triton.responses` (responses read into numpy, large outputs without a copy).
 - :mod:`~tdask.triton.operator`: ``TritonCoreOperator``, a model as a tdask operator. It is not
   imported here, so the server side never depends on the operator API; workers import it by
   name when an ``OperatorConfig`` says ``implementation="triton"``.

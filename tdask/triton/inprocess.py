@@ -47,6 +47,7 @@ from tdask.triton.base import Status, TritonServerBase, TritonServerError
 from tdask.triton.http_client import InferResult, TritonHttpError
 from tdask.triton.inprocess_setup import prepare_process, server_options
 from tdask.triton.process import WORKDIR_PREFIX, Reaper, remove_shm_regions, sweep_stale_leftovers
+from tdask.triton.responses import ResponseReader
 
 if TYPE_CHECKING:
     from tdask.triton.inprocess_client import InProcessClient
@@ -165,7 +166,7 @@ class InProcessServer(TritonServerBase):
         self.broken: str | None = None  # why the server cannot serve on (a load that never returns)
         self._exit_callbacks: list[Callable[[int], object]] = []
         self._decoupled: dict[str, bool] = {}
-        self._reader = capi.ResponseReader()  # all responses are read on the loop's thread
+        self._reader = ResponseReader()  # all responses are read on the loop's thread
 
     # ------------------------------------------------------------------ what the operator and plugin read
 
@@ -274,7 +275,7 @@ class InProcessServer(TritonServerBase):
             fn.ServerOptionsDelete(options)
         self._reaper = Reaper(os.getpid(), self._shm_prefix, kill_group=False)
         self.completions = capi.Completions(api, use_shim=self.use_shim)
-        self._reader = capi.ResponseReader(self.completions.buffers)  # outputs without a copy, with the shim
+        self._reader = ResponseReader(self.completions.buffers)  # outputs without a copy, with the shim
         allocator = c_void_p()
         api.check(
             fn.ResponseAllocatorNew(byref(allocator), self.completions.alloc_fn, self.completions.release_fn, None)
