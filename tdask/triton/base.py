@@ -10,8 +10,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import logging
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -120,6 +122,19 @@ class TritonServerBase(abc.ABC):
     def shm_region_prefix(self) -> str:
         """Prefix of the python backend's shared-memory regions (``/dev/shm/<prefix>*``)."""
         return self._shm_prefix
+
+    def _log_loaded(self, model: str, began: float, override: bool) -> None:
+        """Log that ``model`` loaded (``began``: ``time.monotonic()`` when its load started).
+
+        Under the logger of the server kind's own module, as each logged it before.
+        """
+        logging.getLogger(type(self).__module__).info(
+            "Triton server %r loaded model %r in %.2fs%s",
+            self.name,
+            model,
+            time.monotonic() - began,
+            " with a config override" if override else "",
+        )
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """Return what this server wrote to its log that explains a failure.

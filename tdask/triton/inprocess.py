@@ -394,13 +394,7 @@ class InProcessServer(TritonServerBase):
             raise TritonServerError(f"loading model {model!r} on Triton server {self.name!r} failed: {api.error(err)}")
         decoupled = (self.model_config(model, config).get("model_transaction_policy") or {}).get("decoupled")
         self._decoupled[model] = bool(decoupled)
-        logger.info(
-            "Triton server %r loaded model %r in %.2fs%s",
-            self.name,
-            model,
-            time.monotonic() - began,
-            " with a config override" if payload else "",
-        )
+        self._log_loaded(model, began, bool(payload))
 
     async def unload_model(self, model: str, *, wait: bool = True, timeout_s: float = 30.0) -> None:
         """Unload ``model``; with ``wait``, return once the repository index no longer shows it loaded."""

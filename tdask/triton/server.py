@@ -528,13 +528,7 @@ class TritonServer(TritonServerBase):
             raise self._request_failed(f"loading model {model!r} on Triton server {self.name!r}", exc) from exc
         finally:
             await client.close()
-        logger.info(
-            "Triton server %r loaded model %r in %.2fs%s",
-            self.name,
-            model,
-            time.monotonic() - began,
-            " with a config override" if payload else "",
-        )
+        self._log_loaded(model, began, bool(payload))
 
     async def unload_model(self, model: str, *, wait: bool = True, timeout_s: float = 30.0) -> None:
         """Unload ``model``; with ``wait``, return only once Triton reports it unloaded.
