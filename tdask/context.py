@@ -10,12 +10,38 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from tdask.data_plane import TensorScope, TensorStore
+    from tdask.data_plane import DataPlanePeer, RemoteTensor, TensorScope, TensorStore
+    from tdask.request_plane import RequestPlane
 
-__all__ = ["ServingContext", "current"]
+__all__ = ["Endpoint", "ServingContext", "current"]
+
+
+class Endpoint(Protocol):
+    """What :class:`tdask.RemoteOperator` sends through: a request plane and a data plane.
+
+    Two implementations: a client's (``tdask.remote``, one per ``Client``) and, inside an
+    operator, its worker's (:class:`tdask.host.plugin.WorkerEndpoint`).
+    """
+
+    #: Whether large outputs are fetched by default (a client: yes; inside an operator: no, so
+    #: that descriptors can be forwarded by reference).
+    fetch_default: bool
+    #: The caller plane requests go through.
+    plane: RequestPlane
+    #: Fetches, places and releases tensors.
+    peer: DataPlanePeer
+
+    @property
+    def closed(self) -> bool:
+        """Whether no request can be sent through it any more."""
+        ...
+
+    async def place(self, key: str, array: Any, wait_s: float) -> RemoteTensor:
+        """Store a large input where the operator ``key`` can pull it (waiting ``wait_s`` for a host)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +63,7 @@ class ServingContext:
         calls made while serving inherit it.
     """
 
-    endpoint: Any
+    endpoint: Endpoint
     store: TensorStore
     scope: TensorScope
     deadline: float | None

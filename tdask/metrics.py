@@ -3,7 +3,7 @@
 Workers measure (:mod:`tdask.host.metrics`: observed where requests are served) and report a
 snapshot of their counters to the scheduler with their periodic stats
 (``tdask.worker.report-interval``); the scheduler keeps the latest snapshot of every worker
-(:mod:`tdask.request_plane.metrics`). Both export the *same* Prometheus families, built here from
+(:mod:`tdask.scheduler.cluster_metrics`). Both export the *same* Prometheus families, built here from
 the same snapshot shape, so a query works unchanged on a worker's ``/metrics`` (that worker) and
 on the scheduler's (the whole cluster)::
 

@@ -298,7 +298,6 @@ class Request:
         store: TensorStore,
         send: SendFn,
         requester: str = "",
-        via_broker: bool = False,
     ) -> None:
         self.request_id = request_id
         self.operator = operator
@@ -313,8 +312,6 @@ class Request:
         self.finished = False
         #: Who sent the request (a client id, or a worker's requester name).
         self.requester = requester
-        #: Whether the broker leased it here (it holds a broker credit until it finishes).
-        self.via_broker = via_broker
         #: The requests executed together with this one (itself included), set by the host.
         self.batch: tuple[Request, ...] = ()
         #: ``time.perf_counter()`` when it reached its worker and when its batch started, set

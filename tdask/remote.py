@@ -15,13 +15,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from dask.utils import parse_timedelta
 
 from tdask import context, protocol
 from tdask.config import RequestSettings
-from tdask.data_plane import DataPlanePeer, RemoteTensor, client_peer, is_gone
+from tdask.context import Endpoint
+from tdask.data_plane import DataPlanePeer, RemoteTensor, client_peer
 from tdask.exceptions import (
     ClientClosedError,
     DataPlaneError,
@@ -34,15 +35,8 @@ from tdask.exceptions import (
     error_from_msg,
 )
 from tdask.protocol import ResponseMsg, operator_key
-from tdask.request_plane import (
-    BrokerSession,
-    DirectRequestPlane,
-    Registry,
-    RequestPlane,
-    ResponseStream,
-    make_request_plane,
-)
-from tdask.request_plane.wire import wire_wanted
+from tdask.request_plane import BrokerSession, Registry, RequestPlane, ResponseStream, make_request_plane
+from tdask.transport import is_gone
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +93,13 @@ class Response:
             await self._peer.release(remote)
 
 
+# Where a Client keeps its endpoint: its extensions, where distributed keeps per-client state of
+# its own (``pubsub``), so tdask hangs no attribute on the Client.
+_EXTENSION = "tdask"
+
+
 class _ClientEndpoint:
-    """Request plane and data plane of a Client (one per client, created on first use)."""
+    """Request plane and data plane of a Client (an :class:`~tdask.context.Endpoint`, one per client)."""
 
     fetch_default = True
 
@@ -110,9 +109,7 @@ class _ClientEndpoint:
         self.plane: RequestPlane = make_request_plane(broker, connection_args=client.connection_args)
         self.plane.owner_closing = lambda: self.closed
         self.peer = client_peer(client)
-        scheduler = str(getattr(client.scheduler, "address", "") or "")
-        if isinstance(self.plane, DirectRequestPlane) and wire_wanted(scheduler):
-            self.peer.shortcut = self.plane.data  # host tensors over the workers' wires
+        self.peer.shortcut = self.plane.shortcut  # host tensors to and from workers, where it can
 
     @property
     def closed(self) -> bool:
@@ -121,10 +118,10 @@ class _ClientEndpoint:
 
     @classmethod
     def of(cls, client: Client) -> _ClientEndpoint:
-        endpoint = getattr(client, "_tdask_endpoint", None)
-        if endpoint is None:
-            endpoint = cls(client)
-            setattr(client, "_tdask_endpoint", endpoint)  # noqa: B010 - a Client has no slot for it
+        """The client's endpoint, kept among the client's extensions (``Client.extensions``)."""
+        endpoint = client.extensions.get(_EXTENSION)
+        if not isinstance(endpoint, cls):
+            endpoint = client.extensions[_EXTENSION] = cls(client)
         return endpoint
 
     async def place(self, key: str, array: Any, wait_s: float) -> RemoteTensor:
@@ -184,7 +181,7 @@ class RemoteOperator:
         return (RemoteOperator, (self.name,), {"version": self.version, "key": self.key, "_client": None})
 
     # -- facade --
-    def _endpoint(self) -> Any:
+    def _endpoint(self) -> Endpoint:
         if self._client is None:
             serving = context.current.get()
             if serving is not None:
@@ -194,7 +191,7 @@ class RemoteOperator:
             self._client = get_client()
         return _ClientEndpoint.of(self._client)
 
-    def _is_blocking(self, endpoint: Any) -> bool:
+    def _is_blocking(self, endpoint: Endpoint) -> TypeGuard[_ClientEndpoint]:
         if not isinstance(endpoint, _ClientEndpoint):
             return False
         client = endpoint.client
@@ -274,7 +271,7 @@ class RemoteOperator:
             return endpoint.client.sync(lambda: self._wait(endpoint, timeout_s))
         return self._wait(endpoint, timeout_s)
 
-    async def _wait(self, endpoint: Any, timeout_s: float) -> list[str]:
+    async def _wait(self, endpoint: Endpoint, timeout_s: float) -> list[str]:
         registry = endpoint.plane.registry
         deadline = time.monotonic() + timeout_s
         while True:
@@ -318,7 +315,14 @@ class RemoteOperator:
         return call
 
     async def _infer(
-        self, endpoint: Any, inputs: Any, parameters: Any, request_id: Any, timeout: Any, fetch: Any, route: Any = None
+        self,
+        endpoint: Endpoint,
+        inputs: Any,
+        parameters: Any,
+        request_id: Any,
+        timeout: Any,
+        fetch: Any,
+        route: Any = None,
     ) -> Response:
         call = _Call(self, endpoint, inputs, parameters, request_id, timeout, fetch, route)
         best: Response | None = None
@@ -330,9 +334,9 @@ class RemoteOperator:
         return best
 
 
-def _check_open(endpoint: Any, operator: str, request_id: str | None) -> None:
+def _check_open(endpoint: Endpoint, operator: str, request_id: str | None) -> None:
     """Raise :class:`ClientClosedError` when ``endpoint``'s client is closed (or closing)."""
-    if getattr(endpoint, "closed", False):
+    if endpoint.closed:
         raise ClientClosedError(
             "the client this request would go through is closed", operator=operator, request_id=request_id
         )
@@ -355,7 +359,7 @@ class _Call(AsyncIterator[Response]):
     def __init__(
         self,
         op: RemoteOperator,
-        endpoint: Any,
+        endpoint: Endpoint,
         inputs: Any,
         parameters: Any,
         request_id: Any,

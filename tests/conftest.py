@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
+import re
+import shlex
 import sys
-from collections.abc import Callable, Coroutine
+import threading
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import psutil
+import pytest
 from distributed import Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,3 +134,207 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             for name, value in getattr(report, "user_properties", []):
                 if name == "figures":
                     terminalreporter.write_line(f"{report.nodeid}: {value}")
+
+
+# ---------------------------------------------------------------------------- the `cluster` marker
+#
+# `python -m pytest -m "not cluster"` is the fast tier: the tests that start no Dask cluster, no
+# Triton, no worker or tdask/dask process, no browser and no network namespace. A test that starts
+# any of these, itself or through a fixture, must be marked `cluster` (pyproject.toml). So that the
+# marker cannot rot, a test without it that starts one of them fails, naming what it started:
+# the entry points below report every start while a test (its fixtures included) runs, and a
+# fixture seen starting one (say a module's cluster) is remembered, so that a test without the
+# marker that uses it fails too, even when the fixture was already set up for an earlier test.
+
+_PROGRAMS = {
+    "dask",
+    "tdask",
+    "tritonserver",
+    "triton_python_backend_stub",
+    "chromium",
+    "chromium-browser",
+    "chrome",
+    "headless_shell",
+    "node",
+    "ip",
+    "iptables",
+    "unshare",
+    "nsenter",
+    "bash",
+    "sh",
+}
+# Modules that are programs tdask's tests run (``python -m ...``); ``pip`` and ``venv`` are not.
+_PROGRAM_MODULES = ("tdask", "distributed", "dask", "dask_cuda", "examples", "bench", "tests")
+# What in a ``python -c`` snippet starts a cluster, Triton, a caller or a command (an import and a
+# print do not).
+_SNIPPET_STARTS = re.compile(
+    r"Triton|InProcess|Server|Client\(|Deployment|Cluster|Scheduler|Worker|Nanny|Remote|Popen|main\("
+)
+
+
+def _what_a_command_starts(args: Any, shell: bool) -> str | None:
+    """What a command line starts that only a `cluster` test may, or None for a tool (pip, hadolint, ...)."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        argv = shlex.split(os.fsdecode(args)) if shell else [os.fsdecode(args)]
+    else:
+        argv = [os.fsdecode(a) for a in args]
+    if not argv:
+        return None
+    name = os.path.basename(argv[0])
+    if name in _PROGRAMS or name.startswith(("dask-", "tdask-")) or "playwright" in argv[0]:
+        return f"the process {' '.join(argv[:4])!r}"
+    if not name.startswith("python"):
+        return None
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg == "-c":
+            code = next(rest, "")
+            return f"a Python process running {code[:60]!r}" if _SNIPPET_STARTS.search(code) else None
+        if arg == "-m":
+            module = next(rest, "")
+            return f"the process 'python -m {module}'" if module.split(".")[0] in _PROGRAM_MODULES else None
+        if arg in ("-X", "-W"):
+            next(rest, None)
+        elif not arg.startswith("-"):
+            return f"the Python program {arg!r}"
+    return None
+
+
+class _ClusterGuard:
+    """Who is running (the test and the fixtures being set up) and what was started while it ran."""
+
+    def __init__(self) -> None:
+        self.item: Any = None
+        self.fixtures: list[tuple[str, str]] = []  # (baseid, name) of the fixtures being set up
+        self.starters: dict[tuple[str, str], str] = {}  # fixture -> what it started
+        self.violations: list[str] = []
+        self.undo: list[Callable[[], None]] = []
+
+    def started(self, what: str) -> None:
+        for fixture in self.fixtures:
+            self.starters.setdefault(fixture, what)
+        item = self.item
+        if item is not None and item.get_closest_marker("cluster") is None:
+            message = f"{item.nodeid} starts {what} but is not marked `cluster`: add @pytest.mark.cluster"
+            self.violations.append(message)
+            raise _NotMarkedCluster(message)
+
+    def patch(self, owner: Any, name: str, what: str) -> None:
+        original = owner.__dict__[name]
+        guard = self
+        if inspect.iscoroutinefunction(original):
+
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                guard.started(what)
+                return await original(*args, **kwargs)
+        else:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+                guard.started(what)
+                return original(*args, **kwargs)
+
+        functools.update_wrapper(wrapper, original)
+        setattr(owner, name, wrapper)
+        self.undo.append(lambda: setattr(owner, name, original))
+
+    def install(self) -> None:
+        import multiprocessing.process
+        import subprocess
+
+        from distributed import Nanny, Scheduler, SpecCluster, Worker
+
+        from tdask.triton.base import TritonServerBase
+
+        start = multiprocessing.process.BaseProcess.start
+        guard = self
+
+        @functools.wraps(start)
+        def start_process(self: Any) -> None:
+            # The test's own thread only: a Nanny (re)starts its worker process from a thread of its
+            # own, also when an earlier test killed a worker of a module's cluster.
+            if threading.current_thread() is threading.main_thread():
+                guard.started("a process (multiprocessing)")
+            start(self)
+
+        multiprocessing.process.BaseProcess.start = start_process  # type: ignore[method-assign]
+        self.undo.append(lambda: setattr(multiprocessing.process.BaseProcess, "start", start))
+        for cls in (SpecCluster, Scheduler, Worker, Nanny):
+            self.patch(cls, "__init__", f"a Dask {cls.__name__}")
+        self.patch(TritonServerBase, "start", "a Triton server")
+
+        popen_init = subprocess.Popen.__init__
+
+        @functools.wraps(popen_init)
+        def popen(self: Any, args: Any, *rest: Any, **kwargs: Any) -> None:
+            what = _what_a_command_starts(args, bool(kwargs.get("shell")))
+            if what is not None:
+                guard.started(what)
+            popen_init(self, args, *rest, **kwargs)
+
+        subprocess.Popen.__init__ = popen  # type: ignore[method-assign]
+        self.undo.append(lambda: setattr(subprocess.Popen, "__init__", popen_init))
+
+    def uninstall(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+
+
+class _NotMarkedCluster(Exception):
+    pass
+
+
+_GUARD = _ClusterGuard()
+
+
+def pytest_sessionstart(session: Any) -> None:
+    _GUARD.install()
+
+
+def pytest_sessionfinish(session: Any) -> None:
+    _GUARD.uninstall()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: Any, request: Any) -> Any:
+    _GUARD.fixtures.append((fixturedef.baseid, fixturedef.argname))
+    try:
+        return (yield)
+    finally:
+        _GUARD.fixtures.pop()
+
+
+def _guarded(item: Any, phase: str) -> Generator[None, Any, Any]:
+    _GUARD.item, _GUARD.violations = item, []
+    if phase == "setup" and item.get_closest_marker("cluster") is None:
+        info = getattr(item, "_fixtureinfo", None)
+        fixturedefs = info.name2fixturedefs if info is not None else {}
+        for name in item.fixturenames:
+            for fixturedef in fixturedefs.get(name, ()):
+                what = _GUARD.starters.get((fixturedef.baseid, fixturedef.argname))
+                if what is not None:
+                    pytest.fail(
+                        f"{item.nodeid} uses the fixture {name!r}, which starts {what}, but is not marked"
+                        " `cluster`: add @pytest.mark.cluster",
+                        pytrace=False,
+                    )
+    try:
+        return (yield)
+    finally:
+        violations, _GUARD.item, _GUARD.violations = _GUARD.violations, None, []
+        if violations:  # also where the code under test caught the guard's error, or wrapped it
+            pytest.fail("\n".join(violations), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: Any) -> Generator[None, Any, Any]:
+    return (yield from _guarded(item, "setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: Any) -> Generator[None, Any, Any]:
+    return (yield from _guarded(item, "call"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: Any, nextitem: Any) -> Generator[None, Any, Any]:
+    return (yield from _guarded(item, "teardown"))

@@ -134,12 +134,12 @@ def run(address: str, operator: str, count: int, inflight: int, size: int, pause
             tasks = [asyncio.create_task(one(i)) for i in range(count)]
             if pause_after:
                 await paused.wait()
-                plane = client._tdask_endpoint.plane  # this client's own sessions, before the change
+                plane = client.extensions["tdask"].plane  # this client's own sessions, before the change
                 emit(paused=True, sessions={a: type(s).__name__ for a, s in plane._workers.items()})
                 await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
                 resume.set()
             await asyncio.gather(*tasks)
-            plane = client._tdask_endpoint.plane
+            plane = client.extensions["tdask"].plane
             emit(
                 results=sorted(results, key=lambda r: r["i"]),
                 correct=sum(1 for r in results if r.get("ok")),

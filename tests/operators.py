@@ -77,7 +77,10 @@ class Streamer(Operator):
 
 
 class Forward(Operator):
-    """Orchestrator: calls ``first`` then ``second``, forwarding the tensor by reference."""
+    """Orchestrator: calls ``first`` then ``second``, forwarding the tensor by reference.
+
+    With the parameter ``copy``, it fetches ``first``'s outputs and sends copies of its own.
+    """
 
     async def setup(self):
         self.first = RemoteOperator(self.parameters.get("first", "producer"))
@@ -87,7 +90,10 @@ class Forward(Operator):
         for request in requests:
             a = await self.first.infer(inputs=request.inputs, parameters=request.parameters)
             assert all(isinstance(v, RemoteTensor) or v.nbytes <= 65536 for v in a.outputs.values())
-            b = await self.second.infer(inputs=a.outputs)
+            outputs = a.outputs
+            if request.parameters.get("copy"):  # arrays of its own: this worker places them for `second`
+                outputs = {name: np.array(value) for name, value in (await a.fetch()).items()}
+            b = await self.second.infer(inputs=outputs)
             await request.response_sender().send(outputs=b.outputs, parameters=b.parameters)
 
 

@@ -50,6 +50,7 @@ def client():
     assert_no_children()
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("size", [3, 5_000])  # small, and over 64 KiB of element objects
 def test_bytes_through_python_operators_and_a_hop(client, size):
     text = np.array([f"w{i}".encode() for i in range(size)], dtype=object)
@@ -58,6 +59,7 @@ def test_bytes_through_python_operators_and_a_hop(client, size):
         assert out.dtype == object and out.tolist() == text.tolist()
 
 
+@pytest.mark.cluster
 def test_bytes_through_a_triton_model(client):
     text = np.array([b"hello", "w\u00f6rld", b""], dtype=object)
     out = RemoteOperator("bytes_upper", client=client).infer(inputs={"text": text}).outputs["upper"]

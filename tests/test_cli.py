@@ -40,6 +40,7 @@ def test_check_passes_here_with_one_line_per_check():
     assert re.search(r"tdask [\d.]+, dask [\d.]+, distributed [\d.]+", by_name["versions"])
 
 
+@pytest.mark.cluster
 def test_check_json_is_one_object():
     """Through ``python -m tdask.cli``, as a user runs it."""
     result = subprocess.run(
@@ -114,6 +115,7 @@ def test_dask_tdask_through_the_dask_cli_entry_point():
     assert result.output.startswith("OK   tritonserver")
 
 
+@pytest.mark.cluster
 def test_hello_world_through_the_group(tmp_path):
     since = time.time()
     args = ["hello-world", "--requests-per-client", "20", "--dashboard-address", "127.0.0.1:0"]

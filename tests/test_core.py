@@ -25,7 +25,7 @@ from tdask import (
     RequestCancelledError,
     RequestTimeoutError,
 )
-from tests.conftest import assert_no_children, run_async, store_stats
+from tests.conftest import assert_no_children, run_async, store_stats, wait_for
 from tests.operators import Add, Consumer, Echo, Fail, Forward, Identity, Producer, Streamer
 
 pytestmark = pytest.mark.timeout(240)
@@ -57,6 +57,7 @@ def client(deployment) -> Client:
     return deployment.client
 
 
+@pytest.mark.cluster
 def test_sync_round_trip(client):
     op = RemoteOperator("add", client=client)
     response = op.infer(inputs={"a": np.arange(5), "b": np.ones(5, dtype=np.int64)})
@@ -64,6 +65,7 @@ def test_sync_round_trip(client):
     assert response.final and response.operator == "add" and response.worker.startswith("tcp://127.0.0.1:")
 
 
+@pytest.mark.cluster
 def test_many_concurrent_requests_spread_and_bounded(deployment, client):
     async def go(c):
         op = RemoteOperator("add", client=c)
@@ -86,10 +88,11 @@ def test_many_concurrent_requests_spread_and_bounded(deployment, client):
         assert s["add/1"]["max_inflight_seen"] <= 2
 
 
+@pytest.mark.cluster
 def test_broker_credits_come_back_to_the_limit(deployment, client):
     """After a burst, the broker holds exactly max_inflight_requests credits per worker: requests
     sent directly to a worker took none, so finishing them must not grant any."""
-    from tdask.request_plane.broker import BROKER_NAME
+    from tdask.scheduler.broker import BROKER_NAME
     from tests.conftest import wait_for
 
     async def go(c):
@@ -108,6 +111,7 @@ def test_broker_credits_come_back_to_the_limit(deployment, client):
     wait_for(back_to_the_limit, message=lambda: f"broker credits of add/1: {client.run_on_scheduler(credits)}")
 
 
+@pytest.mark.cluster
 def test_closing_a_client_closes_its_comms_to_workers(deployment, client):
     """distributed has no close hook for comms a Client did not open itself: the broker tells
     the workers, which close the direct-plane comms of that client, while its process (and
@@ -142,6 +146,7 @@ def test_closing_a_client_closes_its_comms_to_workers(deployment, client):
     assert RemoteOperator("identity", client=client).infer(inputs={"x": np.arange(2)}).outputs["x"].tolist() == [0, 1]
 
 
+@pytest.mark.cluster
 def test_direct_sessions_ride_the_configured_transport(client):
     """On tcp:// the direct plane's sessions are tdask's wire unless configured to be Dask comms
     (then workers open no port of their own). Workers listen on their wire whichever plane
@@ -153,7 +158,7 @@ def test_direct_sessions_ride_the_configured_transport(client):
 
     def transports(dask_worker):
         plugin = dask_worker.plugins[PLUGIN_NAME]
-        return plugin.direct._wire_address(), sorted({type(s).__name__ for s in plugin.direct.sessions})
+        return plugin.direct.listener.wire_address(), sorted({type(s).__name__ for s in plugin.direct.sessions})
 
     found = client.run(transports)
     if dask.config.get("tdask.request.direct-transport") == "wire":
@@ -169,6 +174,7 @@ def test_direct_sessions_ride_the_configured_transport(client):
         assert kinds == {"Session"}, found
 
 
+@pytest.mark.cluster
 def test_large_tensors_travel_by_reference(deployment, client):
     before = store_stats(client)
     n = 10 * 2**20 // 8  # 10 MiB of float64
@@ -189,6 +195,7 @@ def test_large_tensors_travel_by_reference(deployment, client):
     assert delta("consumer.0", "shortcut_pulled_bytes") == 0
 
 
+@pytest.mark.cluster
 def test_host_tensors_up_to_wire_max_bytes_take_the_wire(deployment, client):
     """The direct plane's wire carries host tensors up to wire-max-bytes; Dask's comm on the
     queue plane and with direct-transport: dask."""
@@ -206,6 +213,19 @@ def test_host_tensors_up_to_wire_max_bytes_take_the_wire(deployment, client):
     else:
         assert consumer["shortcut_calls"] == consumer["shortcut_pulled_bytes"] == 0, consumer
     assert all(s["tensors"] == 0 for s in after.values()), after
+
+
+@pytest.mark.cluster
+def test_an_operator_sends_large_arrays_of_its_own_to_another(client):
+    """Inside an operator, a large input it made itself is placed in its own worker's store (the
+    worker's endpoint) and pulled from there by the operator it calls; released afterwards."""
+    n = 100_000
+    response = RemoteOperator("forward", client=client).infer(
+        inputs={"start": np.array([2.0])}, parameters={"n": n, "copy": True}
+    )
+    assert response.outputs["sum"][0] == np.arange(2.0, 2.0 + n).sum()
+    assert response.parameters == {"n": n}
+    wait_for(lambda: all(s["tensors"] == 0 for s in store_stats(client).values()), message="tensors left in stores")
 
 
 def _wire_carries_data() -> bool:
@@ -226,6 +246,7 @@ def _set_everywhere(client, key, value):
     return set_it()
 
 
+@pytest.mark.cluster
 def test_tensors_above_wire_max_bytes_move_on_dasks_comm(deployment, client):
     """Above tdask.data-plane.wire-max-bytes the bytes take Dask's comm, on every plane; the
     answer is the same."""
@@ -245,6 +266,7 @@ def test_tensors_above_wire_max_bytes_move_on_dasks_comm(deployment, client):
     assert all(s["tensors"] == 0 for s in after.values()), after
 
 
+@pytest.mark.cluster
 def test_a_tensor_above_the_wire_frame_falls_back_to_dasks_comm(client):
     """wire-max-bytes set above tdask.wire.max-frame (64 MiB): the place is not tried on the
     wire, the owner refuses the fetch there, and both go over Dask's comm: nothing is lost."""
@@ -265,6 +287,7 @@ def test_a_tensor_above_the_wire_frame_falls_back_to_dasks_comm(client):
     assert all(s["tensors"] == 0 for s in store_stats(client).values())
 
 
+@pytest.mark.cluster
 def test_a_workers_wire_answers_data_calls_and_closes_on_a_malformed_one(client):
     """A raw wire peer: a fetch of an unknown tensor is answered "missing", a release "OK"; a
     data call lacking its fields closes the connection (so a caller waiting on it falls back to
@@ -278,7 +301,7 @@ def test_a_workers_wire_answers_data_calls_and_closes_on_a_malformed_one(client)
 
     if not _wire_carries_data():
         pytest.skip("only the direct plane on the wire answers data calls")
-    wires = client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct._wire_address())
+    wires = client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct.listener.wire_address())
     wire = next(iter(wires.values()))
 
     async def main():
@@ -305,6 +328,7 @@ def test_a_workers_wire_answers_data_calls_and_closes_on_a_malformed_one(client)
     assert rest == b"", "the malformed call was answered instead of closing the connection"
 
 
+@pytest.mark.cluster
 def test_a_released_tensor_fails_its_fetch_with_a_data_plane_error(client):
     """Fetching what its owner no longer holds names the tensor and its owner (wire or comm)."""
     from tdask import DataPlaneError
@@ -325,6 +349,7 @@ def test_a_released_tensor_fails_its_fetch_with_a_data_plane_error(client):
     assert all(s["tensors"] == 0 for s in store_stats(client).values())
 
 
+@pytest.mark.cluster
 def test_large_client_input_and_output(client):
     big = np.arange(2_000_000, dtype=np.int64)  # 16 MB: placed in a worker's store first
     response = RemoteOperator("identity", client=client).infer(inputs={"x": big})
@@ -335,12 +360,14 @@ def test_large_client_input_and_output(client):
     assert all(s["tensors"] == 0 for s in store_stats(client).values())
 
 
+@pytest.mark.cluster
 def test_streaming(client):
     responses = list(RemoteOperator("streamer", client=client).stream(parameters={"count": 4}))
     assert [int(r.outputs["i"][0]) for r in responses] == [0, 1, 2, 3]
     assert [r.final for r in responses] == [False, False, False, True]
 
 
+@pytest.mark.cluster
 def test_async_stream_and_infer(deployment):
     async def go(c):
         op = RemoteOperator("streamer", client=c)
@@ -353,6 +380,7 @@ def test_async_stream_and_infer(deployment):
     assert int(last.outputs["i"][0]) == 1
 
 
+@pytest.mark.cluster
 def test_operator_raises(client):
     with pytest.raises(OperatorError) as info:
         RemoteOperator("fail", client=client).infer(parameters={"mode": "raise"}, request_id="req-raise")
@@ -363,6 +391,7 @@ def test_operator_raises(client):
     assert RemoteOperator("fail", client=client).infer(parameters={"mode": "sleep", "seconds": 0}).final
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "mode, error, text",
     [
@@ -377,6 +406,7 @@ def test_operator_misbehaves(client, mode, error, text):
     assert info.value.operator == "fail"
 
 
+@pytest.mark.cluster
 def test_bad_input_on_the_caller(client):
     op = RemoteOperator("add", client=client)
     with pytest.raises(InvalidRequestError, match="input 'a' is a list"):
@@ -392,6 +422,7 @@ def test_bad_input_on_the_caller(client):
             op.infer(inputs={"a": np.ones(1000), "b": np.ones(1000)})
 
 
+@pytest.mark.cluster
 def test_unknown_operator_fails_after_bounded_wait(client):
     import dask
 
@@ -407,6 +438,7 @@ def test_unknown_operator_fails_after_bounded_wait(client):
             RemoteOperator("add", version=7, client=client).infer(inputs={"a": np.ones(1), "b": np.ones(1)})
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("timeout", [-1, -0.5, "-1s", 0, "soon", [1]])
 def test_bad_timeouts_are_invalid_requests(client, timeout):
     with pytest.raises(InvalidRequestError, match="timeout") as info:
@@ -414,6 +446,7 @@ def test_bad_timeouts_are_invalid_requests(client, timeout):
     assert info.value.operator == "identity" and info.value.request_id == "bad-t"
 
 
+@pytest.mark.cluster
 def test_a_request_in_flight_when_its_client_closes(deployment):
     """The request ends with ClientClosedError naming it; a request through the closed client too."""
     from tests.conftest import async_wait_for
@@ -449,12 +482,14 @@ def test_a_request_in_flight_when_its_client_closes(deployment):
     assert (after.operator, after.request_id) == ("fail", "after-close"), after
 
 
+@pytest.mark.cluster
 def test_an_operator_task_cancelled_on_its_worker_is_request_cancelled(client):
     with pytest.raises(RequestCancelledError, match="cancelled on worker") as info:
         RemoteOperator("fail", client=client).infer(parameters={"mode": "cancel"}, request_id="cancelled-there")
     assert info.value.operator == "fail" and info.value.request_id == "cancelled-there"
 
 
+@pytest.mark.cluster
 def test_reading_a_closed_stream_is_request_cancelled(deployment):
     async def go(c):
         call = RemoteOperator("streamer", client=c).stream(parameters={"count": 3}, request_id="closed-early")
@@ -469,6 +504,7 @@ def test_reading_a_closed_stream_is_request_cancelled(deployment):
     assert error.operator == "streamer" and error.request_id == "closed-early"
 
 
+@pytest.mark.cluster
 def test_unknown_operator_fails_at_once_in_a_started_cluster(client):
     """Nobody ever registered the name and every worker has finished starting: no wait."""
     import dask
@@ -482,6 +518,7 @@ def test_unknown_operator_fails_at_once_in_a_started_cluster(client):
     assert "add/1" in str(info.value), "the error lists the operators that are hosted"
 
 
+@pytest.mark.cluster
 def test_deadline_then_slot_is_free(client):
     op = RemoteOperator("fail", client=client)
     with pytest.raises(RequestTimeoutError) as info:
@@ -496,6 +533,7 @@ def test_deadline_then_slot_is_free(client):
     assert all(s.get("fail/1", {"inflight": 0})["inflight"] == 0 for s in stats.values())
 
 
+@pytest.mark.cluster
 def test_cancelling_the_caller_cancels_the_request(deployment, client):
     from tests.conftest import async_wait_for
 
@@ -519,6 +557,7 @@ def test_cancelling_the_caller_cancels_the_request(deployment, client):
     run_async(deployment.scheduler_address, go)
 
 
+@pytest.mark.cluster
 def test_a_killed_caller_has_its_requests_cancelled(deployment, client):
     """A caller process that dies mid-request (SIGKILL: no goodbye on any comm): the worker
     cancels what it was running for it, whichever plane and transport carried the request."""
@@ -568,6 +607,7 @@ def test_a_killed_caller_has_its_requests_cancelled(deployment, client):
     wait_for(lambda: inflight() == 0, timeout=30, message="the dead caller's request still runs on the worker")
 
 
+@pytest.mark.cluster
 def test_duplicate_request_id_in_flight(deployment):
     from tests.conftest import async_wait_for
 
@@ -595,6 +635,7 @@ _SCALARS = st.one_of(
 )
 
 
+@pytest.mark.cluster
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     arrays=st.dictionaries(
@@ -624,6 +665,7 @@ def test_property_any_tensor_and_parameters_round_trip(client, arrays, parameter
     assert response.parameters == parameters
 
 
+@pytest.mark.cluster
 @settings(max_examples=30, deadline=None)
 @given(
     bad=st.one_of(
@@ -643,11 +685,13 @@ def test_property_non_array_inputs_and_parameters_are_refused(client, bad):
             op.infer(parameters={"p": bad})
 
 
+@pytest.mark.cluster
 def test_stores_empty_after_run(client):
     stats = store_stats(client)
     assert all(s["tensors"] == 0 for s in stats.values()), stats
 
 
+@pytest.mark.cluster
 def test_every_listener_is_loopback(deployment):
     """Scheduler, nannies and workers bind 127.0.0.1 only (HTTP servers included)."""
     import psutil
@@ -663,6 +707,7 @@ def test_every_listener_is_loopback(deployment):
     assert {ip for _, ip, _ in listening} == {"127.0.0.1"}, listening
 
 
+@pytest.mark.cluster
 def test_dashboard_pages(deployment, client):
     """/tdask/operators.json serves the registry and what workers served; /tdask is the dashboard's page."""
     import json
@@ -713,7 +758,7 @@ def test_session_writes_in_order_through_a_suspending_write():
     from distributed.comm import connect, listen
     from distributed.comm.utils import OFFLOAD_THRESHOLD
 
-    from tdask.request_plane.session import Session
+    from tdask.transport.dask_comm import Session
     from tests.conftest import async_wait_for
 
     async def go():

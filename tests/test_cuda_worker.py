@@ -34,6 +34,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.cluster
 @pytest.mark.skipif(_DASK_CUDA_REASON is not None, reason=_DASK_CUDA_REASON or "")
 @pytest.mark.skipif(
     cuda_worker_unavailable_reason() is None, reason="this machine has a GPU: dask cuda worker starts here"
@@ -66,6 +67,7 @@ def test_parsing_a_cuda_worker_command_line_is_not_refused():
     assert [c.name for c in params["operators"]] == ["echo"]
 
 
+@pytest.mark.cluster
 @pytest.mark.gpu
 @pytest.mark.skipif(_DASK_CUDA_REASON is not None, reason=_DASK_CUDA_REASON or "")
 @pytest.mark.skipif(_GPU_REASON is not None, reason=f"no usable GPU: {_GPU_REASON}")

@@ -24,7 +24,7 @@ from tdask import Deployment, InvalidRequestError, RemoteOperator
 from tdask.hello_world import PythonGroup, TritonGroup, hello_world_operators
 from tests.conftest import ROOT, assert_no_children, wait_for
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 ARTIFACTS = Path(ROOT) / "test-artifacts"
 CHROMIUM_FLAGS = [

@@ -76,6 +76,7 @@ def test_every_example_has_a_readme_line_and_a_test():
         assert f'"{name}"' in this or f'"{Path(name).stem}"' in this, f"no test runs {name}"
 
 
+@pytest.mark.cluster
 def test_three_stage_pipeline(tmp_path):
     out = run_example([PY, str(EXAMPLES / "three_stage_pipeline.py")], tmp_path)
     assert "correct: 20/20" in out, out
@@ -84,6 +85,7 @@ def test_three_stage_pipeline(tmp_path):
     assert_no_children()
 
 
+@pytest.mark.cluster
 def test_streaming(tmp_path):
     out = run_example([PY, str(EXAMPLES / "streaming.py"), "--prompts", "3", "--max-tokens", "20"], tmp_path)
     assert "correct: 3/3" in out, out
@@ -94,6 +96,7 @@ def test_streaming(tmp_path):
     assert_no_children()
 
 
+@pytest.mark.cluster
 def test_batch_inference(tmp_path):
     out = run_example([PY, str(EXAMPLES / "batch_inference.py"), "--rows", "8000", "--chunk", "500"], tmp_path)
     assert "offline: 8000 rows in 16 partitions scored, correct" in out, out
@@ -101,6 +104,7 @@ def test_batch_inference(tmp_path):
     assert_no_children()
 
 
+@pytest.mark.cluster
 def test_hand_started_cluster(tmp_path):
     from tests.test_hello_world import _assert_clean
 
@@ -117,6 +121,7 @@ def test_hand_started_cluster(tmp_path):
     _assert_clean(since)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
 def test_kubernetes_manifests(tmp_path, gpu):
     pytest.importorskip("dask_kubernetes", reason="dask-kubernetes is not installed (pip install 'tdask[examples]')")
@@ -162,6 +167,7 @@ def test_kubernetes_manifests(tmp_path, gpu):
         assert group["kind"] == ("KIND_GPU" if gpu else "KIND_CPU")
 
 
+@pytest.mark.cluster
 def test_slurm_job_script_runs_the_hello_world(tmp_path):
     """The job script a SLURM node would run, run here: its worker hosts the whole hello world."""
     pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed (pip install 'tdask[examples]')")

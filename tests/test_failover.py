@@ -15,7 +15,7 @@ from tdask import Deployment, OperatorConfig, RemoteOperator
 from tests.conftest import assert_no_children, async_wait_for, child_pids, run_async, store_stats
 from tests.operators import Consumer, Relay
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 ELEMENTS = 10 * 2**20 // 8  # 10 MiB of float64 per request
 REQUESTS = 120

@@ -23,7 +23,7 @@ from tdask import (
 from tests.conftest import ROOT, assert_no_children, child_pids
 from tests.operators import Add, Broken, DiesOnce, Identity
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module", params=["queue", "direct"])
@@ -122,7 +122,7 @@ def test_queued_request_cancelled_is_never_served(deployment):
     import asyncio
 
     from tdask import RequestTimeoutError
-    from tdask.request_plane.broker import BROKER_NAME
+    from tdask.scheduler.broker import BROKER_NAME
     from tests.conftest import async_wait_for, run_async
 
     async def go(c):

@@ -20,7 +20,7 @@ from tdask import Deployment, OperatorConfig
 from tdask.hello_world import PythonGroup, TritonGroup, hello_world_operators
 from tests.conftest import assert_no_children
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,7 @@ from tdask.hello_world import MODEL_REPOSITORY
 from tests.conftest import store_stats
 from tests.operators import CupyProducer, DeviceSum, Forward
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.gpu]
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300), pytest.mark.gpu]
 
 _GPU_REASON = gpu_unavailable_reason()
 needs_gpu = pytest.mark.skipif(_GPU_REASON is not None, reason=f"no usable GPU: {_GPU_REASON}")

@@ -17,7 +17,7 @@ from tdask.cli import gpu_unavailable_reason
 from tests.conftest import ROOT
 from tests.operators import Echo
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 _GPU_REASON = gpu_unavailable_reason()
 _UCX_REASON = (

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT, assert_no_children
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 PY = sys.executable
 FAST = ["--requests-per-client", "10", "--dashboard-address", "127.0.0.1:0"]

@@ -14,7 +14,7 @@ from distributed import LocalCluster
 from tdask.hello_world import MODEL_REPOSITORY
 from tests.conftest import assert_no_children
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--requests-per-client", "10", "--dashboard-address", "127.0.0.1:0"]

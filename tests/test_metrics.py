@@ -25,7 +25,7 @@ from tdask import Deployment, InvalidRequestError, OperatorConfig, OperatorError
 from tests.conftest import assert_no_children, async_wait_for, run_async, wait_for
 from tests.operators import Add, Fail
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -212,6 +212,6 @@ def test_worker_loss_counts_retries_and_the_loss(deployment):
 
 
 def _add_hosts(dask_scheduler: Any) -> list[str]:
-    from tdask.request_plane.broker import BROKER_NAME
+    from tdask.scheduler.broker import BROKER_NAME
 
     return sorted(dask_scheduler.plugins[BROKER_NAME].hosts.get("add/1", {}))

@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import ROOT, assert_no_children
 from tests.netns import Network, unavailable_reason
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 PY = sys.executable
 DASK = os.path.join(os.path.dirname(PY), "dask")

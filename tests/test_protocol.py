@@ -14,9 +14,8 @@ from distributed.comm import connect, listen
 from tdask import InvalidRequestError, OperatorError, RemoteTensor, protocol
 from tdask.exceptions import WorkerLostError
 from tdask.protocol import Op, ProtocolError, check_message
-from tdask.request_plane.base import Transport
-from tdask.request_plane.session import Session
-from tdask.request_plane.wire import WireSession
+from tdask.transport import Transport
+from tdask.transport.dask_comm import Session
 
 
 def _wire_round_trip(message: object) -> object:
@@ -200,12 +199,6 @@ def test_checks_name_the_operator_and_the_request():
         protocol.check_response_parameters("op", "r9", {"k": None})
 
 
-def test_both_transports_fulfil_one_contract():
-    for cls in (Session, WireSession):
-        for name in ("send", "drain", "read_forever", "close", "abort"):
-            assert callable(getattr(cls, name, None)), f"{cls.__name__} lacks {name}"
-
-
 def test_a_dask_comm_peer_that_sends_a_non_message_is_disconnected():
     """A Session (Dask comm) closes the connection of a peer sending what is not shaped as a
     message, on real sockets; what came before it is delivered."""
@@ -286,6 +279,7 @@ def test_a_pickled_inline_tensor_is_refused_and_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.cluster
 def test_a_direct_caller_sending_an_unknown_op_is_disconnected():
     """The worker's direct server knows the ops: a peer that says hello on the wire and then sends
     a message that is no tdask message loses its connection (a real worker, real sockets)."""
@@ -303,10 +297,19 @@ def test_a_direct_caller_sending_an_unknown_op_is_disconnected():
     async def main():
         async with Scheduler(host="127.0.0.1", dashboard_address=":0") as s, Worker(s.address, host="127.0.0.1") as w:
             submitted = []
+
+            class Admission:
+                def admit(self, plane, operator_key, requests):
+                    submitted.extend(requests)
+                    return True
+
+                def cancel(self, keys):
+                    pass
+
             server = DirectServer(w)
-            server.serve(on_submit=lambda request: submitted.append(request) or True, on_cancel=lambda keys: None)
+            server.serve(Admission())
             await server.start()
-            host, port = server.wire.address.rsplit(":", 1)
+            host, port = server.listener.wire.address.rsplit(":", 1)
             loop = asyncio.get_running_loop()
             sock = socket.create_connection((host, int(port)))
             sock.setblocking(False)

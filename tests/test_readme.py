@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, assert_no_children
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
 
 def test_readme_python_example(tmp_path):

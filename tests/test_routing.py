@@ -38,6 +38,7 @@ def _names(client, operator="echo"):
     return {str(w["name"]): a for a, w in workers.items() if str(w["name"]).startswith(f"{operator}.")}
 
 
+@pytest.mark.cluster
 def test_target_pins_every_request_to_the_chosen_worker(client):
     echo = RemoteOperator("echo", client=client)
     hosts = _hosts(client)
@@ -49,6 +50,7 @@ def test_target_pins_every_request_to_the_chosen_worker(client):
     assert {echo.infer().worker for _ in range(10)} == set(hosts)
 
 
+@pytest.mark.cluster
 def test_a_gone_target_is_a_typed_error_or_falls_back(client):
     echo = RemoteOperator("echo", client=client)
     gone = "tcp://127.0.0.1:1"
@@ -60,6 +62,7 @@ def test_a_gone_target_is_a_typed_error_or_falls_back(client):
         echo.infer(target=gone, target_lost="maybe")
 
 
+@pytest.mark.cluster
 def test_target_may_be_a_worker_name(client):
     echo = RemoteOperator("echo", client=client)
     for name, address in _names(client).items():
@@ -68,6 +71,7 @@ def test_target_may_be_a_worker_name(client):
         echo.infer(target="echo.9")
 
 
+@pytest.mark.cluster
 def test_the_queue_plane_refuses_a_target_with_a_typed_error(client):
     with dask.config.set({"tdask.request.plane": "queue"}), Client(client.scheduler.address) as queued:
         echo = RemoteOperator("echo", client=queued)
@@ -77,6 +81,7 @@ def test_the_queue_plane_refuses_a_target_with_a_typed_error(client):
         assert (info.value.operator, info.value.request_id) == ("echo", "r-queued")
 
 
+@pytest.mark.cluster
 def test_hash_policy_keeps_each_key_on_one_worker_and_spreads_keys(client):
     """routing="hash:session_id": 60 keys x 4 interleaved requests, from two callers."""
     affine = RemoteOperator("affine", client=client)
@@ -102,6 +107,7 @@ def test_hash_policy_keeps_each_key_on_one_worker_and_spreads_keys(client):
     assert {affine.infer().worker for _ in range(12)} == set(hosts)
 
 
+@pytest.mark.cluster
 def test_pinned_policy_sends_everything_to_one_host_until_it_dies():
     before = child_pids()  # the module's deployment, when it is up
     pinned = OperatorConfig(name="pinned", implementation="tests.operators:Echo", routing={"policy": "pinned"})

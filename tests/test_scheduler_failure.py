@@ -18,7 +18,7 @@ from tdask import Deployment, OperatorConfig, RemoteOperator, TdaskError
 from tests.conftest import ROOT, assert_no_children, async_wait_for, child_pids, wait_for
 from tests.operators import Consumer, Relay
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 IN_FLIGHT = 4
 DELAY_S = 1.0  # each request sleeps this long in `sink`: requests are in flight at the kill

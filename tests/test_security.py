@@ -10,7 +10,7 @@ from tdask.host import PLUGIN_NAME
 from tests.conftest import assert_no_children, child_pids, store_stats
 from tests.operators import Consumer, Forward, Identity, Producer
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
 
 def test_tls_end_to_end():
@@ -30,7 +30,7 @@ def test_tls_end_to_end():
         workers = dep.worker_addresses()
         assert all(addr.startswith("tls://127.0.0.1:") for addr in workers.values()), workers
         # On tls:// tdask's wire runs over TLS with the cluster's contexts (tests/test_wire.py).
-        wires = dep.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct._wire_address())
+        wires = dep.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct.listener.wire_address())
         assert None not in wires.values(), wires
         big = np.arange(1_000_000)
         response = RemoteOperator("identity", client=dep.client).infer(inputs={"x": big})
@@ -95,7 +95,7 @@ def test_a_pickled_tensor_from_a_raw_wire_peer_is_refused_and_never_unpickled(tm
     header, frames = serialize(_Marker(str(marker)), serializers=("pickle",))
     before = child_pids()
     with Deployment([OperatorConfig(name="identity", implementation=Identity)], dashboard_address=None) as dep:
-        wires = dep.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct._wire_address())
+        wires = dep.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct.listener.wire_address())
         host, port = next(iter(wires.values())).rsplit(":", 1)
         assert host == "127.0.0.1"
         request = {

@@ -18,7 +18,7 @@ from tdask import Deployment, OperatorConfig, RemoteOperator, TdaskError
 from tests.conftest import assert_no_children, child_pids, run_async
 from tests.operators import Add
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 REQUESTS = int(os.environ.get("TDASK_SOAK_REQUESTS", "3000"))
 IN_FLIGHT = 64

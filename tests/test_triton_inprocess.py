@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import wait_for
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -45,7 +45,8 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
     import asyncio, json, os
     import numpy as np
     from tdask.triton.inprocess import InProcessServer
-    from tdask.triton.http_client import TritonHttpError, ReservedParameterError
+    from tdask.triton.interface import InferClient, StreamClient, TritonInferError, ReservedParameterError
+    from tdask.triton.shared_memory import SharedMemoryClient
     from tdask.triton.process import SHM_DIR
 
     async def go():
@@ -59,6 +60,9 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
             await server.load_model("bytes_upper")
             await server.load_model("misbehaving")
             client = server.client()
+            out["interface"] = [isinstance(client, InferClient), isinstance(server.stream_client(), StreamClient),
+                                isinstance(client, SharedMemoryClient)]
+            out["metrics_source"] = server.metrics_source == server.metrics_text and "nv_" in server.metrics_text()
             x = np.arange(5, dtype=np.int64)
             r = await client.infer("encoder", {{"input": (x, "INT64")}}, request_id="r1")
             out["encoded"] = r.outputs["output"].tolist()
@@ -78,8 +82,8 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
                 try:
                     await call
                     errors[label] = None
-                except TritonHttpError as exc:
-                    errors[label] = [exc.status, exc.message]
+                except TritonInferError as exc:
+                    errors[label] = [exc.status, exc.message, type(exc).__name__, exc.code]
             out["errors"] = errors
             try:
                 await client.infer("encoder", {{"input": (x, "INT64")}}, parameters={{"priority": 1}})
@@ -115,6 +119,11 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
     assert out["encoded"] == [~v for v in range(5)] * 3 and out["copies"] == [3]
     assert out["copies_param"] == [1]
     assert out["bytes"] == ["AB", "", "XY"]
+    # One error type for both kinds (the in-process path's own, not the HTTP client's), with the
+    # HTTP status Triton's endpoint gives the same error.
+    assert {tuple(e[2:]) for e in out["errors"].values()} == {("TritonInferError", None)}, out["errors"]
+    assert out["interface"] == [True, True, False]  # no shared-memory extension in process: no need
+    assert out["metrics_source"] is True
     assert out["errors"]["dtype"][0] == 400 and "INT32" in out["errors"]["dtype"][1]
     assert out["errors"]["unknown"][0] in (400, 404) and "nope" in out["errors"]["unknown"][1]
     assert out["errors"]["raise"][0] in (400, 500) and "raised on purpose" in out["errors"]["raise"][1]
@@ -201,11 +210,7 @@ def test_a_failing_load_is_a_prompt_error_and_a_hung_load_breaks_the_server(tmp_
             except TritonServerError as exc:
                 out[label] = [str(exc), time.monotonic() - began]
         await server.load_model("encoder", timeout_s=60)
-        if {mode!r} == "in-process":
-            client = server.client()
-        else:
-            from tdask.triton.http_client import TritonHttpClient
-            client = TritonHttpClient.from_url(server.http_url)
+        client = server.client()  # either kind's, through the one interface
         r = await client.infer("encoder", {{"input": (np.arange(2, dtype=np.int64), "INT64")}})
         out["served"] = r.outputs["output"].tolist()
         began = time.monotonic()
@@ -218,6 +223,7 @@ def test_a_failing_load_is_a_prompt_error_and_a_hung_load_breaks_the_server(tmp_
                 break
             await asyncio.sleep(0.05)
         out["alive"] = server.is_alive()
+        out["broken"] = server.broken
         began = time.monotonic()
         await server.stop()
         out["stop_s"] = time.monotonic() - began
@@ -231,6 +237,9 @@ def test_a_failing_load_is_a_prompt_error_and_a_hung_load_breaks_the_server(tmp_
     assert out["served"] == [-1, -2]
     assert "cannot be interrupted" in out["hang"][0] and 3 <= out["hang"][1] < 10, out
     assert out["exited"] and out["alive"] is False, out
+    # Why it cannot serve on: in process, the load; a tritonserver was killed for it.
+    expected = "cannot be interrupted" if mode == "in-process" else "exited (status -9)"
+    assert expected in (out["broken"] or ""), out
     assert out["stop_s"] < 30, out
 
     import psutil

@@ -20,7 +20,7 @@ from tdask import Deployment, InvalidRequestError, OperatorConfig, RemoteOperato
 from tdask.hello_world import MODEL_REPOSITORY
 from tests.conftest import assert_no_children, child_pids
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 TEST_MODELS = os.path.join(os.path.dirname(__file__), "models")
 MODES = ["subprocess", "in-process"]

@@ -7,6 +7,7 @@ server start their own small one. Every address is 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -117,6 +118,7 @@ def client(server) -> Iterator[grpcclient.InferenceServerClient]:
 # ---------------------------------------------------------------------------- models
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("size", [0, 1, 1000, 1_000_000])
 @pytest.mark.parametrize("copies", [1, 2, 5, 7])
 def test_encoder_decoder_round_trip(client, copies, size):
@@ -135,6 +137,7 @@ def test_encoder_decoder_round_trip(client, copies, size):
     np.testing.assert_array_equal(result, data)
 
 
+@pytest.mark.cluster
 def test_request_parameters_override_config(client):
     data = np.arange(5, dtype=np.int64)
     default = infer(client, "encoder", {"input": data})
@@ -156,6 +159,7 @@ def test_request_parameters_override_config(client):
     assert time.monotonic() - began >= 0.1
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     ("inputs", "model", "expected"),
     [
@@ -175,6 +179,7 @@ def test_bad_inputs_are_rejected_with_a_clear_message(client, inputs, model, exp
         assert fragment in message, message
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     ("model", "inputs", "parameters", "expected"),
     [
@@ -217,6 +222,7 @@ def http_infer(server: TritonServer, calls):
     return asyncio.run(go())
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("size", [0, 1, 1000, 1_000_000])
 def test_http_client_round_trip(server, size):
     data = np.random.default_rng(size).integers(-(2**62), 2**62, size, dtype=np.int64)
@@ -239,6 +245,7 @@ def test_http_client_round_trip(server, size):
     assert idle == 1, "sequential calls share one keep-alive connection"
 
 
+@pytest.mark.cluster
 def test_http_client_errors_keep_triton_status_and_message(server):
     from tdask.triton.http_client import TritonHttpError
 
@@ -268,6 +275,7 @@ def test_http_client_errors_keep_triton_status_and_message(server):
     assert idle == 1
 
 
+@pytest.mark.cluster
 def test_http_client_timeout_drops_the_connection_and_recovers(server):
     async def calls(client):
         began = time.monotonic()
@@ -290,6 +298,7 @@ def test_http_client_timeout_drops_the_connection_and_recovers(server):
     np.testing.assert_array_equal(ok.outputs["output"], np.invert(np.arange(4)))
 
 
+@pytest.mark.cluster
 def test_http_client_concurrent_calls_open_more_connections(server):
     inputs = [np.arange(i, i + 500, dtype=np.int64) for i in range(16)]
 
@@ -400,6 +409,7 @@ def test_merge_model_config_overrides_only_what_is_given():
     assert base["parameters"]["b"] == {"string_value": "2"}  # the base is not modified
 
 
+@pytest.mark.cluster
 def test_config_override_changes_instances_and_parameters(tmp_path):
     from tests.conftest import wait_for
 
@@ -441,6 +451,7 @@ def test_config_override_changes_instances_and_parameters(tmp_path):
 # ---------------------------------------------------------------------------- lifecycle
 
 
+@pytest.mark.cluster
 def test_start_stop_is_idempotent_and_async_with_works(tmp_path):
     # Leftovers of a dead owner, old enough to be swept by the next start on this host.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -475,6 +486,7 @@ def test_start_stop_is_idempotent_and_async_with_works(tmp_path):
     assert "Started GRPCInferenceService at 127.0.0.1:" in log
 
 
+@pytest.mark.cluster
 def test_start_failure_reports_exit_status_and_log(tmp_path):
     server = TritonServer(model_repository=MODELS, log_dir=tmp_path, name="broken", extra_args=["--no-such-flag=1"])
     with pytest.raises(TritonServerError) as info:
@@ -556,6 +568,7 @@ def test_exit_callbacks_run_in_order_even_when_added_while_others_run():
     assert calls[-1] == ("after", 3)
 
 
+@pytest.mark.cluster
 def test_killed_server_is_detected_and_cleaned_up(tmp_path):
     # The hang bounds below sit far from both outcomes: what is tested answers in well under a
     # second, the hangs it rules out would last 60 s (client timeout, stop_timeout_s). They were
@@ -593,6 +606,7 @@ def test_killed_server_is_detected_and_cleaned_up(tmp_path):
     assert shm_regions(server.shm_region_prefix) == []  # what the killed server left is removed
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("how", ["exit-without-stop", "sigkill-owner"])
 def test_server_does_not_outlive_its_owner(tmp_path, how):
     """The finalizer (normal exit) or the parent-death signal and the reaper (owner SIGKILLed) end the
@@ -627,6 +641,7 @@ def test_server_does_not_outlive_its_owner(tmp_path, how):
     wait_for(lambda: shm_regions(info["shm"]) == [], timeout=20, message=lambda: f"left: {shm_regions(info['shm'])}")
 
 
+@pytest.mark.cluster
 def test_a_server_killed_by_a_signal_while_starting_is_started_again(tmp_path):
     """A start-up crash by signal (Triton's gRPC poller once aborted on an overloaded host) is not
     a configuration error: the server is started again. The binary here is the real one behind a
@@ -647,3 +662,286 @@ def test_a_server_killed_by_a_signal_while_starting_is_started_again(tmp_path):
         assert log.count("--- tdask: starting Triton server 'twice'") == 2
     finally:
         asyncio.run(server.stop())
+
+
+# ---------------------------------------------------------------------------- one interface, both kinds
+
+
+INTERFACE = {
+    "from_options",
+    "load_model",
+    "unload_model",
+    "stop",
+    "client",
+    "stream_client",
+    "is_alive",
+    "broken",
+    "returncode",
+    "pid",
+    "address",
+    "metrics_source",
+    "add_exit_callback",
+    "remove_exit_callback",
+    "wait",
+}
+
+
+def test_both_server_kinds_implement_the_one_interface(tmp_path):
+    """Both kinds are concrete TritonServerBase subclasses (every member of the interface is
+    abstract there, so a kind missing one cannot be made), made by one factory from one options
+    object, the kind named by tdask.triton.mode."""
+    import inspect
+
+    import dask
+
+    from tdask.triton import TritonOptions, TritonServerBase, make_server
+    from tdask.triton.inprocess import InProcessServer
+    from tdask.triton.interface import InferClient, StreamClient
+    from tdask.triton.shared_memory import SharedMemoryClient
+
+    assert INTERFACE <= TritonServerBase.__abstractmethods__
+    for cls in (TritonServer, InProcessServer):
+        assert issubclass(cls, TritonServerBase) and not inspect.isabstract(cls), cls
+
+    options = TritonOptions(
+        model_repository=[str(MODELS)], name="kinds", log_dir=tmp_path, log_verbose=2, metrics=False, use_shim=False
+    )
+    assert options.repositories == (MODELS.resolve(),) and options.exit_timeout_s == 5
+    made = {mode: make_server(options, mode=mode) for mode in ("in-process", "subprocess")}
+    assert type(made["in-process"]) is InProcessServer and type(made["subprocess"]) is TritonServer
+    for server in made.values():
+        assert server.name == "kinds" and server.log_verbose == 2 and server.log_dir == tmp_path
+        assert server.options.repositories == options.repositories
+        assert server.broken is None and not server.is_alive() and server.metrics_source is None
+    assert made["in-process"].use_shim is False
+    for mode in ("in-process", "subprocess"):
+        with dask.config.set({"tdask.triton.mode": mode}):
+            assert make_server(options).options.name == "kinds"
+            assert type(make_server(options)) is type(made[mode])
+    with dask.config.set({"tdask.triton.mode": "elsewhere"}), pytest.raises(ValueError, match="elsewhere"):
+        make_server(options)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        TritonOptions(model_repository=tmp_path / "absent")
+
+    in_process = InProcessServer(model_repository=MODELS)  # never started: its clients need no core
+    assert in_process.metrics_source == in_process.metrics_text  # metrics on by default
+    client = in_process.client()
+    assert isinstance(client, InferClient) and isinstance(in_process.stream_client(), StreamClient)
+    assert not isinstance(client, SharedMemoryClient)  # Triton in process reads tdask's buffers
+
+
+@pytest.mark.cluster
+def test_a_tritonserver_serves_through_the_one_interface(server):
+    """The subprocess kind's clients satisfy the interface's protocols, answer with the neutral result
+    type and fail with the neutral error type (the HTTP and gRPC ones are its subclasses)."""
+    from tdask.triton.grpc_stream import TritonStreamError
+    from tdask.triton.http_client import TritonHttpError
+    from tdask.triton.interface import InferClient, InferResult, StreamClient, TritonInferError
+    from tdask.triton.shared_memory import SharedMemoryClient
+
+    assert server.broken is None and server.is_alive()
+    assert server.metrics_source == server.metrics_url and server.address == server.http_url
+
+    async def go():
+        client, stream = server.client(), server.stream_client()
+        try:
+            assert isinstance(client, InferClient) and isinstance(client, SharedMemoryClient)
+            assert isinstance(stream, StreamClient) and not isinstance(stream, InferClient)
+            result = await client.infer("encoder", {"input": (np.arange(3, dtype=np.int64), "INT64")})
+            with pytest.raises(TritonInferError) as unary:
+                await client.infer("nosuch", {"input": (np.arange(3, dtype=np.int64), "INT64")})
+            with pytest.raises(TritonInferError) as streamed:
+                async for _ in stream.stream("nosuch", {"input": (np.arange(3, dtype=np.int64), "INT64")}):
+                    pass
+            return result, unary.value, streamed.value
+        finally:
+            await client.close()
+            await stream.close()
+
+    result, unary, streamed = asyncio.run(go())
+    assert type(result) is InferResult and result.final
+    np.testing.assert_array_equal(result.outputs["output"], np.invert(np.arange(3)))
+    assert isinstance(unary, TritonHttpError) and unary.status == 404 and unary.code is None
+    assert isinstance(streamed, TritonStreamError) and streamed.status is None and "nosuch" in streamed.message
+
+
+def test_one_options_object_renders_as_the_command_line_and_the_c_api_options(tmp_path):
+    """server_args and server_options are two renderings of one TritonOptions: the same
+    repositories, server choices, exit timeout, log level, metrics and shared-memory prefix."""
+    from tdask.triton import TritonOptions
+    from tdask.triton.binary import TritonBinary, server_args
+    from tdask.triton.inprocess_setup import server_options
+
+    second = tmp_path / "second"
+    second.mkdir()
+    options = TritonOptions(
+        model_repository=[MODELS, second], name="w1", log_verbose=3, stop_timeout_s=9, metrics=False, extra_args=["--x"]
+    )
+    args = server_args(
+        options,
+        TritonBinary(path=Path("/opt/bin/tritonserver")),
+        shm_prefix="tdask1-ab_",
+        backends=tmp_path,
+        grpc_port=1001,
+        http_port=1002,
+        metrics_port=None,
+    )
+    assert args[0] == "/opt/bin/tritonserver" and args[-1] == "--x"
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in args[1:-1] if arg.startswith("--"))
+    assert [a for a in args if a.startswith("--model-repository=")] == [
+        f"--model-repository={MODELS.resolve()}",
+        f"--model-repository={second.resolve()}",
+    ]
+    assert flags["model-control-mode"] == "explicit" and flags["exit-timeout-secs"] == "4"
+    assert flags["strict-readiness"] == flags["exit-on-error"] == "true"
+    assert flags["log-verbose"] == "3" and flags["allow-metrics"] == "false" and "metrics-port" not in flags
+    assert flags["backend-config"] == "python,shm-region-prefix-name=tdask1-ab_"
+    assert flags["backend-directory"] == str(tmp_path) and flags["grpc-port"] == "1001"
+    with pytest.raises(ValueError, match="metrics port"):
+        server_args(
+            TritonOptions(model_repository=MODELS, metrics=True),
+            TritonBinary(path=Path("tritonserver")),
+            shm_prefix="p_",
+            backends=None,
+            grpc_port=1,
+            http_port=2,
+            metrics_port=None,
+        )
+
+    class Recorder:
+        """Triton's C API, recording each options call (what the in-process rendering sets)."""
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, tuple]] = []
+
+        def __getattr__(self, name: str):
+            return lambda *args: self.calls.append((name.removeprefix("ServerOptions"), args[1:])) or 0
+
+    class FakeApi:
+        fn = Recorder()
+
+        def check(self, err: int) -> None:
+            assert not err
+
+    api = FakeApi()
+    server_options(api, options, shm_prefix="tdask1-ab_", backends=tmp_path, log_path=tmp_path / "t.log")
+    calls: dict[str, list[tuple]] = {}
+    for name, call_args in api.fn.calls:
+        calls.setdefault(name, []).append(call_args)
+    assert calls["SetModelRepositoryPath"] == [(str(MODELS.resolve()).encode(),), (str(second.resolve()).encode(),)]
+    assert calls["SetServerId"] == [(b"w1",)] and calls["SetModelControlMode"] == [(2,)]  # explicit
+    assert calls["SetStrictReadiness"] == calls["SetExitOnError"] == [(True,)]
+    assert calls["SetExitTimeout"] == [(4,)] and calls["SetLogVerbose"] == [(3,)]
+    assert calls["SetMetrics"] == calls["SetCpuMetrics"] == [(False,)]
+    assert calls["SetBackendDirectory"] == [(str(tmp_path).encode(),)]
+    assert calls["SetBackendConfig"] == [(b"python", b"shm-region-prefix-name", b"tdask1-ab_")]
+    assert calls["SetLogFile"] == [(str(tmp_path / "t.log").encode(),)]
+
+
+# ---------------------------------------------------------------------------- the reaper
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+_SLEEP = "import time; time.sleep(600)"
+# A "server": leads its own process group and forks a member of it (a "stub" of its group).
+_LEADER = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {_SLEEP!r}]); time.sleep(600)"
+
+
+def _group_member(leader: int) -> int:
+    from tests.conftest import wait_for
+
+    wait_for(lambda: psutil.Process(leader).children(), timeout=30, message="the leader forked nothing")
+    (member,) = psutil.Process(leader).children()
+    assert os.getpgid(member.pid) == leader
+    return member.pid
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("how", ["owner-killed", "owner-killed-nogroup", "server-killed", "python-m"])
+def test_the_reaper_ends_what_a_dead_owner_or_server_leaves(tmp_path, how):
+    """The reaper (tdask/triton/reaper.py, a process of its own) wakes when its owner dies (its
+    lifeline pipe reads end-of-file), the server dies (pidfd), or its lifeline is closed, then
+    SIGKILLs the server's process group (unless told nogroup) and every process naming the
+    shared-memory prefix, unlinks the prefix's regions and exits."""
+    from tdask.triton.process import SHM_DIR, Reaper, new_shm_prefix
+    from tests.conftest import wait_for
+
+    prefix = new_shm_prefix()
+    region = SHM_DIR / f"{prefix}region"
+    region.write_bytes(b"x")
+    stub = subprocess.Popen([sys.executable, "-c", _SLEEP, prefix], start_new_session=True)  # names the prefix
+    started: list[int] = [stub.pid]
+    group = how != "owner-killed-nogroup"
+    try:
+        if how.startswith("owner-killed"):
+            # The owner starts the server and its reaper, then is SIGKILLed: nothing of it runs any more.
+            owner = textwrap.dedent(
+                f"""
+                import json, os, signal, subprocess, sys, time
+                import psutil
+                from tdask.triton.process import Reaper
+                leader = subprocess.Popen(
+                    [sys.executable, "-c", {_LEADER!r}], start_new_session=True, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,  # what outlives this process must not hold its output open
+                )
+                while not psutil.Process(leader.pid).children():
+                    time.sleep(0.01)
+                member = psutil.Process(leader.pid).children()[0].pid
+                reaper = Reaper(leader.pid, {prefix!r}, kill_group={group!r})
+                print(json.dumps({{"leader": leader.pid, "member": member, "reaper": reaper.pid}}), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+                """
+            )
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODELS.parent), os.environ.get("PYTHONPATH", "")]))
+            done = subprocess.run([sys.executable, "-c", owner], capture_output=True, text=True, timeout=120, env=env)
+            assert done.returncode == -signal.SIGKILL and done.stdout, done.stderr
+            pids = json.loads(done.stdout)
+            leader, member, reaper_pid = pids["leader"], pids["member"], pids["reaper"]
+            started += [leader, member, reaper_pid]
+        else:
+            leader_process = subprocess.Popen([sys.executable, "-c", _LEADER], start_new_session=True)
+            leader = leader_process.pid
+            started.append(leader)
+            member = _group_member(leader)
+            started.append(member)
+            if how == "server-killed":
+                reaper = Reaper(leader, prefix)
+                assert reaper.process is not None
+                reaper_pid = reaper.process.pid
+                os.kill(leader, signal.SIGKILL)
+                assert reaper.process.wait(timeout=30) == 0  # it acted on its own, not on release()
+                reaper.release()
+            else:  # the program itself, run as `python -m tdask.triton.reaper`, its lifeline closed
+                read_end, write_end = os.pipe()
+                program = subprocess.Popen(
+                    [sys.executable, "-m", "tdask.triton.reaper", str(read_end), str(leader), prefix, str(SHM_DIR)],
+                    pass_fds=(read_end,),
+                    start_new_session=True,
+                )
+                os.close(read_end)
+                reaper_pid = program.pid
+                time.sleep(1.0)
+                assert program.poll() is None and not _gone(member), "the reaper acted before its lifeline closed"
+                os.close(write_end)
+                assert program.wait(timeout=60) == 0
+            leader_process.wait(timeout=30)
+
+        wait_for(lambda: _gone(stub.pid), timeout=30, message="the process naming the prefix outlived the reaper")
+        wait_for(lambda: not region.exists(), timeout=30, message="the prefix's shared memory outlived the reaper")
+        wait_for(lambda: _gone(reaper_pid), timeout=30, message="the reaper did not exit")
+        if group:
+            assert _gone(leader) and _gone(member), "the server's process group outlived the reaper"
+        else:  # Triton in a worker's process: the owner's group is not the reaper's to end
+            assert not _gone(leader) and not _gone(member)
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stub.wait(timeout=30)
+        region.unlink(missing_ok=True)

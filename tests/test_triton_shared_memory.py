@@ -89,6 +89,7 @@ def _check_dtypes(inputs, outputs, k=1):
         assert outputs[name].dtype == inputs[name[0]].dtype, name
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("n", [0, 10, 3_000, 300_000])
 def test_dtypes_and_sizes_round_trip(deployment, n):
     """Below and above the threshold, every dtype comes back exact, and the regions are used."""
@@ -99,6 +100,7 @@ def test_dtypes_and_sizes_round_trip(deployment, n):
         assert regions(server_info(deployment.client)["http"]), "large tensors went through registered regions"
 
 
+@pytest.mark.cluster
 def test_outputs_larger_than_the_regions_grow_them(deployment):
     """An output 16 times the input: more than the first guess (retried with room) and than any region so far."""
     info = server_info(deployment.client, "encoder")
@@ -113,6 +115,7 @@ def test_outputs_larger_than_the_regions_grow_them(deployment):
     assert len(sizes) <= 2 * 2, "at most two regions per operator"
 
 
+@pytest.mark.cluster
 def test_concurrent_requests_more_than_the_regions(deployment):
     """Twelve requests at once on two regions: each answer is its own (the rest took the HTTP body)."""
 
@@ -129,6 +132,7 @@ def test_concurrent_requests_more_than_the_regions(deployment):
         _check_dtypes(x, r.outputs, k=1 + i % 3)
 
 
+@pytest.mark.cluster
 def test_no_region_name_is_left_in_dev_shm(deployment):
     """Names are unlinked as soon as Triton mapped the region: /dev/shm holds none while serving."""
     info = server_info(deployment.client)
@@ -137,6 +141,7 @@ def test_no_region_name_is_left_in_dev_shm(deployment):
     assert shm_files(info["prefix"]) == []
 
 
+@pytest.mark.cluster
 def test_bad_inputs_are_typed_errors_naming_operator_and_request(deployment):
     encoder = RemoteOperator("encoder", client=deployment.client)
     large = np.arange(100_000, dtype=np.int64)
@@ -150,6 +155,7 @@ def test_bad_inputs_are_typed_errors_naming_operator_and_request(deployment):
     np.testing.assert_array_equal(ok.outputs["output"], np.invert(large))
 
 
+@pytest.mark.cluster
 def test_triton_that_lost_its_regions_still_answers(deployment):
     """Every region unregistered behind tdask's back (as after a server restart): the request is
     answered (in the body), and the next ones use fresh regions."""
@@ -168,11 +174,13 @@ def test_triton_that_lost_its_regions_still_answers(deployment):
     assert regions(info["http"]), "fresh regions were registered"
 
 
+@pytest.mark.cluster
 def test_store_counts_no_host_copies_for_host_tensors(deployment):
     stats = store_stats(deployment.client)
     assert all(s["host_copy_bytes"] == 0 and s["host_copies"] == 0 for s in stats.values()), stats
 
 
+@pytest.mark.cluster
 def test_teardown_and_sigkill_leave_no_region():
     """A SIGKILLed worker leaves no /dev/shm region of its server; a closed one unregistered its own."""
     encoder = OperatorConfig(name="encoder", implementation="triton", repository=MODEL_REPOSITORY)

@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from tdask import Deployment, InvalidRequestError, OperatorConfig, RemoteOperator, RequestTimeoutError
 from tests.conftest import ROOT, assert_no_children, run_async, wait_for
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 TEST_MODELS = os.path.join(os.path.dirname(__file__), "models")
 

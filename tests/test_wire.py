@@ -26,7 +26,7 @@ from distributed.comm.core import CommClosedError
 
 from tdask import Deployment, InvalidRequestError, OperatorConfig, RemoteOperator
 from tdask.host import PLUGIN_NAME
-from tdask.request_plane.wire import MessageTooLargeError, WireServer, WireSession, open_session
+from tdask.transport.wire import MessageTooLargeError, WireServer, WireSession, open_session
 from tests.conftest import assert_no_children
 from tests.operators import Identity
 
@@ -100,7 +100,7 @@ def wire_warnings() -> Iterator[list[str]]:
                 lines.append(record.getMessage())
 
     handler = Keep()
-    log = logging.getLogger("tdask.request_plane.wire")
+    log = logging.getLogger("tdask.transport.wire")
     log.addHandler(handler)
     try:
         yield lines
@@ -521,7 +521,7 @@ def test_both_ends_have_dasks_tcp_keepalive_and_user_timeout():
 VANISHING_PEER = r"""
 import asyncio, json, subprocess, sys, time
 import dask
-from tdask.request_plane.wire import WireServer, open_session
+from tdask.transport.wire import WireServer, open_session
 
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
@@ -558,6 +558,7 @@ with dask.config.set({"distributed.comm.timeouts.tcp": sys.argv[1]}):
 """
 
 
+@pytest.mark.cluster
 def test_a_peer_that_vanishes_silently_is_noticed_within_the_tcp_timeout():
     """Both ends of a session notice, within distributed.comm.timeouts.tcp, a peer whose packets
     are all dropped (in a network namespace of this test's own, on its own 127.0.0.1) while
@@ -654,10 +655,11 @@ def test_tls_wire_serves_its_clusters_peers_and_refuses_others():
 
 
 def caller_sessions(dep: Deployment) -> list[str]:
-    plane = dep.client._tdask_endpoint.plane
+    plane = dep.client.extensions["tdask"].plane
     return sorted(type(s).__name__ for s in plane._workers.values())
 
 
+@pytest.mark.cluster
 def test_tls_deployment_serves_over_the_wire():
     """A tls:// cluster's direct sessions are wire sessions over TLS (the caller's own Dask
     context); a request too large for one wire frame is an InvalidRequestError that leaves
@@ -666,12 +668,14 @@ def test_tls_deployment_serves_over_the_wire():
     operators = [OperatorConfig(name="identity", implementation=Identity)]
     small_frames = dask.config.set({"tdask.wire.max-frame": "64KiB"})  # read as a session opens
     with small_frames, Deployment(operators, protocol="tls", security=security, dashboard_address=None) as dep:
-        (wire,) = dep.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct._wire_address()).values()
+        (wire,) = dep.client.run(
+            lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct.listener.wire_address()
+        ).values()
         assert wire is not None and wire.startswith("127.0.0.1:")
         identity = RemoteOperator("identity", client=dep.client)
         assert identity.infer(inputs={"x": np.arange(4)}).outputs["x"].tolist() == [0, 1, 2, 3]
         assert caller_sessions(dep) == ["WireSession"]
-        plane = dep.client._tdask_endpoint.plane
+        plane = dep.client.extensions["tdask"].plane
         (session,) = plane._workers.values()
         assert session._transport.get_extra_info("ssl_object") is not None
         many = {f"x{i}": np.arange(1000) for i in range(10)}  # 80 kB inline: not one frame
@@ -687,6 +691,7 @@ def test_tls_deployment_serves_over_the_wire():
 # -- uvloop ----------------------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 def test_wire_under_uvloop():
     """uvloop's transports are not asyncio.Transport: the wire works there too, in-process
     (frames, keepalive, backpressure), and in a Deployment, whose workers run on uvloop by
@@ -714,7 +719,7 @@ def test_wire_under_uvloop():
     def loop_of_worker(dask_worker):
         loop = type(asyncio.get_running_loop()).__module__
         malloc = (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_"))
-        return loop, dask_worker.plugins[PLUGIN_NAME].direct._wire_address(), dask_worker._tick_interval, malloc
+        return loop, dask_worker.plugins[PLUGIN_NAME].direct.listener.wire_address(), dask_worker._tick_interval, malloc
 
     operators = [OperatorConfig(name="identity", implementation=Identity)]
     # Also Dask's tick (100 ms in the processes a Deployment starts, unless the user set one) and
@@ -747,15 +752,17 @@ def test_wire_under_uvloop():
 
 
 def test_wire_and_dask_comm_sessions_have_one_surface():
-    from tdask.request_plane.base import Transport as MessageSession
-    from tdask.request_plane.session import Session
+    from tdask.transport import Transport
+    from tdask.transport.dask_comm import Session
 
-    for name in ("send", "drain", "read_forever", "close", "abort"):
-        contract = getattr(MessageSession, name)
+    for name in ("send", "send_with_payload", "drain", "read_forever", "close", "abort"):
+        contract = getattr(Transport, name)
         for cls in (Session, WireSession):
             method = getattr(cls, name)
             assert inspect.iscoroutinefunction(method) == inspect.iscoroutinefunction(contract), (cls, name)
             assert list(inspect.signature(method).parameters) == list(inspect.signature(contract).parameters)
+    # The data plane's shortcut rides the wire only: Dask's comm moves tensors with Dask's serialization.
+    assert WireSession.carries_data is True and Session.carries_data is False
 
     async def main():
         server, _ = await echo_server()
@@ -794,18 +801,19 @@ def test_closing_the_server_closes_its_sessions():
     asyncio.run(main())
 
 
+@pytest.mark.cluster
 def test_unreachable_wire_falls_back_to_dask_comm():
     """A worker whose wire cannot be reached (here: its listener closed, as a firewall would make
     it) is still served, over Dask's comm; with the wire port taken, a worker starts without one."""
 
     def close_wire(dask_worker):
         plugin = dask_worker.plugins[PLUGIN_NAME]
-        plugin.direct.wire._server.close()  # the address stays advertised: callers dial it and fail
-        return plugin.direct.wire.address
+        plugin.direct.listener.wire._server.close()  # the address stays advertised: callers dial it and fail
+        return plugin.direct.listener.wire.address
 
     def transports(dask_worker):
         plugin = dask_worker.plugins[PLUGIN_NAME]
-        return plugin.direct._wire_address(), sorted({type(s).__name__ for s in plugin.direct.sessions})
+        return plugin.direct.listener.wire_address(), sorted({type(s).__name__ for s in plugin.direct.sessions})
 
     operators = [OperatorConfig(name="identity", implementation=Identity)]
     with Deployment(operators, dashboard_address=None) as dep:

@@ -10,7 +10,7 @@ version the operator's version. One KServe request becomes one tdask request
 (:class:`~tdask.remote.RemoteOperator`); a streaming operator streams over gRPC's
 ``ModelStreamInfer`` (each tdask response one stream response, the last with the
 ``triton_final_response`` parameter set), and answers HTTP ``infer`` with its last response that
-carried outputs. See :mod:`tdask.gateway.core` for the mapping of tensors, parameters and errors.
+carried outputs. See :mod:`tdask.gateway.kserve` for the mapping of tensors, parameters and errors.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from tdask.exceptions import TdaskError
-from tdask.gateway.core import datatype_of, raw_bytes, status_of, to_array
+from tdask.gateway.kserve import datatype_of, raw_bytes, status_of, to_array
 
 if TYPE_CHECKING:
     from tdask.gateway.core import Gateway

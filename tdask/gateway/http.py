@@ -20,7 +20,7 @@ import tornado.netutil
 import tornado.web
 
 from tdask.exceptions import TdaskError
-from tdask.gateway.core import datatype_of, raw_bytes, status_of, to_array
+from tdask.gateway.kserve import datatype_of, raw_bytes, status_of, to_array
 
 if TYPE_CHECKING:
     from tdask.gateway.core import Gateway

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.config
 from distributed import Worker, WorkerPlugin
@@ -36,14 +36,15 @@ from tdask.operator import Operator, OperatorConfig, OperatorContext
 from tdask.protocol import Rpc
 from tdask.request_plane import (
     BrokerSession,
-    DirectRequestPlane,
     DirectServer,
     QueueServer,
     Registry,
     RequestPlane,
     make_request_plane,
 )
-from tdask.request_plane.wire import wire_wanted
+
+if TYPE_CHECKING:
+    from tdask.triton import TritonServerBase
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,15 @@ class WorkerEndpoint:
     """
 
     fetch_default = False
+    #: A worker's endpoint serves as long as its operators run.
+    closed = False
 
     def __init__(self, plane: RequestPlane, store: TensorStore) -> None:
         self.plane = plane
-        self.peer = store
+        self.peer: TensorStore = store
 
-    async def place(self, key: str, array: Any) -> RemoteTensor:
-        """Keep ``array`` here; the consumer pulls it."""
+    async def place(self, key: str, array: Any, wait_s: float) -> RemoteTensor:
+        """Keep ``array`` in this worker's store (the operator ``key``'s host pulls it); no wait."""
         return self.peer.put(array)
 
 
@@ -126,7 +129,7 @@ class OperatorHost(WorkerPlugin):
         self.serving: Serving | None = None
         self.failures: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._triton: Any = None
+        self._triton: TritonServerBase | None = None
         self._triton_lock = asyncio.Lock()
         self._closing = False
         self._scheduler_lost = False
@@ -199,20 +202,17 @@ class OperatorHost(WorkerPlugin):
             connection_args=worker.connection_args,
         )
         self.queue = QueueServer(self.broker)
+        self.direct = DirectServer(worker, store=self.store)
         self.plane = make_request_plane(self.broker, connection_args=worker.connection_args)
-        self.direct = DirectServer(worker)
+        self.store.shortcut = self.plane.shortcut  # host tensors to and from other workers, where it can
         self.serving = Serving(
             worker_address=worker.address,
             store=self.store,
             endpoint=WorkerEndpoint(self.plane, self.store),
-            queue=self.queue,
-            direct=self.direct,
+            planes=[self.direct, self.queue],
             keep_unanswered=self._beyond_repair,
         )
         self.plane.on_orphan = self.serving.release_orphan
-        self.direct.serve(on_submit=self.serving.on_direct, on_cancel=self.serving.cancel, store=self.store)
-        if isinstance(self.plane, DirectRequestPlane) and wire_wanted(worker.address):
-            self.store.shortcut = self.plane.data  # host tensors to and from other workers' wires
         worker.handlers[Rpc.HOST_STATS] = self.serving.stats
         worker.handle_scheduler = self._handle_scheduler  # type: ignore[method-assign]
         self._metrics_token = export_worker(lambda: str(worker.name), self._live_metrics)
@@ -248,43 +248,37 @@ class OperatorHost(WorkerPlugin):
         logger.info("operator %s ready on %s", config.key, context.worker.address)
         return operator
 
-    async def _triton_server(self) -> Any:
-        """The worker's Triton server, started on first use over all its Triton repositories."""
+    async def _triton_server(self) -> TritonServerBase:
+        """The worker's Triton server, started on first use over all its Triton repositories.
+
+        Of the kind ``tdask.triton.mode`` names (:func:`tdask.triton.start_server`).
+        """
+        from tdask.triton import TritonOptions, start_server
+
         async with self._triton_lock:
             if self._triton is None:
                 assert self.worker is not None
                 repositories = sorted({c.repository for c in self.operators if c.is_triton and c.repository})
                 name = str(self.worker.name).replace("/", "_")
-                mode = dask.config.get("tdask.triton.mode", "in-process")
-                server: Any
-                if mode == "in-process":
-                    from tdask.triton.inprocess import InProcessServer
-
-                    server = InProcessServer(model_repository=repositories, log_dir=self._log_dir(), name=name)
-                elif mode == "subprocess":
-                    from tdask.triton.server import TritonServer
-
-                    server = TritonServer(model_repository=repositories, log_dir=self._log_dir(), name=name)
-                else:
-                    raise ValueError(f"tdask.triton.mode is {mode!r}; expected 'in-process' or 'subprocess'")
-                await server.start()
+                server = await start_server(
+                    TritonOptions(model_repository=repositories, log_dir=self._log_dir(), name=name)
+                )
                 loop = asyncio.get_running_loop()
 
-                def exited(returncode: int) -> None:  # in the server's watcher thread
+                def exited(returncode: int) -> None:  # may run in the server's watcher thread
                     loop.call_soon_threadsafe(self._triton_exited, returncode)
 
                 server.add_exit_callback(exited)
                 self._triton = server
-                if server.metrics_url is not None:
-                    self._triton_metrics = TritonMetrics(server.metrics_url)
-                elif getattr(server, "in_process", False) and server.metrics:
-                    self._triton_metrics = TritonMetrics(server.metrics_text)
+                if server.metrics_source is not None:
+                    self._triton_metrics = TritonMetrics(server.metrics_source)
             return self._triton
 
     def _triton_exited(self, returncode: int) -> None:
+        server = self._triton
         if not self._closing:
-            broken = getattr(self._triton, "broken", None)  # in process: why it cannot serve on
-            self.restart_worker(broken or f"its Triton server exited (status {returncode})")
+            reason = server.broken if server is not None else None  # why it cannot serve on
+            self.restart_worker(reason or f"its Triton server exited (status {returncode})")
 
     def _beyond_repair(self) -> bool:
         return self._restart is not None or (self._triton is not None and not self._triton.is_alive())
@@ -320,14 +314,7 @@ class OperatorHost(WorkerPlugin):
             }
             for key, h in serving.hosted.items()
         ]
-        await queue.register(
-            infos,
-            self.failures,
-            on_requests=serving.on_leased,
-            on_withdraw=serving.cancel,
-            on_requester_left=self._requester_left,
-        )
-        serving.grant_all()
+        await queue.register(infos, self.failures, on_requester_left=self._requester_left)
         interval = get_seconds("tdask.worker.report-interval") or 1.0
         last: tuple[dict[str, Any], dict[str, Any]] | None = None
         while True:

@@ -1,15 +1,17 @@
 """Serving on a worker: slots, batches, cancellation and answers, whichever plane brought a request.
 
 Each hosted operator runs at most ``max_inflight_requests`` requests at once; what does not fit
-waits here in arrival order. Requests leased by the broker hold a broker credit until their batch
-returns; direct ones hold none. Every request gets exactly one final answer, sent back on the
-plane it came through (the caller's direct session, else the broker).
+waits here in arrival order. Every request gets exactly one final answer, sent back through the
+plane that brought it (a :class:`~tdask.request_plane.base.ServerPlane`); serving never asks
+which plane that is: the plane frees its own slots (the broker's credits), forgets cancelled
+requests and hands back what a leaving worker will not serve.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 from collections import deque
@@ -24,11 +26,25 @@ from tdask.exceptions import InvalidRequestError, OperatorError, RequestCancelle
 from tdask.host.metrics import CANCELLED, NOT_ANSWERED, UNDELIVERED, OperatorMetrics
 from tdask.operator import Operator, OperatorConfig, Request
 from tdask.protocol import RequestMsg, ResponseMsg, operator_key
-from tdask.request_plane import DirectServer, QueueServer
+from tdask.request_plane.base import ServerPlane
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Hosted", "Serving"]
+
+
+@dataclass
+class Waiting:
+    """An admitted request that waits for a slot, and the plane that brought it."""
+
+    message: RequestMsg
+    plane: ServerPlane
+    arrived: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(requester, request_id)``."""
+        return (self.message["requester"], self.message["id"])
 
 
 @dataclass
@@ -40,7 +56,7 @@ class Hosted:
     inflight: int = 0
     max_inflight_seen: int = 0
     started: int = 0
-    waiting: deque[RequestMsg] = field(default_factory=deque)  # admitted, no free slot yet
+    waiting: deque[Waiting] = field(default_factory=deque)  # admitted, no free slot yet
     batches: set[asyncio.Task[None]] = field(default_factory=set)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
@@ -56,10 +72,9 @@ class Serving:
         The worker's tensor store (large outputs are kept there).
     endpoint
         What :class:`tdask.RemoteOperator` uses from inside an operator (the worker's own planes).
-    queue
-        The worker's queue-plane server (credits, answers to broker requests).
-    direct
-        The worker's direct-plane server (answers to direct requests).
+    planes
+        The worker halves of the planes that bring requests here (each is told to :meth:`admit`
+        through it).
     keep_unanswered
         True while the worker is beyond repair (restarting): failed requests are then not
         answered, so that their callers serve them again elsewhere once the worker has left.
@@ -71,15 +86,13 @@ class Serving:
         worker_address: str,
         store: TensorStore,
         endpoint: Any,
-        queue: QueueServer,
-        direct: DirectServer,
+        planes: list[ServerPlane],
         keep_unanswered: Callable[[], bool],
     ) -> None:
         self.worker_address = worker_address
         self.store = store
         self.endpoint = endpoint
-        self.queue = queue
-        self.direct = direct
+        self.planes = planes
         self.keep_unanswered = keep_unanswered
         self.hosted: dict[str, Hosted] = {}
         self.closing = False
@@ -88,41 +101,31 @@ class Serving:
         self.finishing = False
         self._running: dict[tuple[str, str], tuple[Request, asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        for plane in planes:
+            plane.serve(self)
 
     # -- admission -------------------------------------------------------------------------
 
-    def on_direct(self, request: RequestMsg) -> bool:
-        """A request from a direct caller; False when its operator is not (or no longer) here."""
-        hosted = self.hosted.get(request["operator"])
-        if hosted is None or (self.closing and not (self.finishing and request.get("nested"))):
-            return False
-        self._admit(hosted, [request])
-        return True
+    def admit(self, plane: ServerPlane, operator_key: str, requests: list[RequestMsg]) -> bool:
+        """Run ``requests`` in free slots now; the rest waits here, in arrival order.
 
-    def on_leased(self, key: str, requests: list[RequestMsg]) -> None:
-        """Requests pushed by the broker, never more than the slots granted to it."""
-        hosted = self.hosted.get(key)
-        if hosted is None or self.closing:
-            return  # arrived while we stop: our leases on them are handed back at unregister
-        for request in requests:
-            request["via_broker"] = True
-        self._admit(hosted, requests)
-
-    def _admit(self, hosted: Hosted, requests: list[RequestMsg]) -> None:
-        """Run what fits in the free slots now; the rest waits here, in arrival order.
-
-        The broker never pushes more than the slots granted to it, but direct requests fill
-        slots too: nothing ever runs beyond ``max_inflight_requests``.
+        False when the operator is not (or no longer) here: the plane then says so to the
+        caller, or keeps its lease. While closing, only calls made from inside requests in flight
+        are taken, and only while :attr:`finishing`. The broker never pushes more than the slots
+        granted to it, but direct requests fill slots too: nothing ever runs beyond
+        ``max_inflight_requests``.
         """
+        hosted = self.hosted.get(operator_key)
+        if hosted is None or (self.closing and not (self.finishing and all(r.get("nested") for r in requests))):
+            return False
         now = time.perf_counter()
         free = hosted.config.max_inflight_requests - hosted.inflight
         if free >= len(requests) and not hosted.waiting:
-            self._start_batch(hosted, requests, now)
-            return
-        for request in requests:
-            request["arrived"] = now
-        hosted.waiting.extend(requests)
+            self._start_batch(hosted, [Waiting(r, plane, now) for r in requests], now)
+            return True
+        hosted.waiting.extend(Waiting(r, plane, now) for r in requests)
         self._start_waiting(hosted)
+        return True
 
     def _start_waiting(self, hosted: Hosted) -> None:
         free = hosted.config.max_inflight_requests - hosted.inflight
@@ -130,24 +133,25 @@ class Serving:
         if batch:
             self._start_batch(hosted, batch, time.perf_counter())
 
-    def grant_all(self) -> None:
-        """Give the broker every operator's slots (once, after registering)."""
-        for key, hosted in self.hosted.items():
-            self.queue.grant(key, hosted.config.max_inflight_requests)
-
-    def _grant(self, hosted: Hosted, n: int) -> None:
-        if n and not self.closing:
-            self.queue.grant(hosted.config.key, n)
+    def _freed(self, hosted: Hosted, planes: list[ServerPlane]) -> None:
+        """Requests brought by ``planes`` (one entry each) left their slots: tell each plane."""
+        if self.closing:
+            return
+        for plane in set(planes):
+            if plane.counts_slots:
+                plane.freed(hosted.config.key, planes.count(plane))
 
     # -- running ---------------------------------------------------------------------------
 
-    def _start_batch(self, hosted: Hosted, messages: list[RequestMsg], started: float) -> None:
-        """Run ``messages`` as one ``execute`` batch; ``started`` is now (``time.perf_counter()``)."""
+    def _start_batch(self, hosted: Hosted, admitted: list[Waiting], started: float) -> None:
+        """Run ``admitted`` as one ``execute`` batch; ``started`` is now (``time.perf_counter()``)."""
         settings = RequestSettings.read()  # once per batch, not per response
         metrics = hosted.metrics
         requests = []
+        planes = []
         paired = []
-        for message in messages:
+        for entry in admitted:
+            message, plane = entry.message, entry.plane
             request = Request(
                 request_id=message["id"],
                 operator=hosted.config.name,
@@ -156,18 +160,18 @@ class Serving:
                 parameters=dict(message.get("parameters") or {}),
                 deadline=message.get("deadline"),
                 store=self.store,
-                send=lambda request, response: self._answer(request, response, settings, metrics),
+                send=functools.partial(self._answer, plane, settings=settings, metrics=metrics),
                 requester=message["requester"],
-                via_broker=bool(message.get("via_broker")),
             )
             request.started = started
-            request.arrived = message.get("arrived", started)
+            request.arrived = entry.arrived
             try:
                 request.inputs = protocol.decode_tensors(message.get("inputs") or {})
             except InvalidRequestError as exc:
-                self._refuse(hosted, request, exc, settings)
+                self._refuse(hosted, plane, request, exc, settings)
                 continue
             requests.append(request)
+            planes.append(plane)
             paired.append((message, request))
         if not requests:
             return
@@ -191,12 +195,12 @@ class Serving:
         hosted.inflight += len(requests)
         hosted.started += len(requests)
         hosted.max_inflight_seen = max(hosted.max_inflight_seen, hosted.inflight)
-        task = asyncio.create_task(self._run_batch(hosted, requests))
+        task = asyncio.create_task(self._run_batch(hosted, requests, planes))
         hosted.batches.add(task)
         for request in requests:
             self._running[(request.requester, request.request_id)] = (request, task)
 
-    async def _run_batch(self, hosted: Hosted, requests: list[Request]) -> None:
+    async def _run_batch(self, hosted: Hosted, requests: list[Request], planes: list[ServerPlane]) -> None:
         scope = TensorScope()
         deadlines = [r.deadline for r in requests]
         context.current.set(
@@ -250,29 +254,32 @@ class Serving:
                     hosted.batches.discard(current)
                 if not self.closing or self.finishing:
                     self._start_waiting(hosted)
-                if not self.closing:
-                    # The broker's credit counts its own requests held here (running or
-                    # waiting); direct ones never took any, so they give none back.
-                    self._grant(hosted, sum(1 for r in requests if r.via_broker))
+                self._freed(hosted, planes)
                 for request in requests:
                     self._running.pop((request.requester, request.request_id), None)
 
-    def _refuse(self, hosted: Hosted, request: Request, exc: InvalidRequestError, settings: RequestSettings) -> None:
+    def _refuse(
+        self, hosted: Hosted, plane: ServerPlane, request: Request, exc: InvalidRequestError, settings: RequestSettings
+    ) -> None:
         """Answer a request whose inputs cannot be decoded, without running it."""
         logger.warning("request %s of %s refused: %s", request.request_id, hosted.config.key, exc.message)
         request.finished = True
         error = InvalidRequestError(exc.message, operator=hosted.config.name, request_id=request.request_id)
         response = {"outputs": {}, "parameters": {}, "error": error, "final": True}
         # A fresh context: this may run while a finishing batch's serving context is current.
-        answer = self._answer(request, response, settings, hosted.metrics)
+        answer = self._answer(plane, request, response, settings, hosted.metrics)
         task = asyncio.create_task(answer, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        if request.via_broker:
-            self._grant(hosted, 1)
+        self._freed(hosted, [plane])
 
     async def _answer(
-        self, request: Request, response: dict[str, Any], settings: RequestSettings, metrics: OperatorMetrics
+        self,
+        plane: ServerPlane,
+        request: Request,
+        response: dict[str, Any],
+        settings: RequestSettings,
+        metrics: OperatorMetrics,
     ) -> None:
         """Encode one response (large outputs into the store) and send it back where the request came from.
 
@@ -321,15 +328,10 @@ class Serving:
             # so "answered" implies "intermediate tensors released".
             received, serving.scope.tensors = list(serving.scope.tensors.values()), {}
             await self.store.release(received)
-        route = self.direct.route(message)
         error_msg = message["error"]
         outcome = "ok" if error_msg is None else str(error_msg["type"])
         try:
-            if route is not None:
-                await route.drain()  # a caller that reads slower than we answer slows us down
-                route.send(protocol.replies([message]))
-            else:
-                self.queue.respond(message)
+            await plane.answer(message)
         except Exception as exc:
             logger.error(
                 "could not deliver response to request %s of %s: %s", request.request_id, request.operator, exc
@@ -359,22 +361,25 @@ class Serving:
         """Cancel requests by ``[requester, request_id]``: waiting ones never run; running ones are told."""
         wanted = {(requester, request_id) for requester, request_id in keys}
         for hosted in self.hosted.values():
-            dropped = [m for m in hosted.waiting if (m["requester"], m["id"]) in wanted]
+            dropped = [w for w in hosted.waiting if w.key in wanted]
             if dropped:
-                hosted.waiting = deque(m for m in hosted.waiting if (m["requester"], m["id"]) not in wanted)
-                self._grant(hosted, sum(1 for m in dropped if m.get("via_broker")))
-                for message in dropped:
+                hosted.waiting = deque(w for w in hosted.waiting if w.key not in wanted)
+                self._freed(hosted, [w.plane for w in dropped])
+                for entry in dropped:
                     hosted.metrics.count(CANCELLED)
                     logger.info(
-                        "request %s of %s cancelled by its caller before it started", message["id"], hosted.config.key
+                        "request %s of %s cancelled by its caller before it started",
+                        entry.message["id"],
+                        hosted.config.key,
                     )
-        self.direct.forget(list(wanted))
+        for plane in self.planes:
+            plane.forget(list(wanted))
         tasks = set()
         for key in wanted:
-            entry = self._running.get(key)
-            if entry is None:
+            running = self._running.get(key)
+            if running is None:
                 continue
-            request, task = entry
+            request, task = running
             if not (request.finished or request.cancelled.is_set()):
                 owner = self.hosted.get(operator_key(request.operator, request.version))
                 if owner is not None:
@@ -400,20 +405,22 @@ class Serving:
     async def drain(self, timeout: float) -> None:
         """Let running batches finish for at most ``timeout`` seconds, then cancel the rest.
 
-        Direct requests this leaving worker will not answer are handed back to their callers,
-        which send them to another host without spending a retry: at once those still waiting
-        for a slot (they never ran), after the drain those it had to stop. Not when the worker
-        is beyond repair (its Triton died): what ran then may be what broke it, and goes back as
-        a lost worker's requests do, within ``max_retries``. Broker requests go back to the
-        broker's queue at unregister. While :attr:`finishing` (the scheduler was lost, so every
-        worker is leaving), the waiting ones run too, within the same ``timeout``.
+        Requests this leaving worker will not answer are handed back through their planes
+        (:meth:`ServerPlane.hand_back`): direct callers send them to another host without
+        spending a retry, at once those still waiting for a slot (they never ran), after the
+        drain those it had to stop. Not when the worker is beyond repair (its Triton died): what
+        ran then may be what broke it, and goes back as a lost worker's requests do, within
+        ``max_retries``. The broker takes its leases back itself at unregister. While
+        :attr:`finishing` (the scheduler was lost, so every worker is leaving), the waiting ones
+        run too, within the same ``timeout``.
         """
         if not self.finishing:
-            never_ran = []
             for hosted in self.hosted.values():
-                never_ran += [(m["requester"], m["id"]) for m in hosted.waiting if not m.get("via_broker")]
-                hosted.waiting = deque(m for m in hosted.waiting if m.get("via_broker"))
-            self.direct.hand_back(never_ran)
+                by_plane: dict[ServerPlane, list[tuple[str, str]]] = {}
+                for entry in hosted.waiting:
+                    by_plane.setdefault(entry.plane, []).append(entry.key)
+                handed = {plane for plane, keys in by_plane.items() if plane.hand_back(keys)}
+                hosted.waiting = deque(w for w in hosted.waiting if w.plane not in handed)
         deadline = time.monotonic() + timeout
         while True:
             batches = [t for h in self.hosted.values() for t in h.batches]
@@ -428,7 +435,8 @@ class Serving:
                 break
             await asyncio.wait(batches, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         if not self.keep_unanswered():
-            self.direct.hand_back()
+            for plane in self.planes:
+                plane.hand_back()
 
     def stats(self) -> dict[str, Any]:
         """In-flight accounting per operator (``max_inflight_seen`` proves the limit held), and its metrics.

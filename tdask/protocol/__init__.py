@@ -2,7 +2,7 @@
 
 Every process of a deployment (callers, workers, the scheduler's broker) speaks in small
 msgpack-friendly dicts. This module is the only place that names their operations and builds
-them; the transports (:mod:`tdask.request_plane.wire`, :mod:`tdask.request_plane.session`) carry
+them; the transports (:mod:`tdask.transport.wire`, :mod:`tdask.transport.dask_comm`) carry
 them without looking inside beyond :func:`check_message`.
 
 Requests and responses::

@@ -10,6 +10,8 @@ from typing import Any, Final, TypedDict
 
 from tdask import data_plane
 from tdask.exceptions import error_to_msg
+from tdask.transport import WIRE_ADDRESS
+from tdask.transport.base import ProtocolError, check_shape
 
 __all__ = [
     "DataAction",
@@ -63,7 +65,7 @@ class Rpc:
     OPERATORS: Final = "tdask_operators"
     # worker (the host)
     DIRECT: Final = "tdask_direct"
-    WIRE_ADDRESS: Final = "tdask_wire_address"
+    WIRE_ADDRESS: Final = WIRE_ADDRESS  # the transport's own (tdask.transport.registry)
     HOST_STATS: Final = "tdask_host_stats"
     # worker (the data plane, defined with its handlers in tdask.data_plane)
     FETCH: Final = data_plane.FETCH
@@ -88,24 +90,6 @@ _FIELDS: Final[dict[str, tuple[str, ...]]] = {
     Op.DATA: ("call", "action"),
     Op.DATA_REPLY: ("call", "status"),
 }
-
-
-class ProtocolError(ValueError):
-    """A peer sent something that is not a tdask message: its connection is closed."""
-
-
-def check_shape(message: Any) -> str:
-    """Return the op of ``message`` if it is shaped as a message (a dict with a str ``op``).
-
-    What the transports check on every incoming message; :func:`check_message` (used by the
-    planes, which know the ops) checks the op and its fields too. Raises :class:`ProtocolError`.
-    """
-    if type(message) is not dict:
-        raise ProtocolError(f"a message must be a dict, got {type(message).__name__}")
-    op = message.get("op")
-    if type(op) is not str:
-        raise ProtocolError("a message needs a str 'op'")
-    return op
 
 
 def check_message(message: Any) -> str:
@@ -159,10 +143,8 @@ class RequestMsg(TypedDict, total=False):
     host_wait_s: float
     rehost_wait_s: float
     submitted: float  # set by the broker: when its wait for a host began
-    via_broker: bool  # set by the serving worker: leased by the broker (holds a credit)
     nested: bool  # sent from inside an operator (part of a request already being served)
     hosted_before: bool  # the caller knew hosts of its operator (the broker may have restarted)
-    arrived: float  # set by the serving worker while it waits for a slot: time.perf_counter() on arrival
     target: str  # optional: the worker address the caller chose (direct plane)
     target_lost: str  # with target: "error" or "fallback" when the target hosts it no more
 

@@ -3,18 +3,16 @@
 =============== ==========================================================================
 module          role
 =============== ==========================================================================
-``base``        the contracts: a caller's :class:`RequestPlane`, a session's :class:`Transport`
+``base``        the contracts: a caller's :class:`RequestPlane`, a worker's :class:`ServerPlane`
 ``registry``    the caller's side of the scheduler's registry (who hosts what)
 ``direct``      the direct plane, both halves (default): callers to workers, no scheduler hop
 ``data_calls``  host tensors fetched, placed and released on the direct plane's wire
 ``queue``       the queue plane, both halves: requests through the scheduler's queues
-``broker``      the scheduler's half: the registry, the queues, leases and credits
-``dashboard``   the broker's ``/tdask`` pages
-``session``     a transport on a Dask comm (TCP, TLS, UCX)
-``wire``        tdask's lean transport for direct sessions on plain TCP and TLS
 =============== ==========================================================================
 
-Messages are defined in :mod:`tdask.protocol`; nothing here builds one by hand.
+The scheduler's half of the queue plane (the broker) is :mod:`tdask.scheduler`; the sessions
+both planes run on are :mod:`tdask.transport`'s, picked there. Messages are defined in
+:mod:`tdask.protocol`; nothing here builds one by hand.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from typing import Any
 
 import dask.config
 
-from tdask.request_plane.base import RequestPlane, ResponseStream, Transport
+from tdask.request_plane.base import RequestPlane, ResponseStream, ServerPlane
 from tdask.request_plane.direct import DirectRequestPlane, DirectServer
 from tdask.request_plane.queue import BrokerSession, QueueRequestPlane, QueueServer
 from tdask.request_plane.registry import Registry
@@ -37,7 +35,7 @@ __all__ = [
     "Registry",
     "RequestPlane",
     "ResponseStream",
-    "Transport",
+    "ServerPlane",
     "make_request_plane",
 ]
 

@@ -1,11 +1,10 @@
-"""The request plane's two contracts: a caller's plane, and the transport a session runs on.
+"""The request plane's contracts: a caller's plane, and a plane's worker half.
 
 A *caller plane* (:class:`RequestPlane`) takes a request message and gives back the stream of its
-responses; :mod:`tdask.request_plane.direct` and :mod:`tdask.request_plane.queue` implement it.
-A *transport* (:class:`Transport`) carries one-way messages both ways between two processes;
-:class:`tdask.request_plane.session.Session` (a Dask comm) and
-:class:`tdask.request_plane.wire.WireSession` (tdask's wire) implement it. The planes never
-know which transport they hold.
+responses. A plane's *worker half* (:class:`ServerPlane`) brings requests to the worker's serving
+and takes their answers back the way they came. :mod:`tdask.request_plane.direct` and
+:mod:`tdask.request_plane.queue` implement both. The sessions they run on are
+:class:`tdask.transport.Transport` objects; the planes never know which transport they hold.
 """
 
 from __future__ import annotations
@@ -14,40 +13,12 @@ import abc
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
+from tdask.data_plane import Shortcut
 from tdask.protocol import RequestMsg, ResponseMsg
 
-__all__ = ["MessageHandler", "RequestPlane", "ResponseStream", "Transport"]
-
-MessageHandler = Callable[[dict[str, Any]], None]
-
-
-@runtime_checkable
-class Transport(Protocol):
-    """One connection carrying one-way messages (dicts, see :mod:`tdask.protocol`) both ways.
-
-    Incoming messages are checked with :func:`tdask.protocol.check_message` and handed to the
-    handler the transport was opened with; a peer that sends anything else is disconnected.
-    """
-
-    name: str
-    closed: asyncio.Event
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Queue ``message``; raises ``CommClosedError`` once the connection is closed."""
-
-    async def drain(self) -> None:
-        """Wait while the peer reads slower than this side writes (backpressure)."""
-
-    async def read_forever(self) -> None:
-        """Return once the connection is closed (messages are delivered as they arrive)."""
-
-    async def close(self) -> None:
-        """Close after writing what is queued."""
-
-    def abort(self) -> None:
-        """Close at once, dropping what is queued."""
+__all__ = ["Admission", "RequestKey", "RequestPlane", "ResponseStream", "ServerPlane"]
 
 
 class ResponseStream:
@@ -123,6 +94,10 @@ class RequestPlane(abc.ABC):
     #: Called with replies nobody waits for any more (their request was cancelled), so that
     #: the tensors they refer to can be released.
     on_orphan: Callable[[ResponseMsg], None] | None
+    #: The data plane's quicker route to workers this plane holds sessions with (see
+    #: :class:`~tdask.data_plane.Shortcut`), or None. Whoever owns the process's data plane sets
+    #: it as the data plane's ``shortcut``, without asking which plane or transport this is.
+    shortcut: Shortcut | None = None
 
     @abc.abstractmethod
     async def submit(self, request: RequestMsg, stream: ResponseStream | None = None) -> ResponseStream:
@@ -139,3 +114,64 @@ class RequestPlane(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close the plane's sessions; requests still in flight fail."""
+
+
+# -- the worker's half ----------------------------------------------------------------------
+
+#: ``[requester, request_id]``: a request as the worker knows it (ids are unique per requester).
+RequestKey = tuple[str, str]
+
+
+class Admission(Protocol):
+    """What a plane's worker half hands requests to: the worker's serving (:class:`tdask.host.serving.Serving`)."""
+
+    def admit(self, plane: ServerPlane, operator_key: str, requests: list[RequestMsg]) -> bool:
+        """Run ``requests`` (``requester`` set) or queue them for a slot; False: not hosted here (any more)."""
+        ...
+
+    def cancel(self, keys: list[list[str]]) -> None:
+        """Cancel requests by ``[requester, request_id]``: waiting ones never run, running ones are told."""
+        ...
+
+
+class ServerPlane(abc.ABC):
+    """A plane's worker half, as the worker's serving sees it: requests in, answers back the same way.
+
+    Serving never asks how a request came: it answers, frees slots, forgets cancelled requests
+    and hands back what it will not serve through the plane that brought the request. The
+    planes' halves: :class:`~tdask.request_plane.direct.DirectServer` (callers' own sessions) and
+    :class:`~tdask.request_plane.queue.QueueServer` (the broker's leases and credits).
+    """
+
+    #: Whether the plane counts the slots its requests hold (the broker's credits): only then is
+    #: it told of each request that leaves its slot (:meth:`freed`).
+    counts_slots: bool = False
+
+    @abc.abstractmethod
+    def serve(self, admission: Admission) -> None:
+        """From now on, hand requests to ``admission``."""
+
+    @abc.abstractmethod
+    async def answer(self, response: ResponseMsg) -> None:
+        """Send ``response`` back the way its request came (raises when it cannot be delivered)."""
+
+    def freed(self, operator_key: str, n: int) -> None:
+        """``n`` requests this plane brought for ``operator_key`` left their slots (or their wait).
+
+        Called only where :attr:`counts_slots`; the queue plane gives the broker that many
+        credits back.
+        """
+        raise NotImplementedError(f"{type(self).__name__} counts no slots")
+
+    @abc.abstractmethod
+    def forget(self, keys: list[RequestKey]) -> None:
+        """These requests were cancelled: no answer goes back for them."""
+
+    @abc.abstractmethod
+    def hand_back(self, keys: list[RequestKey] | None = None) -> bool:
+        """The worker is leaving and will not answer these requests (default: every unanswered one).
+
+        Returns True when their callers were told (they serve them elsewhere and the worker drops
+        them), False when the plane takes them back by itself later (the broker's leases, at
+        unregister) and the worker keeps them until then.
+        """

@@ -5,7 +5,7 @@ and the :class:`~tdask.data_plane.Shortcut` of its process's data plane): fetch,
 host tensors of a worker's store with one ``data`` / ``data-reply`` frame pair on the caller's
 wire session to that worker, instead of a Dask RPC per tensor. A tensor travels as ``tensor``
 (``[dtype, shape]``) and ``bytes`` (its memory, the last field: the wire sends it without a copy,
-:meth:`~tdask.request_plane.wire.WireSession.send_with_payload`).
+:meth:`~tdask.transport.Transport.send_with_payload`).
 
 Worker side (:func:`answer_data_call`, called by the worker's
 :class:`~tdask.request_plane.direct.DirectServer`): answers from the worker's
@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 from distributed.comm.core import CommClosedError
 
-from tdask import protocol
+from tdask import protocol, transport
 from tdask.config import get_bytes
-from tdask.data_plane import TensorStore, is_gone
+from tdask.data_plane import TensorStore
 from tdask.exceptions import TdaskError
 from tdask.protocol import DataAction, ProtocolError, decode_inline, encode_inline
-from tdask.request_plane.base import Transport
-from tdask.request_plane.wire import MessageTooLargeError, WireSession, wire_wanted
+from tdask.transport import MessageTooLargeError, Transport, is_gone
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +59,10 @@ class DataCalls:
         self._calls: dict[int, tuple[str, asyncio.Future[dict[str, Any] | None]]] = {}
         self._next_call = 0
 
+    def reaches(self, owner: str) -> bool:
+        """Whether the transport to ``owner`` carries data calls (the door decides: the wire)."""
+        return transport.carries_data(owner)
+
     def on_reply(self, worker: str, message: dict[str, Any]) -> None:
         """A ``data-reply`` arrived from ``worker``: resolve its call."""
         call = self._calls.pop(message["call"], None)
@@ -81,14 +84,14 @@ class DataCalls:
 
         ``payload``, when given, travels as the message's ``bytes`` field without a copy here.
         """
-        if self._closed() or is_gone(worker) or not wire_wanted(worker):
+        if self._closed() or is_gone(worker):
             return None
         try:
             session = await self._session_for(worker)
         except Exception as exc:  # unreachable: Dask's comm says so, with the data plane's errors
             logger.debug("no session to %s for a data call: %s", worker, exc)
             return None
-        if not isinstance(session, WireSession) or session.closed.is_set():
+        if not session.carries_data or session.closed.is_set():  # it fell back to a Dask comm
             return None
         self._next_call += 1
         number = self._next_call
@@ -170,11 +173,8 @@ def _answer(store: TensorStore | None, session: Transport, message: dict[str, An
             session.send(protocol.data_reply(number, "refused"))
             return
         form, shape, data = encode_inline(array)["nd"]
-        try:
-            if isinstance(session, WireSession):  # the tensor's memory, handed to the socket as it is
-                session.send_with_payload(protocol.data_reply(number, "OK", tensor=[form, shape]), "bytes", data)
-            else:
-                session.send(protocol.data_reply(number, "OK", tensor=[form, shape], bytes=data))
+        try:  # the tensor's memory, handed to the socket as it is (on the wire)
+            session.send_with_payload(protocol.data_reply(number, "OK", tensor=[form, shape]), "bytes", data)
         except MessageTooLargeError:  # above tdask.wire.max-frame: Dask's comm moves it
             session.send(protocol.data_reply(number, "refused"))
             return

@@ -1,21 +1,22 @@
 """The direct plane, both halves: each caller sends requests straight to a worker hosting the operator.
 
 Caller side (:class:`DirectRequestPlane`): the host with the fewest of this caller's requests in
-flight (round robin among equals), over the caller's own session to it: tdask's wire
-(:mod:`tdask.request_plane.wire`) on ``tcp://`` and ``tls://`` clusters, else a Dask comm
-(:mod:`tdask.request_plane.session`). The scheduler's broker stays the registry and the
+flight (round robin among equals), over the caller's own session to it, opened by
+:func:`tdask.transport.connect` (which picks the transport: tdask's wire on ``tcp://`` and
+``tls://`` clusters, else a Dask comm). The scheduler's broker stays the registry and the
 fallback: a request for an operator nobody hosts yet, or refused by a worker that is stopping,
 goes through the queue plane, which waits for a host and fails clearly after its bound. The
 caller holds the lease: when its session to a worker closes (the worker died), the requests it
 held there are sent again elsewhere (bounded by ``max_retries``) or fail with
 :class:`~tdask.exceptions.WorkerLostError`.
 
-Worker side (:class:`DirectServer`): accepts callers' sessions (the ``tdask_direct`` comm
-handler and the wire listener), hands their requests to the worker host, routes answers back on
-the session they came from, and cancels what a caller left running when its session closes.
+Worker side (:class:`DirectServer`, a :class:`~tdask.request_plane.base.ServerPlane`): accepts
+callers' sessions (a :class:`tdask.transport.Listener`), hands their requests to the worker's
+serving, routes answers back on the session they came from, and cancels what a caller left
+running when its session closes.
 
 Both halves also carry the data calls of :mod:`tdask.request_plane.data_calls` (host tensors
-fetched, placed and released on the wire session).
+fetched, placed and released on sessions whose transport carries them).
 
 Compared with the queue plane, a hop crosses two processes instead of four; load balancing is
 per caller instead of global.
@@ -31,23 +32,18 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-import dask.config
-from distributed.comm import get_address_host
 from distributed.comm.core import CommClosedError
-from distributed.core import send_recv
 
-from tdask import protocol
+from tdask import protocol, transport
 from tdask.config import get_seconds
-from tdask.data_plane import TensorStore, connect_peer, is_gone
+from tdask.data_plane import TensorStore
 from tdask.exceptions import ClientClosedError, DataPlaneError, OperatorUnavailableError, TdaskError, WorkerLostError
 from tdask.protocol import Op, ProtocolError, RequestMsg, ResponseMsg, Rpc, check_message, check_request
-from tdask.request_plane.base import RequestPlane, ResponseStream, Transport
+from tdask.request_plane.base import Admission, RequestPlane, ResponseStream, ServerPlane
 from tdask.request_plane.data_calls import DataCalls, answer_data_call
 from tdask.request_plane.queue import QueueRequestPlane
 from tdask.request_plane.registry import Registry
-from tdask.request_plane.session import Session, open_session
-from tdask.request_plane.wire import WireServer, WireSession, wire_ssl_context, wire_wanted
-from tdask.request_plane.wire import open_session as open_wire
+from tdask.transport import Transport, is_gone
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +82,8 @@ class DirectRequestPlane(RequestPlane):
         self._lost: dict[str, float] = {}  # worker -> when its session closed: avoided for a while
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
-        self.data = DataCalls(self._worker_session, lambda: self._closed)  # the data plane's shortcut
+        self.data = DataCalls(self._worker_session, lambda: self._closed)
+        self.shortcut = self.data  # host tensors over the workers' wires, where the transport carries them
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -99,49 +96,18 @@ class DirectRequestPlane(RequestPlane):
             session = self._workers.get(address)
             if session is not None and not session.closed.is_set():
                 return session
-            timeout = get_seconds("tdask.data-plane.connect-timeout")
-            session = await self._open_wire(address, timeout)
-            if session is None:
-                session = await open_session(
-                    address,
-                    Rpc.DIRECT,
-                    lambda message: self._on_worker_message(address, message),
-                    name=f"tdask-direct-{self.requester}",
-                    connection_args=self.connection_args,
-                    timeout=timeout,
-                    gone_if_refused=True,
-                    requester=self.requester,
-                )
+            session = await transport.connect(
+                address,
+                Rpc.DIRECT,
+                lambda message: self._on_worker_message(address, message),
+                requester=self.requester,
+                connection_args=self.connection_args,
+                timeout=get_seconds("tdask.data-plane.connect-timeout"),
+                name=f"tdask-direct-{self.requester}",
+            )
             self._workers[address] = session
             self._spawn(self._watch_worker(address, session))  # held until the session ends
             return session
-
-    async def _open_wire(self, address: str, timeout: float | None) -> WireSession | None:
-        """The worker's wire session, or None: use Dask's comm.
-
-        A worker that cannot be asked raises (it is unreachable); one whose wire cannot be
-        reached (a firewall that only opens the worker's port) is reached over Dask's comm.
-        """
-        if not wire_wanted(address):
-            return None
-        comm = await connect_peer(address, timeout, connection_args=self.connection_args)  # refused: at once
-        try:
-            wire = await send_recv(comm=comm, op=Rpc.WIRE_ADDRESS)
-        finally:
-            await comm.close()
-        if not wire:
-            return None
-        try:
-            return await open_wire(
-                wire,
-                self.requester,
-                lambda message: self._on_worker_message(address, message),
-                timeout=timeout,
-                ssl_context=wire_ssl_context(address, self.connection_args),
-            )
-        except (OSError, TimeoutError) as exc:
-            logger.warning("cannot reach the wire of %s at %s (%s); using Dask's comm instead", address, wire, exc)
-            return None
 
     @property
     def on_orphan(self) -> Callable[[ResponseMsg], None] | None:
@@ -411,95 +377,62 @@ def order_hosts(policy: dict[str, Any], hosts: list[str], parameters: dict[str, 
 
 # -- the worker's half ---------------------------------------------------------------------
 
-SubmitHandler = Callable[[RequestMsg], bool]
-CancelHandler = Callable[[list[list[str]]], None]
 
-
-class DirectServer:
+class DirectServer(ServerPlane):
     """A worker's side of the direct plane: callers' sessions in, answers back on them.
+
+    Sessions arrive through a :class:`tdask.transport.Listener` (the wire and the
+    ``tdask_direct`` comm handler, whichever the worker's address allows).
 
     Parameters
     ----------
     worker
         The Dask worker.
+    store
+        The worker's tensor store: it answers the callers' data calls (without one, each is
+        refused and the caller uses Dask's comm).
     """
 
-    def __init__(self, worker: Any) -> None:
+    def __init__(self, worker: Any, store: TensorStore | None = None) -> None:
         self.worker = worker
-        self._on_submit: SubmitHandler = lambda request: False
-        self._on_cancel: CancelHandler = lambda keys: None
+        self.store = store
+        self._admission: Admission | None = None
         self.sessions: dict[Transport, str] = {}  # session -> its requester
         self._routes: dict[tuple[str, str], Transport] = {}  # (requester, id) -> where to answer
         self._partial: set[tuple[str, str]] = set()  # routes that carried part of an answer
         self._nested_only = False  # while closing: still accept calls made by requests in flight
-        self.wire: WireServer | None = None
-        self.store: TensorStore | None = None
+        self.listener = transport.Listener(worker, Rpc.DIRECT, self._accept)
         self._serving: set[asyncio.Task[None]] = set()
         self._closing = False
 
-    def serve(self, *, on_submit: SubmitHandler, on_cancel: CancelHandler, store: TensorStore | None = None) -> None:
-        """Say who serves the requests.
-
-        ``on_submit`` takes a request (``requester`` set) and returns False when this worker does
-        not (or no longer) host its operator: the caller is then told to go through the broker.
-        ``on_cancel`` cancels requests by ``[requester, request_id]`` keys. ``store`` answers the
-        callers' data calls (without one, each is refused: the caller uses Dask's comm).
-        """
-        self._on_submit = on_submit
-        self._on_cancel = on_cancel
-        self.store = store
+    def serve(self, admission: Admission) -> None:
+        """Hand callers' requests to ``admission``; a request it refuses is answered ``refused``."""
+        self._admission = admission
 
     async def start(self) -> None:
-        """Install the comm handlers and, where wanted, listen on the wire."""
-        self.worker.handlers[Rpc.DIRECT] = self._comm_session
-        self.worker.handlers[Rpc.WIRE_ADDRESS] = self._wire_address
-        if wire_wanted(self.worker.address):
-            await self._start_wire()
+        """Accept callers' sessions (on the wire too, where the worker's address allows)."""
+        await self.listener.start()
 
-    async def _start_wire(self) -> None:
-        """Listen for direct callers on the wire, on the host of the worker's own address."""
-        wire = WireServer(self._accept_wire)
-        port = int(dask.config.get("tdask.worker.wire-port") or 0)
-        ssl_context = wire_ssl_context(self.worker.address, self.worker.security.get_listen_args("worker"))
-        try:
-            await wire.start(get_address_host(self.worker.address), port, ssl_context=ssl_context)
-        except OSError as exc:
-            logger.warning(
-                "no wire on %s (port %s: %s): direct callers use Dask's comm", self.worker.address, port, exc
-            )
-            return
-        self.wire = wire
-        logger.debug("wire of %s listening on %s", self.worker.address, wire.address)
-
-    def _wire_address(self) -> str | None:
-        """Where direct callers reach this worker's wire (None: use Dask's comm)."""
-        return None if self.wire is None or self._closing else self.wire.address
-
-    def _accept_wire(self, session: WireSession, requester: str) -> Callable[[dict[str, Any]], None]:
+    def _accept(self, session: Transport, hello: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+        requester = str(hello["requester"])
         self.sessions[session] = requester  # now: requester_left may come before the task runs
-        task = asyncio.create_task(self._serve(session, requester))
+        task = asyncio.create_task(self._watch(session, requester))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
         return lambda message: self._on_message(session, requester, message)
 
-    async def _comm_session(self, comm: Any, requester: str) -> None:
-        """A caller's own Dask comm to this worker: requests in, answers out."""
-        session = Session(comm, lambda message: self._on_message(session, requester, message), f"direct-{requester}")
-        await self._serve(session, requester)
-
-    async def _serve(self, session: Transport, requester: str) -> None:
-        """Serve a caller until its session closes; then cancel what it left running."""
-        self.sessions[session] = requester
+    async def _watch(self, session: Transport, requester: str) -> None:
+        """Once a caller's session closes: cancel what it left running."""
         try:
-            await session.read_forever()
+            await session.closed.wait()
         finally:
             self.sessions.pop(session, None)
             gone = [key for key, route in self._routes.items() if route is session]
             for key in gone:
                 del self._routes[key]
-            if gone and not self._closing:
+            if gone and not self._closing and self._admission is not None:
                 logger.info("direct caller %s left; cancelling its %d requests", requester, len(gone))
-                self._on_cancel([list(key) for key in gone])
+                self._admission.cancel([list(key) for key in gone])
 
     def _on_message(self, session: Transport, requester: str, message: dict[str, Any]) -> None:
         op = check_message(message)
@@ -511,27 +444,34 @@ class DirectServer:
             key = (requester, request["id"])
             self._routes[key] = session
             closed = self._closing and not (self._nested_only and request.get("nested"))
-            if closed or not self._on_submit(request):  # type: ignore[arg-type]
+            admission = self._admission
+            if closed or admission is None or not admission.admit(self, request["operator"], [request]):  # type: ignore[list-item]
                 # Not (or no longer) ours: say so; the caller goes through the broker instead.
                 self._routes.pop(key, None)
                 session.send(protocol.refused(request["id"]))
         elif op == Op.CANCEL:
-            self._on_cancel([[requester, request_id] for request_id in message["request_ids"]])
+            if self._admission is not None:
+                self._admission.cancel([[requester, request_id] for request_id in message["request_ids"]])
         elif op == Op.DATA:
             answer_data_call(self.store, session, message)
         else:
             raise ProtocolError(f"a direct caller may not send {op!r}")
 
-    def route(self, response: ResponseMsg) -> Transport | None:
-        """The session that ``response`` goes back on (None: it came through the broker)."""
+    async def answer(self, response: ResponseMsg) -> None:
+        """Send ``response`` on the session its request came on (dropped when there is none any more)."""
         key = (response["requester"] or "", response["id"])
         if response["final"]:
             self._partial.discard(key)
-            return self._routes.pop(key, None)
-        route = self._routes.get(key)
-        if route is not None:
-            self._partial.add(key)
-        return route
+            route = self._routes.pop(key, None)
+        else:
+            route = self._routes.get(key)
+            if route is not None:
+                self._partial.add(key)
+        if route is None:  # cancelled, its caller gone, or handed back: nobody waits for it
+            logger.debug("no session to answer request %s on: dropped", response["id"])
+            return
+        await route.drain()  # a caller that reads slower than we answer slows us down
+        route.send(protocol.replies([response]))
 
     def forget(self, keys: list[tuple[str, str]]) -> None:
         """Drop the routes of cancelled requests (no answer goes back for them)."""
@@ -539,7 +479,7 @@ class DirectServer:
             self._routes.pop(key, None)
             self._partial.discard(key)
 
-    def hand_back(self, keys: list[tuple[str, str]] | None = None) -> int:
+    def hand_back(self, keys: list[tuple[str, str]] | None = None) -> bool:
         """Tell callers that this (leaving) worker will not answer these requests (default: all).
 
         Each gets ``refused``: its caller sends it to another host without spending a retry
@@ -561,7 +501,7 @@ class DirectServer:
                 pass
         if handed:
             logger.info("handed %d unanswered direct requests back to their callers", handed)
-        return handed
+        return True
 
     def requester_left(self, requester: str) -> None:
         """The scheduler saw this client close: close its sessions here (which cancels its requests)."""
@@ -580,15 +520,15 @@ class DirectServer:
         """
         self._closing = True
         self._nested_only = nested
+        self.listener.stop_advertising()
 
     async def close(self) -> None:
         """Close every session (after what they still had to write), then the listener."""
         self._closing = True
-        self.worker.handlers.pop(Rpc.DIRECT, None)
-        self.worker.handlers.pop(Rpc.WIRE_ADDRESS, None)
+        self.listener.stop_advertising()
         for session in list(self.sessions):
             await session.close()
-        if self.wire is not None:
-            await self.wire.close()  # and connections that never said hello
-            self.wire = None
+        await self.listener.close()
+        for session in list(self.sessions):  # accepted while the others closed
+            session.abort()
         await asyncio.gather(*self._serving, return_exceptions=True)

@@ -6,7 +6,7 @@ caller's side, :class:`QueueRequestPlane` submits requests and routes the broker
 their streams; on the worker's side, :class:`QueueServer` registers the operators the worker
 hosts, grants *credits* (free slots), receives leased requests and sends responses. A worker's
 caller plane and its server share its one session. The scheduler's half is
-:class:`tdask.request_plane.broker.RequestBroker`.
+:class:`tdask.scheduler.broker.RequestBroker`.
 
 Everything passes through the scheduler, so messages carry small tensors and descriptors only.
 """
@@ -20,13 +20,13 @@ from typing import Any
 
 from distributed.comm.core import CommClosedError
 
-from tdask import protocol
+from tdask import protocol, transport
 from tdask.config import get_seconds
 from tdask.exceptions import ClientClosedError, InvalidRequestError, SchedulerLostError, TdaskError
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
-from tdask.request_plane.base import RequestPlane, ResponseStream
+from tdask.request_plane.base import Admission, RequestKey, RequestPlane, ResponseStream, ServerPlane
 from tdask.request_plane.registry import Registry
-from tdask.request_plane.session import Session, open_session
+from tdask.transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class BrokerSession:
         self.requester = requester
         self.worker = worker
         self.connection_args = connection_args or {}
-        self._session: Session | None = None
+        self._session: Transport | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
@@ -81,7 +81,7 @@ class BrokerSession:
         """Whether the session is connected now."""
         return self._session is not None and not self._session.closed.is_set()
 
-    async def ensure(self) -> Session:
+    async def ensure(self) -> Transport:
         """The open session, connecting (and installing the broker) if needed."""
         if self._closed:
             raise ClientClosedError("this request plane is closed (its client or worker closed)")
@@ -92,14 +92,15 @@ class BrokerSession:
                 return self._session
             try:
                 await self.registry.ensure_broker()
-                session = await open_session(
+                session = await transport.connect(
                     self.registry.address,
                     Rpc.SESSION,
                     self._on_message,
-                    name=f"tdask-session-{self.requester}",
+                    requester=self.requester,
                     connection_args=self.connection_args,
                     timeout=get_seconds("tdask.data-plane.connect-timeout"),
-                    requester=self.requester,
+                    kind="scheduler",
+                    name=f"tdask-session-{self.requester}",
                     worker=self.worker,
                 )
             except OSError as exc:
@@ -117,7 +118,7 @@ class BrokerSession:
             raise CommClosedError("the tdask session to the scheduler is closed")
         session.send(message)
 
-    async def _read(self, session: Session) -> None:
+    async def _read(self, session: Transport) -> None:
         await session.read_forever()
         logger.debug("tdask session %s to the scheduler closed", self.requester)
         self.registry.broker_lost()  # a scheduler that comes back must get the broker again
@@ -241,44 +242,67 @@ class QueueRequestPlane(RequestPlane):
         self._fail_all(ClientClosedError("the request plane closed while the request was in flight"))
 
 
-class QueueServer:
+class QueueServer(ServerPlane):
     """A worker's serving half of the queue plane: registration, credits, leased requests, answers.
 
-    The worker host hands it its handlers at :meth:`register`; requests pushed by the broker
-    arrive through ``on_requests(operator_key, requests)``, never more than granted with
-    :meth:`grant`.
+    Requests pushed by the broker go to the worker's serving (:meth:`serve`), never more than
+    the credits granted: each operator's ``max_inflight`` at :meth:`register`, then one per
+    request that leaves its slot (:meth:`freed`).
     """
+
+    counts_slots = True
 
     def __init__(self, broker: BrokerSession) -> None:
         if broker.worker is None:
             raise ValueError("a QueueServer needs a worker's broker session")
         self.broker = broker
         self.worker = broker.worker
+        self._admission: Admission | None = None
+
+    def serve(self, admission: Admission) -> None:
+        """Hand the broker's pushes to ``admission``; withdrawn requests are cancelled there."""
+        self._admission = admission
+        self.broker.on_requests = self._on_requests
+        self.broker.on_withdraw = admission.cancel
+
+    def _on_requests(self, operator_key: str, requests: list[RequestMsg]) -> None:
+        # Refused ones (the worker is stopping) stay leased here: handed back at unregister.
+        if self._admission is not None:
+            self._admission.admit(self, operator_key, requests)
 
     async def register(
         self,
         operators: list[dict[str, Any]],
         failures: dict[str, str],
         *,
-        on_requests: RequestsHandler,
-        on_withdraw: WithdrawHandler,
         on_requester_left: RequesterLeftHandler,
     ) -> None:
-        """Announce the operators this worker serves (and those whose setup failed here)."""
-        self.broker.on_requests = on_requests
-        self.broker.on_withdraw = on_withdraw
+        """Announce the operators this worker serves (and those whose setup failed here); grant their slots."""
         self.broker.on_requester_left = on_requester_left
         await self.broker.ensure()  # pushes need the session before the first grant
         await self.broker.registry.register(self.worker, self.broker.requester, operators, failures)
+        for info in operators:
+            self._grant(info["key"], info["max_inflight"])
 
-    def grant(self, operator_key: str, n: int) -> None:
+    def _grant(self, operator_key: str, n: int) -> None:
         """Allow ``n`` more requests of ``operator_key`` to be pushed to this worker."""
         if n > 0 and self.broker.is_open:
             self.broker.send(protocol.credit(operator_key, n))
 
-    def respond(self, response: ResponseMsg) -> None:
+    def freed(self, operator_key: str, n: int) -> None:
+        """``n`` of the broker's requests left their slots: give that many credits back."""
+        self._grant(operator_key, n)
+
+    async def answer(self, response: ResponseMsg) -> None:
         """Send a response to the broker (which relays it to its requester)."""
         self.broker.send(protocol.respond([response]))
+
+    def forget(self, keys: list[RequestKey]) -> None:
+        """Nothing to forget: the broker dropped the lease of a request it withdrew."""
+
+    def hand_back(self, keys: list[RequestKey] | None = None) -> bool:
+        """Keep them: the broker takes its leases back when this worker unregisters."""
+        return False
 
     def report(self, stats: dict[str, Any], host: dict[str, Any] | None = None) -> None:
         """Publish this worker's serving counters and metrics (the scheduler's ``/metrics`` and ``/tdask``)."""

@@ -1,6 +1,6 @@
 """The caller's side of the scheduler's operator registry: who hosts what, and what failed.
 
-The registry itself lives in the broker (:class:`tdask.request_plane.broker.RequestBroker`),
+The registry itself lives in the broker (:class:`tdask.scheduler.broker.RequestBroker`),
 installed on the scheduler on first use by whoever needs it, so a plain ``dask scheduler`` works.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 from distributed.core import PooledRPCCall
 from distributed.protocol.pickle import dumps
 
-from tdask.data_plane import call_peer, forget_gone
 from tdask.exceptions import SchedulerLostError
 from tdask.protocol import Rpc
-from tdask.request_plane.broker import BROKER_NAME, RequestBroker
+from tdask.scheduler.broker import BROKER_NAME, RequestBroker
+from tdask.transport import call_peer, forget_gone
 
 logger = logging.getLogger(__name__)
 

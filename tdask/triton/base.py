@@ -1,8 +1,11 @@
-"""What both ways of hosting Triton share: the lifecycle, the error, the model config, the log.
+"""What both ways of hosting Triton share: one interface, the lifecycle, the error, the model config, the log.
 
 :class:`~tdask.triton.server.TritonServer` runs a ``tritonserver`` process per worker;
 :class:`~tdask.triton.inprocess.InProcessServer` runs Triton's core in the worker's own process
-(``tdask.triton.mode``). The operator and the worker's plugin use either through this surface.
+(``tdask.triton.mode``; :func:`tdask.triton.make_server` picks). The operator and the worker's
+plugin use either through :class:`TritonServerBase` alone: its clients
+(:mod:`tdask.triton.interface`), its health (:meth:`~TritonServerBase.is_alive`,
+:attr:`~TritonServerBase.broken`), its metrics source and its exit callbacks.
 """
 
 from __future__ import annotations
@@ -11,16 +14,15 @@ import abc
 import asyncio
 import enum
 import logging
-import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
-import dask.config
-
 from tdask.triton import model_config
+from tdask.triton.interface import InferClient, MetricsSource, StreamClient
+from tdask.triton.options import TritonOptions
 from tdask.triton.process import LOG_TAIL_LINES, log_tail, new_shm_prefix
 
 __all__ = ["Status", "TritonServerBase", "TritonServerError"]
@@ -54,40 +56,28 @@ class Status(enum.Enum):
 
 
 class TritonServerBase(abc.ABC):
-    """The lifecycle and the read-only surface both server kinds share.
+    """One Triton server, of either kind: the one interface the operator and the worker use.
 
-    Subclasses call this constructor and implement ``_start``, ``_shutdown`` and ``stop``.
+    Subclasses call this constructor and implement the abstract members: :meth:`from_options`,
+    ``_start`` and ``_shutdown`` (the lifecycle's two halves), :meth:`stop`, the models (:meth:`load_model`,
+    :meth:`unload_model`), the clients (:meth:`client`, :meth:`stream_client`), the health
+    (:meth:`is_alive`, :attr:`broken`, :attr:`returncode`, :meth:`wait`, the exit callbacks) and
+    :attr:`metrics_source`.
 
     Parameters
     ----------
-    model_repository
-        The model repository, or several (each must be a directory).
-    log_dir
-        Directory of ``<name>.triton.log`` (appended); ``None``: a temporary file.
-    log_verbose
-        Triton's verbose log level; default ``tdask.triton.log-verbose``.
-    name
-        Names the log file and the log lines (the worker's name).
+    options
+        What to run (:class:`~tdask.triton.options.TritonOptions`).
     """
 
-    def __init__(
-        self,
-        model_repository: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-        log_dir: str | os.PathLike[str] | None,
-        log_verbose: int | None,
-        name: str,
-    ) -> None:
-        if isinstance(model_repository, (str, os.PathLike)):
-            model_repository = [model_repository]
-        self.model_repositories = [Path(path).resolve() for path in model_repository]
-        if not self.model_repositories:
-            raise ValueError(f"{type(self).__name__} needs at least one model repository")
-        for path in self.model_repositories:
-            if not path.is_dir():
-                raise FileNotFoundError(f"model repository {str(path)!r} is not a directory")
-        self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.log_verbose = int(dask.config.get("tdask.triton.log-verbose") if log_verbose is None else log_verbose)
-        self.name = name
+    def __init__(self, options: TritonOptions) -> None:
+        self.options = options
+        self.model_repositories = list(options.repositories)
+        self.log_dir = Path(options.log_dir) if options.log_dir is not None else None
+        self.log_verbose = options.log_verbose
+        self.name = options.name
+        self.stop_timeout_s = float(options.stop_timeout_s)
+        self.metrics = options.metrics
         self.status = Status.created
         self._lock = asyncio.Lock()
         self._log_path: Path | None = None
@@ -95,6 +85,13 @@ class TritonServerBase(abc.ABC):
         # The python backend names its shared-memory regions with this; one per server, so that
         # servers on one host never collide and a stop can remove what a killed one left.
         self._shm_prefix = new_shm_prefix()
+
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, options: TritonOptions) -> Self:
+        """Make a server of this kind from ``options`` (what :func:`tdask.triton.make_server` calls)."""
+
+    # ------------------------------------------------------------------ the interface
 
     @abc.abstractmethod
     async def _start(self) -> None:
@@ -106,7 +103,108 @@ class TritonServerBase(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self, *, graceful: bool = True) -> None:
-        """Stop the server; safe to call more than once."""
+        """Stop the server; safe to call more than once.
+
+        Parameters
+        ----------
+        graceful
+            ``False``: end it at once (a server that is broken anyway), where the kind can.
+        """
+
+    @abc.abstractmethod
+    async def load_model(
+        self, model: str, config: Mapping[str, Any] | None = None, *, timeout_s: float | None = None
+    ) -> None:
+        """Load (or reload) ``model``, with ``config`` merged into its config (see :meth:`model_config`).
+
+        Parameters
+        ----------
+        model
+            The model's directory name in a repository.
+        config
+            Triton JSON config keys to override (``instance_group``, ``parameters``...).
+        timeout_s
+            Bound on the load; ``None`` waits as long as Triton takes. A load past it cannot be
+            interrupted: the server is given up (:attr:`broken`, the exit callbacks fire).
+
+        Raises
+        ------
+        TritonServerError
+            Triton refused or failed the load (its message says why), or the server is gone.
+        """
+
+    @abc.abstractmethod
+    async def unload_model(self, model: str, *, wait: bool = True, timeout_s: float = 30.0) -> None:
+        """Unload ``model``; with ``wait``, return once Triton no longer reports it loaded.
+
+        Raises
+        ------
+        TritonServerError
+            Triton refused the unload, the model was still loaded after ``timeout_s``, or the
+            server is gone.
+        """
+
+    @abc.abstractmethod
+    def client(self) -> InferClient:
+        """A new client for unary inference on this server (the caller closes it)."""
+
+    @abc.abstractmethod
+    def stream_client(self) -> StreamClient:
+        """A new client for decoupled models' streamed inference (the caller closes it).
+
+        Make it inside the event loop that uses it.
+        """
+
+    @abc.abstractmethod
+    def is_alive(self) -> bool:
+        """Whether the server can take requests (it may still be starting)."""
+
+    @property
+    @abc.abstractmethod
+    def broken(self) -> str | None:
+        """Why the server cannot serve on (it died, or a load never returned); ``None`` while it can."""
+
+    @property
+    @abc.abstractmethod
+    def returncode(self) -> int | None:
+        """The exit status once the server has ended or broken, else ``None``."""
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """The process Triton runs in (``None`` before a subprocess is started)."""
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """Where requests go, for log lines."""
+
+    @property
+    @abc.abstractmethod
+    def metrics_source(self) -> MetricsSource | None:
+        """Where Triton's Prometheus metrics are read (see :class:`tdask.host.metrics.TritonMetrics`).
+
+        ``None`` when metrics are off.
+        """
+
+    @abc.abstractmethod
+    def add_exit_callback(self, callback: Callable[[int], object]) -> None:
+        """Call ``callback(returncode)`` once the server ends or breaks.
+
+        A subprocess's callbacks also run when :meth:`stop` ends it (its owner knows it asked);
+        the in-process server's only when it breaks. A callback may run in another thread (use
+        ``loop.call_soon_threadsafe`` to reach a loop).
+        """
+
+    @abc.abstractmethod
+    def remove_exit_callback(self, callback: Callable[[int], object]) -> None:
+        """Forget a callback given to :meth:`add_exit_callback`."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait until the server has ended; return its exit status."""
+
+    # ------------------------------------------------------------------ shared
 
     @property
     def _safe_name(self) -> str:

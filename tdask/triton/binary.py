@@ -19,9 +19,13 @@ import os
 import shutil
 import sys
 import sysconfig
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tdask.triton.options import TritonOptions
 
 __all__ = [
     "OPT_TRITONSERVER",
@@ -29,6 +33,7 @@ __all__ = [
     "find_tritonserver",
     "prepare_bundle_backends",
     "python_backend_stub",
+    "server_args",
     "server_env",
 ]
 
@@ -222,30 +227,55 @@ def server_env(binary: TritonBinary, extra_env: Mapping[str, str] | None = None)
 
 
 def server_args(
+    options: TritonOptions,
     binary: TritonBinary,
     *,
-    repositories: Sequence[Path],
+    shm_prefix: str,
+    backends: Path | None,
     grpc_port: int,
     http_port: int,
     metrics_port: int | None,
-    exit_timeout_s: int,
-    log_verbose: int,
-    shm_prefix: str,
-    backends: Path | None,
-    extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The ``tritonserver`` command line tdask runs: explicit model control, every endpoint on 127.0.0.1.
+    """``options`` as a ``tritonserver`` command line: the subprocess mode's rendering of them.
 
-    Metrics are served only with a ``metrics_port``; the python backend's shared-memory regions
-    are named with ``shm_prefix`` (one per server, so servers on one host never share one).
+    The in-process mode's is :func:`tdask.triton.inprocess_setup.server_options`. Every endpoint
+    is bound to 127.0.0.1; SageMaker and Vertex AI endpoints are off.
+
+    Parameters
+    ----------
+    options
+        What to run (repositories, model control, exit timeout, log level, metrics, extra flags).
+    binary
+        The ``tritonserver`` to run.
+    shm_prefix
+        Names the python backend's shared-memory regions (one prefix per server, so servers on one
+        host never share one).
+    backends
+        ``--backend-directory``; ``None``: the binary's own.
+    grpc_port, http_port
+        Where the gRPC and HTTP endpoints listen.
+    metrics_port
+        Where the metrics endpoint listens; required when ``options.metrics``.
+
+    Returns
+    -------
+    list of str
+        The command line, ``options.extra_args`` last.
+
+    Raises
+    ------
+    ValueError
+        Metrics are on and no ``metrics_port`` was given.
     """
+    if options.metrics and metrics_port is None:
+        raise ValueError("Triton's metrics are on (options.metrics) but no metrics port was given")
     args = [
         str(binary.path),
-        *[f"--model-repository={path}" for path in repositories],
-        "--model-control-mode=explicit",
-        "--strict-readiness=true",
-        "--exit-on-error=true",
-        f"--exit-timeout-secs={exit_timeout_s}",
+        *[f"--model-repository={path}" for path in options.repositories],
+        f"--model-control-mode={options.model_control_mode}",
+        f"--strict-readiness={str(options.strict_readiness).lower()}",
+        f"--exit-on-error={str(options.exit_on_error).lower()}",
+        f"--exit-timeout-secs={options.exit_timeout_s}",
         "--allow-grpc=true",
         "--grpc-address=127.0.0.1",
         f"--grpc-port={grpc_port}",
@@ -254,15 +284,15 @@ def server_args(
         f"--http-port={http_port}",
         *(
             ["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}"]
-            if metrics_port is not None
+            if options.metrics
             else ["--allow-metrics=false"]
         ),
         "--allow-sagemaker=false",
         "--allow-vertex-ai=false",
-        f"--log-verbose={log_verbose}",
+        f"--log-verbose={options.log_verbose}",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
     if backends is not None:
         args.append(f"--backend-directory={backends}")
-    args.extend(extra_args)
+    args.extend(options.extra_args)
     return args

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -27,13 +26,15 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
-__all__ = ["StreamResponse", "TritonStreamClient", "TritonStreamError"]
+from tdask.triton.interface import InferResult, TritonInferError
+
+__all__ = ["TritonStreamClient", "TritonStreamError"]
 
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
-class TritonStreamError(Exception):
-    """Triton failed a streamed request.
+class TritonStreamError(TritonInferError):
+    """Triton failed a streamed request (a :class:`~tdask.triton.interface.TritonInferError`).
 
     Parameters
     ----------
@@ -46,19 +47,7 @@ class TritonStreamError(Exception):
     """
 
     def __init__(self, code: str | None, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class StreamResponse:
-    """One response of a streamed request: its outputs, parameters, and whether it is the last."""
-
-    outputs: dict[str, np.ndarray]
-    parameters: dict[str, Any]
-    final: bool
-    datatypes: dict[str, str]
+        super().__init__(message, code=code)
 
 
 def _parameter(value: str | bool | int | float) -> pb.InferParameter:
@@ -76,7 +65,7 @@ def _parameter_value(parameter: pb.InferParameter) -> Any:
     return None if kind is None else getattr(parameter, kind)
 
 
-def _decode(response: pb.ModelInferResponse) -> StreamResponse:
+def _decode(response: pb.ModelInferResponse) -> InferResult:
     outputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     for index, spec in enumerate(response.outputs):
@@ -95,11 +84,13 @@ def _decode(response: pb.ModelInferResponse) -> StreamResponse:
     # Every response carries it once the empty final response is asked for; a model that is not
     # decoupled answers once.
     final = bool(parameters.pop("triton_final_response", True))
-    return StreamResponse(outputs, parameters, final, datatypes)
+    return InferResult(outputs, datatypes, parameters, final=final)
 
 
 class TritonStreamClient:
     """``ModelStreamInfer`` calls to one Triton server, one call per request.
+
+    A :class:`~tdask.triton.interface.StreamClient`.
 
     Parameters
     ----------
@@ -134,7 +125,7 @@ class TritonStreamClient:
         parameters: Mapping[str, str | bool | int | float] | None = None,
         timeout: float | None = None,
         cancelled: asyncio.Event | None = None,
-    ) -> AsyncGenerator[StreamResponse, None]:
+    ) -> AsyncGenerator[InferResult, None]:
         """Send one request and yield its responses in order, the last with ``final=True``.
 
         Parameters

@@ -22,13 +22,23 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
 
 import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
+from tdask.triton.interface import (
+    RESERVED_PARAMETERS,
+    InferResult,
+    ReservedParameterError,
+    TritonInferError,
+    check_parameters,
+)
+
+# InferResult, ReservedParameterError, check_parameters and RESERVED_PARAMETERS live in
+# tdask.triton.interface (both server kinds' clients use them); they are re-exported here.
 __all__ = [
     "InferResult",
     "ReservedParameterError",
@@ -36,13 +46,8 @@ __all__ = [
     "TritonHttpClient",
     "TritonHttpError",
     "RESERVED_PARAMETERS",
+    "check_parameters",
 ]
-
-# Request parameters that Triton interprets itself (tritonclient refuses them too).
-RESERVED_PARAMETERS = frozenset(
-    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers", "binary_data_output"}
-)
-_RESERVED_PREFIX = "triton_"
 # Stream buffer limit: bounds header lines; large bodies are read with readexactly.
 _STREAM_LIMIT = 1 << 20
 # Requests smaller than this are joined into one buffer and written at once.
@@ -51,42 +56,24 @@ _JOIN_BELOW = 1 << 20
 _MAX_IDLE = 64
 
 
-class TritonHttpError(Exception):
-    """Triton answered with an HTTP error status.
+class TritonHttpError(TritonInferError):
+    """Triton answered with an HTTP error status (a :class:`~tdask.triton.interface.TritonInferError`).
 
-    Attributes
+    Parameters
     ----------
-    status : int
+    status
         The HTTP status (400: invalid request, 404: unknown model, 500: the model failed).
-    message : str
+    message
         Triton's own text.
     """
 
+    status: int
+
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
+        super().__init__(message, status=status)
 
-
-@dataclass
-class InferResult:
-    """One inference's answer.
-
-    Attributes
-    ----------
-    outputs : dict of str to numpy.ndarray
-        Read-only arrays over the response body.
-    datatypes : dict of str to str
-        Each output's Triton datatype, as the server sent it.
-    parameters : dict
-        The response's parameters.
-    """
-
-    outputs: dict[str, np.ndarray]
-    datatypes: dict[str, str]
-    parameters: dict[str, Any]
-    #: Outputs Triton wrote into a shared-memory region instead of the body: name -> shape.
-    in_shm: dict[str, list[int]] = field(default_factory=dict)
+    def __str__(self) -> str:
+        return f"HTTP {self.status}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -120,23 +107,6 @@ class ShmTensor:
             "shared_memory_offset": self.offset,
             "shared_memory_byte_size": self.byte_size,
         }
-
-
-class ReservedParameterError(ValueError):
-    """A request parameter that Triton interprets itself (the caller's mistake)."""
-
-
-def check_parameters(parameters: Mapping[str, Any]) -> None:
-    """Refuse a reserved request parameter, with tritonclient's wording.
-
-    Raises
-    ------
-    ReservedParameterError
-        A key of ``parameters`` is one Triton interprets itself (or starts with ``triton_``).
-    """
-    for key in parameters:
-        if key in RESERVED_PARAMETERS or key.startswith(_RESERVED_PREFIX):
-            raise ReservedParameterError(f'Parameter "{key}" is a reserved parameter and cannot be specified.')
 
 
 def _encode_input(name: str, array: np.ndarray, datatype: str) -> tuple[dict[str, Any], Any]:
@@ -198,6 +168,9 @@ class _Connection:
 
 class TritonHttpClient:
     """Inference requests to one Triton server over a pool of keep-alive HTTP/1.1 connections.
+
+    An :class:`~tdask.triton.interface.InferClient`, which also speaks Triton's shared-memory
+    extension (:class:`~tdask.triton.shared_memory.SharedMemoryClient`).
 
     One connection carries one request at a time; concurrent calls open more. A connection
     whose call fails, times out or is cancelled is closed, never reused half-read.
@@ -422,15 +395,6 @@ class TritonHttpClient:
     async def unregister_shm(self, kind: Literal["system", "cuda"], name: str, timeout: float = 30.0) -> None:
         """Unregister a shared-memory region (Triton unmaps it; the memory stays the caller's)."""
         await self._control(f"/v2/{kind}sharedmemory/region/{quote(name, safe='')}/unregister", None, timeout)
-
-    async def shm_status(self, kind: Literal["system", "cuda"], timeout: float = 30.0) -> list[dict[str, Any]]:
-        """The shared-memory regions of ``kind`` registered with Triton (as its JSON lists them)."""
-        head = f"GET /v2/{kind}sharedmemory/status HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n"
-        async with asyncio.timeout(timeout):
-            status, _, body = await self._exchange([head.encode()])
-        if status != 200:
-            raise _http_error(status, body)
-        return list(json.loads(body))
 
     async def _control(self, path: str, request: Mapping[str, Any] | None, timeout: float) -> None:
         data = json.dumps(request).encode() if request is not None else b""

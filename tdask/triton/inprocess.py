@@ -4,10 +4,10 @@
 model repository, model loading with a config override (:mod:`tdask.triton.model_config`), the
 log in ``<log-dir>/<name>.triton.log`` and a clean stop (``TRITONSERVER_ServerStop`` then
 ``ServerDelete``), but no ``tritonserver`` process, no port and no HTTP: a request is a
-``TRITONSERVER_InferenceRequest`` handed to ``ServerInferAsync``. Its :meth:`~InProcessServer.client`
-answers the operator's calls as :class:`~tdask.triton.http_client.TritonHttpClient` and
-:class:`~tdask.triton.grpc_stream.TritonStreamClient` do, with the same errors, so
-:class:`~tdask.triton.operator.TritonCoreOperator` serves both modes alike.
+``TRITONSERVER_InferenceRequest`` handed to ``ServerInferAsync``. Its clients
+(:class:`~tdask.triton.inprocess_client.InProcessClient`) answer the operator's calls through the
+interfaces of :mod:`tdask.triton.interface`, with the errors the HTTP and gRPC endpoints give the
+same failures, so :class:`~tdask.triton.operator.TritonCoreOperator` serves both modes alike.
 
 Threads and the GIL, per request: the event loop's thread builds the request (about ten short
 C calls, GIL kept: :attr:`TritonCApi.hot`) and submits it. Triton's threads then run the model,
@@ -36,16 +36,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from ctypes import byref, c_int64, c_size_t, c_void_p
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
-import dask.config
 import numpy as np
 from tritonclient.utils import serialize_byte_tensor
 
 from tdask.triton import capi
 from tdask.triton.base import Status, TritonServerBase, TritonServerError
-from tdask.triton.http_client import InferResult, TritonHttpError
 from tdask.triton.inprocess_setup import prepare_process, server_options
+from tdask.triton.interface import InferResult, MetricsSource, TritonInferError
+from tdask.triton.options import TritonOptions
 from tdask.triton.process import WORKDIR_PREFIX, Reaper, remove_shm_regions, sweep_stale_leftovers
 from tdask.triton.responses import ResponseReader
 
@@ -133,9 +133,10 @@ class InProcessServer(TritonServerBase):
         ``tdask.triton.in-process-shim``.
     metrics
         Collect Triton's Prometheus metrics (:meth:`metrics_text`); default ``tdask.triton.metrics``.
+    backend_directory
+        Triton's backend directory; default: the nvidia-pytriton bundle's (assembled), or the
+        install's.
     """
-
-    in_process = True
 
     def __init__(
         self,
@@ -147,12 +148,23 @@ class InProcessServer(TritonServerBase):
         name: str = "triton",
         use_shim: bool | None = None,
         metrics: bool | None = None,
+        backend_directory: str | os.PathLike[str] | None = None,
     ) -> None:
-        super().__init__(model_repository, log_dir, log_verbose, name)
-        self.stop_timeout_s = float(stop_timeout_s)
-        self.use_shim = bool(dask.config.get("tdask.triton.in-process-shim", True)) if use_shim is None else use_shim
-        self.metrics = bool(dask.config.get("tdask.triton.metrics", True)) if metrics is None else metrics
-        self.metrics_url: str | None = None  # no HTTP endpoint in this mode: see metrics_text()
+        from_config: dict[str, Any] = {}  # left out: TritonOptions reads tdask.triton.* config
+        for key, value in (("log_verbose", log_verbose), ("use_shim", use_shim), ("metrics", metrics)):
+            if value is not None:
+                from_config[key] = value
+        super().__init__(
+            TritonOptions(
+                model_repository=model_repository,
+                name=name,
+                log_dir=log_dir,
+                stop_timeout_s=stop_timeout_s,
+                backend_directory=backend_directory,
+                **from_config,
+            )
+        )
+        self.use_shim = self.options.use_shim
         self._api: capi.TritonCApi | None = None
         self._server: int | None = None
         self._allocator: int | None = None
@@ -163,10 +175,24 @@ class InProcessServer(TritonServerBase):
         self._workdir: Path | None = None
         self._reaper: Reaper | None = None
         self._stopped = asyncio.Event()
-        self.broken: str | None = None  # why the server cannot serve on (a load that never returns)
+        self._broken: str | None = None  # why the server cannot serve on (a load that never returns)
         self._exit_callbacks: list[Callable[[int], object]] = []
         self._decoupled: dict[str, bool] = {}
         self._reader = ResponseReader()  # all responses are read on the loop's thread
+
+    @classmethod
+    def from_options(cls, options: TritonOptions) -> Self:
+        """Triton's core in this process, run with ``options`` (the subprocess-only ones are unused)."""
+        return cls(
+            model_repository=options.model_repository,
+            log_dir=options.log_dir,
+            log_verbose=options.log_verbose,
+            stop_timeout_s=options.stop_timeout_s,
+            name=options.name,
+            use_shim=options.use_shim,
+            metrics=options.metrics,
+            backend_directory=options.backend_directory,
+        )
 
     # ------------------------------------------------------------------ what the operator and plugin read
 
@@ -188,6 +214,16 @@ class InProcessServer(TritonServerBase):
     def address(self) -> str:
         """Where requests go, for log lines."""
         return f"in-process (pid {os.getpid()})"
+
+    @property
+    def broken(self) -> str | None:
+        """Why the server cannot serve on in this process (a load that never returned), or ``None``."""
+        return self._broken
+
+    @property
+    def metrics_source(self) -> MetricsSource | None:
+        """:meth:`metrics_text` (``None`` when metrics are off)."""
+        return self.metrics_text if self.metrics else None
 
     @property
     def native_callbacks(self) -> bool:
@@ -213,9 +249,9 @@ class InProcessServer(TritonServerBase):
 
     def _break(self, reason: str) -> None:
         """Mark the server beyond repair in this process and tell the exit callbacks."""
-        if self.broken is not None:
+        if self._broken is not None:
             return
-        self.broken = reason
+        self._broken = reason
         logger.error("Triton server %r (in process) is broken: %s", self.name, reason)
         for callback in list(self._exit_callbacks):
             try:
@@ -247,16 +283,10 @@ class InProcessServer(TritonServerBase):
             self._log_offset = log.tell()  # log_tail reads this server's part of an appended log
             log.write(f"--- tdask: starting Triton in process {os.getpid()} ({api.path})\n".encode())
         backends = prepare_process(api, self._workdir)
+        if self.options.backend_directory is not None:
+            backends = Path(self.options.backend_directory)
         options = server_options(
-            api,
-            repositories=self.model_repositories,
-            name=self.name,
-            exit_timeout_s=max(1, int(self.stop_timeout_s / 2)),
-            log_path=self._log_path,
-            log_verbose=self.log_verbose,
-            metrics=self.metrics,
-            backends=backends,
-            shm_prefix=self._shm_prefix,
+            api, self.options, shm_prefix=self._shm_prefix, backends=backends, log_path=self._log_path
         )
         fn = api.fn
         try:
@@ -319,13 +349,13 @@ class InProcessServer(TritonServerBase):
                 # A broken server's Delete would wait for ever on the load that never returned
                 # (it holds the model's lifecycle): it is left to this process's exit, which the
                 # reaper below follows by ending the stubs and removing their shared memory.
-                calls = (api.fn.ServerStop,) if self.broken else (api.fn.ServerStop, api.fn.ServerDelete)
+                calls = (api.fn.ServerStop,) if self._broken else (api.fn.ServerStop, api.fn.ServerDelete)
                 for call in calls:
                     err = await _in_daemon_thread(call, server, timeout_s=self.stop_timeout_s + 30)
                     if err:
                         logger.warning("Triton server %r: %s", self.name, api.error(err))
-                logger.info("Triton server %r stopped (in process%s)", self.name, ", broken" if self.broken else "")
-            if api is not None and self._allocator is not None and not self.broken:
+                logger.info("Triton server %r stopped (in process%s)", self.name, ", broken" if self._broken else "")
+            if api is not None and self._allocator is not None and not self._broken:
                 api.fn.ResponseAllocatorDelete(self._allocator)
                 self._allocator = None
         finally:
@@ -349,8 +379,8 @@ class InProcessServer(TritonServerBase):
     def _running(self) -> tuple[capi.TritonCApi, int]:
         if self.status is not Status.running or self._api is None or self._server is None:
             raise RuntimeError(f"Triton server {self.name!r} is {self.status.value}, not running")
-        if self.broken is not None:
-            raise TritonServerError(f"Triton server {self.name!r} is broken: {self.broken}")
+        if self._broken is not None:
+            raise TritonServerError(f"Triton server {self.name!r} is broken: {self._broken}")
         return self._api, self._server
 
     async def load_model(
@@ -427,12 +457,18 @@ class InProcessServer(TritonServerBase):
             api.fn.MessageDelete(message)
 
     def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
-        """The model's metadata, as Triton's HTTP endpoint answers it."""
+        """The model's metadata, as Triton's HTTP endpoint answers it.
+
+        Raises
+        ------
+        TritonInferError
+            Triton refused (``status`` as its HTTP endpoint gives it: 404 for an unknown model).
+        """
         api, server = self._running()
         try:
             return dict(self._json(api.fn.ServerModelMetadata, server, model.encode(), int(version or -1)))
         except capi.TritonCError as exc:
-            raise TritonHttpError(exc.http_status, exc.message) from None
+            raise TritonInferError(exc.message, status=exc.http_status) from None
 
     def metrics_text(self) -> str:
         """Triton's Prometheus metrics, as text (what its ``/metrics`` endpoint serves); empty when off.
@@ -455,7 +491,13 @@ class InProcessServer(TritonServerBase):
             api.fn.MetricsDelete(metrics)
 
     def client(self) -> InProcessClient:
-        """What the operator calls instead of the HTTP and gRPC-stream clients."""
+        """A client of this server for unary calls (what the HTTP client is to a ``tritonserver``)."""
+        from tdask.triton.inprocess_client import InProcessClient
+
+        return InProcessClient(self)
+
+    def stream_client(self) -> InProcessClient:
+        """A client of this server for decoupled models (what the gRPC stream client is to a ``tritonserver``)."""
         from tdask.triton.inprocess_client import InProcessClient
 
         return InProcessClient(self)

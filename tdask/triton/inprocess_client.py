@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tdask.triton import capi
-from tdask.triton.grpc_stream import StreamResponse, TritonStreamError
-from tdask.triton.http_client import InferResult, TritonHttpError, check_parameters
+from tdask.triton.interface import InferResult, TritonInferError, check_parameters
 
 if TYPE_CHECKING:
     from tdask.triton.inprocess import InProcessServer
@@ -19,12 +18,13 @@ __all__ = ["InProcessClient"]
 
 
 class InProcessClient:
-    """The operator's calls on an :class:`InProcessServer`, with the HTTP and stream clients' errors.
+    """The operator's calls on an :class:`InProcessServer`, unary and streamed.
 
-    ``infer`` raises :class:`~tdask.triton.http_client.TritonHttpError` with the status Triton's
+    An :class:`~tdask.triton.interface.InferClient` and a :class:`~tdask.triton.interface.StreamClient`:
+    ``infer`` raises :class:`~tdask.triton.interface.TritonInferError` with the ``status`` Triton's
     HTTP endpoint gives the same error, ``TimeoutError`` past ``timeout``, and
-    :class:`~tdask.triton.http_client.ReservedParameterError`; ``stream`` raises
-    :class:`~tdask.triton.grpc_stream.TritonStreamError` with the gRPC code of the same error.
+    :class:`~tdask.triton.interface.ReservedParameterError`; ``stream`` raises
+    :class:`~tdask.triton.interface.TritonInferError` with the gRPC ``code`` of the same error.
     """
 
     def __init__(self, server: InProcessServer) -> None:
@@ -47,14 +47,14 @@ class InProcessClient:
         parameters: Mapping[str, str | bool | int | float] | None = None,
         timeout: float | None = None,
     ) -> InferResult:
-        """Run one inference (see :meth:`TritonHttpClient.infer <tdask.triton.http_client.TritonHttpClient.infer>`)."""
+        """Run one inference (see :meth:`InferClient.infer <tdask.triton.interface.InferClient.infer>`)."""
         if parameters:
             check_parameters(parameters)
         server = self.server
         try:
             entry = server.submit(model, inputs, model_version, request_id, parameters, decoupled=False)
         except capi.TritonCError as exc:
-            raise TritonHttpError(exc.http_status, exc.message) from None
+            raise TritonInferError(exc.message, status=exc.http_status) from None
         future = entry.future
         assert future is not None
         if timeout is not None:
@@ -62,7 +62,7 @@ class InProcessClient:
         try:
             return await future
         except capi.TritonCError as exc:
-            raise TritonHttpError(exc.http_status, exc.message) from None
+            raise TritonInferError(exc.message, status=exc.http_status) from None
         except BaseException:  # cancelled, or TimeoutError: Triton may stop the model early
             server.cancel(entry)
             raise
@@ -80,7 +80,7 @@ class InProcessClient:
         parameters: Mapping[str, str | bool | int | float] | None = None,
         timeout: float | None = None,
         cancelled: asyncio.Event | None = None,
-    ) -> AsyncIterator[StreamResponse]:
+    ) -> AsyncGenerator[InferResult, None]:
         """Every response of a decoupled model's request, in order, the last one final.
 
         Setting ``cancelled`` cancels the request in Triton and ends the iteration.
@@ -89,7 +89,7 @@ class InProcessClient:
         try:
             entry = server.submit(model, inputs, model_version, request_id, parameters, decoupled=True)
         except capi.TritonCError as exc:
-            raise TritonStreamError(exc.grpc_code, exc.message) from None
+            raise TritonInferError(exc.message, code=exc.grpc_code) from None
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         watcher = None
@@ -104,17 +104,18 @@ class InProcessClient:
                         waits.add(watcher)
                     remaining = None if deadline is None else deadline - loop.time()
                     if remaining is not None and remaining <= 0:
-                        raise TritonStreamError("DEADLINE_EXCEEDED", "the request's deadline passed")
+                        raise TritonInferError("the request's deadline passed", code="DEADLINE_EXCEEDED")
                     await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                     if watcher is not None and watcher.done():
                         return
                 result, final = entry.responses.popleft()
                 if isinstance(result, capi.TritonCError):
-                    raise TritonStreamError(result.grpc_code, result.message)
+                    raise TritonInferError(result.message, code=result.grpc_code)
                 if result is not None:
-                    yield StreamResponse(result.outputs, result.parameters, final, result.datatypes)
+                    result.final = final
+                    yield result
                 elif final:  # the final flag alone (as gRPC's empty final response)
-                    yield StreamResponse({}, {}, True, {})
+                    yield InferResult({}, {}, {})
                 if final:
                     return
         finally:

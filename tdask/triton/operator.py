@@ -1,21 +1,26 @@
 """``TritonCoreOperator``: an operator that is one model of a Triton model repository.
 
-The model runs on the worker's own Triton Inference Server (one real ``tritonserver`` per
-worker process, started on first use by the worker plugin, see :mod:`tdask.triton.server`).
-At setup the operator loads its model in explicit mode, with the override given as
-``OperatorConfig.parameters["config"]`` merged into the repository's ``config.pbtxt`` (typically
-``instance_group`` and ``parameters``); each request then becomes one inference on
-127.0.0.1 over Triton's HTTP endpoint (:mod:`tdask.triton.http_client` says why not gRPC).
-A decoupled model (``model_transaction_policy { decoupled: true }``), which HTTP refuses, is
-streamed over gRPC instead (:mod:`tdask.triton.grpc_stream`): every response it sends reaches the
-caller in order, the last one final, and cancelling the request cancels the model's request.
+The model runs on the worker's own Triton server (:class:`~tdask.triton.base.TritonServerBase`,
+started on first use by the worker plugin): Triton's core in the worker process (the default), or
+one real ``tritonserver`` per worker process (:mod:`tdask.triton.server`). The operator uses it
+through that interface alone, whichever kind it is. At setup the operator loads its model in
+explicit mode, with the override given as ``OperatorConfig.parameters["config"]`` merged into the
+repository's ``config.pbtxt`` (typically ``instance_group`` and ``parameters``); each request then
+becomes one inference on the server's :meth:`~tdask.triton.base.TritonServerBase.client` (over
+Triton's C API in process; over HTTP on 127.0.0.1 to a ``tritonserver``,
+:mod:`tdask.triton.http_client` says why not gRPC). A decoupled model
+(``model_transaction_policy { decoupled: true }``) is streamed instead, on the server's
+:meth:`~tdask.triton.base.TritonServerBase.stream_client` (gRPC to a ``tritonserver``, which HTTP
+refuses: :mod:`tdask.triton.grpc_stream`): every response it sends reaches the caller in order,
+the last one final, and cancelling the request cancels the model's request.
 
 Errors keep their meaning across the boundary: Triton's INVALID_ARG (HTTP 400: bad dtype, shape,
 missing or unexpected input, and the models' own parameter checks) becomes
 :class:`~tdask.exceptions.InvalidRequestError`, a passed deadline
 :class:`~tdask.exceptions.RequestTimeoutError`, anything else
-:class:`~tdask.exceptions.OperatorError` with Triton's message. A dead server is reported as
-such (with its exit status), not as a hang.
+:class:`~tdask.exceptions.OperatorError` with Triton's message (every client raises
+:class:`~tdask.triton.interface.TritonInferError`). A dead server is reported as such (with its
+exit status), not as a hang.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,9 +40,16 @@ from tdask.config import get_seconds
 from tdask.data_plane import count_host_copy, is_device_array
 from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
 from tdask.operator import Operator, Request
-from tdask.triton.grpc_stream import TritonStreamClient, TritonStreamError
-from tdask.triton.http_client import ReservedParameterError, TritonHttpClient, TritonHttpError, check_parameters
-from tdask.triton.shared_memory import ShmTransport, gpu_instance_device, host_array
+from tdask.triton.base import TritonServerBase
+from tdask.triton.interface import (
+    InferClient,
+    InferResult,
+    ReservedParameterError,
+    StreamClient,
+    TritonInferError,
+    check_parameters,
+)
+from tdask.triton.shared_memory import SharedMemoryClient, ShmTransport, gpu_instance_device, host_array
 
 __all__ = ["TritonCoreOperator"]
 
@@ -89,17 +101,21 @@ class TritonCoreOperator(Operator):
     abandoned (its connection closed); Triton finishes it and drops the answer.
     """
 
+    #: A decoupled model's client (``None``: one answer per request, on :attr:`client`).
+    stream_client: StreamClient | None = None
+    #: Large tensors through Triton's shared-memory extension (``None``: in the requests).
+    shm: ShmTransport | None = None
+
     async def setup(self) -> None:
         """Load the model on the worker's Triton server and connect to it."""
         self.model = str(self.parameters.get("model", self.name))
         self.override = _config_override(self.parameters.get("config"), self.name)
-        self.server = await self.context.triton_server()
+        self.server: TritonServerBase = await self.context.triton_server()
         await self.server.load_model(self.model, self.override, timeout_s=get_seconds("tdask.triton.load-timeout"))
-        in_process = getattr(self.server, "in_process", False)
         # Triton in this process (tdask.triton.mode: in-process) answers through the C API;
-        # otherwise the worker's tritonserver over HTTP (and gRPC for decoupled models).
-        self.client: Any = self.server.client() if in_process else TritonHttpClient.from_url(self.server.http_url)
-        where = self.server.address if in_process else self.server.http_url
+        # a worker's tritonserver over HTTP (and gRPC for decoupled models).
+        self.client: InferClient = self.server.client()
+        where = self.server.address
         metadata = await self.client.model_metadata(self.model)
         # name -> (Triton datatype, dims with -1 for "any"): checked before a request goes out,
         # since Triton itself lets some mismatches through (a 0-d tensor for dims [-1]).
@@ -118,24 +134,22 @@ class TritonCoreOperator(Operator):
                 self.version,
                 versions,
             )
-        self.stream_client: Any = None
         config = self.server.model_config(self.model, self.override)
         if (config.get("model_transaction_policy") or {}).get("decoupled"):
-            # Triton's HTTP endpoint refuses decoupled models: stream them over gRPC instead.
-            # Chosen here, once, so that other models' requests take no extra step.
-            self.stream_client = self.client if in_process else TritonStreamClient(self.server.grpc_url)
+            # Triton's HTTP endpoint refuses decoupled models: stream them (over gRPC to a
+            # tritonserver). Chosen here, once, so that other models' requests take no extra step.
+            self.stream_client = self.server.stream_client()
             self.required_inputs = sorted(
                 i["name"] for i in config.get("input", []) if not i.get("optional") and i["name"] in self.input_specs
             )
             self._serve = self._serve_stream  # type: ignore[method-assign]
             self.logger.info("Triton model %r is decoupled: its responses are streamed (%s)", self.model, where)
         # Large tensors (and, for KIND_GPU instances, device tensors) through shared memory
-        # (tdask.triton.shared-memory, tdask/triton/shared_memory.py), for the worker's own
-        # tritonserver's HTTP path; the decoupled path streams, and Triton in this process reads
-        # and writes tdask's buffers directly.
+        # (tdask.triton.shared-memory, tdask/triton/shared_memory.py), for a client that speaks
+        # the extension (a tritonserver's HTTP path); the decoupled path streams, and Triton in
+        # this process reads and writes tdask's buffers directly.
         self.gpu_model = gpu_instance_device(config) is not None
-        self.shm: ShmTransport | None = None
-        if self.stream_client is None and not in_process:
+        if self.stream_client is None and isinstance(self.client, SharedMemoryClient):
             output_specs = {
                 o["name"]: (o["datatype"], [int(d) for d in o.get("shape", [])]) for o in metadata.get("outputs", [])
             }
@@ -158,20 +172,14 @@ class TritonCoreOperator(Operator):
         self.logger.error("Triton server of operator %r exited (status %s)", self.name, returncode)
 
     async def teardown(self) -> None:
-        """Close the connection; the worker stops the server (and with it the model)."""
-        server = getattr(self, "server", None)
-        if server is not None:
-            server.remove_exit_callback(self._on_server_exit)
-        shm = getattr(self, "shm", None)
-        if shm is not None:
-            await shm.close()
-        client = getattr(self, "client", None)
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
-        stream_client = getattr(self, "stream_client", None)
-        if stream_client is not None:
-            await stream_client.close()
+        """Close the clients; the worker stops the server (and with it the model)."""
+        self.server.remove_exit_callback(self._on_server_exit)
+        if self.shm is not None:
+            await self.shm.close()
+        with contextlib.suppress(Exception):
+            await self.client.close()
+        if self.stream_client is not None:
+            await self.stream_client.close()
 
     async def execute(self, requests: list[Request]) -> None:
         """Send every request to Triton concurrently and answer each with its own result."""
@@ -236,9 +244,9 @@ class TritonCoreOperator(Operator):
             "timeout": remaining,
         }
         try:
-            result = None
+            result: InferResult | None = None
             if self.shm is not None:
-                result = await self.shm.infer(self.client, self.model, inputs, **call)
+                result = await self.shm.infer(self.model, inputs, **call)
             if result is None:  # nothing worth shared memory, or no region free: the HTTP body
                 body = {name: (host_array(array), datatype) for name, (array, datatype) in inputs.items()}
                 result = await self.client.infer(self.model, body, **call)
@@ -252,13 +260,8 @@ class TritonCoreOperator(Operator):
             raise self._timeout(request) from None
         except ReservedParameterError as exc:
             raise request.error(str(exc)) from None
-        except TritonHttpError as exc:
-            if "Stub process" in exc.message and self.server.is_alive():
-                # A python-backend stub died. Triton 2.5x neither restarts it nor unloads the
-                # model cleanly (unload hangs), so the instance stays broken: restart the
-                # worker, which starts a fresh server, and let its requests be served again.
-                self.context.restart_worker(f"a Triton python-backend stub of model {self.model!r} died")
-            raise await self._error(request, exc.status, exc.message) from None
+        except TritonInferError as exc:
+            raise await self._triton_error(request, exc) from None
         except (OSError, asyncio.IncompleteReadError) as exc:
             raise await self._error(request, None, f"connection to Triton lost: {exc!r}") from None
         if self.logger.isEnabledFor(logging.DEBUG):
@@ -293,7 +296,7 @@ class TritonCoreOperator(Operator):
             if not request.finished:
                 await sender.send(error=exc)
 
-    async def _stream(self, request: Request) -> Any:
+    async def _stream(self, request: Request) -> AsyncIterator[InferResult]:
         """The responses of one request to a decoupled model; raises a tdask error that says what went wrong."""
         assert self.stream_client is not None
         inputs = await self._inputs(request)
@@ -330,21 +333,8 @@ class TritonCoreOperator(Operator):
                             remote_type="Triton model output mismatch",
                         )
                 yield response
-        except TritonStreamError as exc:
-            if exc.code == "DEADLINE_EXCEEDED":
-                raise self._timeout(request) from None
-            if exc.code == "INVALID_ARGUMENT":
-                raise InvalidRequestError(exc.message, operator=self.name, request_id=request.request_id) from None
-            if exc.code == "UNAVAILABLE":
-                raise await self._error(request, None, f"connection to Triton lost: {exc.message}") from None
-            if "Stub process" in exc.message and self.server.is_alive():
-                self.context.restart_worker(f"a Triton python-backend stub of model {self.model!r} died")
-            raise OperatorError(
-                exc.message,
-                operator=self.name,
-                request_id=request.request_id,
-                remote_type=f"Triton gRPC {exc.code or 'stream error'}",
-            ) from None
+        except TritonInferError as exc:
+            raise await self._triton_error(request, exc) from None
         finally:
             await responses.aclose()
 
@@ -360,6 +350,32 @@ class TritonCoreOperator(Operator):
             raise request.error(
                 f"input {name!r} has shape {list(shape)}, model {self.model!r} expects {dims} (-1: any size)"
             )
+
+    async def _triton_error(self, request: Request, exc: TritonInferError) -> TdaskError:
+        """Map a failure Triton reported to the tdask error of the same meaning.
+
+        A unary call's error carries the HTTP status Triton gives it, a streamed call's the gRPC
+        code (see :class:`~tdask.triton.interface.TritonInferError`).
+        """
+        if exc.code == "DEADLINE_EXCEEDED":
+            return self._timeout(request)
+        if exc.code == "INVALID_ARGUMENT":
+            return InvalidRequestError(exc.message, operator=self.name, request_id=request.request_id)
+        if exc.code == "UNAVAILABLE":
+            return await self._error(request, None, f"connection to Triton lost: {exc.message}")
+        if "Stub process" in exc.message and self.server.is_alive():
+            # A python-backend stub died. Triton 2.5x neither restarts it nor unloads the model
+            # cleanly (unload hangs), so the instance stays broken: restart the worker, which
+            # starts a fresh server, and let its requests be served again.
+            self.context.restart_worker(f"a Triton python-backend stub of model {self.model!r} died")
+        if exc.status is not None:
+            return await self._error(request, exc.status, exc.message)
+        return OperatorError(
+            exc.message,
+            operator=self.name,
+            request_id=request.request_id,
+            remote_type=f"Triton gRPC {exc.code or 'stream error'}",
+        )
 
     def _timeout(self, request: Request) -> RequestTimeoutError:
         return RequestTimeoutError(

@@ -4,9 +4,9 @@ A server runs in its own process group with its python-backend stubs, gets SIGKI
 parent dies (:func:`make_pdeathsig`), and names its shared-memory regions with a prefix of its
 own (:func:`new_shm_prefix`), so that whatever a killed server leaves can be found and removed:
 by its owner (:func:`killpg`, :func:`remove_shm_regions`), by a finalizer
-(:func:`terminate_at_exit`), by its reaper (:class:`Reaper`: a tiny process that outlives a
-SIGKILLed owner or server and ends the stubs at once), or by the next server started on the host
-(:func:`sweep_stale_leftovers`).
+(:func:`terminate_at_exit`), by its reaper (:class:`Reaper`, running :mod:`tdask.triton.reaper`:
+a small process that outlives a SIGKILLed owner or server and ends the stubs at once), or by the
+next server started on the host (:func:`sweep_stale_leftovers`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+
+from tdask.triton import reaper as reaper_program
 
 logger = logging.getLogger(__name__)
 
@@ -341,77 +343,26 @@ def terminate_at_exit(
             reaper.release()
 
 
-# The reaper's program: stdlib only, run with ``python -I -S`` (no site, no tdask import), so it
-# starts in ~10 ms and holds ~7 MB. argv: lifeline fd, server pid, shm prefix, shm dir.
-_REAPER_PROGRAM = r"""
-import glob, os, select, signal, sys, time
-lifeline, server, prefix, shm_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-group = sys.argv[5] == "group" if len(sys.argv) > 5 else True
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-def stop(*_):
-    raise InterruptedError  # SIGTERM: stop watching, clean up now
-signal.signal(signal.SIGTERM, stop)
-try:
-    watched = [lifeline, os.pidfd_open(server)]
-except OSError:
-    watched = [lifeline]  # the server is gone already (or no pidfd): clean up now
-def ours():
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            if fields[0] == b"Z":
-                continue
-            if group and int(fields[2]) == server:
-                found.append(int(entry))
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if prefix.encode() in f.read():
-                    found.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-if len(watched) > 1:
-    try:
-        select.select(watched, [], [])
-    except InterruptedError:
-        pass
-deadline = time.monotonic() + 10
-while time.monotonic() < deadline:
-    left = ours()
-    if not left:
-        break
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    time.sleep(0.05)
-for region in glob.glob(os.path.join(shm_dir, glob.escape(prefix) + "*")):
-    try:
-        os.unlink(region)
-    except OSError:
-        pass
-"""
-
-
 class Reaper:
-    """A tiny process that ends a server's stubs and removes its shared memory, whoever dies.
+    """The owner's side of a server's reaper (:mod:`tdask.triton.reaper`), which ends its stubs whoever dies.
 
     The server gets SIGKILL from the kernel when its owner dies (:func:`make_pdeathsig`), but
     its python-backend stubs are the server's children: orphaned, a stub only notices after a
     while, and one that blocks while exiting (seen: still alive 25 minutes later, re-parented
-    to PID 1) never does. The reaper watches two things: a pipe whose other end only the owner
-    holds (it reads end-of-file when the owner dies, by any signal) and the server itself (a
-    pidfd). When either goes, it SIGKILLs every process of the server's process group and every
-    process whose command line carries the server's shared-memory prefix (the stubs: their
-    region name is an argument), then unlinks ``/dev/shm/<prefix>*``, and exits.
+    to PID 1) never does. The reaper, a process of its own, watches two things: a pipe whose
+    other end only the owner holds (it reads end-of-file when the owner dies, by any signal) and
+    the server itself (a pidfd). When either goes, it SIGKILLs every process of the server's
+    process group and every process whose command line carries the server's shared-memory
+    prefix (the stubs: their region name is an argument), then unlinks ``/dev/shm/<prefix>*``,
+    and exits.
 
     The owner's orderly stop does the same itself first; it then closes the pipe
     (:meth:`release`) and the reaper finds nothing left to do.
+
+    The reaper runs :mod:`tdask.triton.reaper` by its file's path, in its own session (a Ctrl-C
+    to the owner's group must not stop it first), with ``-P`` (its directory, whose modules
+    would shadow the standard library's, is not on ``sys.path``): it imports the standard
+    library and psutil only, not the ``tdask`` package.
 
     Parameters
     ----------
@@ -430,10 +381,8 @@ class Reaper:
             self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [
                     sys.executable,
-                    "-I",
-                    "-S",
-                    "-c",
-                    _REAPER_PROGRAM,
+                    "-P",
+                    reaper_program.__file__,
                     str(read_end),
                     str(server_pid),
                     shm_prefix,

@@ -21,13 +21,13 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import dask.config
+from typing import Any, Self
 
 from tdask.config import get_seconds
 from tdask.triton.base import Status, TritonServerBase, TritonServerError
 from tdask.triton.binary import TritonBinary, find_tritonserver, prepare_bundle_backends, server_args, server_env
+from tdask.triton.interface import InferClient, MetricsSource, StreamClient
+from tdask.triton.options import TritonOptions
 from tdask.triton.process import (
     POLL_INTERVAL_S,
     WORKDIR_PREFIX,
@@ -105,23 +105,37 @@ class TritonServer(TritonServerBase):
         env: Mapping[str, str] | None = None,
         metrics: bool | None = None,
     ) -> None:
-        super().__init__(model_repository, log_dir, log_verbose, name)
         if startup_timeout_s is None:
             startup_timeout_s = get_seconds("tdask.triton.startup-timeout")
             if startup_timeout_s is None:
                 raise ValueError(
                     "tdask.triton.startup-timeout must be a duration (a start is always bounded), not null"
                 )
+        if binary is not None and not isinstance(binary, TritonBinary):
+            binary = TritonBinary(path=Path(binary))
+        from_config: dict[str, Any] = {}  # left out: TritonOptions reads tdask.triton.* config
+        if log_verbose is not None:
+            from_config["log_verbose"] = log_verbose
+        if metrics is not None:
+            from_config["metrics"] = metrics
+        options = TritonOptions(
+            model_repository=model_repository,
+            name=name,
+            log_dir=log_dir,
+            stop_timeout_s=stop_timeout_s,
+            backend_directory=backend_directory,
+            startup_timeout_s=float(startup_timeout_s),
+            binary=binary,
+            extra_args=tuple(extra_args),
+            env=dict(env) if env else None,
+            **from_config,
+        )
+        super().__init__(options)
         self.startup_timeout_s = float(startup_timeout_s)
-        self.stop_timeout_s = float(stop_timeout_s)
-        if binary is None or isinstance(binary, TritonBinary):
-            self._binary = binary
-        else:
-            self._binary = TritonBinary(path=Path(binary))
+        self._binary = binary
         self._backend_directory = Path(backend_directory) if backend_directory is not None else None
         self.extra_args = list(extra_args)
         self._extra_env = dict(env) if env else None
-        self.metrics = bool(dask.config.get("tdask.triton.metrics", True)) if metrics is None else metrics
 
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: ProcessWatch | None = None
@@ -132,6 +146,24 @@ class TritonServer(TritonServerBase):
         self._http_port: int | None = None
         self._metrics_port: int | None = None
         self._stopping = False
+        self._broken: str | None = None
+
+    @classmethod
+    def from_options(cls, options: TritonOptions) -> Self:
+        """A ``tritonserver`` subprocess run with ``options``."""
+        return cls(
+            model_repository=options.model_repository,
+            log_dir=options.log_dir,
+            log_verbose=options.log_verbose,
+            startup_timeout_s=options.startup_timeout_s,
+            stop_timeout_s=options.stop_timeout_s,
+            name=options.name,
+            binary=options.binary,
+            backend_directory=options.backend_directory,
+            extra_args=options.extra_args,
+            env=options.env,
+            metrics=options.metrics,
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -176,9 +208,36 @@ class TritonServer(TritonServerBase):
         """The (first) model repository."""
         return self.model_repositories[0]
 
+    @property
+    def address(self) -> str:
+        """Where requests go: :attr:`http_url`."""
+        return self.http_url
+
+    @property
+    def metrics_source(self) -> MetricsSource | None:
+        """Triton's metrics endpoint, :attr:`metrics_url` (``None`` when off)."""
+        return self.metrics_url
+
+    @property
+    def broken(self) -> str | None:
+        """Why the server cannot serve on: it exited (or was killed) without :meth:`stop`; else ``None``."""
+        return self._broken
+
     def is_alive(self) -> bool:
         """Whether the server process is running (it may still be starting)."""
         return self._watch is not None and not self._watch.exited.is_set()
+
+    def client(self) -> InferClient:
+        """A new HTTP client of this server (:class:`~tdask.triton.http_client.TritonHttpClient`)."""
+        from tdask.triton.http_client import TritonHttpClient
+
+        return TritonHttpClient.from_url(self.http_url)
+
+    def stream_client(self) -> StreamClient:
+        """A new gRPC stream client of this server (:class:`~tdask.triton.grpc_stream.TritonStreamClient`)."""
+        from tdask.triton.grpc_stream import TritonStreamClient
+
+        return TritonStreamClient(self.grpc_url)
 
     # ------------------------------------------------------------------ death notification
 
@@ -298,17 +357,13 @@ class TritonServer(TritonServerBase):
     def _command(self, binary: TritonBinary, backends: Path | None) -> list[str]:
         assert self._grpc_port is not None and self._http_port is not None
         return server_args(
+            self.options,
             binary,
-            repositories=self.model_repositories,
+            shm_prefix=self._shm_prefix,
+            backends=backends,
             grpc_port=self._grpc_port,
             http_port=self._http_port,
             metrics_port=self._metrics_port,
-            # The graceful stop waits for in-flight requests this long, inside stop_timeout_s.
-            exit_timeout_s=max(1, int(self.stop_timeout_s / 2)),
-            log_verbose=self.log_verbose,
-            shm_prefix=self._shm_prefix,
-            backends=backends,
-            extra_args=self.extra_args,
         )
 
     def _launch(self, args: list[str], env: dict[str, str]) -> None:
@@ -351,11 +406,13 @@ class TritonServer(TritonServerBase):
         )
 
     def _on_exit(self, returncode: int) -> None:
-        """Log an unexpected exit (called in the watcher thread when the process exits)."""
+        """Log an unexpected exit, and mark the server broken (in the watcher thread, first of the callbacks)."""
         if self._stopping or self.status is not Status.running:
             # stop() asked for it, or start() reports it (with the log) by raising.
             logger.debug("Triton server %r exited with %s", self.name, returncode)
             return
+        if self._broken is None:
+            self._broken = f"its Triton server exited (status {returncode})"
         logger.error(
             "Triton server %r (pid %s) exited unexpectedly with status %s; log %s ends with:\n%s",
             self.name,

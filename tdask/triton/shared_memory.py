@@ -48,7 +48,7 @@ import os
 import re
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import dask.config
 import numpy as np
@@ -56,9 +56,18 @@ from tritonclient.utils import triton_to_np_dtype
 
 from tdask.config import get_bytes
 from tdask.data_plane import count_host_copy, is_device_array
-from tdask.triton.http_client import InferResult, ShmTensor, TritonHttpClient, TritonHttpError
+from tdask.triton.http_client import ShmTensor
+from tdask.triton.interface import InferClient, InferResult, TritonInferError
 
-__all__ = ["MODES", "SharedMemoryPool", "ShmRegion", "ShmTransport", "choose_kind", "gpu_instance_device"]
+__all__ = [
+    "MODES",
+    "SharedMemoryClient",
+    "SharedMemoryPool",
+    "ShmRegion",
+    "ShmTransport",
+    "choose_kind",
+    "gpu_instance_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,45 @@ _ALIGN = 256  # offsets of tensors in a region (CUDA likes 256-byte alignment)
 _MIN_REGION = 1 << 16
 _TOO_SMALL = re.compile(r"output '([^']+)' \((\d+) bytes\) should be at least (\d+) bytes")
 _LOST = "Unable to find shared memory region"
+
+
+@runtime_checkable
+class SharedMemoryClient(InferClient, Protocol):
+    """An :class:`~tdask.triton.interface.InferClient` that speaks Triton's shared-memory extension.
+
+    :class:`~tdask.triton.http_client.TritonHttpClient` does (a ``tritonserver``'s HTTP endpoint);
+    the in-process client has no need to: Triton reads and writes tdask's buffers directly.
+    """
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, tuple[np.ndarray, str]],
+        *,
+        model_version: str = "",
+        request_id: str = "",
+        parameters: Mapping[str, str | bool | int | float] | None = None,
+        timeout: float | None = None,
+        shm_inputs: Mapping[str, ShmTensor] | None = None,
+        outputs: Mapping[str, ShmTensor | None] | None = None,
+    ) -> InferResult:
+        """Run one inference, with inputs in registered regions and outputs written into them.
+
+        As :meth:`InferClient.infer <tdask.triton.interface.InferClient.infer>`; ``shm_inputs``
+        are inputs already in a region (not in ``inputs``), ``outputs`` the outputs to return:
+        name to the place Triton writes it to, or ``None`` for the answer itself.
+        """
+        ...
+
+    async def register_shm(
+        self, kind: Literal["system", "cuda"], name: str, request: Mapping[str, Any], timeout: float = 30.0
+    ) -> None:
+        """Register a region with Triton (``request``: the extension's JSON)."""
+        ...
+
+    async def unregister_shm(self, kind: Literal["system", "cuda"], name: str, timeout: float = 30.0) -> None:
+        """Unregister a region (Triton unmaps it)."""
+        ...
 
 
 def _align(n: int) -> int:
@@ -221,7 +269,7 @@ class SharedMemoryPool:
     Parameters
     ----------
     client
-        The Triton server's HTTP client (registration calls).
+        The Triton server's client (registration calls, and the calls through the regions).
     kind
         ``"system"`` or ``"cuda"``.
     prefix
@@ -232,7 +280,7 @@ class SharedMemoryPool:
         The GPU of ``cuda`` regions.
     """
 
-    def __init__(self, client: TritonHttpClient, kind: Kind, prefix: str, slots: int, device_id: int = 0) -> None:
+    def __init__(self, client: SharedMemoryClient, kind: Kind, prefix: str, slots: int, device_id: int = 0) -> None:
         self.client, self.kind, self.prefix, self.slots, self.device_id = client, kind, prefix, slots, device_id
         self._free: list[ShmRegion] = []
         self._busy: set[ShmRegion] = set()
@@ -349,7 +397,7 @@ class ShmTransport:
     @classmethod
     def from_config(
         cls,
-        client: TritonHttpClient,
+        client: SharedMemoryClient,
         config: Mapping[str, Any],
         output_specs: Mapping[str, tuple[str, list[int]]],
         prefix: str,
@@ -397,15 +445,14 @@ class ShmTransport:
                 offset += _align(max(estimate, 1))
         return shm_in, shm_out, offset
 
-    async def infer(
-        self, client: TritonHttpClient, model: str, inputs: Mapping[str, tuple[Any, str]], **kwargs: Any
-    ) -> InferResult | None:
-        """One inference with the planned tensors in a region, or ``None`` (then use the body).
+    async def infer(self, model: str, inputs: Mapping[str, tuple[Any, str]], **kwargs: Any) -> InferResult | None:
+        """One inference, on the pool's client, with the planned tensors in a region, or ``None`` (then use the body).
 
         ``None`` when nothing is worth shared memory, no region is free, or Triton lost its regions.
 
-        Raises what :meth:`TritonHttpClient.infer` raises, after at most one retry with more room.
+        Raises what :meth:`SharedMemoryClient.infer` raises, after at most one retry with more room.
         """
+        client = self.pool.client
         for attempt in range(2):
             shm_in, shm_out, room = self.plan(inputs)
             if not shm_in and not shm_out:
@@ -415,7 +462,7 @@ class ShmTransport:
                 return None
             try:
                 result = await self._call(client, model, region, inputs, shm_in, shm_out, **kwargs)
-            except TritonHttpError as exc:
+            except TritonInferError as exc:
                 self.pool.release(region)
                 if _LOST in exc.message:
                     logger.warning("Triton lost the shared-memory regions of model %r: making new ones", model)
@@ -437,7 +484,7 @@ class ShmTransport:
 
     async def _call(
         self,
-        client: TritonHttpClient,
+        client: SharedMemoryClient,
         model: str,
         region: ShmRegion,
         inputs: Mapping[str, tuple[Any, str]],

@@ -76,7 +76,7 @@ class ClusterMetrics:
     Parameters
     ----------
     broker
-        The :class:`~tdask.request_plane.broker.RequestBroker` (its queues, leases, counts, hosts
+        The :class:`~tdask.scheduler.broker.RequestBroker` (its queues, leases, counts, hosts
         and failures are read live at scrape time).
     """
 

@@ -22,12 +22,13 @@ import asyncio
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from tdask import protocol
+from tdask import protocol, transport
 from tdask.data_plane import DataPlanePeer
 from tdask.exceptions import (
     DataPlaneError,
@@ -37,9 +38,9 @@ from tdask.exceptions import (
     WorkerLostError,
 )
 from tdask.protocol import Op, RequestMsg, ResponseMsg, Rpc
-from tdask.request_plane import dashboard
-from tdask.request_plane.metrics import ClusterMetrics
-from tdask.request_plane.session import Session
+from tdask.scheduler import dashboard
+from tdask.scheduler.cluster_metrics import ClusterMetrics
+from tdask.transport import MessageHandler, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class _Peer:
 
     requester: str
     worker: str | None
-    session: Session
+    session: Transport
 
 
 class RequestBroker(SchedulerPlugin):
@@ -89,6 +90,7 @@ class RequestBroker(SchedulerPlugin):
         self.worker_stats: dict[str, dict[str, Any]] = {}
         self._checker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._listener: transport.Listener | None = None
         self.scheduler: Any = None
         # Whether the cluster's workers finished starting: those that registered with the broker
         # (a tdask worker registers right after its operators started), and when each joined.
@@ -100,12 +102,13 @@ class RequestBroker(SchedulerPlugin):
     async def start(self, scheduler: Any) -> None:
         """Install the handlers, the unhosted-request check and the ``/tdask`` pages."""
         self.scheduler = scheduler
+        self._listener = transport.Listener(scheduler, Rpc.SESSION, self._accept, kind="scheduler")
+        await self._listener.start()
         now = time.time()
         self.joined = {address: now for address in scheduler.workers}  # joined before the broker
         self.metrics.start()
         scheduler.handlers.update(
             {
-                Rpc.SESSION: self.session,
                 Rpc.REGISTER: self.register,
                 Rpc.UNREGISTER: self.unregister,
                 Rpc.HOSTS: self.get_hosts,
@@ -123,22 +126,31 @@ class RequestBroker(SchedulerPlugin):
             self._checker.cancel()
             await asyncio.gather(self._checker, return_exceptions=True)
         await self.metrics.close()
+        if self._listener is not None:
+            await self._listener.close()
         for peer in list(self.peers.values()):
             await peer.session.close()
 
     # sessions
-    async def session(self, comm: Any, requester: str, worker: str | None = None) -> None:
-        """Serve one requester's (or worker's) session until its comm closes."""
-        session = Session(comm, lambda message: self._on_message(requester, message), requester)
+    def _accept(self, session: Transport, hello: dict[str, Any]) -> MessageHandler:
+        """A requester's (or worker's) session: served until it closes; one it replaces is closed."""
+        requester = str(hello["requester"])
+        worker = hello.get("worker")
         peer = _Peer(requester, worker, session)
         old = self.peers.get(requester)
         self.peers[requester] = peer
         if worker is not None:
             self.serving[worker] = peer
         if old is not None:
-            await old.session.close()
+            self._spawn(old.session.close())
+        self._spawn(self._watch(peer))
+        return lambda message: self._on_message(requester, message)
+
+    async def _watch(self, peer: _Peer) -> None:
+        """Once ``peer``'s session closes: forget it, and what it served."""
+        requester, worker = peer.requester, peer.worker
         try:
-            await session.read_forever()
+            await peer.session.closed.wait()
         finally:
             if self.peers.get(requester) is peer:
                 del self.peers[requester]
@@ -374,9 +386,12 @@ class RequestBroker(SchedulerPlugin):
         """Nobody will read this response: free the tensors it refers to at their owners."""
         refs = protocol.refs_in(response.get("outputs"))
         if refs:
-            task = asyncio.create_task(DataPlanePeer(self.scheduler.rpc).release(refs))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(DataPlanePeer(self.scheduler.rpc).release(refs))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _requeue_leases(self, worker: str, *, lost: bool) -> None:
         held = [(key, lease) for key, lease in self.leases.items() if lease.worker == worker]
@@ -451,9 +466,7 @@ class RequestBroker(SchedulerPlugin):
         """A client closed: close its session here and its direct sessions on the workers."""
         peer = self.peers.get(client)  # a client's requester id is its client id
         if peer is not None:
-            task = asyncio.create_task(peer.session.close())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(peer.session.close())
         # distributed gives a Client no close hook for the comms it did not open itself: the
         # workers close the direct-plane comms this client opened to them.
         for worker in list(self.serving):

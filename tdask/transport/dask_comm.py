@@ -1,9 +1,10 @@
-"""A transport on a Dask comm: the broker's sessions, and direct sessions on ``tls://``/``ucx://``.
+"""A transport on a Dask comm: the broker's sessions, and direct sessions where the wire is not used.
 
-Used wherever tdask's wire (:mod:`tdask.request_plane.wire`) is not: every session with the
-scheduler's broker, and direct caller-to-worker sessions on clusters whose comm is not plain TCP
-(or with ``tdask.request.direct-transport: dask``). The comm carries the client's or worker's
-``connection_args``, so TLS and UCX work unchanged.
+Used wherever tdask's wire (:mod:`tdask.transport.wire`) is not (:mod:`tdask.transport.registry`
+decides): every session with the scheduler's broker, and direct caller-to-worker sessions on
+``ucx://`` clusters, with ``tdask.request.direct-transport: dask``, or to a worker whose wire
+cannot be reached. The comm carries the client's or worker's ``connection_args``, so TLS and UCX
+work unchanged.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ from typing import Any
 import msgpack
 from distributed.comm.core import CommClosedError
 
-from tdask.data_plane import connect_peer
-from tdask.protocol import ProtocolError, check_shape
-from tdask.request_plane.base import MessageHandler
+from tdask.transport.base import MessageHandler, ProtocolError, check_shape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Session", "open_session"]
+__all__ = ["Session"]
 
 
 class Session:
-    """One comm carrying one-way messages both ways (the :class:`~tdask.request_plane.base.Transport` contract).
+    """One comm carrying one-way messages both ways (the :class:`~tdask.transport.base.Transport` contract).
 
     A writer task sends what is queued, one msgpack-packed batch per write; :meth:`read_forever`
     hands each incoming message to ``on_message``.
     """
+
+    #: Tensors go over Dask's comm as RPCs (``tdask_fetch``), with Dask's serialization (UCX:
+    #: device to device), not as data calls on the session.
+    carries_data = False
 
     def __init__(self, comm: Any, on_message: MessageHandler, name: str) -> None:
         self.comm = comm
@@ -46,6 +49,10 @@ class Session:
             raise CommClosedError(f"tdask session {self.name} is closed")
         self._outbox.append(message)
         self._wake.set()
+
+    def send_with_payload(self, message: dict[str, Any], key: str, payload: memoryview) -> None:
+        """Queue ``message`` with ``payload`` as its field ``key`` (packed with it: one copy)."""
+        self.send({**message, key: payload})
 
     async def drain(self) -> None:
         """Dask's comm buffers writes itself (Tornado's IOStream): nothing to wait for here."""
@@ -106,26 +113,3 @@ class Session:
         self._outbox.clear()
         self._writer.cancel()
         self.comm.abort()
-
-
-async def open_session(
-    address: str,
-    handler: str,
-    on_message: MessageHandler,
-    *,
-    name: str,
-    connection_args: dict[str, Any],
-    timeout: float | None = None,
-    gone_if_refused: bool = False,
-    **handshake: Any,
-) -> Session:
-    """Connect to ``address`` and open a session with its comm handler ``handler``.
-
-    ``handshake`` is passed to the handler (e.g. ``requester=...``); the handler keeps the comm.
-    A refused connection fails at once (``OSError``); with ``gone_if_refused`` (a worker, not
-    the scheduler) the address is then remembered as gone (:func:`tdask.data_plane.connect_peer`).
-    """
-    comm = await connect_peer(address, timeout, connection_args=connection_args, mark=gone_if_refused)
-    comm.name = name
-    await comm.write({"op": handler, "reply": False, **handshake})
-    return Session(comm, on_message, name)

@@ -1,6 +1,6 @@
 """tdask's page in the Dask dashboard (``/tdask``), drawn with the dashboard's own Bokeh, and ``/tdask/operators.json``.
 
-The page is live (one point a second, from :class:`~tdask.request_plane.metrics.ClusterMetrics`):
+The page is live (one point a second, from :class:`~tdask.scheduler.cluster_metrics.ClusterMetrics`):
 per operator the request rate, p50/p99 latency, errors and queue depth over time; in flight
 against the limit on each worker, by name; each worker's data-plane throughput; a table of
 operators and one of setup failures. It joins the dashboard's navigation: ``tdask`` in the top
@@ -26,7 +26,7 @@ from typing import Any
 
 from tornado import web
 
-from tdask.request_plane.metrics import HISTORY_S
+from tdask.scheduler.cluster_metrics import HISTORY_S
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class OperatorsPage:
     Parameters
     ----------
     broker
-        The scheduler's :class:`~tdask.request_plane.broker.RequestBroker`.
+        The scheduler's :class:`~tdask.scheduler.broker.RequestBroker`.
     """
 
     def __init__(self, broker: Any) -> None:

@@ -11,8 +11,9 @@ together, one write per loop iteration.
 
 What does not change: the scheduler sessions, every RPC, and the data plane (tensors above the
 inline threshold) stay on Dask's comm; ``ucx://`` clusters use Dask's comm for direct sessions
-too (:func:`wire_wanted`), as does everyone with ``tdask.request.direct-transport: dask``. A
-worker that cannot be reached on its wire port is reached over Dask's comm instead. On
+too, as does everyone with ``tdask.request.direct-transport: dask``, and a worker that cannot be
+reached on its wire port is reached over Dask's comm instead (all decided in
+:mod:`tdask.transport.registry`). On
 ``tls://`` clusters the wire runs over TLS with the cluster's own Dask security contexts
 (:func:`wire_ssl_context`): mutual authentication, exactly as on Dask's comm.
 
@@ -48,8 +49,7 @@ from distributed.comm.core import CommClosedError
 from distributed.comm.tcp import set_tcp_timeout
 
 from tdask.config import get_bytes, get_seconds
-from tdask.protocol import ProtocolError, check_shape
-from tdask.request_plane.base import MessageHandler
+from tdask.transport.base import MessageHandler, MessageTooLargeError, ProtocolError, check_shape
 
 logger = logging.getLogger(__name__)
 
@@ -88,33 +88,8 @@ class WireProtocolError(ProtocolError):
     """The peer does not speak this wire (a bad hello): the connection is closed."""
 
 
-class MessageTooLargeError(ValueError):
-    """A message does not fit in one wire frame (``tdask.wire.max-frame``); nothing was sent."""
-
-
 # Called with a new session and its requester's name; returns the handler of its messages.
 AcceptHandler = Callable[["WireSession", str], MessageHandler]
-
-
-def wire_wanted(address: str) -> bool:
-    """Whether direct sessions to/from ``address`` should use the wire.
-
-    Parameters
-    ----------
-    address : str
-        A Dask address (``tcp://host:port``).
-
-    Returns
-    -------
-    bool
-        True on ``tcp://`` and ``tls://`` unless ``tdask.request.direct-transport`` is ``dask``.
-    """
-    if dask.config.get("tdask.request.direct-transport") != "wire":
-        return False
-    try:
-        return parse_address(address)[0] in ("tcp", "tls")
-    except ValueError:
-        return False
 
 
 def wire_ssl_context(address: str, args: Mapping[str, Any]) -> ssl.SSLContext | None:
@@ -172,7 +147,7 @@ def _preview(obj: object) -> str:
 
 
 class WireSession(asyncio.BufferedProtocol):
-    """One connection carrying one-way messages both ways (a :class:`~tdask.request_plane.base.Transport`).
+    """One connection carrying one-way messages both ways (a :class:`~tdask.transport.base.Transport`).
 
     Parameters
     ----------
@@ -189,6 +164,9 @@ class WireSession(asyncio.BufferedProtocol):
     peer : str
         ``host:port`` of the other end, once connected (for log lines).
     """
+
+    #: Host tensors ride the wire as data calls (the data plane's shortcut).
+    carries_data = True
 
     def __init__(
         self, name: str, on_message: MessageHandler | None = None, on_close: Callable[[], None] | None = None
