@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from tdask import InvalidRequestError, Operator, RemoteOperator, RemoteTensor
+from tests.executions import record
 
 
 class Identity(Operator):
@@ -19,7 +20,11 @@ class Identity(Operator):
 
 
 class Add(Operator):
-    """``out = a + b``; sleeps ``delay`` seconds first; tracks how many executes overlap."""
+    """``out = a + b``; sleeps ``delay`` seconds first; tracks how many executes overlap.
+
+    With the operator parameter ``record_dir``, records each execution there
+    (:func:`tests.executions.record`).
+    """
 
     active = 0
     peak = 0
@@ -28,11 +33,14 @@ class Add(Operator):
         type(self).active += len(requests)
         type(self).peak = max(type(self).peak, type(self).active)
         try:
+            directory = self.parameters.get("record_dir")
             for request in requests:
+                record(directory, "S", request.request_id)
                 inputs = await request.fetch_inputs()
                 if "a" not in inputs or "b" not in inputs:
                     raise request.error(f"Add needs inputs 'a' and 'b', got {sorted(inputs)}")
                 await asyncio.sleep(float(request.parameters.get("delay", 0)))
+                record(directory, "E", request.request_id)
                 await request.response_sender().send(
                     outputs={"out": inputs["a"] + inputs["b"]},
                     parameters={"peak": type(self).peak},
@@ -156,14 +164,22 @@ class Echo(Operator):
 
 
 class Relay(Operator):
-    """Hands its inputs, by reference, to ``sink`` and answers with what ``sink`` answered."""
+    """Hands its inputs, by reference, to ``sink`` and answers with what ``sink`` answered.
+
+    With the operator parameter ``record_dir``, records each execution there
+    (:func:`tests.executions.record`), with the owner of its ``data`` input.
+    """
 
     async def setup(self):
         self.sink = RemoteOperator(self.parameters.get("sink", "sink"))
 
     async def execute(self, requests):
+        directory = self.parameters.get("record_dir")
         for request in requests:
+            data = request.inputs.get("data")
+            record(directory, "S", request.request_id, getattr(data, "owner", "inline"))
             answer = await self.sink.infer(inputs=dict(request.inputs), parameters=request.parameters)
+            record(directory, "E", request.request_id)
             await request.response_sender().send(outputs=answer.outputs, parameters=answer.parameters)
 
 

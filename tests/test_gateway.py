@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import queue
 import signal
@@ -65,10 +67,55 @@ def test_http_client_calls_the_hello_world(gateway, binary):
         result = client.infer("encoder_decoder", [inp], outputs=[out], request_id="mine")
         np.testing.assert_array_equal(result.as_numpy("output"), data)
         assert result.get_response()["id"] == "mine"
-        # No outputs named: all of them, binary; response parameters come back.
+        # No outputs named: all of them (binary, test_http_outputs_named_by_none_come_back_binary
+        # checks the wire); response parameters come back.
         result = client.infer("encoder_decoder", [inp])
         np.testing.assert_array_equal(result.as_numpy("output"), data)
         assert set(result.get_response()["parameters"]) == {"encoder", "decoder"}
+
+
+def _post_infer(address: str, model: str, body: bytes, headers: dict[str, str]):
+    """POST an infer request over plain HTTP: (status, headers, JSON header, binary rest)."""
+    connection = http.client.HTTPConnection(address, timeout=60)
+    try:
+        connection.request("POST", f"/v2/models/{model}/infer", body=body, headers=headers)
+        response = connection.getresponse()
+        raw = response.read()
+        length = response.getheader("Inference-Header-Content-Length")
+        split = int(length) if length is not None else len(raw)
+        return response.status, response, json.loads(raw[:split]), raw[split:]
+    finally:
+        connection.close()
+
+
+def test_http_outputs_named_by_none_come_back_binary(gateway):
+    """tritonclient.http names no outputs and asks for binary_data_output: every output comes
+    back in Triton's binary form (its size in the JSON, its bytes after it), not as JSON data;
+    a request that asks for nothing gets JSON data (the KServe default)."""
+    data = _data()
+    inp = httpclient.InferInput("input", list(data.shape), "INT64")
+    inp.set_data_from_numpy(data, binary_data=True)
+    # Exactly what tritonclient.http.InferenceServerClient.infer sends with outputs=None.
+    body, json_size = httpclient.InferenceServerClient.generate_request_body([inp])
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(json_size)}
+    status, response, header, rest = _post_infer(gateway["http"], "encoder_decoder", body, headers)
+    assert status == 200, header
+    assert response.getheader("Content-Type") == "application/octet-stream"
+    assert response.getheader("Inference-Header-Content-Length") is not None
+    (output,) = header["outputs"]
+    assert output["name"] == "output" and output["datatype"] == "INT64" and output["shape"] == [1000], output
+    assert "data" not in output, output
+    assert output["parameters"]["binary_data_size"] == data.nbytes == len(rest), output
+    np.testing.assert_array_equal(np.frombuffer(rest, dtype="<i8"), data)
+
+    # No binary_data_output: JSON through and through.
+    plain = json.dumps({"inputs": [{"name": "input", "datatype": "INT64", "shape": [3], "data": [1, 2, 3]}]})
+    status, response, header, rest = _post_infer(
+        gateway["http"], "encoder_decoder", plain.encode(), {"Content-Type": "application/json"}
+    )
+    assert status == 200, header
+    assert response.getheader("Inference-Header-Content-Length") is None and rest == b""
+    assert header["outputs"][0]["data"] == [1, 2, 3], header
 
 
 def test_grpc_client_calls_the_hello_world(gateway):

@@ -14,6 +14,8 @@ import pytest
 from tdask import Deployment, OperatorConfig, RemoteOperator
 from tdask.cli import gpu_unavailable_reason
 from tdask.hello_world import MODEL_REPOSITORY
+from tdask.triton.operator import KIND_GPU_OUTPUTS_IN_HOST_MEMORY
+from tdask.triton.shared_memory import DEVICE_INPUT_IN_HTTP_BODY
 from tests.conftest import store_stats
 from tests.operators import CupyProducer, DeviceSum, Forward
 
@@ -59,8 +61,8 @@ def test_kind_gpu_outputs_come_back_as_cupy_through_cuda_shared_memory():
         assert type(out).__module__.startswith("cupy"), type(out)
         assert bool((out == cupy.invert(cupy.tile(data, 2))).all())
         where = _host_copies(dep.client)["encoder.0"]
-        assert "Triton input in the HTTP body: device to host" not in where, where
-        assert "KIND_GPU outputs in the HTTP body" not in where, where
+        assert DEVICE_INPUT_IN_HTTP_BODY not in where, where
+        assert KIND_GPU_OUTPUTS_IN_HOST_MEMORY not in where, where
 
 
 @needs_gpu

@@ -41,20 +41,22 @@ def test_cupy_tensors_round_trip():
             assert bool((got == x).all())
 
 
-@pytest.mark.skipif(_UCX_REASON is not None, reason=_UCX_REASON or "")
-@pytest.mark.parametrize("n", [100_000, 4_000_000], ids=["800KB", "32MB"])
-def test_ucxx_protocol_forwarding(n):
-    """The producer's output goes by reference; the consumer pulls it worker to worker over UCX.
+# In this order: 32 MB (UCX's rendezvous path) on the comms the first pull opens; the second round
+# of each size, and 800 KB (its eager path) after, reuse them.
+SIZES = {"32MB": 4_000_000, "800KB": 100_000}
+ROUNDS = 2
 
-    On CPU, distributed-ucxx runs UCX over TCP; 32 MB takes UCX's rendezvous path, 800 KB its eager
-    one. The deployment runs in a child process (tests/ucx_forwarding.py): UCX's process-wide
-    context outlives a deployment, listening on every interface, and must not stay in this one.
-    """
-    rounds = 2  # the second pull reuses the comm the first one opened
+
+@pytest.fixture(scope="module")
+def ucxx_forwarding():
+    """One ``ucxx://`` deployment forwarding every size in turn (tests/ucx_forwarding.py), in a child
+    process: UCX's process-wide context outlives a deployment, listening on every interface, and
+    must not stay in this one."""
 
     def run() -> subprocess.CompletedProcess[str]:
+        sizes = ",".join(str(n) for n in SIZES.values())
         return subprocess.run(
-            [sys.executable, "-m", "tests.ucx_forwarding", str(n), str(rounds)],
+            [sys.executable, "-m", "tests.ucx_forwarding", sizes, str(ROUNDS)],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": ROOT},
             capture_output=True,
@@ -72,9 +74,21 @@ def test_ucxx_protocol_forwarding(n):
         )
         result = run()
     assert result.returncode == 0, result.stderr[-5000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(_UCX_REASON is not None, reason=_UCX_REASON or "")
+@pytest.mark.parametrize("n", list(SIZES.values()), ids=list(SIZES))
+def test_ucxx_protocol_forwarding(ucxx_forwarding, n):
+    """The producer's output goes by reference; the consumer pulls it worker to worker over UCX.
+
+    On CPU, distributed-ucxx runs UCX over TCP; 32 MB takes UCX's rendezvous path, 800 KB its eager
+    one. Both sizes run on one deployment (the fixture), each checked on what it moved.
+    """
+    got = ucxx_forwarding
     assert got["scheduler"].startswith("ucxx://127.0.0.1:")
     assert got["workers"] and all(address.startswith("ucxx://") for address in got["workers"])
-    assert got["sums"] == [float(np.arange(r, r + n, dtype=np.float64).sum()) for r in range(rounds)]
-    stats = got["stats"]
-    assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == rounds * n * 8
+    run = got["runs"][str(n)]
+    assert run["sums"] == [float(np.arange(r, r + n, dtype=np.float64).sum()) for r in range(ROUNDS)]
+    stats = run["stats"]
+    assert stats["forward.0"]["pulled_bytes"] == 0 and stats["consumer.0"]["pulled_bytes"] == ROUNDS * n * 8

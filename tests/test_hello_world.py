@@ -111,9 +111,18 @@ def _dask_scheduler(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     return proc, json.loads(scheduler_file.read_text())["address"]
 
 
-def test_embedded_two_clients(tmp_path):
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> tuple[float, Path, subprocess.CompletedProcess[str]]:
+    """One run of the embedded hello world, two clients, debug logs, read by the two tests below:
+    when it started, its log directory, and how it ended."""
+    logs = tmp_path_factory.mktemp("embedded") / "logs"
     since = time.time()
-    result = _run(["-m", "tdask.hello_world", *FAST, "--clients", "2", "--log-dir", str(tmp_path / "logs")])
+    args = ["-m", "tdask.hello_world", *FAST, "--clients", "2", "--log-level", "debug", "--log-dir", str(logs)]
+    return since, logs, _run(args)
+
+
+def test_embedded_two_clients(embedded):
+    since, logs, result = embedded
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert re.search(r"^scheduler: tcp://127\.0\.0\.1:\d+$", out, re.M)
@@ -123,16 +132,15 @@ def test_embedded_two_clients(tmp_path):
     assert re.search(r"^Throughput: [\d.]+ req/s Total Time: [\d.]+ s", out, re.M)
     assert "Correct: 20/20" in out
     assert re.search(r"p50 [\d.]+ ms\s+p90 [\d.]+ ms\s+p99 [\d.]+ ms", out)
-    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
-    assert {"encoder.0.log", "decoder.0.log", "encoder_decoder.0.log"} <= set(logs), logs
-    assert any("triton" in name for name in logs), logs
+    names = sorted(p.name for p in logs.iterdir())
+    assert {"encoder.0.log", "decoder.0.log", "encoder_decoder.0.log"} <= set(names), names
+    assert any("triton" in name for name in names), names
     _assert_clean(since)
 
 
-def test_one_request_id_through_every_log_and_where_to_look(tmp_path):
+def test_one_request_id_through_every_log_and_where_to_look(embedded):
     """--log-level debug: a request's id names it on the caller, on every worker of the pipeline and in Triton's log."""
-    logs = tmp_path / "logs"
-    result = _run(["-m", "tdask.hello_world", *FAST, "--log-level", "debug", "--log-dir", str(logs)])
+    _, logs, result = embedded
     assert result.returncode == 0, result.stdout + result.stderr
     base = re.search(r"^dashboard: (http://127\.0\.0\.1:\d+)/status$", result.stdout, re.M)
     assert base, result.stdout
@@ -175,23 +183,22 @@ def test_embedded_encoder_only_with_copies(tmp_path):
     _assert_clean(since)
 
 
-def test_embedded_over_tls(tmp_path):
-    pytest.importorskip("cryptography", reason="throw-away TLS certificates are made with cryptography")
+@pytest.mark.parametrize(
+    "protocol, needs",
+    [
+        ("tls", ("cryptography", "throw-away TLS certificates are made with cryptography")),
+        ("ucxx", ("distributed_ucxx", "distributed-ucxx is not installed (pip install 'tdask[ucx]')")),
+    ],
+    ids=["tls", "ucxx"],
+)
+def test_embedded_over_protocol(tmp_path, protocol, needs):
+    """The hello world with ``--protocol tls`` or ``--protocol ucxx``: every comm (client, scheduler,
+    workers) on it."""
+    pytest.importorskip(needs[0], reason=needs[1])
     since = time.time()
-    result = _run(["-m", "tdask.hello_world", *FAST, "--protocol", "tls", "--log-dir", str(tmp_path)])
+    result = _run(["-m", "tdask.hello_world", *FAST, "--protocol", protocol, "--log-dir", str(tmp_path)])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"^scheduler: tls://127\.0\.0\.1:\d+$", result.stdout, re.M)
-    assert "Correct: 10/10" in result.stdout
-    _assert_clean(since)
-
-
-def test_embedded_over_ucxx(tmp_path):
-    """The hello world with ``--protocol ucxx``: every comm (client, scheduler, workers) on UCX."""
-    pytest.importorskip("distributed_ucxx", reason="distributed-ucxx is not installed (pip install 'tdask[ucx]')")
-    since = time.time()
-    result = _run(["-m", "tdask.hello_world", *FAST, "--protocol", "ucxx", "--log-dir", str(tmp_path)])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"^scheduler: ucxx://127\.0\.0\.1:\d+$", result.stdout, re.M)
+    assert re.search(rf"^scheduler: {protocol}://127\.0\.0\.1:\d+$", result.stdout, re.M)
     assert "Correct: 10/10" in result.stdout
     _assert_clean(since)
 

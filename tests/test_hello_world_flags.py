@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--requests-per-client", "10", "--dashboard-address", "127.0.0.1:0"]
 
 
-def _run(args, timeout=200):
-    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+def _run(args, timeout=200, env=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", **(env or {})}
     began = time.monotonic()
     run = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env)
     return run, time.monotonic() - began
@@ -73,9 +73,12 @@ def test_client_that_cannot_connect_says_so_in_one_line(address, expected):
 
 
 def test_client_of_an_operator_nobody_hosts_says_so_in_one_line():
+    # The client waits tdask.request.unavailable-timeout (10 s by default) for a host: 1 s here.
+    wait = {"DASK_TDASK__REQUEST__UNAVAILABLE_TIMEOUT": "1s"}
     with LocalCluster(n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address=":0") as cluster:
-        run, took = _run(["tdask.hello_world.client", "--scheduler-address", cluster.scheduler_address], timeout=60)
+        args = ["tdask.hello_world.client", "--scheduler-address", cluster.scheduler_address]
+        run, took = _run(args, timeout=60, env=wait)
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no worker hosts operator 'encoder_decoder'" in lines[0], run.stderr
+    assert len(lines) == 1 and "no worker hosts operator 'encoder_decoder' (waited 1 s)" in lines[0], run.stderr
     assert took < 20

@@ -198,8 +198,9 @@ def test_a_failing_load_is_a_prompt_error_and_a_hung_load_breaks_the_server(tmp_
     async def go():
         out = {{"exited": []}}
         cls = InProcessServer if {mode!r} == "in-process" else TritonServer
+        # stop_timeout_s=2: Triton's exit timeout 1 s (not 5), its wait for the hung load at the stop.
         server = cls(model_repository=[{str(TEST_MODELS)!r}, {str(MODELS)!r}], log_dir={str(tmp_path)!r},
-                     name="loads")
+                     name="loads", stop_timeout_s=2)
         await server.start()
         server.add_exit_callback(out["exited"].append)
         out["prefix"] = server.shm_region_prefix

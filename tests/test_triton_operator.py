@@ -127,8 +127,26 @@ def test_deadline_becomes_a_request_timeout(client):
     assert ok.outputs["input_copies"].tolist() == [2]
 
 
+@pytest.fixture(scope="module")
+def restarting(triton_mode):
+    """One decoder worker (max_inflight_requests=1) in the module's Triton mode, shared by the tests
+    that kill a part of it: each leaves it restarted with a fresh server, and checked serving. Its
+    close after those restarts is prompt and leaves nothing behind."""
+    before = child_pids()  # the module's deployment, when it is up
+    decoder = OperatorConfig(name="decoder", implementation="triton", repository=MODEL_REPOSITORY)
+    deployment = Deployment([(decoder, 1)], dashboard_address="127.0.0.1:0")
+    deployment.start()
+    try:
+        yield deployment
+    finally:
+        closing = time.monotonic()
+        deployment.close()
+    assert time.monotonic() - closing < 15
+    assert_no_children(ignore=before)
+
+
 @pytest.mark.parametrize(
-    "mode, victim",
+    "triton_mode, victim",
     [
         ("subprocess", "tritonserver"),
         ("subprocess", "triton_python_backend_stub"),
@@ -136,8 +154,9 @@ def test_deadline_becomes_a_request_timeout(client):
         ("in-process", "triton_python_backend_stub"),
         ("in-process", "worker"),
     ],
+    indirect=["triton_mode"],
 )
-def test_killed_triton_process_restarts_the_worker_and_loses_nothing(mode, victim):
+def test_killed_triton_process_restarts_the_worker_and_loses_nothing(restarting, triton_mode, victim):
     """SIGKILL the worker's tritonserver, a model's stub, or the worker itself under load: the
     worker restarts with a fresh server, every request is answered right, and nothing of the old
     server is left: no process (server, stubs) and no shared-memory region. In-process, Triton
@@ -152,60 +171,54 @@ def test_killed_triton_process_restarts_the_worker_and_loses_nothing(mode, victi
     from tdask.host import PLUGIN_NAME
     from tests.conftest import async_wait_for, run_async, wait_for
 
-    before = child_pids()  # the module's deployment, when it is up
-    decoder = OperatorConfig(name="decoder", implementation="triton", repository=MODEL_REPOSITORY)
-    with (
-        dask.config.set({"tdask.triton.mode": mode}),
-        Deployment([(decoder, 1)], dashboard_address="127.0.0.1:0") as deployment,
-    ):
-        (worker_pid,) = deployment.client.run(os.getpid).values()
-        (prefix,) = deployment.client.run(
-            lambda dask_worker: dask_worker.plugins[PLUGIN_NAME]._triton.shm_region_prefix
-        ).values()
-        worker = psutil.Process(worker_pid)
-        triton = [p for p in worker.children(recursive=True) if "triton" in p.name()]
-        expected = (
-            {"tritonserver", "triton_python_backend_stub"} if mode == "subprocess" else {"triton_python_backend_stub"}
-        )
-        assert {p.name() for p in triton} >= expected, triton
-        assert list(Path("/dev/shm").glob(f"{prefix}*")), "the stubs' shared memory is there"
-        target = worker if victim == "worker" else next(p for p in triton if p.name() == victim)
+    deployment = restarting
+    (worker_pid,) = deployment.client.run(os.getpid).values()
+    (prefix,) = deployment.client.run(
+        lambda dask_worker: dask_worker.plugins[PLUGIN_NAME]._triton.shm_region_prefix
+    ).values()
+    worker = psutil.Process(worker_pid)
+    triton = [p for p in worker.children(recursive=True) if "triton" in p.name()]
+    expected = (
+        {"tritonserver", "triton_python_backend_stub"}
+        if triton_mode == "subprocess"
+        else {"triton_python_backend_stub"}
+    )
+    assert {p.name() for p in triton} >= expected, triton
+    assert list(Path("/dev/shm").glob(f"{prefix}*")), "the stubs' shared memory is there"
+    target = worker if victim == "worker" else next(p for p in triton if p.name() == victim)
 
-        async def go(c):
-            async def in_triton() -> int:
-                stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
-                return sum(s["decoder/1"]["inflight"] for s in stats.values())
+    async def go(c):
+        async def in_triton() -> int:
+            stats = await c.run(lambda dask_worker: dask_worker.handlers["tdask_host_stats"]())
+            return sum(s["decoder/1"]["inflight"] for s in stats.values())
 
-            op = RemoteOperator("decoder", client=c)
-            data = [np.arange(i, i + 1000, dtype=np.int64) for i in range(6)]
-            tasks = [
-                asyncio.create_task(op.infer(inputs={"input": np.invert(d)}, parameters={"delay": 0.0003}, timeout=120))
-                for d in data
-            ]
-            await async_wait_for(in_triton, message="no request reached the decoder")  # the others queue behind it
-            target.send_signal(signal.SIGKILL)
-            responses = await asyncio.gather(*tasks)
-            return data, responses
+        op = RemoteOperator("decoder", client=c)
+        data = [np.arange(i, i + 1000, dtype=np.int64) for i in range(6)]
+        tasks = [
+            asyncio.create_task(op.infer(inputs={"input": np.invert(d)}, parameters={"delay": 0.0003}, timeout=120))
+            for d in data
+        ]
+        await async_wait_for(in_triton, message="no request reached the decoder")  # the others queue behind it
+        target.send_signal(signal.SIGKILL)
+        responses = await asyncio.gather(*tasks)
+        return data, responses
 
-        data, responses = run_async(deployment.scheduler_address, go)
-        for d, r in zip(data, responses, strict=True):
-            np.testing.assert_array_equal(r.outputs["output"], d)
-        (new_pid,) = deployment.client.run(os.getpid).values()
-        assert new_pid != worker_pid, "the Nanny started a fresh worker (with a fresh Triton server)"
+    data, responses = run_async(deployment.scheduler_address, go)
+    for d, r in zip(data, responses, strict=True):
+        np.testing.assert_array_equal(r.outputs["output"], d)
+    (new_pid,) = deployment.client.run(os.getpid).values()
+    assert new_pid != worker_pid, "the Nanny started a fresh worker (with a fresh Triton server)"
 
-        def leftovers() -> list[str]:
-            alive = []
-            for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                old = proc.info["pid"] in {p.pid for p in triton} or prefix in cmdline
-                if old and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{proc.info['pid']} {cmdline[:100]}")
-            return alive + [str(region) for region in Path("/dev/shm").glob(f"{prefix}*")]
+    def leftovers() -> list[str]:
+        alive = []
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            old = proc.info["pid"] in {p.pid for p in triton} or prefix in cmdline
+            if old and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(f"{proc.info['pid']} {cmdline[:100]}")
+        return alive + [str(region) for region in Path("/dev/shm").glob(f"{prefix}*")]
 
-        wait_for(lambda: not leftovers(), timeout=15, message=lambda: f"left of the old server: {leftovers()}")
-        closing = time.monotonic()
-    assert time.monotonic() - closing < 15
-    assert_no_children(ignore=before)
+    wait_for(lambda: not leftovers(), timeout=15, message=lambda: f"left of the old server: {leftovers()}")
 
 
 _DTYPES = ["int8", "int32", "int64", "uint64", "float32", "float64", "bool"]

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -835,4 +836,198 @@ def test_unreachable_wire_falls_back_to_dask_comm():
                 assert found == (None, ["Session"]), found
     finally:
         taken.close()
+    assert_no_children()
+
+
+# -- backpressure on a real worker -------------------------------------------------------------
+
+STALLED = "stalled caller"
+
+
+def _worker_state(dask_worker) -> dict:
+    """The worker's side of the stalled caller's wire session, and its one operator's slots."""
+    plugin = dask_worker.plugins[PLUGIN_NAME]
+    (hosted,) = plugin.serving.hosted.values()
+    state = {"sessions": 0, "inflight": hosted.inflight, "waiting": len(hosted.waiting)}
+    for session, requester in plugin.direct.sessions.items():
+        if requester == STALLED:
+            transport = session._transport
+            state["sessions"] += 1
+            state["paused"] = session._paused
+            state["closed"] = session.closed.is_set()
+            # What the worker holds for this caller: the session's queue and the transport's buffer.
+            state["held"] = session.queued_bytes + (transport.get_write_buffer_size() if transport else 0)
+            state["max_buffer"] = session._max_buffer
+    return state
+
+
+def _read_until_closed(sock: socket.socket, timeout: float) -> tuple[int, bool]:
+    """Read what the worker sends until it closes the connection: (final replies, closed)."""
+    sock.settimeout(timeout)
+    buffer = bytearray()
+    finals = 0
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except TimeoutError:
+            return finals, False
+        except ConnectionResetError:
+            return finals, True
+        if not chunk:
+            return finals, True
+        buffer += chunk
+        while len(buffer) >= 4:
+            (size,) = struct.unpack_from("<I", buffer)
+            if len(buffer) < 4 + size:
+                break
+            messages = msgpack.unpackb(bytes(buffer[4 : 4 + size]), raw=False)
+            del buffer[: 4 + size]
+            finals += sum(1 for m in messages for r in m.get("replies", []) if r["final"])
+
+
+def _kernel_cuts_zero_windows() -> bool:
+    """Linux >= 5.11: TCP_USER_TIMEOUT also ends a connection whose peer keeps a zero window."""
+    if not sys.platform.startswith("linux"):
+        return False
+    numbers = [int(x) for x in os.uname().release.split("-")[0].split(".")[:2] if x.isdigit()]
+    return tuple(numbers) >= (5, 11)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _kernel_cuts_zero_windows(), reason="needs Linux >= 5.11 (user timeout on zero windows)")
+def test_a_caller_that_stops_reading_its_answers_slows_the_worker_down_within_bounds():
+    """A raw wire caller submits 200 requests whose answers are 60 KiB each (inline) and never
+    reads. The worker's answers wait in ``drain()`` (tdask/request_plane/direct.py,
+    DirectServer.answer) instead of queueing: what it holds for that caller stays under the
+    transport's high-water mark plus one answer per slot, far below tdask.wire.max-buffer, and
+    the caller is not cut off for it. The stalled answers hold the operator's slots, but only
+    until the kernel's TCP user timeout (distributed.comm.timeouts.tcp, docs/design.md "Dead
+    peers") ends the zero-window connection: then the worker cancels that caller's requests,
+    frees every slot, and a normal caller of the same operator is served."""
+    from tdask import protocol
+    from tests.operators import Producer
+
+    values, count, slots = 7680, 200, 4  # 60 KiB of float64 per answer: inline (threshold 64 KiB)
+    answer = values * 8
+    operators = [OperatorConfig(name="producer", implementation=Producer, max_inflight_requests=slots)]
+    config = {
+        "tdask.wire.max-buffer": "1MiB",
+        "tdask.wire.max-frame": "256KiB",
+        "distributed.comm.timeouts.tcp": "11s",  # the lowest Dask accepts: the bound on a stall
+    }
+    with dask.config.set(config), Deployment(operators, dashboard_address=None) as dep:
+        (wire,) = dep.client.run(
+            lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct.listener.wire_address()
+        ).values()
+        host, port = wire.rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # a small window, filled at once
+        sock.connect((host, int(port)))
+        try:
+            began = time.monotonic()
+            sock.sendall(frame([protocol.hello(STALLED, 1)]))
+            for first in range(0, count, 20):
+                request = {"operator": "producer/1", "inputs": {}, "parameters": {"n": values}}
+                sock.sendall(frame([protocol.submit({**request, "id": f"r{i}"}) for i in range(first, first + 20)]))
+            # 1. The caller reads nothing for 3 s: the worker stops writing and waits.
+            states = []
+            while time.monotonic() - began < 3:
+                (state,) = dep.client.run(_worker_state).values()
+                states.append(state)
+                time.sleep(0.1)
+            for state in states:
+                assert state["sessions"] == 1 and not state["closed"], states  # not cut off
+                # The transport's high-water mark (256 KiB) and the answers of the slots released at once.
+                assert state["held"] <= 256 * 1024 + slots * (answer + 1024), state
+                assert state["held"] < state["max_buffer"] == 2**20, state
+            last = states[-1]
+            assert last["paused"] and last["inflight"] == slots and last["waiting"] > 0, last
+
+            # 2. A normal caller of the same operator: served once the kernel gives up the stalled one.
+            response = RemoteOperator("producer", client=dep.client).infer(parameters={"n": 3}, timeout=60)
+            assert response.outputs["data"].tolist() == [0.0, 1.0, 2.0]
+            assert time.monotonic() - began < 11 + 15, "served well within the TCP user timeout"
+            (state,) = dep.client.run(_worker_state).values()
+            assert state == {"sessions": 0, "inflight": 0, "waiting": 0}, state  # every slot freed
+
+            # 3. The stalled caller was cut off, having got at most what the kernel buffered.
+            finals, closed = _read_until_closed(sock, 10)
+            assert closed and finals < count, (finals, closed)
+        finally:
+            sock.close()
+    assert_no_children()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+def test_a_request_cancelled_in_the_frame_that_submits_it_frees_its_slot():
+    """A caller's submit and its cancel arriving in one frame: the request never runs, and the
+    operator's one slot is free again for the next caller."""
+    from tdask import protocol
+    from tests.operators import Producer
+
+    operators = [OperatorConfig(name="producer", implementation=Producer, max_inflight_requests=1)]
+    with Deployment(operators, dashboard_address=None) as dep:
+        (wire,) = dep.client.run(
+            lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].direct.listener.wire_address()
+        ).values()
+        host, port = wire.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            request = {"id": "r0", "operator": "producer/1", "inputs": {}, "parameters": {"n": 3}}
+            sock.sendall(frame([protocol.hello("quick canceller", 1)]))
+            sock.sendall(frame([protocol.submit(request), protocol.cancel(["r0"])]))
+            response = RemoteOperator("producer", client=dep.client).infer(parameters={"n": 3}, timeout=5)
+            assert response.outputs["data"].tolist() == [0.0, 1.0, 2.0]
+    assert_no_children()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_a_caller_whose_worker_stops_reading_waits_instead_of_queueing():
+    """The other direction (tdask/request_plane/direct.py, DirectPlane._send_direct): the worker
+    process is stopped (SIGSTOP) while a client keeps submitting 480 KiB requests (inline) to it.
+    The client's submits wait in ``drain()``: what its session holds stays under the transport's
+    high-water mark plus a message or two, below tdask.wire.max-buffer, and the session is not
+    cut off; once the worker runs again, every request is answered, right, on that same session."""
+    from tests.conftest import run_async
+
+    tensors = {f"x{i}": np.full(7680, i, dtype=np.float64) for i in range(8)}  # 8 x 60 KiB, each inline
+    size = sum(t.nbytes for t in tensors.values())
+    count = 40  # 19 MB: far more than the kernel's socket buffers and max-buffer together
+    operators = [OperatorConfig(name="identity", implementation=Identity)]
+    config = {"tdask.wire.max-buffer": "2MiB", "tdask.wire.max-frame": "1MiB"}  # read as a session opens
+    with dask.config.set(config), Deployment(operators, dashboard_address=None) as dep:
+        (pid,) = dep.client.run(os.getpid).values()
+
+        async def main(client):
+            identity = RemoteOperator("identity", client=client)
+            await identity.infer(inputs={"x": np.arange(3)})  # the session to the worker, on the wire
+            plane = client.extensions["tdask"].plane
+            (session,) = plane._workers.values()
+            assert type(session).__name__ == "WireSession"
+            held = []
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                calls = []
+                for _ in range(count):  # one at a time: each either sends at once or waits in drain()
+                    calls.append(asyncio.ensure_future(identity.infer(inputs=tensors, timeout=60)))
+                    await asyncio.sleep(0.02)
+                    held.append(session.queued_bytes + session._transport.get_write_buffer_size())
+                    assert not session.closed.is_set(), "cut off while its submits could wait"
+                paused = session._paused
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            responses = await asyncio.gather(*calls)
+            same_session = list(plane._workers.values()) == [session] and not session.closed.is_set()
+            return held, paused, responses, same_session
+
+        held, paused, responses, same_session = run_async(dep.scheduler_address, main, timeout=90)
+    assert paused, "the stopped worker's socket buffers never filled"
+    assert max(held) <= 256 * 1024 + 2 * size + 4096, held
+    assert max(held) < 2 * 2**20, held
+    assert len(responses) == count
+    for response in responses:
+        assert all(np.array_equal(response.outputs[k], v) for k, v in tensors.items())
+    assert same_session, "the session was replaced or closed"
     assert_no_children()

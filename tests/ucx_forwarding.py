@@ -1,7 +1,9 @@
 """Run by tests/test_gpu_ucx.py in a process of its own: a ``ucxx://`` deployment, forwarding by reference.
 
 UCX keeps a process-wide context (and listeners on every interface) after the deployment closes;
-in a child process it ends with it, so the test process never starts UCX. Prints one JSON line.
+in a child process it ends with it, so the test process never starts UCX. One deployment serves
+every size asked for (``SIZES``: comma-separated element counts), in turn; prints one JSON line
+with each size's sums and what each worker's store counted during that size's rounds.
 """
 
 from __future__ import annotations
@@ -16,27 +18,33 @@ from tests.conftest import store_stats
 from tests.operators import Consumer, Forward, Producer
 
 
-def main(n: int, rounds: int) -> None:
+def main(sizes: list[int], rounds: int) -> None:
     operators = [
         OperatorConfig(name="forward", implementation=Forward),
         OperatorConfig(name="producer", implementation=Producer),
         OperatorConfig(name="consumer", implementation=Consumer),
     ]
     with Deployment(operators, protocol="ucxx", dashboard_address=None) as dep:
-        sums = []
-        for round_ in range(rounds):
-            response = RemoteOperator("forward", client=dep.client).infer(
-                inputs={"start": np.array([float(round_)])}, parameters={"n": n}
-            )
-            sums.append(float(response.outputs["sum"][0]))
+        runs = {}
+        before = store_stats(dep.client)
+        for n in sizes:
+            sums = []
+            for round_ in range(rounds):
+                response = RemoteOperator("forward", client=dep.client).infer(
+                    inputs={"start": np.array([float(round_)])}, parameters={"n": n}
+                )
+                sums.append(float(response.outputs["sum"][0]))
+            after = store_stats(dep.client)
+            counted = {w: {k: v - before.get(w, {}).get(k, 0) for k, v in s.items()} for w, s in after.items()}
+            runs[str(n)] = {"sums": sums, "stats": counted}
+            before = after
         result = {
             "scheduler": dep.scheduler_address,
             "workers": sorted(dep.client.scheduler_info()["workers"]),
-            "sums": sums,
-            "stats": store_stats(dep.client),
+            "runs": runs,
         }
     sys.stdout.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main([int(n) for n in sys.argv[1].split(",")], int(sys.argv[2]))

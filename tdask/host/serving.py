@@ -101,6 +101,7 @@ class Serving:
         self.finishing = False
         self._running: dict[tuple[str, str], tuple[Request, asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._ran: set[asyncio.Task[None]] = set()  # batch tasks whose coroutine started
         for plane in planes:
             plane.serve(self)
 
@@ -197,10 +198,14 @@ class Serving:
         hosted.max_inflight_seen = max(hosted.max_inflight_seen, hosted.inflight)
         task = asyncio.create_task(self._run_batch(hosted, requests, planes))
         hosted.batches.add(task)
+        task.add_done_callback(functools.partial(self._if_never_ran, hosted, requests, planes))
         for request in requests:
             self._running[(request.requester, request.request_id)] = (request, task)
 
     async def _run_batch(self, hosted: Hosted, requests: list[Request], planes: list[ServerPlane]) -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        self._ran.add(current)
         scope = TensorScope()
         deadlines = [r.deadline for r in requests]
         context.current.set(
@@ -248,15 +253,36 @@ class Serving:
             finally:
                 if scope.tensors:
                     await self.store.release(list(scope.tensors.values()))
-                hosted.inflight -= len(requests)
-                current = asyncio.current_task()
-                if current is not None:
-                    hosted.batches.discard(current)
-                if not self.closing or self.finishing:
-                    self._start_waiting(hosted)
-                self._freed(hosted, planes)
-                for request in requests:
-                    self._running.pop((request.requester, request.request_id), None)
+                self._batch_left(hosted, requests, planes, current)
+
+    def _if_never_ran(
+        self, hosted: Hosted, requests: list[Request], planes: list[ServerPlane], task: asyncio.Task[None]
+    ) -> None:
+        """Free the slots of a batch whose task was cancelled before it started.
+
+        Its requests were cancelled in the frame that brought them, or the worker is tearing
+        down: ``_run_batch`` never ran, so its ``finally`` did not free them.
+        """
+        if task in self._ran:
+            self._ran.discard(task)
+            return
+        if self.closing:  # stopped at teardown: handed back unanswered, served again elsewhere
+            for request in requests:
+                if not (request.finished or request.cancelled.is_set()):
+                    hosted.metrics.count(NOT_ANSWERED)
+        self._batch_left(hosted, requests, planes, task)
+
+    def _batch_left(
+        self, hosted: Hosted, requests: list[Request], planes: list[ServerPlane], task: asyncio.Task[None]
+    ) -> None:
+        """A batch is over: free its slots, start what waits, forget its requests."""
+        hosted.inflight -= len(requests)
+        hosted.batches.discard(task)
+        if not self.closing or self.finishing:
+            self._start_waiting(hosted)
+        self._freed(hosted, planes)
+        for request in requests:
+            self._running.pop((request.requester, request.request_id), None)
 
     def _refuse(
         self, hosted: Hosted, plane: ServerPlane, request: Request, exc: InvalidRequestError, settings: RequestSettings

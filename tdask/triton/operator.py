@@ -51,7 +51,11 @@ from tdask.triton.interface import (
 )
 from tdask.triton.shared_memory import SharedMemoryClient, ShmTransport, gpu_instance_device, host_array
 
-__all__ = ["TritonCoreOperator"]
+__all__ = ["KIND_GPU_OUTPUTS_IN_HOST_MEMORY", "TritonCoreOperator"]
+
+#: The :func:`~tdask.data_plane.count_host_copy` label of a ``KIND_GPU`` model's outputs that
+#: came back in Triton's HTTP body, so staged through host memory (tests look for it by name).
+KIND_GPU_OUTPUTS_IN_HOST_MEMORY = "KIND_GPU outputs in host memory"
 
 
 def _config_override(value: Any, operator: str) -> dict[str, Any] | None:
@@ -254,7 +258,7 @@ class TritonCoreOperator(Operator):
                     self.shm.learn(inputs, result)
                 if self.gpu_model:  # a KIND_GPU model's outputs staged through host memory by Triton
                     count_host_copy(
-                        sum(int(a.nbytes) for a in result.outputs.values()), "KIND_GPU outputs in host memory"
+                        sum(int(a.nbytes) for a in result.outputs.values()), KIND_GPU_OUTPUTS_IN_HOST_MEMORY
                     )
         except TimeoutError:
             raise self._timeout(request) from None

@@ -60,6 +60,7 @@ from tdask.triton.http_client import ShmTensor
 from tdask.triton.interface import InferClient, InferResult, TritonInferError
 
 __all__ = [
+    "DEVICE_INPUT_IN_HTTP_BODY",
     "MODES",
     "SharedMemoryClient",
     "SharedMemoryPool",
@@ -70,6 +71,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The :func:`~tdask.data_plane.count_host_copy` label of a device (cupy) input copied to the
+#: host for Triton's HTTP body (tests look for it by name).
+DEVICE_INPUT_IN_HTTP_BODY = "Triton input in the HTTP body: device to host"
 
 Kind = Literal["system", "cuda"]
 #: Values of ``tdask.triton.shared-memory``.
@@ -537,6 +542,6 @@ def host_array(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return np.require(value, requirements="C")
     if is_device_array(value):
-        count_host_copy(int(value.nbytes), "Triton input in the HTTP body: device to host")
+        count_host_copy(int(value.nbytes), DEVICE_INPUT_IN_HTTP_BODY)
         return np.require(value.get(), requirements="C")
     raise TypeError(f"is a {type(value).__name__}, expected a numpy or cupy array")
