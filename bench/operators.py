@@ -6,15 +6,20 @@ descriptor on to ``consumer`` (on another worker), which times the fetch of the 
 producer's worker and reports it; ``forward`` itself never touches the bytes. With
 ``parameters={"device": "cuda"}`` the array is a cupy array on the producer's GPU
 (``bench/gpu_check.py``: device to device over UCX).
+
+``RecordingEncoderDecoder`` is the hello world's ``encoder_decoder`` of ``python -m bench.soak``,
+recording each execution per request id in a file per worker process.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from tdask import Operator, RemoteOperator, RemoteTensor
+from tdask.hello_world.operators import EncoderDecoder
 
 
 class Producer(Operator):
@@ -114,3 +119,38 @@ def echo_handler(x: object = None) -> dict[str, object]:
 
 def install_echo_handler(dask_worker: object) -> None:
     dask_worker.handlers["bench_echo"] = echo_handler  # type: ignore[attr-defined]
+
+
+def record(directory: str | None, event: str, request_id: str) -> None:
+    """Append ``<event> <request_id> <time.time()>`` to ``<directory>/<pid>.log`` with one write.
+
+    A line written is in the file even if the process is SIGKILLed the next instant (the soak's
+    count of executions per request survives the workers it kills).
+    """
+    if not directory:
+        return
+    fd = os.open(os.path.join(directory, f"{os.getpid()}.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{event} {request_id} {time.time():.6f}\n".encode())
+    finally:
+        os.close(fd)
+
+
+class RecordingEncoderDecoder(EncoderDecoder):
+    """The hello world's ``encoder_decoder`` (``python -m bench.soak``), recording each execution
+    in the operator parameter ``record_dir``: ``S <id>`` when it starts one, ``E <id>`` just
+    before it sends a request's (non-error) answer."""
+
+    async def _serve(self, request):  # type: ignore[no-untyped-def]
+        directory = self.parameters.get("record_dir")
+        record(directory, "S", request.request_id)
+        sender = request.response_sender()
+        send = sender.send
+
+        async def recorded(outputs=None, parameters=None, error=None, final=True):  # type: ignore[no-untyped-def]
+            if error is None and final:
+                record(directory, "E", request.request_id)
+            await send(outputs, parameters, error, final)
+
+        sender.send = recorded  # type: ignore[method-assign]
+        await super()._serve(request)

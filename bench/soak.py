@@ -9,14 +9,23 @@ SIGKILLs one process picked at random: a worker, a worker's ``tritonserver`` (``
 subprocess`` only: in process, Triton is the worker itself), or one of its python-backend stubs.
 Prints a table per section and one JSON line (as ``python -m bench``):
 
-- what happened to the requests: answered right, wrong, lost (no answer at all), duplicated,
-  and the errors by type (every one a typed tdask error, or counted as untyped), p50 and p99;
+- what happened to the requests: answered right, wrong, lost, duplicated, and the errors by
+  type (every one a typed tdask error, or counted as untyped), p50 and p99. Each request has an
+  id (``soak-<i>``), counted where losses and duplicates can happen: the client counts every
+  response its request plane receives per id, answers that reach it when nobody waits for them
+  any more included (``duplicated``: an id with more than one; ``lost``: an id with neither an
+  answer nor an error); ``encoder_decoder`` (:class:`bench.operators.RecordingEncoderDecoder`)
+  appends each execution it starts and each it answers to a file per worker process, which
+  outlives a SIGKILLed worker (``over-executed``: an id started more than 1 +
+  ``tdask.request.max-retries`` times; ``re-executed``: one answered twice by workers that
+  were not killed; ``never executed``: one answered without an execution on record);
 - RSS per process over time (this process, each worker, each worker's Triton), sampled every
-  ``--sample-every``;
+  ``--sample-every``, and its growth from 25% of the run to the end;
 - what is left at the end, once every worker is back: tensors in the stores, shared-memory
   regions of servers that are gone, and Triton processes that outlived their worker.
 
-The exit status is 1 when anything was lost, wrong, duplicated, untyped or left behind.
+The exit status is 1 when anything was lost, wrong, duplicated, over- or re-executed, untyped or
+left behind, or an RSS row grew more than ``--max-rss-growth-mb``.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-every", default="2s", help="how often RSS is sampled")
     p.add_argument("--plane", choices=("direct", "queue"), default="direct", help="tdask.request.plane")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-rss-growth-mb",
+        type=float,
+        default=32.0,
+        help="fail when an RSS row grows more than this from 25%% of the run to its end",
+    )
     p.add_argument("--log-dir", default=None, help="keep worker and Triton logs here")
     args = p.parse_args(argv)
     args.kill_every_s = parse_timedelta(args.kill_every, default="seconds")
@@ -100,6 +116,9 @@ class Outcome:
     """What happened to the requests."""
 
     answers: dict[int, int] = field(default_factory=dict)  # request -> right answers
+    responses: Counter[str] = field(default_factory=Counter)  # request id -> responses received
+    orphans: Counter[str] = field(default_factory=Counter)  # request id -> replies nobody waited for
+    failed: dict[int, str] = field(default_factory=dict)  # request -> its error
     wrong: list[int] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # typed tdask errors by type
     untyped: list[str] = field(default_factory=list)  # anything else
@@ -115,6 +134,10 @@ class Watch:
     rss: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # role -> [(t, MB)]
     triton_pids: set[int] = field(default_factory=set)
     prefixes: set[str] = field(default_factory=set)
+    # role -> the pids behind its row when first sampled; rows whose processes changed during
+    # the run (killed and restarted) have no growth figure to judge: it would compare two processes.
+    identity: dict[str, frozenset[int]] = field(default_factory=dict)
+    restarted: set[str] = field(default_factory=set)
 
 
 def _tree(cluster: Any, names: dict[str, str]) -> dict[str, tuple[psutil.Process, list[psutil.Process]]]:
@@ -147,11 +170,14 @@ class _Cluster:
 def _sample(cluster: _Cluster, watch: Watch, began: float) -> None:
     now = time.monotonic() - began
     roles = {"bench process (client, scheduler, nannies)": psutil.Process().memory_info().rss}
+    pids: dict[str, frozenset[int]] = {}
     for name, (worker, triton) in _tree(cluster, cluster.names).items():
         try:
             roles[f"worker {name}"] = worker.memory_info().rss
         except psutil.Error:
             continue
+        pids[f"worker {name}"] = frozenset([worker.pid])
+        pids[f"triton of {name} (server, stubs, reaper)"] = frozenset(p.pid for p in triton)
         total = 0
         for proc in triton:
             try:
@@ -166,6 +192,15 @@ def _sample(cluster: _Cluster, watch: Watch, began: float) -> None:
             roles[f"triton of {name} (server, stubs, reaper)"] = total
     for role, rss in roles.items():
         watch.rss.setdefault(role, []).append((round(now, 1), round(rss / MB, 1)))
+        if role in pids and watch.identity.setdefault(role, pids[role]) != pids[role]:
+            watch.restarted.add(role)  # its growth compares two different processes
+
+
+def _growth(watch: Watch) -> dict[str, float | None]:
+    """RSS growth per row from 25% of the run to its end; None for rows whose processes restarted."""
+    return {
+        role: None if role in watch.restarted else round(_at(s, 1) - _at(s, 0.25), 1) for role, s in watch.rss.items()
+    }
 
 
 async def _traffic(op: Any, args: argparse.Namespace, outcome: Outcome) -> None:
@@ -175,16 +210,28 @@ async def _traffic(op: Any, args: argparse.Namespace, outcome: Outcome) -> None:
     payloads = [rng.integers(-(2**62), 2**62, args.size, dtype=np.int64) for _ in range(64)]
     counter = iter(range(args.requests))
 
+    async def infer(request_id: str, data: np.ndarray) -> Any:
+        """``op.infer``, counting every response received (``RemoteOperator.stream``)."""
+        best = None
+        async with op.stream(inputs={"input": data}, request_id=request_id, timeout=args.timeout_s) as call:
+            async for response in call:
+                outcome.responses[request_id] += 1
+                if response.outputs or best is None or not response.final:
+                    best = response
+        return best
+
     async def lane() -> None:
         for i in counter:
             data = payloads[i % len(payloads)]
             began = time.perf_counter()
             try:
-                response = await op.infer(inputs={"input": data}, request_id=f"soak-{i}", timeout=args.timeout_s)
+                response = await infer(f"soak-{i}", data)
             except TdaskError as exc:
                 outcome.errors[type(exc).__name__] = outcome.errors.get(type(exc).__name__, 0) + 1
+                outcome.failed[i] = type(exc).__name__
             except Exception as exc:  # noqa: BLE001 - counted: the soak's point is that there are none
                 outcome.untyped.append(f"{i}: {type(exc).__name__}: {exc}"[:300])
+                outcome.failed[i] = type(exc).__name__
             else:
                 got = response.outputs.get("output")
                 if got is not None and np.array_equal(got, data):
@@ -317,7 +364,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     from tdask.hello_world import PythonGroup, TritonGroup, hello_world_operators
     from tdask.remote import RemoteOperator
 
-    operators = hello_world_operators(
+    hello = hello_world_operators(
         encoders=TritonGroup(workers=args.workers, max_inflight=4, instances=1, kind="CPU"),
         decoders=TritonGroup(workers=args.workers, max_inflight=4, instances=1, kind="CPU"),
         encoder_decoders=PythonGroup(workers=args.workers, max_inflight=16),
@@ -332,11 +379,29 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     outcome, watch = Outcome(), Watch()
     with tempfile.TemporaryDirectory(prefix="tdask-soak-logs-") as tmp:
         log_dir = Path(args.log_dir or tmp).resolve()
+        records = Path(tmp) / "executions"  # one file per encoder_decoder process
+        records.mkdir()
+        operators = [
+            (
+                replace(
+                    config,
+                    implementation="bench.operators:RecordingEncoderDecoder",
+                    repository=None,
+                    parameters={**config.parameters, "record_dir": str(records)},
+                )
+                if config.name == "encoder_decoder"
+                else config,
+                n,
+            )
+            for config, n in hello
+        ]
         with dask.config.set({"tdask.request.plane": args.plane, "tdask.triton.mode": args.triton_mode}):
+            max_retries = int(dask.config.get("tdask.request.max-retries"))
             async with deployment(operators, scheduler="embedded", log_dir=log_dir) as cluster:
                 view = _Cluster(cluster.client)
+                _count_orphans(cluster.client, outcome)
                 op = RemoteOperator("encoder_decoder", client=cluster.client)
-                await op.infer(inputs={"input": np.arange(args.size, dtype=np.int64)})  # warm
+                await op.infer(inputs={"input": np.arange(args.size, dtype=np.int64)}, request_id="warm")
                 stop = asyncio.Event()
                 began = time.monotonic()
                 helpers = [
@@ -350,15 +415,19 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.gather(*helpers)
                 out["leftovers"] = await _leftovers(view, watch, expected_workers=3 * args.workers)
                 _sample(view, watch, began)
+        killed = {k["pid"] for k in watch.kills if k["kind"] == "worker"}
+        out["executions"] = _executions(records, args.requests, outcome, killed, max_retries)
     answered = sum(1 for n in outcome.answers.values() if n)
-    errors = sum(outcome.errors.values())
     lat = np.asarray(outcome.latencies_s or [0.0]) * 1e3
+    received = [outcome.responses[f"soak-{i}"] + outcome.orphans[f"soak-{i}"] for i in range(args.requests)]
     out["requests"] = {
         "requests": args.requests,
         "answered_right": answered,
         "wrong": len(outcome.wrong),
-        "lost": args.requests - answered - len(outcome.wrong) - errors - len(outcome.untyped),
-        "duplicated": sum(n - 1 for n in outcome.answers.values() if n > 1),
+        # Per id, as received: neither an answer nor an error; more than one response.
+        "lost": sum(1 for i, n in enumerate(received) if n == 0 and i not in outcome.failed),
+        "duplicated": sum(1 for n in received if n > 1),
+        "answers_per_id": {str(k): v for k, v in sorted(Counter(received).items())},
         "typed_errors": dict(sorted(outcome.errors.items())),
         "untyped_errors": len(outcome.untyped),
         "first_untyped": outcome.untyped[:3],
@@ -370,7 +439,56 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     }
     out["kills"] = watch.kills
     out["rss_mb"] = watch.rss
+    out["rss_growth_mb"] = _growth(watch)
     return out
+
+
+def _count_orphans(client: Any, outcome: Outcome) -> None:
+    """Count replies that reach the client's request plane when nobody waits for them (a second
+    answer to a request already answered goes there, never to its caller)."""
+    from tdask.remote import _ClientEndpoint
+
+    plane = _ClientEndpoint.of(client).plane
+    previous = plane.on_orphan
+
+    def orphan(reply: dict[str, Any]) -> None:
+        outcome.orphans[reply["id"]] += 1
+        if previous is not None:
+            previous(reply)
+
+    plane.on_orphan = orphan
+
+
+def _executions(directory: Path, requests: int, outcome: Outcome, killed: set[int], max_retries: int) -> dict[str, Any]:
+    """What ``encoder_decoder`` recorded (:class:`bench.operators.RecordingEncoderDecoder`), per id."""
+    starts: Counter[str] = Counter()
+    ends: Counter[str] = Counter()
+    live_ends: Counter[str] = Counter()  # answered by a process the soak did not kill
+    for path in directory.glob("*.log"):
+        pid = int(path.stem)
+        for line in path.read_text().splitlines():
+            kind, request_id, _ = line.split(" ", 2)
+            if kind == "S":
+                starts[request_id] += 1
+            else:
+                ends[request_id] += 1
+                if pid not in killed:
+                    live_ends[request_id] += 1
+    ids = [f"soak-{i}" for i in range(requests)]
+    over = [i for i in ids if starts[i] > 1 + max_retries]
+    again = [i for i in ids if live_ends[i] > 1]
+    never = [f"soak-{i}" for i in outcome.answers if ends[f"soak-{i}"] == 0]
+    return {
+        "max_retries": max_retries,
+        "executions_per_id": {str(k): v for k, v in sorted(Counter(starts[i] for i in ids).items())},
+        "answered_executions_per_id": {str(k): v for k, v in sorted(Counter(ends[i] for i in ids).items())},
+        "over_executed": len(over),
+        "re_executed": len(again),
+        "never_executed": len(never),
+        "examples": (over + again + never)[:5],
+        "processes": len(list(directory.glob("*.log"))),
+        "killed_processes": len(killed),
+    }
 
 
 def _at(series: list[tuple[float, float]], fraction: float) -> float:
@@ -378,7 +496,7 @@ def _at(series: list[tuple[float, float]], fraction: float) -> float:
 
 
 def render(out: dict[str, Any]) -> str:
-    r, left = out["requests"], out["leftovers"]
+    r, left, ex = out["requests"], out["leftovers"], out["executions"]
     kills: dict[str, int] = {}
     for kill in out["kills"]:
         kills[kill["kind"]] = kills.get(kill["kind"], 0) + 1
@@ -418,16 +536,51 @@ def render(out: dict[str, Any]) -> str:
             ],
             note="kills: "
             + (", ".join(f"{k} {v}" for k, v in sorted(kills.items())) or "none")
-            + f" (every {out['config']['kill_every']}, {out['config']['plane']} plane)",
+            + f" (every {out['config']['kill_every']}, {out['config']['plane']} plane); lost and duplicated "
+            + "are counted per request id from every response the client received: answers per id "
+            + ", ".join(f"{k}: {v}" for k, v in r["answers_per_id"].items()),
+        ),
+        table(
+            "soak: executions of encoder_decoder per request id (recorded by its workers)",
+            ["started 1", "started 2", "started 3+", "answered 0", "answered 1", "answered 2+", "over", "re", "never"],
+            [
+                [
+                    ex["executions_per_id"].get("1", 0),
+                    ex["executions_per_id"].get("2", 0),
+                    sum(v for k, v in ex["executions_per_id"].items() if int(k) >= 3),
+                    ex["answered_executions_per_id"].get("0", 0),
+                    ex["answered_executions_per_id"].get("1", 0),
+                    sum(v for k, v in ex["answered_executions_per_id"].items() if int(k) >= 2),
+                    ex["over_executed"],
+                    ex["re_executed"],
+                    ex["never_executed"],
+                ]
+            ],
+            note=f"over: started more than 1 + max-retries ({ex['max_retries']}) times; re: answered twice by "
+            f"workers that were not killed; never: answered with no execution on record. "
+            f"{ex['processes']} encoder_decoder processes, {ex['killed_processes']} killed"
+            + (f"; e.g. {', '.join(ex['examples'])}" if ex["examples"] else ""),
         ),
         table(
             "soak: RSS per process over time (MB; at 0, 25, 50, 75, 100% of the run, and the most)",
-            ["process", "samples", "0%", "25%", "50%", "75%", "100%", "max"],
+            ["process", "samples", "0%", "25%", "50%", "75%", "100%", "max", "growth"],
             [
-                [role, len(s), _at(s, 0), _at(s, 0.25), _at(s, 0.5), _at(s, 0.75), _at(s, 1), max(v for _, v in s)]
+                [
+                    role,
+                    len(s),
+                    _at(s, 0),
+                    _at(s, 0.25),
+                    _at(s, 0.5),
+                    _at(s, 0.75),
+                    _at(s, 1),
+                    max(v for _, v in s),
+                    "restarted" if out["rss_growth_mb"][role] is None else out["rss_growth_mb"][role],
+                ]
                 for role, s in sorted(out["rss_mb"].items())
             ],
-            note="A worker's row follows its name across restarts (each restart is a fresh process).",
+            note="A worker's row follows its name across restarts (each restart is a fresh process). "
+            f"growth: 100% less 25%, at most {out['config']['max_rss_growth_mb']:g} MB, judged on rows whose "
+            "processes lived through the run (restarted: they were killed and replaced).",
         ),
         table(
             "soak: left at the end (every worker back)",
@@ -455,11 +608,16 @@ def render(out: dict[str, Any]) -> str:
 
 
 def failed(out: dict[str, Any]) -> bool:
-    r, left = out["requests"], out["leftovers"]
+    r, left, ex = out["requests"], out["leftovers"], out["executions"]
     return bool(
         r["wrong"]
         or r["lost"]
         or r["duplicated"]
+        or ex["over_executed"]
+        or ex["re_executed"]
+        or ex["never_executed"]
+        or max((g for g in out["rss_growth_mb"].values() if g is not None), default=0)
+        > out["config"]["max_rss_growth_mb"]
         or r["untyped_errors"]
         or left["store_tensors"]
         or left["shm_regions_left"]

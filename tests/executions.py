@@ -61,19 +61,19 @@ class Ledger:
         return cls(events)
 
     @staticmethod
-    def executing(directory: str | Path, pid: int) -> set[str]:
-        """What ``pid`` executes now, by its own file (cheaper than :meth:`read`: called while polling)."""
-        started: set[str] = set()
+    def executing(directory: str | Path, pid: int) -> dict[str, str]:
+        """What ``pid`` executes now (id -> detail), by its own file (cheaper than :meth:`read`, for polling)."""
+        started: dict[str, str] = {}
         try:
             text = (Path(directory) / f"{pid}.log").read_text()
         except FileNotFoundError:
             return started
         for line in text.splitlines():
-            kind, request_id, _ = line.split(" ", 2)
+            kind, request_id, _, detail = line.split(" ", 3)
             if kind == "S":
-                started.add(request_id)
+                started[request_id] = detail
             else:
-                started.discard(request_id)
+                started.pop(request_id, None)
         return started
 
     def pids(self, kind: str, request_id: str) -> list[int]:

@@ -82,9 +82,16 @@ def test_sigkill_the_owner_of_in_flight_inputs(record_property, plane, tmp_path)
             async def killer() -> None:
                 pid = (await c.run(os.getpid, workers=[victim]))[victim]
                 await async_wait_for(lambda: len(answered) >= REQUESTS // 4, timeout=60)
-                # The victim stores inputs of requests in flight, and executes requests itself.
-                await async_wait_for(lambda: stored(victim), timeout=30, interval=0.01)
-                await async_wait_for(lambda: Ledger.executing(ledger_dir, pid), timeout=30, interval=0.002)
+
+                # Kill it while it executes a request whose input is stored on the other relay (the
+                # plane re-sends it) and stores inputs of requests in flight (their callers place
+                # them again and re-send).
+                async def ready() -> bool:
+                    if not await stored(victim):
+                        return False
+                    return any(owner != victim for owner in Ledger.executing(ledger_dir, pid).values())
+
+                await async_wait_for(ready, timeout=30, interval=0.002)
                 kill["at"] = time.time()
                 os.kill(pid, signal.SIGKILL)
                 kill["pid"] = pid
