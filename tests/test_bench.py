@@ -61,6 +61,7 @@ def test_the_soak_fails_on_anything_lost_wrong_untyped_or_left():
             "wrong": 0,
             "lost": 0,
             "duplicated": 0,
+            "answers_per_id": {"1": 100},
             "typed_errors": {"WorkerLostError": 2},
             "untyped_errors": 0,
             "first_untyped": [],
@@ -78,24 +79,51 @@ def test_the_soak_fails_on_anything_lost_wrong_untyped_or_left():
             "servers_seen": 3,
             "triton_processes_seen": 9,
         }
+        executions = {
+            "max_retries": 2,
+            "executions_per_id": {"1": 98, "2": 2},
+            "answered_executions_per_id": {"1": 100},
+            "over_executed": 0,
+            "re_executed": 0,
+            "never_executed": 0,
+            "examples": [],
+            "processes": 3,
+            "killed_processes": 1,
+        }
+        growth = {"worker encoder.0": 1.0, "worker encoder.1": None}
         for key, value in changes.items():
-            (requests if key in requests else leftovers)[key] = value
+            if key == "growth":
+                growth.update(value)
+                continue
+            for part in (requests, executions, leftovers):
+                if key in part:
+                    part[key] = value
+                    break
+            else:
+                raise KeyError(key)
         return {
             "requests": requests,
             "leftovers": leftovers,
+            "executions": executions,
             "kills": [{"t": 1.0, "kind": "stub", "of": "encoder.0", "pid": 1}],
-            "rss_mb": {"worker encoder.0": [(0.0, 90.0), (1.0, 91.0)]},
-            "config": {"kill_every": "3s", "plane": "direct"},
+            "rss_mb": {"worker encoder.0": [(0.0, 90.0), (1.0, 91.0)], "worker encoder.1": [(0.0, 90.0), (1.0, 9.0)]},
+            "rss_growth_mb": growth,
+            "config": {"kill_every": "3s", "plane": "direct", "max_rss_growth_mb": 32},
         }
 
-    assert not failed(out()), "typed errors alone are an outcome, not a failure"
+    assert not failed(out()), "typed errors alone are an outcome, and a restarted row has no growth to judge"
     text = render_soak(out())
     assert "WorkerLostError 2" in text and "kills: stub 1" in text and "worker encoder.0" in text
+    assert "restarted" in text  # worker encoder.1's row compares two processes: no growth shown
     for change in (
         {"lost": 1},
         {"wrong": 1},
         {"duplicated": 1},
         {"untyped_errors": 1},
+        {"over_executed": 1},
+        {"re_executed": 1},
+        {"never_executed": 1},
+        {"growth": {"worker encoder.0": 32.5}},
         {"store_tensors": 1},
         {"shm_regions_left": ["tdask1-ab_x"]},
         {"triton_processes_left": ["7 stub"]},
