@@ -30,11 +30,15 @@ from bench.common import closed_loop, machine, payloads, table, versions
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_gateway(address: str, log: str) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_gateway(
+    address: str, log: str, *flags: str, env: dict[str, str] | None = None, **popen: Any
+) -> tuple[subprocess.Popen[bytes], str, str]:
     """``python -m tdask.gateway`` for the scheduler at ``address`` on free ports, logging to ``log``.
 
-    Returns the process and its HTTP and gRPC addresses, once it said where it listens; raises
-    ``RuntimeError`` with its output if it exits or stays silent for 60 s. (Also the test's.)
+    ``flags`` are more of the command's flags, ``env`` more environment variables, ``popen``
+    more arguments of :class:`subprocess.Popen`. Returns the process and its HTTP and gRPC
+    addresses, once it said where it listens; raises ``RuntimeError`` with its output if it exits
+    or stays silent for 60 s. (Also the tests'.)
     """
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -48,10 +52,12 @@ def start_gateway(address: str, log: str) -> tuple[subprocess.Popen[bytes], str,
                 "0",
                 "--grpc-port",
                 "0",
+                *flags,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": ROOT},
+            env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+            **popen,
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

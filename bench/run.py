@@ -35,7 +35,7 @@ import numpy as np
 
 from bench.common import CpuMeter, closed_loop, machine, payloads, table, tcp_loopback_seconds, versions
 
-SECTIONS = ("pipeline", "onehop", "dataplane", "scaling", "floor")
+SECTIONS = ("pipeline", "onehop", "dataplane", "scaling", "floor", "clients")
 MB = 1_000_000
 
 
@@ -70,6 +70,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("embedded", "process"),
         default="embedded",
         help="dask scheduler embedded in this process (as python -m tdask.hello_world), or in its own process",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("tcp", "tls", "ucxx"),
+        default="tcp",
+        help="the tdask cluster's comm (the raw-TCP column of the dataplane section stays plain TCP: the floor)",
+    )
+    p.add_argument("--clients", type=int, default=8, help="clients section: client processes")
+    p.add_argument("--clients-inflight", type=int, default=4, help="clients section: requests in flight per client")
+    p.add_argument("--clients-requests", type=int, default=500, help="clients section: requests per client")
+    p.add_argument("--clients-size", type=int, default=1000, help="clients section: int64 elements per request")
+    p.add_argument("--clients-workers", type=int, default=2, help="clients section: workers per operator")
+    p.add_argument(
+        "--clients-idle-s", type=float, default=3.0, help="clients section: idle time measured before the load"
     )
     p.add_argument("--dataplane-sizes", default="1e6,16e6,256e6", help="bytes per tensor")
     p.add_argument("--dataplane-reps", default="20,10,5", help="fetches per size")
@@ -196,7 +210,9 @@ async def tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str,
     from tdask import RemoteOperator
 
     ops = hello_world(1, 1, args.max_inflight)
-    async with deployment(ops, scheduler=args.scheduler, log_dir=log_dir / "pipeline") as cluster:
+    async with deployment(
+        ops, scheduler=args.scheduler, log_dir=log_dir / "pipeline", protocol=args.protocol
+    ) as cluster:
         out["startup_s"]["tdask_pipeline"] = round(cluster.startup_s, 2)
         groups = cluster.process_groups()
         out["processes"] = {label: len(pids) for label, pids in groups.items()}
@@ -278,16 +294,17 @@ def compare(out: dict[str, Any], section: str, baseline: str) -> None:
 
 
 def targets(out: dict[str, Any]) -> None:
-    """Issue 14's targets, judged on the median over rounds: at 1e3 elements >= 0.5 of the
-    ensemble's throughput at 32 in flight and a sequential p50 <= 2x the ensemble's; at 1e5
-    elements a sequential p50 <= 1.5x. Each round pairs a fresh ensemble server with a fresh tdask
+    """Issue 25's targets, judged on the median over rounds (and met in at least 4 of 5 rounds):
+    at 1e3 elements >= 0.8 of the ensemble's throughput at 32 in flight and a sequential p50
+    <= 1.6x the ensemble's; at 1e5 elements a sequential p50 <= 1.0x (issue 14's were 0.5, 2.0
+    and 1.5). Each round pairs a fresh ensemble server with a fresh tdask
     deployment: on this VM a deployment's latency depends on where its processes land, so one
     round is one draw. A target whose size or concurrency was not run is left out."""
     ratios = out["sections"].get("pipeline", {}).get("ratios_tdask_over_triton_ensemble", [])
     wanted = {
-        "throughput_32_inflight": (1000, 32, "throughput_ratio", ">= 0.5", lambda x: x >= 0.5),
-        "sequential_p50": (1000, 1, "p50_ratio", "<= 2.0", lambda x: x <= 2.0),
-        "sequential_p50_1e5": (100_000, 1, "p50_ratio", "<= 1.5", lambda x: x <= 1.5),
+        "throughput_32_inflight": (1000, 32, "throughput_ratio", ">= 0.8", lambda x: x >= 0.8),
+        "sequential_p50": (1000, 1, "p50_ratio", "<= 1.6", lambda x: x <= 1.6),
+        "sequential_p50_1e5": (100_000, 1, "p50_ratio", "<= 1.0", lambda x: x <= 1.0),
     }
     found = {}
     for name, (size, conc, key, text, ok) in wanted.items():
@@ -320,7 +337,9 @@ async def dataplane(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]
     ]
     section: dict[str, Any] = {"runs": []}
     out["sections"]["dataplane"] = section
-    async with deployment(ops, scheduler=args.scheduler, log_dir=log_dir / "dataplane") as cluster:
+    async with deployment(
+        ops, scheduler=args.scheduler, log_dir=log_dir / "dataplane", protocol=args.protocol
+    ) as cluster:
         out["startup_s"]["tdask_dataplane"] = round(cluster.startup_s, 2)
         forward = RemoteOperator("forward", client=cluster.client)
         await forward.infer(parameters={"nbytes": 8 * 1024})  # connections up, code warm
@@ -419,7 +438,9 @@ async def scaling(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) 
         for n in args.scaling_worker_list:
             ops = hello_world(n, n, args.max_inflight, model_inflight)
             name = f"scaling{n}x{model_inflight}"
-            async with deployment(ops, scheduler=args.scheduler, log_dir=log_dir / name) as cluster:
+            async with deployment(
+                ops, scheduler=args.scheduler, log_dir=log_dir / name, protocol=args.protocol
+            ) as cluster:
                 ed = RemoteOperator("encoder_decoder", client=cluster.client)
                 for delay in delays:
                     used: dict[str, Counter[str]] = {"encoder": Counter(), "decoder": Counter()}
@@ -484,7 +505,7 @@ async def floor(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) ->
     )
     ops = [(echo_config, 1)]
     data = payloads(1000)
-    async with deployment(ops, scheduler=args.scheduler, log_dir=log_dir / "floor") as cluster:
+    async with deployment(ops, scheduler=args.scheduler, log_dir=log_dir / "floor", protocol=args.protocol) as cluster:
         client = cluster.client
         address = cluster.worker_addresses["echo.0"]
         await client.run(install_echo_handler, workers=[address])
@@ -752,6 +773,10 @@ def render(out: dict[str, Any]) -> str:
                 "and decoder worker (encoder_decoder keeps --max-inflight).",
             )
         )
+    if "clients" in out["sections"]:
+        from bench.clients import render as render_clients
+
+        parts.append("\n".join(render_clients(out["sections"]["clients"])))
     if "profile" in out:
         from bench.profile import render_profile
 
@@ -792,6 +817,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             await floor(args, log_dir, out)
         if "scaling" in args.only_list:
             await scaling(args, log_dir, out)
+        if "clients" in args.only_list:
+            from bench.clients import clients
+
+            await clients(args, log_dir, out)
     out["total_s"] = round(time.perf_counter() - began, 1)
     return out
 

@@ -123,6 +123,7 @@ class Outcome:
     errors: dict[str, int] = field(default_factory=dict)  # typed tdask errors by type
     untyped: list[str] = field(default_factory=list)  # anything else
     latencies_s: list[float] = field(default_factory=list)
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (sent, answered), time.monotonic()
     done: int = 0
 
 
@@ -224,6 +225,7 @@ async def _traffic(op: Any, args: argparse.Namespace, outcome: Outcome) -> None:
         for i in counter:
             data = payloads[i % len(payloads)]
             began = time.perf_counter()
+            sent = time.monotonic()
             try:
                 response = await infer(f"soak-{i}", data)
             except TdaskError as exc:
@@ -239,6 +241,7 @@ async def _traffic(op: Any, args: argparse.Namespace, outcome: Outcome) -> None:
                     outcome.latencies_s.append(time.perf_counter() - began)
                 else:
                     outcome.wrong.append(i)
+            outcome.spans.append((sent, time.monotonic()))
             outcome.done += 1
 
     await asyncio.gather(*(lane() for _ in range(args.in_flight)))
@@ -410,6 +413,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                     asyncio.create_task(_progress(outcome, args, stop)),
                 ]
                 await _traffic(op, args, outcome)
+                outcome.spans = [(a - began, b - began) for a, b in outcome.spans]
                 elapsed = time.monotonic() - began
                 stop.set()
                 await asyncio.gather(*helpers)
@@ -438,9 +442,34 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "req_per_s": round(answered / elapsed, 1) if elapsed > 0 else 0.0,
     }
     out["kills"] = watch.kills
+    out["after_kill"] = _after_kills(watch.kills, outcome.spans)
     out["rss_mb"] = watch.rss
     out["rss_growth_mb"] = _growth(watch)
     return out
+
+
+def _after_kills(kills: list[dict[str, Any]], spans: list[tuple[float, float]]) -> dict[str, Any]:
+    """Per kind of kill: from each kill to the last answer of the requests in flight at it.
+
+    The affected requests (those the killed process held) are among them, so the figure bounds
+    how long a kill cost its requests: detection, re-sending, and waiting for a host when every
+    host of an operator was down at once.
+    """
+    by_kind: dict[str, list[float]] = {}
+    for kill in kills:
+        t = kill["t"]
+        waits = [end - t for start, end in spans if start < t < end]
+        if waits:
+            by_kind.setdefault(kill["kind"], []).append(max(waits))
+    return {
+        kind: {
+            "kills": len(w),
+            "p50_ms": round(float(np.percentile(w, 50)) * 1e3, 1),
+            "max_ms": round(max(w) * 1e3, 1),
+            "over_3s": sum(1 for x in w if x > 3.0),
+        }
+        for kind, w in sorted(by_kind.items())
+    }
 
 
 def _count_orphans(client: Any, outcome: Outcome) -> None:
@@ -539,6 +568,13 @@ def render(out: dict[str, Any]) -> str:
             + f" (every {out['config']['kill_every']}, {out['config']['plane']} plane); lost and duplicated "
             + "are counted per request id from every response the client received: answers per id "
             + ", ".join(f"{k}: {v}" for k, v in r["answers_per_id"].items()),
+        ),
+        table(
+            "soak: from each kill to the last answer of the requests in flight at it",
+            ["kill", "kills", "p50 ms", "max ms", "over 3 s"],
+            [[k, a["kills"], a["p50_ms"], a["max_ms"], a["over_3s"]] for k, a in out.get("after_kill", {}).items()],
+            note="the requests the killed process held are among those in flight: this bounds what a kill cost "
+            "them (detection, re-sending, and waiting for a host when every host of an operator was down at once)",
         ),
         table(
             "soak: executions of encoder_decoder per request id (recorded by its workers)",

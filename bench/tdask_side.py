@@ -120,15 +120,23 @@ async def scheduler_process(log_dir: Path) -> AsyncIterator[tuple[str, int]]:
 
 @contextlib.asynccontextmanager
 async def deployment(
-    operators: Sequence[Any], *, scheduler: str, log_dir: Path, log_level: str = "WARNING"
+    operators: Sequence[Any], *, scheduler: str, log_dir: Path, log_level: str = "WARNING", protocol: str = "tcp"
 ) -> AsyncIterator[Cluster]:
-    """Start ``operators`` on a fresh cluster; yield it with a connected async client."""
+    """Start ``operators`` on a fresh cluster; yield it with a connected async client.
+
+    ``protocol`` is the cluster's comm: ``tcp``, ``tls`` (a throw-away CA and certificates for
+    this run, as ``tdask deploy --protocol tls`` makes them) or ``ucxx`` (distributed-ucxx).
+    """
     from distributed import Client
 
     from tdask import Deployment
+    from tdask.cli import tls_security
 
     os.environ["PYTHONPATH"] = _env()["PYTHONPATH"]  # spawned workers import bench.operators
     began = time.perf_counter()
+    security = tls_security(protocol, temporary=True)
+    if scheduler == "process" and protocol != "tcp":
+        raise ValueError("--scheduler process runs `dask scheduler` over tcp only; use --scheduler embedded")
     if scheduler == "process":
         async with scheduler_process(log_dir) as (address, pid):
             async with Deployment(
@@ -147,10 +155,12 @@ async def deployment(
         raise ValueError(f"unknown scheduler placement {scheduler!r}")
     # Synchronous Deployment: its scheduler runs on the Deployment's own loop thread, exactly
     # as in `python -m tdask.hello_world`; the client runs on this (main) thread's loop.
-    dep = Deployment(operators, dashboard_address=None, log_dir=log_dir, log_level=log_level)
+    dep = Deployment(
+        operators, dashboard_address=None, log_dir=log_dir, log_level=log_level, protocol=protocol, security=security
+    )
     await asyncio.to_thread(dep.start)
     try:
-        async with Client(dep.scheduler_address, asynchronous=True) as client:
+        async with Client(dep.scheduler_address, asynchronous=True, security=security) as client:
             yield await _describe(client, dep.scheduler_address, os.getpid(), began)
     finally:
         await asyncio.to_thread(dep.close)

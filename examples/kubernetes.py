@@ -23,6 +23,32 @@ from tdask.operator import OperatorConfig
 
 MODELS = "/models"  # where the images of container/ put the hello world's models
 WIRE_PORT = 8790  # one worker per pod: a fixed wire port, so that a NetworkPolicy can open it
+#: The worker's HTTP server in dask-kubernetes' pods (its --dashboard-address 8788, port name).
+WORKER_HTTP_PORT = "http-dashboard"
+
+
+def worker_probes() -> dict[str, Any]:
+    """A worker pod's probes, on the worker's own HTTP server.
+
+    Readiness is tdask's ``/tdask/ready``: 200 only once every operator of the worker serves
+    (503 while Triton loads, when a setup failed, while it drains), so a Service or a rollout
+    waits for it. Liveness is Dask's ``/health``: the worker's event loop answers (a worker whose
+    operator failed stays alive, not ready, its reason in ``/tdask/ready`` and ``tdask status``).
+    """
+    return {
+        "readinessProbe": {
+            "httpGet": {"path": "/tdask/ready", "port": WORKER_HTTP_PORT},
+            "initialDelaySeconds": 5,
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": WORKER_HTTP_PORT},
+            "initialDelaySeconds": 60,
+            "periodSeconds": 20,
+            "failureThreshold": 3,
+        },
+    }
 
 
 def worker_spec(config: OperatorConfig, *, image: str, replicas: int, gpu: bool) -> dict[str, Any]:
@@ -44,6 +70,7 @@ def worker_spec(config: OperatorConfig, *, image: str, replicas: int, gpu: bool)
     )
     container = _without_nulls(spec["spec"]["containers"][0])
     container["ports"].append({"name": "tdask-wire", "containerPort": WIRE_PORT, "protocol": "TCP"})
+    container.update(worker_probes())
     return spec
 
 

@@ -12,6 +12,7 @@ deployment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -26,12 +27,19 @@ from distributed import Client, Nanny, Scheduler, SpecCluster
 from distributed.core import Status, rpc
 from distributed.deploy.cluster import Cluster
 from distributed.security import Security
-from distributed.utils import LoopRunner, SyncMethodMixin
+from distributed.utils import LoopRunner, SyncMethodMixin, silence_logging_cmgr
 
-from tdask.exceptions import OperatorUnavailableError
+from tdask.config import get_seconds
+from tdask.control import model_control
+from tdask.deployment_file import DeploymentSpec, load_deployment_file
+from tdask.exceptions import MainGuardError, OperatorUnavailableError
 from tdask.host import OperatorHost
+from tdask.main_guard import check_main_guard, watch_for_spawned_start
 from tdask.operator import OperatorConfig
+from tdask.protocol import Rpc
 from tdask.request_plane import Registry
+from tdask.request_plane.registry import _HOSTS_TTL_S
+from tdask.scaling import AUTOSCALING_FIELDS, OperatorAdaptive, _index
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +131,10 @@ class _OperatorCluster(SpecCluster):
 
 _RUNNING = (Status.init, Status.starting, Status.running)
 
+# How long a rolling update waits, once the new workers are registered, before the old ones go:
+# every caller has asked the registry for hosts (and the latest version) again since.
+_CALLER_CACHE_S = _HOSTS_TTL_S + 0.5
+
 
 class Deployment(SyncMethodMixin):
     """A set of operators running on Dask workers; a context manager, sync or async.
@@ -147,11 +159,18 @@ class Deployment(SyncMethodMixin):
     log_dir
         Where each worker writes ``<worker>.log`` and Triton its logs.
     log_level
-        Level of the ``tdask`` and ``distributed`` loggers in the workers.
+        Level of the ``tdask`` and ``distributed`` loggers in the workers, and of what this
+        process and the workers print on stderr. Default: stderr as quiet as Dask's
+        ``LocalCluster`` (warnings and errors only); log files (``log_dir``) keep tdask's INFO lines.
     worker_options
         Extra keyword arguments for every worker (``memory_limit``, ``env``, ...).
     startup_timeout_s
         How long start may wait for every operator to be registered.
+    scheduler_port
+        The port of the scheduler this deployment starts (0: any free port).
+    operator_options
+        Extra worker options for the workers of one operator, by its key (``name/version``) or
+        name, e.g. ``{"encoder": {"resources": {"GPU": 1}}}``.
     """
 
     def __init__(
@@ -168,7 +187,10 @@ class Deployment(SyncMethodMixin):
         worker_options: dict[str, Any] | None = None,
         startup_timeout_s: float = 180.0,
         asynchronous: bool = False,
+        scheduler_port: int = 0,
+        operator_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        check_main_guard()  # a script without `if __name__ == "__main__":` would hang: say so now
         self.workers_spec = self._worker_specs(operators)
         self.scheduler_address_given = scheduler_address
         self.host = host
@@ -179,8 +201,15 @@ class Deployment(SyncMethodMixin):
         self.security = security
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.log_level = log_level
+        #: What stderr shows, here and in the workers (LocalCluster's default: warnings).
+        self.stderr_level: str | int = log_level.upper() if isinstance(log_level, str) else (log_level or "WARNING")
+        self._quiet = contextlib.ExitStack()  # this process's stderr handlers, quieted while running
         self.worker_options = dict(worker_options or {})
         self.startup_timeout_s = startup_timeout_s
+        self.scheduler_port = scheduler_port
+        self.operator_options = {k: dict(v) for k, v in (operator_options or {}).items()}
+        #: The deployment file's spec, when made by :meth:`from_file` (autoscaling bounds and all).
+        self.spec: DeploymentSpec | None = None
         self._asynchronous = asynchronous
         self._loop_runner = LoopRunner(asynchronous=asynchronous)
         self.cluster: SpecCluster | None = None
@@ -188,6 +217,38 @@ class Deployment(SyncMethodMixin):
         self.client: Client | None = None
         self.status = "created"
         self._lock: asyncio.Lock | None = None
+        #: Autoscaling per operator name (:meth:`adapt`).
+        self.adaptive: dict[str, OperatorAdaptive] = {}
+        self._scale_locks: dict[str, asyncio.Lock] = {}
+        self._configs: dict[str, OperatorConfig] = {}  # the last config of each operator (scaled to 0 too)
+        self._next_index: dict[str, int] = {}
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> Deployment:
+        """A deployment described by a deployment file (``tdask serve FILE``), not yet started.
+
+        Parameters
+        ----------
+        path
+            The YAML file (schema in :mod:`tdask.deployment_file`); it is validated before
+            anything starts.
+        **overrides
+            Keyword arguments of :class:`Deployment` that replace the file's (``asynchronous``,
+            ``log_dir``, ...).
+
+        Raises
+        ------
+        tdask.exceptions.DeploymentFileError
+            The file is invalid; the message names the file, the line and the field of every problem.
+        """
+        return cls.from_spec(load_deployment_file(path), **overrides)
+
+    @classmethod
+    def from_spec(cls, spec: DeploymentSpec, **overrides: Any) -> Deployment:
+        """A deployment made from a parsed deployment file (:class:`tdask.deployment_file.DeploymentSpec`)."""
+        deployment = cls(spec.operator_configs(), **{**spec.deployment_kwargs(), **overrides})
+        deployment.spec = spec
+        return deployment
 
     @staticmethod
     def _worker_specs(operators: Sequence[OperatorSpec]) -> dict[str, OperatorConfig]:
@@ -276,17 +337,25 @@ class Deployment(SyncMethodMixin):
             if self.status != "created":
                 raise RuntimeError(f"a Deployment cannot be started again once {self.status}")
             self.status = "starting"
+            for logger_name in ("distributed", "tdask"):
+                self._quiet.enter_context(silence_logging_cmgr(self.stderr_level, root=logger_name))
             try:
-                await self._start_processes()
+                await watch_for_spawned_start(self._start_processes())  # fails fast without a main guard
                 await self._wait_registered()
                 if self._asynchronous:
                     self.client = await Client(self.scheduler_address, asynchronous=True, security=self.security)
             except BaseException as exc:
                 await self._close()
-                if isinstance(exc, (OperatorUnavailableError, asyncio.CancelledError)):
+                if isinstance(exc, (OperatorUnavailableError, MainGuardError, asyncio.CancelledError)):
                     raise
                 raise RuntimeError(f"the tdask deployment failed to start: {_root_cause(exc)}") from exc
             self.status = "running"
+            scheduler = self.cluster.scheduler if self.cluster is not None else None
+            if scheduler is not None:  # commands from `tdask scale/adapt/update` reach us here
+                scheduler.handlers[Rpc.CONTROL] = self._control
+            if self.spec is not None and self.cluster is not None:  # a deployment file's autoscaling
+                for key, auto in self.spec.autoscaling.items():
+                    self.adapt(key.rsplit("/", 1)[0], **{f: getattr(auto, f) for f in AUTOSCALING_FIELDS})
             return self
 
     def _worker_options(self, name: str, config: OperatorConfig) -> dict[str, Any]:
@@ -298,11 +367,19 @@ class Deployment(SyncMethodMixin):
             "security": self.security,
             "dashboard_address": None,
             "plugins": {
-                OperatorHost([config], log_dir=self.log_dir, log_file=self._log_file(name), log_level=self.log_level)
+                OperatorHost(
+                    [config],
+                    log_dir=self.log_dir,
+                    log_file=self._log_file(name),
+                    log_level=self.log_level,
+                    stderr_level=self.stderr_level,
+                )
             },
+            "silence_logs": self.stderr_level,  # the worker process's distributed logger, as LocalCluster's
             "death_timeout": 60,
         }
-        extra = dict(self.worker_options)
+        extra = {**self.worker_options, **self.operator_options.get(config.name, {})}
+        extra.update(self.operator_options.get(config.key, {}))
         # Operators do not run as Dask tasks, so the worker's statistical task profiler (100
         # wake-ups a second) would sample nothing; a user's worker config still wins.
         loop = {"distributed.admin.event-loop": worker_event_loop()}
@@ -326,7 +403,7 @@ class Deployment(SyncMethodMixin):
                 "cls": Scheduler,
                 "options": {
                     "host": self.host,
-                    "port": 0,
+                    "port": self.scheduler_port,
                     "protocol": self.protocol,
                     "security": self.security,
                     # Without an address, distributed would bind its HTTP server (health,
@@ -384,6 +461,293 @@ class Deployment(SyncMethodMixin):
                 )
             await asyncio.sleep(0.05)
 
+    # -- operating it while it serves: scale, adapt, update, model control ------------------
+
+    def operator_workers(self, operator: str) -> list[str]:
+        """The names of the workers this deployment runs for operator ``operator`` (any version)."""
+        return [name for name, config in self.workers_spec.items() if config.name == operator]
+
+    def _operator_config(self, operator: str) -> OperatorConfig:
+        configs = [c for c in self.workers_spec.values() if c.name == operator]
+        if configs:
+            self._configs[operator] = config = max(configs, key=lambda c: c.version)
+            return config
+        known = self._configs.get(operator)
+        if known is None:
+            running = sorted({c.name for c in self.workers_spec.values()})
+            raise OperatorUnavailableError(
+                f"this deployment runs no operator {operator!r}; it runs {running}", operator=operator
+            )
+        return known
+
+    def scale(self, operator: str, n: int) -> Any:
+        """Run ``n`` workers of ``operator``; returns their names (a coroutine when asynchronous).
+
+        New workers are ready (their operator registered) when this returns. Workers that go
+        are drained first: they stop being given requests, finish what they hold, then close
+        (nothing is lost or failed). Stops the operator's autoscaling, if any (as a Dask
+        cluster's ``scale`` after ``adapt``).
+        """
+        return self.sync(self._scale, operator, n)
+
+    async def _scale(self, operator: str, n: int, *, adaptive: bool = False) -> list[str]:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"operator {operator!r}: the number of workers must be an int >= 0, got {n!r}")
+        if self.status != "running":
+            raise RuntimeError(f"the deployment is {self.status}, not running")
+        config = self._operator_config(operator)
+        if not adaptive and operator in self.adaptive:
+            self.adaptive.pop(operator).stop(reason="tdask-scale")
+        async with self._scale_lock(operator):
+            names = sorted(self.operator_workers(operator), key=_index)
+            if n > len(names):
+                await self._add_workers(config, n - len(names))
+            elif n < len(names):
+                await self._remove_workers(names[n:])
+        return sorted(self.operator_workers(operator), key=_index)
+
+    def _scale_lock(self, operator: str) -> asyncio.Lock:
+        return self._scale_locks.setdefault(operator, asyncio.Lock())
+
+    async def _add_workers(self, config: OperatorConfig, count: int) -> list[str]:
+        """Start ``count`` more workers of ``config``; return once each has registered it."""
+        self._configs[config.name] = config
+        names = []
+        for _ in range(count):
+            i = self._next_index.get(config.name, 0)
+            i = max([i, *(_index(n) + 1 for n in self.operator_workers(config.name))])
+            self._next_index[config.name] = i + 1
+            name = f"{config.name}.{i}" if config.version == 1 else f"{config.name}.v{config.version}.{i}"
+            self.workers_spec[name] = config
+            names.append(name)
+        try:
+            with dask.config.set(_spawn_config()):
+                if self.cluster is not None:
+                    for name in names:
+                        self.cluster.worker_spec[name] = {"cls": Nanny, "options": self._worker_options(name, config)}
+                    await self.cluster._correct_state()
+                else:
+                    nannies = {
+                        name: Nanny(self.scheduler_address, **self._worker_options(name, config)) for name in names
+                    }
+                    self.nannies.update(nannies)
+                    await asyncio.gather(*(nanny.start() for nanny in nannies.values()))
+            await self._wait_workers(config.key, names)
+        except BaseException as exc:
+            logger.error("starting workers %s of %s failed: %s", names, config.key, _root_cause(exc))
+            await self._close_workers(names)
+            raise
+        logger.info("operator %s: started workers %s", config.key, names)
+        return names
+
+    async def _wait_workers(self, key: str, names: list[str]) -> None:
+        """Wait until every worker in ``names`` hosts ``key`` (their setup failures raise)."""
+        connection_args = (self.security or Security()).get_connection_args("client")
+        scheduler = rpc(self.scheduler_address, connection_args=connection_args)
+        try:
+            registry = Registry(scheduler)
+            deadline = time.monotonic() + self.startup_timeout_s
+            while True:
+                answer = await registry._broker_call(Rpc.HOSTS, operator=key, routing=True)
+                if all(name in answer["names"] for name in names):
+                    return
+                state = await registry.operators()
+                failed = {w: m for w, m in state["failures"].get(key.rsplit("/", 1)[0], {}).items()}
+                if failed:
+                    raise OperatorUnavailableError(f"operator {key} failed to start: {failed}")
+                if time.monotonic() > deadline:
+                    raise OperatorUnavailableError(
+                        f"workers {names} did not register {key} within {self.startup_timeout_s:.0f}s"
+                    )
+                await asyncio.sleep(0.05)
+        finally:
+            await scheduler.close_rpc()
+
+    async def _remove_workers(self, names: list[str], *, retire_timeout_s: float = 60.0, removing: bool = True) -> None:
+        """Drain these workers (they finish what they hold, callers move elsewhere), then close them."""
+        addresses = await self._addresses()
+        connection_args = (self.security or Security()).get_connection_args("client")
+
+        async def retire(name: str) -> None:
+            address = addresses.get(name)
+            if address is None:
+                return
+            worker = rpc(address, connection_args=connection_args)
+            try:
+                result = await getattr(worker, Rpc.RETIRE)(timeout=retire_timeout_s, removing=removing)
+                logger.info("worker %s drained: %s", name, result)
+            except Exception as exc:  # gone already: the broker and callers handle a lost worker
+                logger.warning("worker %s could not be drained (%s); closing it", name, exc)
+            finally:
+                await worker.close_rpc()
+
+        await asyncio.gather(*(retire(name) for name in names))
+        await self._close_workers(names)
+
+    async def _close_workers(self, names: list[str]) -> None:
+        for name in names:
+            self.workers_spec.pop(name, None)
+        if self.cluster is not None:
+            for name in names:
+                self.cluster.worker_spec.pop(name, None)
+            await self.cluster._correct_state()
+        else:
+            nannies = [self.nannies.pop(name) for name in names if name in self.nannies]
+            await asyncio.gather(*(n.close(reason="tdask-scale-down") for n in nannies), return_exceptions=True)
+
+    async def _addresses(self) -> dict[str, str]:
+        """Worker name -> address, as the scheduler knows them now."""
+        connection_args = (self.security or Security()).get_connection_args("client")
+        scheduler = rpc(self.scheduler_address, connection_args=connection_args)
+        try:
+            info = await scheduler.identity(n_workers=-1)
+        finally:
+            await scheduler.close_rpc()
+        return {str(w["name"]): address for address, w in info["workers"].items()}
+
+    def adapt(
+        self,
+        operator: str,
+        *,
+        minimum: int = 1,
+        maximum: int = 4,
+        target_inflight_per_worker: float | None = None,
+        up_delay: float = 2.0,
+        down_delay: float = 30.0,
+        interval: float = 1.0,
+    ) -> OperatorAdaptive:
+        """Autoscale ``operator`` between ``minimum`` and ``maximum`` workers (Dask's ``Adaptive``).
+
+        Sized for ``target_inflight_per_worker`` requests in flight or waiting per worker (the
+        scheduler's view; default: the operator's ``max_inflight_requests``); grows once that
+        has held ``up_delay`` seconds, shrinks (draining) once it has held ``down_delay``
+        seconds. Replaces the operator's earlier autoscaling; the same names as a deployment
+        file's ``autoscaling:`` block (:data:`tdask.scaling.AUTOSCALING_FIELDS`). Returns the
+        :class:`tdask.scaling.OperatorAdaptive` (``.stop()`` ends it).
+        """
+        config = self._operator_config(operator)  # an operator this deployment runs
+        if target_inflight_per_worker is None:
+            target_inflight_per_worker = float(config.max_inflight_requests)
+        old = self.adaptive.pop(operator, None)
+        if old is not None:
+            old.stop(reason="tdask-adapt-replaced")
+        adaptive = OperatorAdaptive(
+            self,
+            operator,
+            minimum=minimum,
+            maximum=maximum,
+            target_inflight_per_worker=target_inflight_per_worker,
+            up_delay=up_delay,
+            down_delay=down_delay,
+            interval=interval,
+        )
+        self.adaptive[operator] = adaptive
+        return adaptive
+
+    def update(self, operator: str, new_config: OperatorConfig | dict[str, Any]) -> Any:
+        """Replace ``operator``'s workers by workers of ``new_config``, under traffic (rolling).
+
+        As many new workers as there are now start and register; once callers have seen them
+        (a second), the old ones are drained (they finish what they hold; callers move to the
+        new ones) and closed. ``new_config``: an :class:`OperatorConfig` of the same name, or a
+        dict of the fields to change (``{"version": 2, "parameters": {...}}``). Callers that
+        name no version follow to a new version; callers that pin the old one lose it. Returns
+        the new workers' names (a coroutine when asynchronous).
+        """
+        return self.sync(self._update, operator, new_config)
+
+    async def _update(self, operator: str, new_config: OperatorConfig | dict[str, Any]) -> list[str]:
+        if self.status != "running":
+            raise RuntimeError(f"the deployment is {self.status}, not running")
+        current = self._operator_config(operator)
+        if isinstance(new_config, dict):
+            fields = {f: getattr(current, f) for f in current.__dataclass_fields__}
+            unknown = set(new_config) - set(fields)
+            if unknown:
+                raise ValueError(f"operator {operator!r}: no such OperatorConfig fields {sorted(unknown)}")
+            new_config = OperatorConfig(**{**fields, **new_config})
+        if new_config.name != operator:
+            raise ValueError(f"update of {operator!r} with a config named {new_config.name!r}")
+        async with self._scale_lock(operator):
+            old = sorted(self.operator_workers(operator), key=_index)
+            new = await self._add_workers(new_config, max(1, len(old)))
+            # Every caller's cache of hosts (and of the latest version) has turned over.
+            await asyncio.sleep(_CALLER_CACHE_S)
+            await self._remove_workers(old)
+        logger.info("operator %s updated to %s: workers %s replaced %s", operator, new_config.key, new, old)
+        return new
+
+    def update_from_file(self, path: str | Path) -> Any:
+        """Bring the running deployment to what the deployment file ``path`` says, operator by operator.
+
+        An operator whose config changed is replaced by a rolling update (:meth:`update`); a new
+        one is started; then each gets the file's number of workers, or its autoscaling. Operators
+        the file does not list are left as they are. Returns ``{operator: its workers' names}``.
+        """
+        return self.sync(self._update_file, str(path))
+
+    async def _update_file(self, path: str) -> dict[str, list[str]]:
+        spec = load_deployment_file(path)  # validated before anything changes
+        done: dict[str, list[str]] = {}
+        autoscaling = spec.autoscaling
+        for config, count in spec.operator_configs():
+            running = [c for c in self.workers_spec.values() if c.name == config.name]
+            if not running:
+                async with self._scale_lock(config.name):
+                    await self._add_workers(config, count)
+            elif any(c != config for c in running):
+                await self._update(config.name, config)
+            auto = autoscaling.get(config.key)
+            if auto is not None:
+                self.adapt(config.name, **{f: getattr(auto, f) for f in AUTOSCALING_FIELDS})
+            elif len(self.operator_workers(config.name)) != count:
+                await self._scale(config.name, count)
+            done[config.name] = sorted(self.operator_workers(config.name), key=_index)
+        if self.spec is not None:
+            self.spec = spec
+        return done
+
+    def load_model(self, operator: str) -> Any:
+        """Load ``operator``'s Triton model on the workers hosting it (see :func:`tdask.control.model_control`)."""
+        return self.sync(self._model, operator, "load")
+
+    def unload_model(self, operator: str) -> Any:
+        """Unload ``operator``'s Triton model on its workers; its requests fail until it is loaded."""
+        return self.sync(self._model, operator, "unload")
+
+    def reload_model(self, operator: str) -> Any:
+        """Reload ``operator``'s Triton model on its workers (a changed repository takes effect)."""
+        return self.sync(self._model, operator, "reload")
+
+    async def _model(self, operator: str, action: str) -> dict[str, Any]:
+        connection_args = (self.security or Security()).get_connection_args("client")
+        return await model_control(self.scheduler_address, operator, action, connection_args=connection_args)
+
+    async def _control(self, command: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The scheduler's ``tdask_control`` handler: commands from ``tdask scale/adapt/update``."""
+        try:
+            operator = arguments.get("operator")
+            if command == "scale":
+                workers = await self._scale(str(operator), int(arguments["n"]))
+                return {"operator": operator, "workers": workers}
+            if command == "adapt":
+                options = {k: v for k, v in arguments.items() if k != "operator" and v is not None}
+                return {"operator": operator, "adapt": self.adapt(str(operator), **options).describe()}
+            if command == "update":
+                workers = await self._update(str(operator), dict(arguments.get("config") or {}))
+                return {"operator": operator, "workers": workers}
+            if command == "update-file":
+                return {"operators": await self._update_file(str(arguments["file"]))}
+            if command == "describe":
+                return {
+                    "operators": {c.name: self.operator_workers(c.name) for c in self.workers_spec.values()},
+                    "adaptive": {name: a.describe() for name, a in self.adaptive.items()},
+                }
+            return {"error": f"unknown command {command!r} (scale, adapt, update, describe)"}
+        except Exception as exc:
+            logger.warning("tdask %s %s failed: %s", command, arguments, exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
     def close(self) -> Any:
         """Stop everything this deployment started (safe to call twice)."""
         if self.status in ("created", "closed"):
@@ -402,22 +766,38 @@ class Deployment(SyncMethodMixin):
         if self.status == "closed":
             return
         self.status = "closing"
+        for adaptive in self.adaptive.values():
+            adaptive.stop(reason="tdask-deployment-close")
+        self.adaptive.clear()
         if self.client is not None:
             if self.client.asynchronous:
                 await self.client.close()
             self.client = None
+        # Time for each worker to drain (tdask.worker.drain-timeout) and stop its Triton server:
+        # a Nanny closed with Dask's default (5 s) kills its worker after 4 s, mid-drain.
+        close_s = (get_seconds("tdask.worker.drain-timeout") or 0.0) + 20.0
         if self.nannies:
             await asyncio.gather(
-                *(n.close(reason="tdask-deployment-close") for n in self.nannies.values()),
+                *(n.close(timeout=close_s, reason="tdask-deployment-close") for n in self.nannies.values()),
                 return_exceptions=True,
             )
             self.nannies.clear()
         if self.cluster is not None:
+            # The workers first, with that time; SpecCluster's close then finds them closed.
+            await asyncio.gather(
+                *(
+                    n.close(timeout=close_s, reason="tdask-deployment-close")
+                    for n in list(self.cluster.workers.values())
+                    if isinstance(n, Nanny)
+                ),
+                return_exceptions=True,
+            )
             closing = self.cluster.close()  # an awaitable: the cluster is asynchronous
             assert closing is not None
             await closing
             self.cluster = None
         self.status = "closed"
+        self._quiet.close()
 
     def __enter__(self) -> Deployment:
         self.start()

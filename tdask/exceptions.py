@@ -9,12 +9,14 @@ traced to its origin::
     ├── InvalidRequestError           bad input: dtype, shape, missing/extra input, parameters,
     │                                 timeout, or a tensor form tdask does not decode
     ├── OperatorError                 the operator (or its Triton model) raised
+    │   └── ExecutionTimeoutError     its execution ran past the operator's execution timeout
     ├── WorkerLostError               the worker serving the request died, retries exhausted
     ├── SchedulerLostError            the scheduler (tdask's broker and registry) cannot be reached
     ├── RequestTimeoutError           the request's deadline passed (also a ``TimeoutError``)
     ├── RequestCancelledError         the request was cancelled before its final response
     ├── ClientClosedError             the caller's ``Client`` closed with the request in flight
-    └── DataPlaneError                a tensor could not be fetched from its owner
+    ├── DataPlaneError                a tensor could not be fetched from its owner
+    └── DeploymentFileError           a deployment file is invalid (names file, line and field)
 
 Errors cross process boundaries as small dicts (:func:`error_to_msg` / :func:`error_from_msg`)
 so that the scheduler, which relays them, never unpickles user exceptions.
@@ -30,12 +32,15 @@ __all__ = [
     "OperatorUnavailableError",
     "InvalidRequestError",
     "OperatorError",
+    "ExecutionTimeoutError",
     "WorkerLostError",
     "SchedulerLostError",
     "RequestTimeoutError",
     "RequestCancelledError",
     "ClientClosedError",
     "DataPlaneError",
+    "DeploymentFileError",
+    "MainGuardError",
 ]
 
 
@@ -99,6 +104,15 @@ class OperatorError(TdaskError):
     """The operator raised while serving the request; ``remote_type`` names the exception."""
 
 
+class ExecutionTimeoutError(OperatorError, TimeoutError):
+    """The operator's execution of the request ran past its execution timeout.
+
+    ``OperatorConfig.execution_timeout_s`` (default ``tdask.operator.execution-timeout``): the
+    request is answered with this at that time, not at its own deadline, and the operator is
+    recovered (a Triton model's worker restarts) while its other hosts serve on.
+    """
+
+
 class WorkerLostError(TdaskError):
     """The worker serving the request left, and the request could not be served elsewhere."""
 
@@ -156,6 +170,35 @@ class DataPlaneError(TdaskError):
         return {**super()._context(), "owner": self.owner, "tensor_id": self.tensor_id}
 
 
+class DeploymentFileError(TdaskError, ValueError):
+    """A deployment file (``tdask serve FILE``, ``Deployment.from_file``) is invalid.
+
+    Raised before anything starts. ``file``, ``line`` and ``field`` (a dotted path such as
+    ``operators[1].max_inflight_requests``) locate the first problem; ``errors`` lists every
+    problem found as ``(line, field, message)``; the message has one ``file:line: field: ...``
+    line per problem.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        errors: list[tuple[int | None, str, str]] | None = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.file = file
+        self.line = line
+        self.field = field
+        self.errors = list(errors or [])
+
+    def _context(self) -> dict[str, Any]:
+        return {**super()._context(), "file": self.file, "line": self.line, "field": self.field, "errors": self.errors}
+
+
 _ERRORS: dict[str, type[TdaskError]] = {
     cls.__name__: cls
     for cls in (
@@ -163,6 +206,7 @@ _ERRORS: dict[str, type[TdaskError]] = {
         OperatorUnavailableError,
         InvalidRequestError,
         OperatorError,
+        ExecutionTimeoutError,
         WorkerLostError,
         SchedulerLostError,
         RequestTimeoutError,
@@ -219,3 +263,12 @@ def error_from_msg(
         remote_traceback=msg.get("traceback"),
         **extra,
     )
+
+
+class MainGuardError(TdaskError, RuntimeError):
+    """A script starts a :class:`~tdask.Deployment` at its top level, outside ``if __name__ == "__main__":``.
+
+    Its workers are new Python processes (multiprocessing's spawn) that import the script again,
+    and each would start the deployment again: raised before anything starts (in the script's
+    process), or in such a worker process as it imports the script.
+    """

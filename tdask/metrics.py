@@ -11,6 +11,7 @@ on the scheduler's (the whole cluster)::
                                                                 type, "cancelled", ...
     tdask_requests_started_total{operator, version, worker}
     tdask_requests_retried_total{operator, version, worker}    re-sent after a worker loss
+    tdask_execution_timeouts_total{operator, version, worker}  batches past the execution timeout
     tdask_request_wait_seconds{...}      histogram: arrival on the worker to its batch's start
     tdask_request_execute_seconds{...}   histogram: batch start to the final answer
     tdask_request_seconds{...}           histogram: arrival to the final answer
@@ -19,7 +20,7 @@ on the scheduler's (the whole cluster)::
     tdask_data_plane_served_total{worker}, tdask_data_plane_pulled_total{worker},
     tdask_data_plane_host_copy_bytes_total{worker}   device bytes staged through host memory
     tdask_tensors_stored{worker}, tdask_tensors_stored_bytes{worker}
-    nv_inference_*{model, version, worker}                      Triton's own, re-exported
+    nv_inference_*{model, version, worker}                      Triton's own, re-exported (counters' samples as *_total)
 
 Exporting is done by one process-wide :class:`prometheus_client` collector (registered in
 ``prometheus_client.REGISTRY``, which Dask's ``/metrics`` serves), fed by *sources* that read
@@ -157,6 +158,7 @@ _OPERATOR_GAUGES = (
 _OPERATOR_COUNTERS = (
     ("tdask_requests_started", "Requests whose execution started on this worker.", "started"),
     ("tdask_requests_retried", "Requests this worker received again after the worker serving them died.", "retried"),
+    ("tdask_execution_timeouts", "Batches that ran past the operator's execution timeout here.", "timeouts"),
 )
 _HISTOGRAMS = (
     ("tdask_request_wait_seconds", "Time a request waited on the worker for a free slot.", "wait"),
@@ -195,6 +197,11 @@ def worker_families(workers: Iterable[WorkerSnapshot]) -> list[Metric]:
         labels=[*_OPERATOR, "outcome"],
     )
     gauges = [GaugeMetricFamily(name, doc, labels=_OPERATOR) for name, doc, _ in _OPERATOR_GAUGES]
+    loaded = GaugeMetricFamily(
+        "tdask_operator_loaded",
+        "1 while the operator serves on this worker; 0 while its model is unloaded (model control) or failed.",
+        labels=_OPERATOR,
+    )
     counters = [CounterMetricFamily(name, doc, labels=_OPERATOR) for name, doc, _ in _OPERATOR_COUNTERS]
     histograms = [HistogramMetricFamily(name, doc, labels=_OPERATOR) for name, doc, _ in _HISTOGRAMS]
     store_counters = [CounterMetricFamily(name, doc, labels=["worker"]) for name, doc, _ in _DATA_PLANE_COUNTERS]
@@ -207,6 +214,7 @@ def worker_families(workers: Iterable[WorkerSnapshot]) -> list[Metric]:
                 requests.add_metric([*labels, outcome], n)
             for gauge, (_, _, field_name) in zip(gauges, _OPERATOR_GAUGES, strict=True):
                 gauge.add_metric(labels, stats.get(field_name, 0))
+            loaded.add_metric(labels, 1 if stats.get("state", "ready") == "ready" else 0)
             for counter, (_, _, field_name) in zip(counters, _OPERATOR_COUNTERS, strict=True):
                 counter.add_metric(labels, stats.get(field_name, 0))
             latency = stats.get("latency") or {}
@@ -223,7 +231,7 @@ def worker_families(workers: Iterable[WorkerSnapshot]) -> list[Metric]:
                 gauge.add_metric([worker.name], store.get(field_name, 0))
         for encoded in worker.host.get("triton") or ():
             _add_triton_family(triton, encoded, worker.name)
-    return [requests, *counters, *gauges, *histograms, *store_counters, *store_gauges, *triton.values()]
+    return [requests, *counters, *gauges, loaded, *histograms, *store_counters, *store_gauges, *triton.values()]
 
 
 # Triton's families travel as [name, type, help, [[sample name, labels, value], ...]].
@@ -244,6 +252,10 @@ def _add_triton_family(out: dict[str, Metric], encoded: Sequence[Any], worker: s
         if family is None:
             family = out[name] = Metric(name, documentation, typ)
         for sample_name, labels, value in samples:
+            if typ == "counter" and sample_name == name:
+                # prometheus_client's exposition types a counter `<name>_total`: its samples must
+                # carry that name too, or parsers read them as another, untyped family.
+                sample_name = f"{name}_total"
             family.add_sample(sample_name, {**labels, "worker": worker}, value)
     except (ValueError, TypeError):  # a malformed report: skip it rather than fail the scrape
         return

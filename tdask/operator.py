@@ -14,15 +14,16 @@ import importlib.util
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from tdask.exceptions import InvalidRequestError
 from tdask.protocol import operator_key
+from tdask.protocol.signature import make_signature
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -65,6 +66,14 @@ class OperatorConfig:
         ``"hash:<parameter>"`` / ``{"policy": "hash", "parameter": "<parameter>"}`` (requests with
         the same value of that request parameter go to the same worker, by rendezvous hashing
         over the hosts; requests without it go least-loaded). Normalized to a dict.
+    inputs, outputs
+        The operator's signature, when its class does not declare one (or to replace it):
+        ``[("name", "DATATYPE", [dims]), ...]`` or mappings, as :attr:`Operator.inputs`.
+    execution_timeout_s
+        How long one ``execute`` may run, in seconds (``None``: the worker's
+        ``tdask.operator.execution-timeout``, 60 s by default). A request still unanswered then
+        gets :class:`~tdask.exceptions.ExecutionTimeoutError` at once, and the operator is
+        recovered (:meth:`Operator.on_execution_timeout`: a Triton model's worker restarts).
     """
 
     name: str
@@ -75,9 +84,19 @@ class OperatorConfig:
     parameters: dict[str, Any] = field(default_factory=dict)
     log_level: int | str | None = None
     routing: str | dict[str, Any] | None = None
+    inputs: list[Any] | None = None
+    outputs: list[Any] | None = None
+    execution_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         self.routing = routing_policy(self.routing, self.name)
+        timeout = self.execution_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(
+                f"operator {self.name!r}: execution_timeout_s must be a number of seconds > 0, got {timeout!r}"
+            )
+        if self.inputs is not None or self.outputs is not None:
+            make_signature(self.inputs or [], self.outputs or [], where=f"operator {self.name!r}")
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise ValueError(f"operator name must be a non-empty string without '/': {self.name!r}")
         if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
@@ -113,6 +132,12 @@ class OperatorConfig:
     def key(self) -> str:
         """The request-queue name of this operator: ``name/version``."""
         return operator_key(self.name, self.version)
+
+    def declared_signature(self) -> dict[str, Any] | None:
+        """The signature :attr:`inputs` and :attr:`outputs` declare, or ``None`` when neither is given."""
+        if self.inputs is None and self.outputs is None:
+            return None
+        return make_signature(self.inputs or [], self.outputs or [], where=f"operator {self.name!r}")
 
     @property
     def is_triton(self) -> bool:
@@ -244,7 +269,20 @@ class Operator(abc.ABC):
     ``execute`` is called with a batch of requests (at most ``max_inflight_requests`` in
     progress per worker) and must answer each one through ``request.response_sender()``.
     Raising answers every request not yet finished with an :class:`OperatorError`.
+
+    An operator may declare its signature in :attr:`inputs` and :attr:`outputs` (or its config
+    may, :attr:`OperatorConfig.inputs`): the gateway shows it as the model's metadata and
+    refuses requests that do not fit it before they travel.
     """
+
+    #: The tensors the operator takes: ``("name", "DATATYPE", [dims])`` tuples or mappings with
+    #: ``name``, ``datatype`` (KServe's: ``FP32``, ``INT64``, ``BYTES``, ...), ``shape`` (-1: any
+    #: size) and optionally ``optional``. Empty (and :attr:`outputs` empty): undeclared.
+    inputs: ClassVar[Sequence[Any]] = ()
+    #: The tensors it answers with, in the same form.
+    outputs: ClassVar[Sequence[Any]] = ()
+    #: Whether it may answer a request with several responses (shown as Triton's decoupled policy).
+    decoupled: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -271,6 +309,26 @@ class Operator(abc.ABC):
 
     async def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release what :meth:`setup` acquired; called once when the worker closes."""
+
+    def on_execution_timeout(self, requests: list[Request]) -> None:  # noqa: B027 - optional hook
+        """Recover after an ``execute`` ran past the operator's execution timeout.
+
+        Called on the worker's event loop once the batch's task was cancelled and ``requests``
+        were answered with :class:`~tdask.exceptions.ExecutionTimeoutError`. The default does
+        nothing (cancelling the task stopped an ``async`` operator); an operator whose work
+        cannot be interrupted (a Triton model instance) restarts what is stuck, e.g. with
+        :meth:`OperatorContext.restart_worker`.
+        """
+
+    def signature(self) -> dict[str, Any] | None:
+        """The operator's signature (:mod:`tdask.protocol.signature`), or ``None`` when undeclared.
+
+        Called once the operator is set up; by default built from :attr:`inputs`,
+        :attr:`outputs` and :attr:`decoupled`.
+        """
+        if not self.inputs and not self.outputs:
+            return None
+        return make_signature(self.inputs, self.outputs, decoupled=self.decoupled, where=f"operator {self.name!r}")
 
 
 SendFn = Callable[["Request", dict[str, Any]], Awaitable[None]]

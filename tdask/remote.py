@@ -160,7 +160,9 @@ class RemoteOperator:
     name
         The operator's name.
     version
-        The operator version to call (default 1).
+        The operator version to call. Default: the highest version hosted when the request is
+        sent (Triton's default version policy; version 1 while none is hosted yet). Naming a
+        version pins it.
     client
         The ``distributed.Client`` to send through; by default the operator's own worker when
         used inside an operator, else ``distributed.get_client()``.
@@ -170,15 +172,18 @@ class RemoteOperator:
         if not isinstance(name, str) or not name:
             raise ValueError(f"operator name must be a non-empty string, got {name!r}")
         self.name = name
+        #: Whether the caller named the version; if not, each request goes to the latest hosted.
+        self.pinned = version is not None
         self.version = version or 1
         self.key = operator_key(name, self.version)
         self._client = client
 
     def __repr__(self) -> str:
-        return f"RemoteOperator({self.name!r}, version={self.version})"
+        return f"RemoteOperator({self.name!r}, version={self.version if self.pinned else 'latest'})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RemoteOperator, (self.name,), {"version": self.version, "key": self.key, "_client": None})
+        state = {"version": self.version, "key": self.key, "pinned": self.pinned, "_client": None}
+        return (RemoteOperator, (self.name,), state)
 
     # -- facade --
     def _endpoint(self) -> Endpoint:
@@ -276,7 +281,10 @@ class RemoteOperator:
         deadline = time.monotonic() + timeout_s
         while True:
             state = await registry.operators()
-            hosts = state["hosts"].get(self.key)
+            if self.pinned:
+                hosts = state["hosts"].get(self.key)
+            else:  # any version of it
+                hosts = [h for k, hs in state["hosts"].items() if k.rsplit("/", 1)[0] == self.name for h in hs]
             if hosts:
                 return list(hosts)
             failures = state["failures"].get(self.name)
@@ -398,6 +406,7 @@ class _Call(AsyncIterator[Response]):
         self.cancelled = False  # closed before its final response
         self.yielded = 0
         self.resends = 0
+        self.key = op.key  # name/version; an unpinned call learns the latest version at each send
         self.sent_at = time.perf_counter()  # reset when it is sent, for the DEBUG log lines
 
     def _error(self, cls: type[TdaskError], message: str, worker: str | None = None) -> TdaskError:
@@ -407,7 +416,7 @@ class _Call(AsyncIterator[Response]):
         try:
             await self._place_and_submit()
         except TdaskError as exc:  # raised below this call (no host, no scheduler): say which request
-            if exc.operator in (None, self.op.key):  # the planes name operators by key
+            if exc.operator in (None, self.key):  # the planes name operators by key
                 exc.operator = self.op.name
             exc.request_id = exc.request_id or self.request_id
             raise
@@ -416,14 +425,17 @@ class _Call(AsyncIterator[Response]):
 
     async def _place_and_submit(self) -> None:
         settings = self.settings
+        if not self.op.pinned:  # the latest version hosted now (cached a second by the registry)
+            latest = await self.endpoint.plane.registry.latest(self.op.name)
+            self.key = operator_key(self.op.name, latest or 1)
         entries, self.placed = await protocol.encode_tensors(
             self.inputs,
-            lambda array: self.endpoint.place(self.op.key, array, settings.unavailable_timeout_s),
+            lambda array: self.endpoint.place(self.key, array, settings.unavailable_timeout_s),
             settings.inline_threshold,
         )
         request = protocol.request_msg(
             request_id=self.request_id,
-            operator=self.op.key,
+            operator=self.key,
             parameters=self.parameters,
             inputs=entries,
             deadline=self.deadline,
@@ -439,7 +451,7 @@ class _Call(AsyncIterator[Response]):
         if logger.isEnabledFor(logging.DEBUG):
             self.sent_at = time.perf_counter()
             again = f" again ({self.resends})" if self.resends else ""
-            logger.debug("request %s of %s sent%s", self.request_id, self.op.key, again)
+            logger.debug("request %s of %s sent%s", self.request_id, self.key, again)
 
     async def __anext__(self) -> Response:
         while True:
@@ -488,7 +500,7 @@ class _Call(AsyncIterator[Response]):
                 raise TimeoutError
             reply = await self.stream.next(remaining)  # a timer, no task or context manager per wait
         except TimeoutError:
-            logger.debug("request %s of %s: no final response within its deadline", self.request_id, self.op.key)
+            logger.debug("request %s of %s: no final response within its deadline", self.request_id, self.key)
             await self.aclose()
             raise self._error(
                 RequestTimeoutError, f"no final response within the {self.timeout_s:g}s deadline"
@@ -504,7 +516,7 @@ class _Call(AsyncIterator[Response]):
                 logger.debug(
                     "request %s of %s answered by %s: %s after %.3f ms",
                     self.request_id,
-                    self.op.key,
+                    self.key,
                     reply.get("worker"),
                     error["type"] if error else "ok",
                     (time.perf_counter() - self.sent_at) * 1e3,

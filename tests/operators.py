@@ -221,3 +221,22 @@ class DeviceSum(Operator):
             await request.response_sender().send(
                 outputs={"sum": np.array([float(data.sum())])}, parameters={"device": device}
             )
+
+
+class Countdown(Operator):
+    """Declares its signature on the class (the gateway shows and checks it): streams ``i`` = n-1 .. 0."""
+
+    inputs = [("n", "INT32", [1])]
+    outputs = [{"name": "i", "datatype": "INT32", "shape": [1]}]
+    decoupled = True
+
+    async def execute(self, requests):
+        for request in requests:
+            n = int((await request.fetch_inputs())["n"][0])
+            sender = request.response_sender()
+            if not 0 <= n <= 1000:
+                raise request.error(f"n must be >= 0 and <= 1000, got {n}")
+            for i in reversed(range(n)):
+                await sender.send(outputs={"i": np.array([i], dtype=np.int32)}, final=i == 0)
+            if n <= 0:
+                await sender.send(outputs={})

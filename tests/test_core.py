@@ -719,13 +719,15 @@ def test_dashboard_pages(deployment, client):
     assert base.startswith("http://127.0.0.1:")
     state = json.loads(urllib.request.urlopen(base + "/tdask/operators.json", timeout=10).read())
     assert len(state["hosts"]["add/1"]) == 2
-    if dask.config.get("tdask.request.plane") == "queue":  # direct requests bypass the broker
-        assert state["counts"]["answered"] > 0
     # Every worker reports what it served, whichever plane brought it (every 2 s, when changed).
     before = sum(w.get("add/1", {}).get("started", 0) for w in state["workers"].values())
+    answered_before = state["counts"].get("answered", 0)
     op = RemoteOperator("add", client=client)
     for _ in range(5):
         op.infer(inputs={"a": np.arange(3), "b": np.arange(3)})
+    if dask.config.get("tdask.request.plane") == "queue":  # direct requests bypass the broker
+        after = json.loads(urllib.request.urlopen(base + "/tdask/operators.json", timeout=10).read())
+        assert after["counts"]["answered"] == answered_before + 5, (answered_before, after["counts"])
 
     def served() -> int:
         nonlocal state

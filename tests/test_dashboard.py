@@ -61,7 +61,7 @@ def _triton_successes(url: str, model: str, worker: str) -> float:
     return sum(
         s.value
         for s in _samples(url)
-        if s.name == "nv_inference_request_success"
+        if s.name == "nv_inference_request_success_total"  # a counter: prometheus_client's naming
         and s.labels.get("model") == model
         and s.labels.get("worker") == worker
     )
@@ -93,7 +93,7 @@ def test_triton_metrics_per_worker(pipeline):
         message="the scheduler's /metrics never carried the worker's Triton counts",
     )
     names = {s.name for s in _samples(worker_url)}
-    assert {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us"} <= names, names
+    assert {"nv_inference_queue_duration_us_total", "nv_inference_compute_infer_duration_us_total"} <= names, names
 
 
 def _chromium() -> str:

@@ -144,6 +144,10 @@ def test_kubernetes_manifests(tmp_path, gpu):
         (container,) = manifest["spec"]["worker"]["spec"]["containers"]  # DaskCluster and DaskWorkerGroup alike
         assert container["image"] == image
         assert {"name": "tdask-wire", "containerPort": 8790, "protocol": "TCP"} in container["ports"]
+        # The probes' port is the worker's HTTP server; tests/test_serve.py asks their paths of a real worker.
+        assert any(p["name"] == container["readinessProbe"]["httpGet"]["port"] for p in container["ports"])
+        assert container["readinessProbe"]["httpGet"]["path"] == "/tdask/ready"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/health"
         assert {"name": "DASK_TDASK__WORKER__WIRE_PORT", "value": "8790"} in container["env"]
         args = container["args"]
         assert args[args.index("worker") + 1] == "$(DASK_SCHEDULER_ADDRESS)"  # before --tdask-operator

@@ -145,10 +145,12 @@ def test_one_request_id_through_every_log_and_where_to_look(embedded):
     assert result.returncode == 0, result.stdout + result.stderr
     base = re.search(r"^dashboard: (http://127\.0\.0\.1:\d+)/status$", result.stdout, re.M)
     assert base, result.stdout
-    # The final report says where to look.
-    assert f"Dashboard: {base.group(1)}/tdask" in result.stdout
-    assert f"Metrics: {base.group(1)}/metrics" in result.stdout
-    assert f"Logs: {logs}" in result.stdout
+    # The final report says where to look, truly: the cluster has stopped when it is read (no
+    # link to its dashboard then), and at debug level the request ids are in the logs.
+    closing = result.stdout.split("Answered by:", 1)[-1]
+    assert f"{base.group(1)}/tdask" not in closing and "stopped with this run's cluster" in closing
+    assert f"Logs: {logs}" in result.stdout and "follow a request id: grep -r client0-0" in result.stdout
+    assert any("client0-0" in p.read_text() for p in logs.iterdir()), "the hint's grep finds the request"
     lines = {p.name: [ln for ln in p.read_text().splitlines() if "client0-3" in ln] for p in logs.iterdir()}
     assert any("request client0-3 of encoder_decoder/1 sent" in ln for ln in lines["client.log"]), lines["client.log"]
     assert any("answered by" in ln for ln in lines["client.log"])
@@ -181,6 +183,9 @@ def test_embedded_encoder_only_with_copies(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Correct: 10/10" in result.stdout
+    # At the default level the request ids are not logged: the hint says how to get them.
+    assert "run with --log-level debug to follow a request id" in result.stdout, result.stdout
+    assert not any("client0-0" in p.read_text() for p in tmp_path.iterdir() if p.is_file())
     _assert_clean(since)
 
 

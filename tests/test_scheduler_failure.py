@@ -78,7 +78,8 @@ def test_scheduler_killed_under_traffic_then_restarted(tmp_path, record_property
     Direct plane: the requests in flight finish (their workers finish what they hold, the calls
     of pipelines in flight included, before restarting). Queue plane: they were held by the
     broker, and fail with SchedulerLostError. Either plane: new requests during the outage fail
-    promptly with SchedulerLostError; once a scheduler is back, the Nanny-restarted workers
+    promptly with SchedulerLostError (direct: one sent before the client noticed the loss may still
+    be answered by its worker); once a scheduler is back, the Nanny-restarted workers
     rejoin and requests are served again."""
     before = child_pids()
     port = _free_port()
@@ -153,7 +154,14 @@ def test_scheduler_killed_under_traffic_then_restarted(tmp_path, record_property
         assert failed == [], f"requests already on the direct plane finish: {finished}"
     else:
         assert set(failed) <= {"SchedulerLostError"} and failed, finished
-    assert {e for _, e in outage} <= {"SchedulerLostError"}, outage
+    if plane == "direct":
+        # A request sent before this client has noticed the loss can still reach a worker through
+        # its cached registry and be answered (right: `one` checks the sum); once noticed, the rest
+        # fail with SchedulerLostError.
+        assert {e for _, e in outage} <= {"SchedulerLostError", None}, outage
+        assert "SchedulerLostError" in {e for _, e in outage}, outage
+    else:
+        assert {e for _, e in outage} <= {"SchedulerLostError"}, outage
     assert all(s < 5 for s, _ in outage), f"new requests fail promptly: {outage}"
     assert back_at > restarted
     assert_no_children(ignore=before)

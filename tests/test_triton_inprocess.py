@@ -98,6 +98,9 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
             out["after"] = r.outputs["input_copies"].tolist()
             await server.unload_model("misbehaving")
             out["prefix"] = server.shm_region_prefix
+            # The backend config's shared-memory prefix reached the python backend: its stubs'
+            # regions carry it (C-API options rendered from TritonOptions, applied for real).
+            out["shm_during"] = [p.name for p in SHM_DIR.glob(out["prefix"] + "*")]
         await server.stop()  # a no-op
         out["alive"] = server.is_alive()
         out["shm_left"] = [p.name for p in SHM_DIR.glob(out["prefix"] + "*")]
@@ -128,6 +131,7 @@ def test_lifecycle_inference_errors_and_log(tmp_path, shim):
     assert out["errors"]["unknown"][0] in (400, 404) and "nope" in out["errors"]["unknown"][1]
     assert out["errors"]["raise"][0] in (400, 500) and "raised on purpose" in out["errors"]["raise"][1]
     assert out["reserved"] and out["timeout"] and out["after"] == [3]
+    assert out["shm_during"], "no shared-memory region with the server's prefix while its stubs ran"
     assert out["alive"] is False and out["shm_left"] == []
     assert "cannot be started" in out["restart"]
     log = (tmp_path / "w_1.triton.log").read_text()  # <log-dir>/<worker>.triton.log, "/" made safe

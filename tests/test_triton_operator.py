@@ -295,7 +295,7 @@ def test_kind_gpu_models_round_trip():
 @pytest.mark.parametrize(
     "mode, message",
     [
-        ("wrong-dtype", "returned output .output. as FP32, its config declares INT64"),
+        ("wrong-dtype", r"answered wrongly: output .output. as FP32 \(declared INT64\)"),
         ("raise", "misbehaving model raised on purpose"),
     ],
 )

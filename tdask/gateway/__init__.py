@@ -16,5 +16,6 @@ carried outputs. See :mod:`tdask.gateway.kserve` for the mapping of tensors, par
 from __future__ import annotations
 
 from tdask.gateway.core import Gateway
+from tdask.gateway.limits import FrontDoor, Limits
 
-__all__ = ["Gateway"]
+__all__ = ["FrontDoor", "Gateway", "Limits"]

@@ -144,7 +144,10 @@ def _python_group(ctx: click.Context, param: click.Parameter, value: tuple[int, 
 def _model_repository(ctx: click.Context, param: click.Parameter, value: str) -> str:
     missing = [m for m in ("encoder", "decoder") if not os.path.isfile(os.path.join(value, m, "config.pbtxt"))]
     if missing:
-        raise click.BadParameter(f"{value} has no {' or '.join(f'{m}/config.pbtxt' for m in missing)}")
+        raise click.BadParameter(
+            f"{value} has no {' or '.join(f'{m}/config.pbtxt' for m in missing)} (the hello world's models); "
+            "to serve your own repository's models: tdask serve --model-repository DIR"
+        )
     return os.path.abspath(value)
 
 

@@ -49,7 +49,10 @@ def main(
 
         report = asyncio.run(run())
         click.echo(report.summary())
-        click.echo(where_to_look(deployment.dashboard_link, deployment.log_dir, still_up=False))
+        dashboard_link = deployment.dashboard_link
+    # Said once the cluster has stopped, as it is then: no link to a dashboard that is gone.
+    log_level = deploy_kwargs.get("log_level")
+    click.echo(where_to_look(dashboard_link, deployment.log_dir, still_up=False, log_level=log_level))
     sys.exit(0 if report.ok else 1)
 
 

@@ -73,16 +73,39 @@ class ClientReport:
         return "\n".join(lines)
 
 
-def where_to_look(dashboard_link: str | None, log_dir: Any = None, *, still_up: bool = True) -> str:
-    """The lines that end a report: tdask's dashboard page, the Prometheus metrics, the logs."""
+def where_to_look(
+    dashboard_link: str | None, log_dir: Any = None, *, still_up: bool = True, log_level: str | None = None
+) -> str:
+    """The lines that end a report: tdask's dashboard page, the Prometheus metrics, the logs.
+
+    Parameters
+    ----------
+    dashboard_link
+        The scheduler's dashboard.
+    log_dir
+        The deployment's log directory, if any.
+    still_up
+        Whether the deployment still runs when these lines are read; ``False`` (the embedded
+        hello world, which stops its cluster) names no link that is gone by then.
+    log_level
+        The level the run logged at: request ids are in the logs at DEBUG only.
+    """
     lines = []
-    if dashboard_link:
+    if dashboard_link and still_up:
         base = dashboard_link.rsplit("/status", 1)[0]
-        up = "" if still_up else " (up while the deployment runs: `tdask deploy` keeps one up)"
-        lines.append(f"Dashboard: {base}/tdask (rates, latency, errors, queues, in flight per worker){up}")
+        lines.append(f"Dashboard: {base}/tdask (rates, latency, errors, queues, in flight per worker)")
         lines.append(f"Metrics: {base}/metrics (Prometheus, whole cluster; every worker serves its own /metrics)")
+    elif dashboard_link:
+        lines.append(
+            "Dashboard and metrics: stopped with this run's cluster; to keep them up, deploy with "
+            "`python -m tdask.hello_world.deploy` and run `python -m tdask.hello_world.client --scheduler-address ...`"
+        )
     if log_dir:
-        lines.append(f"Logs: {log_dir} (one file per worker and process; follow a request id: grep -r client0-0)")
+        if (log_level or "").upper() == "DEBUG":
+            follow = "follow a request id: grep -r client0-0"
+        else:
+            follow = "run with --log-level debug to follow a request id through them: grep -r client0-0"
+        lines.append(f"Logs: {log_dir} (one file per worker and process; {follow})")
     return "\n".join(lines)
 
 

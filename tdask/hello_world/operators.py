@@ -19,6 +19,10 @@ class EncoderDecoder(Operator):
     id can be followed through every log of the pipeline.
     """
 
+    # Its signature, shown by the gateway as this model's metadata.
+    inputs = [("input", "INT64", [-1])]
+    outputs = [("output", "INT64", [-1])]
+
     async def setup(self) -> None:
         """Handles to the encoder and decoder (names from ``parameters``)."""
         self.encoder = RemoteOperator(self.parameters.get("encoder", "encoder"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,24 +42,36 @@ UNDELIVERED = "undelivered"
 class OperatorMetrics:
     """What a worker measures of one hosted operator, observed as requests are served."""
 
-    __slots__ = ("execute", "outcomes", "retried", "total", "wait")
+    __slots__ = ("execute", "last_ok", "outcome_seconds", "outcomes", "retried", "timeouts", "total", "wait")
 
     def __init__(self) -> None:
         self.wait = Histogram()
         self.execute = Histogram()
         self.total = Histogram()
         self.outcomes: dict[str, int] = {}
+        # Per outcome, the summed seconds from arrival to the final answer (the gateway's
+        # Triton statistics: success and fail durations), and when the last "ok" answer went.
+        self.outcome_seconds: dict[str, float] = {}
+        self.last_ok = 0.0
         self.retried = 0
+        self.timeouts = 0  # batches that ran past the operator's execution timeout
 
-    def count(self, outcome: str) -> None:
-        """Count one final outcome (``"ok"``, an error's type, :data:`CANCELLED`, ...)."""
+    def count(self, outcome: str, seconds: float | None = None) -> None:
+        """Count one final outcome (``"ok"``, an error's type, :data:`CANCELLED`, ...), ``seconds`` after arrival."""
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if seconds is not None:
+            self.outcome_seconds[outcome] = self.outcome_seconds.get(outcome, 0.0) + seconds
+            if outcome == "ok":
+                self.last_ok = time.time()
 
     def snapshot(self) -> dict[str, Any]:
         """Plain copies of the counters and histograms (for stats reports and scrapes)."""
         return {
             "outcomes": dict(self.outcomes),
+            "outcome_seconds": dict(self.outcome_seconds),
+            "last_ok": self.last_ok,
             "retried": self.retried,
+            "timeouts": self.timeouts,
             "latency": {
                 "wait": self.wait.snapshot(),
                 "execute": self.execute.snapshot(),

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,10 +32,12 @@ from distributed.core import Status
 from tdask import metrics
 from tdask.config import get_seconds
 from tdask.data_plane import RemoteTensor, TensorStore
+from tdask.host import readiness
 from tdask.host.metrics import TritonMetrics, export_worker
 from tdask.host.serving import Hosted, Serving
 from tdask.operator import Operator, OperatorConfig, OperatorContext
 from tdask.protocol import Rpc
+from tdask.protocol.signature import normalize_signature
 from tdask.request_plane import (
     BrokerSession,
     DirectServer,
@@ -42,6 +46,7 @@ from tdask.request_plane import (
     RequestPlane,
     make_request_plane,
 )
+from tdask.request_plane.registry import _HOSTS_TTL_S
 
 if TYPE_CHECKING:
     from tdask.triton import TritonServerBase
@@ -54,6 +59,32 @@ PLUGIN_NAME = "tdask-operators"
 
 # Worker states in which the plugin stops waiting to register.
 _GONE = (Status.closing, Status.closed, Status.failed, Status.closing_gracefully)
+
+
+def _signature(hosted: Hosted) -> dict[str, Any] | None:
+    """The signature the worker publishes for an operator (its config's, else its own); ``None``: undeclared."""
+    config = hosted.config
+    try:
+        declared = config.declared_signature()
+        return declared if declared is not None else normalize_signature(hosted.operator.signature())
+    except Exception:
+        logger.exception("operator %s declares a malformed signature; publishing none", config.key)
+        return None
+
+
+def _infos(hosted: dict[str, Hosted]) -> list[dict[str, Any]]:
+    """What the broker's registry records of each hosted operator."""
+    return [
+        {
+            "key": key,
+            "name": h.config.name,
+            "version": h.config.version,
+            "max_inflight": h.config.max_inflight_requests,
+            "routing": h.config.routing,
+            "signature": _signature(h),
+        }
+        for key, h in hosted.items()
+    ]
 
 
 class WorkerEndpoint:
@@ -90,6 +121,9 @@ class OperatorHost(WorkerPlugin):
         Copy this worker's ``distributed`` and ``tdask`` log lines into this file.
     log_level
         Level of the worker's ``distributed`` and ``tdask`` loggers.
+    stderr_level
+        Level of what the worker prints on stderr (its stream handlers only: ``log_file`` keeps
+        the loggers' level); ``None``: unchanged.
     """
 
     name = PLUGIN_NAME
@@ -102,6 +136,7 @@ class OperatorHost(WorkerPlugin):
         log_dir: str | Path | None = None,
         log_file: str | Path | None = None,
         log_level: str | int | None = None,
+        stderr_level: str | int | None = None,
     ) -> None:
         operators = list(operators)
         if not operators:
@@ -117,6 +152,7 @@ class OperatorHost(WorkerPlugin):
         self.log_dir = str(log_dir) if log_dir is not None else None
         self.log_file = str(log_file) if log_file is not None else None
         self.log_level = log_level.upper() if isinstance(log_level, str) else log_level
+        self.stderr_level = stderr_level.upper() if isinstance(stderr_level, str) else stderr_level
         self._reset()
 
     def _reset(self) -> None:
@@ -134,9 +170,20 @@ class OperatorHost(WorkerPlugin):
         self._closing = False
         self._scheduler_lost = False
         self._restart: asyncio.Task[Any] | None = None
+        self._restart_pending: str | None = None  # asked for while the worker was starting
         self._log_handler: logging.Handler | None = None
         self._triton_metrics: TritonMetrics | None = None
         self._metrics_token: int | None = None
+        self._context: OperatorContext | None = None
+        # A second OperatorHost on a worker that has one joins it (_join): the first one serves
+        # its operators too; these are what the second brought, and the first's registration.
+        self._primary: OperatorHost | None = None
+        self._extra: list[OperatorConfig] = []
+        self._joined_keys: list[str] = []
+        self._registered = False
+        # Operators unregistered ahead of this worker's leaving (scale-down, removal): still
+        # served until they have finished what they hold (retire).
+        self._retired: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -144,6 +191,7 @@ class OperatorHost(WorkerPlugin):
             "log_dir": self.log_dir,
             "log_file": self.log_file,
             "log_level": self.log_level,
+            "stderr_level": self.stderr_level,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -151,6 +199,7 @@ class OperatorHost(WorkerPlugin):
         self.log_dir = state["log_dir"]
         self.log_file = state.get("log_file")
         self.log_level = state.get("log_level")
+        self.stderr_level = state.get("stderr_level")
         self._reset()
 
     @property
@@ -165,6 +214,11 @@ class OperatorHost(WorkerPlugin):
         if self.log_level is not None:
             for name in ("distributed", "tdask"):
                 logging.getLogger(name).setLevel(self.log_level)
+        if self.stderr_level is not None:
+            for name in ("distributed", "tdask"):
+                for handler in logging.getLogger(name).handlers:
+                    if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                        handler.setLevel(self.stderr_level)
         if self.log_file is None:
             return
         Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -183,15 +237,35 @@ class OperatorHost(WorkerPlugin):
 
     def _log_dir(self) -> Path:
         assert self.worker is not None
-        path = Path(self.log_dir) if self.log_dir else Path(self.worker.local_directory)
+        # Not the worker's scratch directory (deleted with the worker): Triton's log must outlive it.
+        configured = self.log_dir or dask.config.get("tdask.log-dir", None)
+        path = Path(configured) if configured else Path(tempfile.gettempdir()) / "tdask-logs"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def setup(self, worker: Worker) -> None:
-        """Build every operator; on failure, record it for callers and raise."""
+        """Build every operator; on failure, record it for callers and raise.
+
+        On a worker that already runs an :class:`OperatorHost` (``client.register_plugin`` of
+        more operators, under another name), this one joins it: the first host serves these
+        operators too, so that those already there keep being served (a second serving loop of
+        its own would replace the first's handlers).
+        """
         self.worker = worker
+        readiness.install(worker)  # /tdask/ready on the worker's HTTP server
+        primary = next(
+            (
+                p
+                for p in worker.plugins.values()
+                if isinstance(p, OperatorHost) and p is not self and p._primary is None and p.serving is not None
+            ),
+            None,
+        )
+        if primary is not None and not primary._closing:
+            await self._join(primary)
+            return
         self._start_log_file()
         self.store = TensorStore(worker)
         self.store.install()
@@ -211,9 +285,12 @@ class OperatorHost(WorkerPlugin):
             endpoint=WorkerEndpoint(self.plane, self.store),
             planes=[self.direct, self.queue],
             keep_unanswered=self._beyond_repair,
+            on_execution_timeout=self._execution_timed_out,
         )
         self.plane.on_orphan = self.serving.release_orphan
         worker.handlers[Rpc.HOST_STATS] = self.serving.stats
+        worker.handlers[Rpc.RETIRE] = self.retire
+        worker.handlers[Rpc.MODEL] = self.model_control
         worker.handle_scheduler = self._handle_scheduler  # type: ignore[method-assign]
         self._metrics_token = export_worker(lambda: str(worker.name), self._live_metrics)
         await self.direct.start()
@@ -224,6 +301,7 @@ class OperatorHost(WorkerPlugin):
             triton_server=self._triton_server,
             restart_worker=self.restart_worker,
         )
+        self._context = context
         for config in self.operators:
             try:
                 self.serving.hosted[config.key] = Hosted(config, await self._build(config, context))
@@ -258,7 +336,8 @@ class OperatorHost(WorkerPlugin):
         async with self._triton_lock:
             if self._triton is None:
                 assert self.worker is not None
-                repositories = sorted({c.repository for c in self.operators if c.is_triton and c.repository})
+                configs = [*self.operators, *self._extra]
+                repositories = sorted({c.repository for c in configs if c.is_triton and c.repository})
                 name = str(self.worker.name).replace("/", "_")
                 server = await start_server(
                     TritonOptions(model_repository=repositories, log_dir=self._log_dir(), name=name)
@@ -266,7 +345,14 @@ class OperatorHost(WorkerPlugin):
                 loop = asyncio.get_running_loop()
 
                 def exited(returncode: int) -> None:  # may run in the server's watcher thread
-                    loop.call_soon_threadsafe(self._triton_exited, returncode)
+                    try:
+                        on_loop = asyncio.get_running_loop() is loop
+                    except RuntimeError:
+                        on_loop = False
+                    if on_loop:  # at once: no request may reach the broken server meanwhile
+                        self._triton_exited(returncode)
+                    else:
+                        loop.call_soon_threadsafe(self._triton_exited, returncode)
 
                 server.add_exit_callback(exited)
                 self._triton = server
@@ -291,10 +377,34 @@ class OperatorHost(WorkerPlugin):
         """
         if self._closing or self._restart is not None or self.worker is None:
             return
+        if self.worker.status not in (Status.running, Status.paused):
+            # Still starting: a failed setup reports itself (the worker fails to start); a server
+            # that broke after the operators were built restarts the worker once it runs.
+            self._restart_pending = self._restart_pending or reason
+            return
         logger.error("restarting worker %s: %s", self.worker.address, reason)
-        self.worker.log_event("tdask", {"action": "restart", "reason": reason})
+        self.worker.log_event("tdask", {"action": "restart", "reason": reason, "operators": list(self.hosted)})
         # Not in self._tasks: teardown (which this close runs) cancels those.
-        self._restart = asyncio.create_task(self.worker.close(nanny=False, reason=f"tdask-restart: {reason}"))
+        self._restart = asyncio.create_task(self._close_for_restart(reason))
+
+    async def _close_for_restart(self, reason: str) -> None:
+        worker = self.worker
+        assert worker is not None
+        await worker.close(nanny=False, reason=f"tdask-restart: {reason}")
+        if worker.nanny:
+            # Its Nanny starts a fresh worker once this process ends: end it now. Left to
+            # itself, the process would wait for the Nanny's stop-queue thread (2 s), and exit
+            # with Triton's core still in it (a restart does not stop it gracefully).
+            for name in ("", "distributed", "tdask"):
+                for handler in logging.getLogger(name).handlers:
+                    with contextlib.suppress(Exception):
+                        handler.flush()
+            os._exit(0)
+
+    def _execution_timed_out(self, key: str, request_ids: list[str]) -> None:
+        """A batch of ``key`` ran past its execution timeout: tell the scheduler (its counters)."""
+        if self.worker is not None:
+            self.worker.log_event("tdask", {"action": "execution-timeout", "operator": key, "requests": request_ids})
 
     async def _register_and_report(self) -> None:
         """Once the worker is registered: announce operators (and failures), then report stats."""
@@ -304,16 +414,11 @@ class OperatorHost(WorkerPlugin):
             if worker.status in _GONE:
                 return
             await asyncio.sleep(0.02)
-        infos = [
-            {
-                "key": key,
-                "name": h.config.name,
-                "version": h.config.version,
-                "max_inflight": h.config.max_inflight_requests,
-                "routing": h.config.routing,
-            }
-            for key, h in serving.hosted.items()
-        ]
+        if self._restart_pending is not None:
+            self.restart_worker(self._restart_pending)
+            return
+        infos = _infos(serving.hosted)
+        self._registered = True  # operators joining from now on register themselves
         await queue.register(infos, self.failures, on_requester_left=self._requester_left)
         interval = get_seconds("tdask.worker.report-interval") or 1.0
         last: tuple[dict[str, Any], dict[str, Any]] | None = None
@@ -367,7 +472,14 @@ class OperatorHost(WorkerPlugin):
             self.direct.requester_left(requester)
 
     async def teardown(self, worker: Worker) -> None:
-        """Stop taking requests, let in-flight ones finish briefly, hand back the rest, stop."""
+        """Stop taking requests, let in-flight ones finish briefly, hand back the rest, stop.
+
+        A host that joined another (:meth:`setup`) removes only its own operators, after they
+        finished what they hold (:meth:`retire`); the others keep serving.
+        """
+        if self._primary is not None:
+            await self._leave(self._primary)
+            return
         self._closing = True
         if self.serving is not None:
             self.serving.closing = True
@@ -391,6 +503,10 @@ class OperatorHost(WorkerPlugin):
                 await asyncio.wait_for(self.queue.unregister(release_leases=True), 5)
         if self.plane is not None:
             await self.plane.aclose()
+        if self.direct is not None and self._restart is not None:
+            # Beyond repair: its direct callers re-serve what it held as soon as its sessions
+            # close (now), not after Triton's stop.
+            await self.direct.close()
         for key, hosted in self.hosted.items():
             try:
                 await hosted.operator.teardown()
@@ -401,7 +517,8 @@ class OperatorHost(WorkerPlugin):
             self._triton = None
         if self.store is not None:
             await self.store.close()
-        worker.handlers.pop(Rpc.HOST_STATS, None)
+        for handler in (Rpc.HOST_STATS, Rpc.RETIRE, Rpc.MODEL):
+            worker.handlers.pop(handler, None)
         if self._metrics_token is not None:
             metrics.remove_source(self._metrics_token)
             self._metrics_token = None
@@ -411,4 +528,148 @@ class OperatorHost(WorkerPlugin):
 
     def stats(self) -> dict[str, Any]:
         """In-flight accounting per operator (see :meth:`Serving.stats`)."""
+        if self._primary is not None:
+            stats = self._primary.stats()
+            return {key: stats[key] for key in self._joined_keys if key in stats}
         return self.serving.stats() if self.serving is not None else {}
+
+    # -- operators joining and leaving a running worker; retiring; model control ----------
+
+    async def _join(self, primary: OperatorHost) -> None:
+        """Have ``primary`` (the worker's first host) build and serve this host's operators too."""
+        worker, serving, queue, context = primary.worker, primary.serving, primary.queue, primary._context
+        assert worker is not None and serving is not None and queue is not None and context is not None
+        self._primary = primary
+        clash = [c.key for c in self.operators if c.key in serving.hosted]
+        if clash:
+            raise ValueError(f"operators {clash} are already hosted on worker {worker.address}")
+        primary._extra.extend(self.operators)  # its Triton server, if not started yet, covers their repositories
+        built: dict[str, Hosted] = {}
+        for config in self.operators:
+            try:
+                triton = primary._triton
+                if config.is_triton and triton is not None and config.repository:
+                    if Path(config.repository).resolve() not in triton.model_repositories:
+                        raise ValueError(
+                            f"the worker's Triton server runs over {[str(r) for r in triton.model_repositories]}, "
+                            f"not {config.repository}; host this model on another worker"
+                        )
+                built[config.key] = Hosted(config, await primary._build(config, context))
+            except Exception as exc:
+                self.failures[config.name] = f"{type(exc).__name__}: {exc}"
+                logger.exception("operator %s failed to start on %s", config.key, worker.address)
+        serving.hosted.update(built)
+        self._joined_keys = list(built)
+        logger.info("worker %s now also hosts %s", worker.address, self._joined_keys)
+        if primary._registered or self.failures:
+            await queue.register(_infos(built), self.failures, on_requester_left=primary._requester_left)
+        if self.failures:
+            raise RuntimeError(
+                f"tdask operators failed to start on {worker.address}: "
+                + "; ".join(f"{name}: {msg}" for name, msg in self.failures.items())
+            )
+
+    async def _leave(self, primary: OperatorHost) -> None:
+        """Stop serving this host's operators on ``primary``'s worker; the others go on."""
+        keys, self._joined_keys = self._joined_keys, []
+        serving = primary.serving
+        if primary._closing or serving is None or not keys:
+            return  # the worker is closing: its first host stops everything
+        await primary.retire(keys)
+        for key in keys:
+            hosted = serving.hosted.pop(key, None)
+            if hosted is None:
+                continue
+            handed: dict[Any, list[tuple[str, str]]] = {}
+            for entry in hosted.waiting:  # none, unless retire gave up waiting
+                handed.setdefault(entry.plane, []).append(entry.key)
+            for plane, waiting in handed.items():
+                plane.hand_back(waiting)
+            for task in list(hosted.batches):
+                task.cancel()
+            await asyncio.gather(*hosted.batches, return_exceptions=True)
+            try:
+                await hosted.operator.teardown()
+            except Exception:
+                logger.exception("operator %s failed to tear down", key)
+            model = str(hosted.config.parameters.get("model", hosted.config.name))
+            if hosted.config.is_triton and primary._triton is not None and primary._triton.is_alive():
+                with contextlib.suppress(Exception):
+                    await primary._triton.unload_model(model, wait=False)
+        if primary.queue is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(primary.queue.unregister(release_leases=True, operators=keys), 5)
+        primary._extra = [c for c in primary._extra if c.key not in keys]
+        primary._retired.difference_update(keys)
+        logger.info("worker %s no longer hosts %s", primary.worker.address if primary.worker else "?", keys)
+
+    async def retire(
+        self, operators: list[str] | None = None, timeout: float | None = None, removing: bool = True
+    ) -> dict[str, Any]:
+        """Stop being given requests of ``operators`` (default: all here) and finish what is held.
+
+        The ``tdask_retire`` handler, called before a worker is closed by a scale-down or an
+        update, and before operators are removed from a running worker. The broker forgets this
+        worker as their host at once; callers learn it within their hosts cache's second, and
+        what reaches this worker meanwhile is still served. Returns once nothing of theirs is in
+        flight or waits here, or after ``timeout`` seconds (default ``60``; then what is left is
+        handed back at teardown, as a worker closing does). ``removing=False`` (autoscaling):
+        an operator left with no host may come back, so its callers wait for one.
+        """
+        serving, queue = self.serving, self.queue
+        if serving is None or queue is None or self.worker is None:
+            return {"worker": None, "operators": [], "left": 0}
+        keys = [k for k in (operators or list(serving.hosted)) if k in serving.hosted]
+        self._retired.update(keys)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(queue.unregister(release_leases=False, operators=keys, removing=removing), 5)
+        began = time.monotonic()
+        bound = 60.0 if timeout is None else float(timeout)
+        quiet_after = _HOSTS_TTL_S + 0.5  # every caller has asked the registry again since
+
+        def held() -> int:
+            return sum(serving.hosted[k].inflight + len(serving.hosted[k].waiting) for k in keys if k in serving.hosted)
+
+        while time.monotonic() - began < bound:
+            if held() == 0 and time.monotonic() - began >= quiet_after:
+                break
+            await asyncio.sleep(0.05)
+        left = held()
+        logger.info(
+            "worker %s retired %s in %.1fs (%d requests left)",
+            self.worker.address,
+            keys,
+            time.monotonic() - began,
+            left,
+        )
+        return {"worker": self.worker.address, "operators": keys, "left": left}
+
+    async def model_control(self, name: str, action: str) -> dict[str, Any]:
+        """Load, unload or reload the Triton model of operator ``name`` hosted here (``tdask_model``).
+
+        ``action`` is ``"load"``, ``"unload"`` or ``"reload"``. An unloaded model's operator stays
+        registered and answers its requests with :class:`~tdask.exceptions.OperatorUnavailableError`
+        until it is loaded again. Returns ``{"worker", "operators": {key: state}}``; the state
+        also shows in the worker's stats (``/tdask/operators.json``, the dashboard, ``/metrics``).
+        """
+        if action not in ("load", "unload", "reload"):
+            raise ValueError(f"model action must be load, unload or reload, got {action!r}")
+        serving = self.serving
+        assert serving is not None and self.worker is not None
+        states: dict[str, str] = {}
+        for key, hosted in serving.hosted.items():
+            if hosted.config.name != name:
+                continue
+            control = getattr(hosted.operator, "model_control", None)
+            if control is None:
+                raise ValueError(f"operator {key} on {self.worker.address} is not a Triton model: no model control")
+            hosted.state = "loading" if action != "unload" else "unloading"
+            try:
+                await control(action)
+            except BaseException as exc:
+                hosted.state = f"failed: {type(exc).__name__}: {exc}"
+                raise
+            hosted.state = "unloaded" if action == "unload" else "ready"
+            states[key] = hosted.state
+            self.worker.log_event("tdask", {"action": f"model-{action}", "operator": key})
+        return {"worker": self.worker.address, "operators": states}

@@ -8,6 +8,8 @@ where callers get :class:`~tdask.exceptions.OperatorUnavailableError` with the w
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import logging
 import sys
@@ -27,6 +29,8 @@ __all__ = ["cuda_worker_unavailable_reason", "dask_setup", "parse_operator_optio
 
 # The command lines that start dask-cuda's CUDAWorker (click's command path of each).
 _CUDA_WORKER_COMMANDS = ("dask cuda worker", "dask-cuda-worker")
+# Every command line that starts a worker with this preload (click's command path of each).
+_WORKER_COMMANDS = ("dask worker", "dask-worker", "dask_worker", *_CUDA_WORKER_COMMANDS)
 
 
 def cuda_worker_unavailable_reason() -> str | None:
@@ -76,24 +80,74 @@ _refuse_cuda_worker_without_gpu()
 
 
 def parse_operator_option(text: str) -> list[OperatorConfig]:
-    """Read ``--tdask-operator``: a JSON object or list, or ``@path`` to a JSON/YAML file."""
+    """Read ``--tdask-operator``: a JSON object or list, or ``@path`` to a JSON/YAML file.
+
+    Raises
+    ------
+    click.BadParameter
+        Not JSON (or the file cannot be read or is not YAML), not an object, an unknown field
+        (with the closest known one), or a value :class:`OperatorConfig` refuses.
+    """
     if text.startswith("@"):
-        data = yaml.safe_load(Path(text[1:]).read_text())
+        try:
+            data = yaml.safe_load(Path(text[1:]).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise click.BadParameter(f"cannot read {text[1:]}: {exc}") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"not JSON: {exc}") from None
+            raise click.BadParameter(f"not JSON: {exc}: {_shorten(text)}") from None
     items = data if isinstance(data, list) else [data]
+    known = [f.name for f in dataclasses.fields(OperatorConfig)]
     configs = []
     for item in items:
         if not isinstance(item, dict):
             raise click.BadParameter(f"expected an object describing an operator, got {item!r}")
+        for key in item:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
+                raise click.BadParameter(f"unknown field {key!r} ({hint})")
+        missing = [name for name in ("name", "implementation") if name not in item]
+        if missing:
+            raise click.BadParameter(f"missing field {missing[0]!r} in {json.dumps(item)}")
         try:
             configs.append(OperatorConfig(**item))
         except (TypeError, ValueError) as exc:
             raise click.BadParameter(str(exc)) from None
     return configs
+
+
+def _starts_a_worker(ctx: click.Context) -> bool:
+    """Whether ``ctx`` starts a worker: ``dask worker``, ``python -m distributed.cli.dask_worker``, ..."""
+    # `python -m distributed.cli.dask_worker` (what dask-jobqueue runs) has no command path of its own.
+    named = ctx.command.name in ("worker", "dask-worker", "dask_worker", "dask-cuda-worker")
+    return ctx.command_path in _WORKER_COMMANDS or (named and "preload" in ctx.params)
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_operators(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate every ``--tdask-operator`` while the command line is parsed.
+
+    ``dask worker`` parses its preload's options before it starts anything
+    (``distributed.preloading.validate_preload_argv``): there a malformed operator stops the
+    command with one line on stderr and exit status 1, instead of a worker that joins the
+    cluster hosting nothing. Elsewhere (a ``Worker(preload_argv=...)`` in Python) the error is a
+    :class:`click.BadParameter`, which distributed logs.
+    """
+    for text in value:
+        try:
+            parse_operator_option(text)
+        except click.BadParameter as exc:
+            outer = click.get_current_context(silent=True)
+            if outer is not None and _starts_a_worker(outer):
+                sys.exit(f"tdask: --tdask-operator: {exc.message}")
+            raise
+    return value
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -102,6 +156,7 @@ def parse_operator_option(text: str) -> list[OperatorConfig]:
     "operators",
     multiple=True,
     required=True,
+    callback=_check_operators,
     help='An operator to host, as JSON ({"name": ..., "implementation": ..., ...}) or @file.',
 )
 @click.option("--tdask-log-dir", "log_dir", default=None, help="Directory for Triton's and operators' logs.")

@@ -20,9 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tdask import context, protocol
-from tdask.config import RequestSettings
+from tdask.config import RequestSettings, get_seconds
 from tdask.data_plane import TensorScope, TensorStore
-from tdask.exceptions import InvalidRequestError, OperatorError, RequestCancelledError, TdaskError, error_to_msg
+from tdask.exceptions import (
+    ExecutionTimeoutError,
+    InvalidRequestError,
+    OperatorError,
+    RequestCancelledError,
+    TdaskError,
+    error_to_msg,
+)
 from tdask.host.metrics import CANCELLED, NOT_ANSWERED, UNDELIVERED, OperatorMetrics
 from tdask.operator import Operator, OperatorConfig, Request
 from tdask.protocol import RequestMsg, ResponseMsg, operator_key
@@ -59,6 +66,10 @@ class Hosted:
     waiting: deque[Waiting] = field(default_factory=deque)  # admitted, no free slot yet
     batches: set[asyncio.Task[None]] = field(default_factory=set)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    execution_timeout_s: float | None = None  # tdask.operator.execution-timeout, read once (0: none)
+    #: ``ready``; for a Triton model under model control also ``loading``, ``unloading``,
+    #: ``unloaded`` or ``failed: <why>`` (reported in :meth:`Serving.stats`).
+    state: str = "ready"
 
 
 class Serving:
@@ -78,6 +89,9 @@ class Serving:
     keep_unanswered
         True while the worker is beyond repair (restarting): failed requests are then not
         answered, so that their callers serve them again elsewhere once the worker has left.
+    on_execution_timeout
+        Told the operator's key and the request ids when a batch ran past its execution timeout
+        (the worker logs it for the scheduler's counters).
     """
 
     def __init__(
@@ -88,8 +102,11 @@ class Serving:
         endpoint: Any,
         planes: list[ServerPlane],
         keep_unanswered: Callable[[], bool],
+        on_execution_timeout: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.worker_address = worker_address
+        #: Told ``(operator key, request ids)`` when a batch ran past its execution timeout.
+        self.on_execution_timeout: Callable[[str, list[str]], None] = on_execution_timeout or (lambda key, ids: None)
         self.store = store
         self.endpoint = endpoint
         self.planes = planes
@@ -218,10 +235,19 @@ class Serving:
         )
         error: BaseException | None = None
         cancelled = False
+        limit_s = self.execution_timeout_s(hosted)
+        timer = asyncio.timeout(limit_s)
+        timed_out = False
         try:
-            await hosted.operator.execute(requests)
+            async with timer:
+                await hosted.operator.execute(requests)
         except asyncio.CancelledError:
             cancelled = True
+        except TimeoutError as exc:
+            if timer.expired():
+                timed_out = True
+            else:
+                error = exc
         except Exception as exc:
             error = exc
             logger.warning(
@@ -233,7 +259,9 @@ class Serving:
             )
         finally:
             try:
-                if not cancelled or not self.closing:
+                if timed_out:
+                    await self._execution_timed_out(hosted, requests, limit_s)
+                elif not cancelled or not self.closing:
                     for request in requests:
                         if request.finished or request.cancelled.is_set():
                             continue
@@ -254,6 +282,40 @@ class Serving:
                 if scope.tensors:
                     await self.store.release(list(scope.tensors.values()))
                 self._batch_left(hosted, requests, planes, current)
+
+    def execution_timeout_s(self, hosted: Hosted) -> float | None:
+        """How long one ``execute`` of ``hosted`` may run: its config's, else ``tdask.operator.execution-timeout``."""
+        if hosted.config.execution_timeout_s is not None:
+            return float(hosted.config.execution_timeout_s)
+        if hosted.execution_timeout_s is None:
+            hosted.execution_timeout_s = get_seconds("tdask.operator.execution-timeout") or 0.0
+        return hosted.execution_timeout_s or None
+
+    async def _execution_timed_out(self, hosted: Hosted, requests: list[Request], limit_s: float | None) -> None:
+        """Answer a batch that ran past its execution timeout, then have its operator recover."""
+        ids = [r.request_id for r in requests]
+        logger.error(
+            "operator %s ran past its execution timeout of %gs on requests %s; recovering it",
+            hosted.config.key,
+            limit_s,
+            ids,
+        )
+        hosted.metrics.timeouts += 1
+        for request in requests:
+            if request.finished or request.cancelled.is_set():
+                continue
+            error = ExecutionTimeoutError(
+                f"operator {hosted.config.name!r} ran past its execution timeout of {limit_s:g}s "
+                f"on worker {self.worker_address}; the operator is being recovered",
+                operator=hosted.config.name,
+                request_id=request.request_id,
+            )
+            await request.response_sender().send(error=error)
+        self.on_execution_timeout(hosted.config.key, ids)
+        try:
+            hosted.operator.on_execution_timeout(requests)
+        except Exception:
+            logger.exception("operator %s failed to recover from its execution timeout", hosted.config.key)
 
     def _if_never_ran(
         self, hosted: Hosted, requests: list[Request], planes: list[ServerPlane], task: asyncio.Task[None]
@@ -314,7 +376,7 @@ class Serving:
         if request.cancelled.is_set():
             return
         error = response["error"]
-        if error is not None and self.keep_unanswered():
+        if error is not None and self.keep_unanswered() and not isinstance(error, ExecutionTimeoutError):
             # Failed because this worker is beyond repair (its Triton died): keep the lease, so
             # the request is served again once this worker has left, instead of failing it.
             logger.warning(
@@ -367,7 +429,7 @@ class Serving:
             now = time.perf_counter()
             metrics.execute.observe(now - request.started)
             metrics.total.observe(now - request.arrived)
-            metrics.count(outcome)
+            metrics.count(outcome, now - request.arrived)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "request %s of %s/%s answered: %s after %.3f ms here",
@@ -477,6 +539,7 @@ class Serving:
                 "limit": h.config.max_inflight_requests,
                 "started": h.started,
                 "waiting": len(h.waiting),
+                "state": h.state,
                 **h.metrics.snapshot(),
             }
             for key, h in self.hosted.items()

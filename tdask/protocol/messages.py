@@ -63,10 +63,16 @@ class Rpc:
     UNREGISTER: Final = "tdask_unregister"
     HOSTS: Final = "tdask_hosts"
     OPERATORS: Final = "tdask_operators"
+    SIGNATURES: Final = "tdask_signatures"  # each hosted operator's signature (tdask.protocol.signature)
+    LATEST: Final = "tdask_latest"
     # worker (the host)
     DIRECT: Final = "tdask_direct"
     WIRE_ADDRESS: Final = WIRE_ADDRESS  # the transport's own (tdask.transport.registry)
     HOST_STATS: Final = "tdask_host_stats"
+    RETIRE: Final = "tdask_retire"  # stop being given requests, finish what is held (scale-down)
+    MODEL: Final = "tdask_model"  # load, unload or reload a hosted Triton model
+    # scheduler (a deployment that owns it: tdask scale / adapt / update / model)
+    CONTROL: Final = "tdask_control"
     # worker (the data plane, defined with its handlers in tdask.data_plane)
     FETCH: Final = data_plane.FETCH
     PUT: Final = data_plane.PUT

@@ -131,11 +131,20 @@ def pack_bytes(array: np.ndarray) -> bytes:
 
 
 def unpack_bytes(data: Any, shape: list[int]) -> np.ndarray:
-    """Inverse of :func:`pack_bytes`: an object array of ``bytes`` of ``shape``."""
+    """Inverse of :func:`pack_bytes`: an object array of ``bytes`` of ``shape``.
+
+    The element count the shape declares is checked against the data before anything is
+    allocated (each element takes at least its 4-byte length): a small message cannot make the
+    decoder allocate a large array. ``ValueError`` for a malformed tensor.
+    """
     view = memoryview(data).cast("B")
     count = 1
     for dim in shape:
+        if int(dim) < 0:
+            raise ValueError(f"BYTES tensor shape {list(shape)[:8]} has a negative dimension")
         count *= int(dim)
+    if count * 4 > len(view):
+        raise ValueError(f"BYTES tensor truncated: {count} elements announced in {len(view)} bytes")
     out = np.empty(count, dtype=object)
     offset, end = 0, len(view)
     unpack = struct.Struct("<I").unpack_from

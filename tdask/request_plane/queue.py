@@ -309,6 +309,14 @@ class QueueServer(ServerPlane):
         if self.broker.is_open:
             self.broker.send(protocol.stats(stats, host))
 
-    async def unregister(self, *, release_leases: bool) -> None:
-        """Stop being given requests; with ``release_leases``, hand back what this worker holds."""
-        await self.broker.registry.unregister(self.worker, release_leases=release_leases)
+    async def unregister(
+        self, *, release_leases: bool, operators: list[str] | None = None, removing: bool = True
+    ) -> None:
+        """Stop being given requests; with ``release_leases``, hand back what this worker holds.
+
+        ``operators``: only for these keys (the others this worker hosts go on); ``removing``:
+        see :meth:`tdask.request_plane.registry.Registry.unregister`.
+        """
+        await self.broker.registry.unregister(
+            self.worker, release_leases=release_leases, operators=operators, removing=removing
+        )

@@ -48,6 +48,8 @@ class Registry:
         # (absent: least-loaded) and its hosts' worker names.
         self._routing: dict[str, dict[str, Any]] = {}
         self._names: dict[str, dict[str, str]] = {}
+        # name -> (when, the highest version hosted): callers that name no version
+        self._latest: dict[str, tuple[float, int]] = {}
 
     @property
     def address(self) -> str:
@@ -145,6 +147,11 @@ class Registry:
         """The registry: hosts per operator, setup failures, queue depths and serving counters."""
         return await self._broker_call(Rpc.OPERATORS)
 
+    async def signatures(self) -> dict[str, Any]:
+        """Each hosted operator's signature (``None``: undeclared), by ``name/version``."""
+        result: dict[str, Any] = await self._broker_call(Rpc.SIGNATURES)
+        return result
+
     async def register(
         self, worker: str, requester: str, operators: list[dict[str, Any]], failures: dict[str, str]
     ) -> None:
@@ -152,6 +159,42 @@ class Registry:
         await self.ensure_broker()
         await self._call(Rpc.REGISTER, worker=worker, requester=requester, operators=operators, failures=failures)
 
-    async def unregister(self, worker: str, *, release_leases: bool) -> None:
-        """Stop giving ``worker`` requests; with ``release_leases``, re-queue what it holds."""
-        await self._call(Rpc.UNREGISTER, worker=worker, release_leases=release_leases)
+    async def unregister(
+        self, worker: str, *, release_leases: bool, operators: list[str] | None = None, removing: bool = True
+    ) -> None:
+        """Stop giving ``worker`` requests; with ``release_leases``, re-queue what it holds.
+
+        ``operators``: only for these keys (``name/version``); default: every operator it hosts.
+        ``removing=False``: they may come back (autoscaling), so their callers wait for a host.
+        """
+        if operators is None:
+            await self._call(Rpc.UNREGISTER, worker=worker, release_leases=release_leases)
+        else:
+            await self._call(
+                Rpc.UNREGISTER, worker=worker, release_leases=release_leases, operators=operators, removing=removing
+            )
+
+    async def latest(self, name: str) -> int | None:
+        """The highest version of ``name`` hosted now, as the registry said at most a second ago.
+
+        While none is hosted (an operator autoscaled to zero), the version last seen here; ``None``
+        when none ever was (then a caller asks for version 1 and waits for it, as before). While
+        the scheduler cannot be reached, the version last known.
+        """
+        now = time.monotonic()
+        cached = self._latest.get(name)
+        if cached is not None and (now - cached[0] <= _HOSTS_TTL_S or now < self._retry_at):
+            return cached[1]
+        try:
+            answer = await self._broker_call(Rpc.LATEST, name=name)
+        except OSError:
+            self._retry_at = now + _HOSTS_TTL_S  # ask a scheduler that cannot be reached once a second
+            if cached is not None:
+                return cached[1]
+            return None  # the request's own send reports the lost scheduler
+        version = answer.get("version") if isinstance(answer, dict) else None
+        if version is None and cached is not None:  # none hosted now (scaled to zero): the last one seen
+            version = cached[1]
+        if version is not None:
+            self._latest[name] = (now, int(version))
+        return None if version is None else int(version)

@@ -96,6 +96,11 @@ class RequestBroker(SchedulerPlugin):
         # (a tdask worker registers right after its operators started), and when each joined.
         self.registered: set[str] = set()
         self.joined: dict[str, float] = {}
+        # Operators whose last host let them go on purpose (scaled to 0, removed from a running
+        # worker): their requests fail at once instead of waiting for a host to come back.
+        self.removed: set[str] = set()
+        # name -> the highest version ever registered (what "latest" means while none is hosted)
+        self.latest_seen: dict[str, int] = {}
         # The cluster-wide metrics (the scheduler's /metrics, the dashboard's history).
         self.metrics = ClusterMetrics(self)
 
@@ -113,6 +118,8 @@ class RequestBroker(SchedulerPlugin):
                 Rpc.UNREGISTER: self.unregister,
                 Rpc.HOSTS: self.get_hosts,
                 Rpc.OPERATORS: self.get_operators,
+                Rpc.SIGNATURES: self.get_signatures,
+                Rpc.LATEST: self.get_latest,
             }
         )
         self._checker = asyncio.create_task(self._check_forever())
@@ -197,6 +204,10 @@ class RequestBroker(SchedulerPlugin):
         self.registered.add(worker)
         for op in operators:
             self.hosts[op["key"]][worker] = op
+            self.removed.discard(op["key"])
+            name, version = op.get("name"), op.get("version")
+            if isinstance(name, str) and isinstance(version, int):
+                self.latest_seen[name] = max(version, self.latest_seen.get(name, 0))
         for name, message in failures.items():
             self.failures[name][worker] = message
         logger.info(
@@ -206,13 +217,23 @@ class RequestBroker(SchedulerPlugin):
             f"; failed: {sorted(failures)}" if failures else "",
         )
 
-    def unregister(self, worker: str, release_leases: bool) -> None:
-        """Forget ``worker`` as a host; with ``release_leases``, re-queue what it holds (``tdask_unregister``)."""
+    def unregister(
+        self, worker: str, release_leases: bool, operators: list[str] | None = None, removing: bool = True
+    ) -> None:
+        """Forget ``worker`` as a host; with ``release_leases``, re-queue what it holds (``tdask_unregister``).
+
+        ``operators``: only these keys (``name/version``), the others it hosts stay (an operator
+        removed from a running worker, or a worker draining before it leaves); default: all.
+        ``removing``: with ``operators``, an operator left with no host was let go on purpose
+        (its requests fail at once); False when it may come back (autoscaling down to zero).
+        """
         for key, hosts in self.hosts.items():
-            hosts.pop(worker, None)
-            self.credits[key].pop(worker, None)
+            if operators is None or key in operators:
+                if hosts.pop(worker, None) is not None and operators is not None and removing and not hosts:
+                    self.removed.add(key)  # let go on purpose: its callers need not wait for it
+                self.credits[key].pop(worker, None)
         if release_leases:
-            self._requeue_leases(worker, lost=False)
+            self._requeue_leases(worker, lost=False, operators=operators)
 
     def get_hosts(self, operator: str, routing: bool = False) -> list[str] | dict[str, Any]:
         """The workers hosting ``operator`` now (``tdask_hosts``).
@@ -230,6 +251,20 @@ class RequestBroker(SchedulerPlugin):
         names = {str(workers[a].name): a for a in hosts if a in workers}
         return {"hosts": list(hosts), "routing": policy, "names": names}
 
+    def get_latest(self, name: str) -> dict[str, int | None]:
+        """``{"version": the highest version of operator name some worker hosts now, or None}`` (``tdask_latest``).
+
+        What a caller that names no version is served by (Triton's default version policy).
+        """
+        versions = [
+            int(info.get("version", key.rsplit("/", 1)[1]))
+            for key, hosts in self.hosts.items()
+            if key.rsplit("/", 1)[0] == name
+            for info in hosts.values()
+        ]
+        # While none is hosted (autoscaled to zero): the highest version ever registered.
+        return {"version": max(versions) if versions else self.latest_seen.get(name)}
+
     def get_operators(self) -> dict[str, Any]:
         """The registry, queue depths, counters and worker reports (``tdask_operators``)."""
         return {
@@ -239,6 +274,71 @@ class RequestBroker(SchedulerPlugin):
             "leased": len(self.leases),
             "counts": dict(self.counts),
             "workers": {worker: stats for worker, stats in sorted(self.worker_stats.items())},
+            "operators": self.operator_states(),
+            "names": self._worker_names(),
+            "starting": sorted(self._worker_names().get(w, w) for w in self._starting()),
+        }
+
+    def _worker_names(self) -> dict[str, str]:
+        workers = self.scheduler.workers if self.scheduler is not None else {}
+        return {address: str(ws.name) for address, ws in workers.items()}
+
+    def _starting(self) -> list[str]:
+        """Workers of the cluster that have not registered with the broker (yet, or ever: not tdask's)."""
+        workers = self.scheduler.workers if self.scheduler is not None else {}
+        return [w for w in workers if w not in self.registered]
+
+    def operator_states(self) -> dict[str, dict[str, Any]]:
+        """Readiness per operator (``operators`` of ``tdask_operators``, ``/tdask/operators.json``).
+
+        Keyed by ``name/version`` (by name alone for an operator whose setup failed on every
+        worker before any hosted it): ``state`` is ``ready`` (at least one worker serves it),
+        ``failed`` (its setup failed, and no worker serves it) or ``unavailable`` (its workers
+        left); ``reason`` says why it is not ready, or which workers failed beside those that
+        serve; ``workers`` names the workers serving it.
+        """
+        names = self._worker_names()
+        out: dict[str, dict[str, Any]] = {}
+        for key, hosts in sorted(self.hosts.items()):
+            name, _, version = key.rpartition("/")
+            failed = self.failures.get(name) or {}
+            detail = "; ".join(f"{names.get(w, w)}: {m}" for w, m in sorted(failed.items()))
+            if hosts:
+                state, reason = "ready", (f"setup failed on {len(failed)} other workers: {detail}" if failed else None)
+            elif failed:
+                state, reason = "failed", f"setup failed: {detail}"
+            else:
+                state, reason = "unavailable", "no worker serves it now: its workers left (restarting, or scaled away)"
+            models = {self.worker_stats.get(w, {}).get(key, {}).get("state", "ready") for w in hosts}
+            if hosts and "ready" not in models:  # model control unloaded it on every host (tdask model)
+                state, reason = sorted(models)[0], "its model is unloaded on every worker (`tdask model load` loads it)"
+            out[key] = {
+                "name": name,
+                "version": int(version) if version.isdigit() else None,
+                "state": state,
+                "reason": reason,
+                "workers": sorted(names.get(w, w) for w in hosts),
+                # the dashboard's last point: rate and errors per second, p50/p99, queued, in flight
+                "recent": dict(self.metrics.history[-1].operators.get(key) or {}) if self.metrics.history else {},
+                "broker_errors": {e: n for (k, e), n in sorted(self.metrics.queue_errors.items()) if k == key},
+            }
+        for name, failed in sorted(self.failures.items()):
+            if not failed or any(v["name"] == name for v in out.values()):
+                continue
+            detail = "; ".join(f"{names.get(w, w)}: {m}" for w, m in sorted(failed.items()))
+            reason = f"setup failed: {detail}"
+            out[name] = {"name": name, "version": None, "state": "failed", "reason": reason, "workers": []}
+        return out
+
+    def get_signatures(self) -> dict[str, Any]:
+        """Each hosted operator's signature, as its first host published it (``tdask_signatures``).
+
+        ``None`` for an operator whose workers declare none.
+        """
+        return {
+            key: next((info.get("signature") for info in hosts.values()), None)
+            for key, hosts in self.hosts.items()
+            if hosts
         }
 
     # requests
@@ -247,6 +347,9 @@ class RequestBroker(SchedulerPlugin):
         request["submitted"] = time.time()
         self.counts["submitted"] += 1
         key = request["operator"]
+        if key in self.removed and not self.hosts.get(key):
+            self._answer_error(request, self._unavailable(key, {}, 0.0, removed=True))
+            return
         if (
             key not in self.hosts
             and not request.get("hosted_before")
@@ -393,8 +496,12 @@ class RequestBroker(SchedulerPlugin):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _requeue_leases(self, worker: str, *, lost: bool) -> None:
-        held = [(key, lease) for key, lease in self.leases.items() if lease.worker == worker]
+    def _requeue_leases(self, worker: str, *, lost: bool, operators: list[str] | None = None) -> None:
+        held = [
+            (key, lease)
+            for key, lease in self.leases.items()
+            if lease.worker == worker and (operators is None or lease.request["operator"] in operators)
+        ]
         for key, lease in held:
             del self.leases[key]
             request = lease.request
@@ -442,6 +549,11 @@ class RequestBroker(SchedulerPlugin):
                 self.counts["lost_inputs"] += 1
                 return True
         return False
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        """Count what workers tell through Dask's events (``"tdask"``: execution timeouts, restarts)."""
+        if topic == "tdask" and isinstance(msg, dict):
+            self.metrics.worker_event(msg)
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         """A worker left: forget it, and re-serve or fail the requests it held."""
@@ -499,9 +611,10 @@ class RequestBroker(SchedulerPlugin):
                 else:
                     wait_s = request.get("host_wait_s", 10.0)
                     limit = 0.0 if self._all_started(wait_s) else wait_s
-                if failures or waited >= limit:
+                if failures or waited >= limit or key in self.removed:
                     started = not had_hosts and limit == 0.0
-                    self._answer_error(request, self._unavailable(key, failures, waited, started=started))
+                    error = self._unavailable(key, failures, waited, started=started, removed=key in self.removed)
+                    self._answer_error(request, error)
                 elif (deadline := request.get("deadline")) is not None and deadline < now:
                     self._answer_error(request, RequestTimeoutError("deadline passed while queued"))
                 else:
@@ -509,8 +622,14 @@ class RequestBroker(SchedulerPlugin):
             self.queues[key] = kept
 
     def _unavailable(
-        self, key: str, failures: dict[str, str], waited: float, *, started: bool = False
+        self, key: str, failures: dict[str, str], waited: float, *, started: bool = False, removed: bool = False
     ) -> OperatorUnavailableError:
+        if removed:
+            known = sorted(k for k, hosts in self.hosts.items() if hosts)
+            return OperatorUnavailableError(
+                f"operator {key} was taken off every worker (scaled to 0, removed, or replaced by another version); "
+                f"hosted operators: {known or 'none'}"
+            )
         if failures:
             detail = "; ".join(f"{w}: {m}" for w, m in sorted(failures.items()))
             return OperatorUnavailableError(f"operator {key} failed to start on every worker that hosts it: {detail}")

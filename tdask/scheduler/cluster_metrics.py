@@ -47,7 +47,8 @@ class Sample:
 
     ``operators`` maps ``name/version`` to ``rate`` and ``errors`` (per second), ``p50`` and
     ``p99`` (seconds, ``None`` with no answers), ``queued`` (broker queue plus waiting on
-    workers), ``inflight`` and ``limit`` (summed over workers); ``workers`` maps a worker's name
+    workers), ``inflight`` and ``limit`` (summed over workers), ``timeouts`` and ``recoveries``
+    (totals: execution timeouts, restarts of its workers to recover it); ``workers`` maps a worker's name
     to its data-plane ``served`` and ``pulled`` bytes per second.
     """
 
@@ -85,6 +86,8 @@ class ClusterMetrics:
         self.workers: dict[str, _Reported] = {}  # worker address -> its reports
         self.losses: dict[tuple[str, str], int] = defaultdict(int)  # (key, worker name) -> lost
         self.queue_errors: dict[tuple[str, str], int] = defaultdict(int)  # (key, error type) -> n
+        self.timeouts: dict[str, int] = defaultdict(int)  # key -> batches past the execution timeout
+        self.recoveries: dict[str, int] = defaultdict(int)  # key -> restarts of workers hosting it
         self.history: deque[Sample] = deque(maxlen=HISTORY_S)
         self.interval_s = get_seconds("tdask.worker.report-interval") or 1.0
         self.window_s = max(5.0, 4 * self.interval_s)
@@ -151,6 +154,18 @@ class ClusterMetrics:
         for key in hosted:
             self.losses[(key, name)] += 1
 
+    def worker_event(self, msg: Mapping[str, Any]) -> None:
+        """A worker's ``"tdask"`` event: an execution timeout, or a restart (a recovery) of its operators.
+
+        Counted here, since the worker's own counters go with it when it restarts.
+        """
+        action = msg.get("action")
+        if action == "execution-timeout":
+            self.timeouts[str(msg.get("operator"))] += 1
+        elif action == "restart":
+            for key in msg.get("operators") or ():
+                self.recoveries[str(key)] += 1
+
     def queue_error(self, key: str, error: BaseException) -> None:
         """The broker answered a request of ``key`` with ``error`` itself (no worker did)."""
         self.queue_errors[(key, type(error).__name__)] += 1
@@ -200,6 +215,16 @@ class ClusterMetrics:
         hosts = GaugeMetricFamily(
             "tdask_operator_workers", "Workers hosting the operator now.", labels=["operator", "version"]
         )
+        timeouts = CounterMetricFamily(
+            "tdask_operator_execution_timeouts",
+            "Executions that ran past the operator's execution timeout (answered ExecutionTimeoutError).",
+            labels=["operator", "version"],
+        )
+        recoveries = CounterMetricFamily(
+            "tdask_operator_recoveries",
+            "Workers hosting the operator that restarted to recover it (a hung or dead Triton model or server).",
+            labels=["operator", "version"],
+        )
         failures = GaugeMetricFamily(
             "tdask_operator_setup_failures",
             "Workers on which the operator failed to start (1 per worker).",
@@ -223,7 +248,11 @@ class ClusterMetrics:
         for operator, by_worker in sorted(broker.failures.items()):
             for worker in sorted(by_worker):
                 failures.add_metric([operator, self.name_of(worker)], 1)
-        return [queued, leased, events, errors, losses, hosts, failures]
+        for key, n in sorted(self.timeouts.items()):
+            timeouts.add_metric(list(split_key(key)), n)
+        for key, n in sorted(self.recoveries.items()):
+            recoveries.add_metric(list(split_key(key)), n)
+        return [queued, leased, events, errors, losses, hosts, failures, timeouts, recoveries]
 
     # -- the dashboard's history -----------------------------------------------------------
 
@@ -278,6 +307,8 @@ class ClusterMetrics:
                 "queued": waiting + len(queues.get(key, ())),
                 "inflight": inflight,
                 "limit": limit,
+                "timeouts": self.timeouts.get(key, 0),
+                "recoveries": self.recoveries.get(key, 0),
             }
         self.history.append(point)
         return point

@@ -180,7 +180,21 @@ class OperatorsPage:
         self.inflight.legend.location = "bottom_right"
 
         self.table = ColumnDataSource(
-            {k: [] for k in ("operator", "workers", "rate", "p50", "p99", "errors", "queued", "slots")}
+            {
+                k: []
+                for k in (
+                    "operator",
+                    "workers",
+                    "rate",
+                    "p50",
+                    "p99",
+                    "errors",
+                    "queued",
+                    "slots",
+                    "timeouts",
+                    "recoveries",
+                )
+            }
         )
         number = NumberFormatter(format="0.00")
         self.operators_table = DataTable(
@@ -195,6 +209,8 @@ class OperatorsPage:
                 TableColumn(field="errors", title="errors/s", formatter=number),
                 TableColumn(field="queued", title="queued"),
                 TableColumn(field="slots", title="in flight / limit"),
+                TableColumn(field="timeouts", title="execution timeouts"),
+                TableColumn(field="recoveries", title="recoveries"),
             ],
             index_position=None,
             height=_table_height(1),
@@ -291,7 +307,8 @@ class OperatorsPage:
         slots: dict[str, list[Any]] = {"label": [], "inflight": [], "limit": [], "waiting": []}
         for reported in sorted(metrics.workers.values(), key=lambda r: r.name):
             for key, s in sorted(reported.operators.items()):
-                slots["label"].append(f"{reported.name} · {key}")
+                model = s.get("state", "ready")  # a model unloaded by model control says so
+                slots["label"].append(f"{reported.name} · {key}" + ("" if model == "ready" else f" ({model})"))
                 slots["inflight"].append(int(s.get("inflight", 0)))
                 slots["limit"].append(int(s.get("limit", 0)))
                 slots["waiting"].append(int(s.get("waiting", 0)))
@@ -310,6 +327,8 @@ class OperatorsPage:
                 table["errors"].append(o["errors"])
                 table["queued"].append(o["queued"])
                 table["slots"].append(f"{o['inflight']} / {o['limit']}")
+                table["timeouts"].append(o.get("timeouts", 0))
+                table["recoveries"].append(o.get("recoveries", 0))
             self.table.data = table
             self.operators_table.height = _table_height(len(table["operator"]))
         failures: dict[str, list[str]] = {"operator": [], "worker": [], "error": []}

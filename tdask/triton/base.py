@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import enum
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +28,11 @@ from tdask.triton.options import TritonOptions
 from tdask.triton.process import LOG_TAIL_LINES, log_tail, new_shm_prefix
 
 __all__ = ["Status", "TritonServerBase", "TritonServerError"]
+
+logger = logging.getLogger(__name__)
+
+#: The python backend's stub program (its process name).
+STUB_NAME = "triton_python_backend_stub"
 
 
 class TritonServerError(RuntimeError):
@@ -85,6 +92,8 @@ class TritonServerBase(abc.ABC):
         # The python backend names its shared-memory regions with this; one per server, so that
         # servers on one host never collide and a stop can remove what a killed one left.
         self._shm_prefix = new_shm_prefix()
+        # Python-backend stubs watched for death: pid -> (model, pidfd).
+        self._stubs: dict[int, tuple[str, int]] = {}
 
     @classmethod
     @abc.abstractmethod
@@ -221,6 +230,79 @@ class TritonServerBase(abc.ABC):
         """Prefix of the python backend's shared-memory regions (``/dev/shm/<prefix>*``)."""
         return self._shm_prefix
 
+    # ------------------------------------------------------------------ python-backend stubs
+
+    def _stub_root(self) -> int | None:
+        """The process whose descendants the stubs are (Triton's process)."""
+        return self.pid
+
+    def _stub_pids(self, model: str | None = None) -> dict[int, str]:
+        """Return the server's python-backend stubs now (``pid -> model``), of ``model`` or all."""
+        import psutil
+
+        root = self._stub_root()
+        if root is None:
+            return {}
+        found = {}
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(root).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    cmdline = child.cmdline()
+                    # <stub> <model dir>/<version>/model.py <shm region> ... <instance name> ...
+                    if len(cmdline) < 3 or not cmdline[0].endswith(STUB_NAME) or self._shm_prefix not in cmdline[2]:
+                        continue
+                    owner = Path(cmdline[1]).parent.parent.name
+                    if model is None or owner == model:
+                        found[child.pid] = owner
+        return found
+
+    def _watch_stubs(self, model: str) -> None:
+        """Watch ``model``'s stubs (after its load): one that dies breaks the server at once.
+
+        Triton's python backend only notices a dead stub at its next request's health check
+        (about a second later) and neither restarts it nor unloads the model cleanly; a pidfd
+        on the event loop notices the death itself, so the worker restarts (and its requests
+        are served again elsewhere) without waiting for that.
+        """
+        if not hasattr(os, "pidfd_open"):
+            return
+        loop = asyncio.get_running_loop()
+        for pid, owner in self._stub_pids(model).items():
+            if pid in self._stubs:
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # already gone: the next request's health check tells
+                continue
+            self._stubs[pid] = (owner, fd)
+            loop.add_reader(fd, self._stub_exited, pid)
+
+    def _unwatch_stubs(self, model: str | None = None) -> None:
+        """Stop watching ``model``'s stubs (before an unload or a reload ends them), or all."""
+        for pid, (owner, fd) in list(self._stubs.items()):
+            if model is None or owner == model:
+                del self._stubs[pid]
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _stub_exited(self, pid: int) -> None:
+        entry = self._stubs.pop(pid, None)
+        if entry is None:
+            return
+        model, fd = entry
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if self.status is not Status.running or self.broken is not None:
+            return
+        self._stub_died(model, pid)
+
+    def _stub_died(self, model: str, pid: int) -> None:  # noqa: B027 - overridden by each kind
+        """A watched stub of ``model`` died while the server runs: give the server up (each kind)."""
+
     def _log_loaded(self, model: str, began: float, override: bool) -> None:
         """Log that ``model`` loaded (``began``: ``time.monotonic()`` when its load started).
 
@@ -240,6 +322,32 @@ class TritonServerBase(abc.ABC):
         Its error lines, then its last ``lines`` lines (see :func:`tdask.triton.process.log_tail`).
         """
         return log_tail(self._log_path, self._log_offset, lines)
+
+    def check_model(self, model: str) -> None:
+        """Refuse, before Triton sees it, a python-backend model whose model file is missing.
+
+        Triton 2.51 would wait for ever on the stub of such a model; its own message is raised
+        at once instead.
+
+        Raises
+        ------
+        TritonServerError
+            The model file of the version Triton would load is missing.
+        """
+        problem = model_config.check_model_directory(self.model_repositories, model)
+        if problem is not None and problem.startswith("Python model file not found"):
+            raise TritonServerError(f"loading model {model!r} on Triton server {self.name!r} failed: {problem}")
+
+    def explain_load_failure(self, model: str) -> str:
+        """``"; Triton said: ..."``: what Triton logged about ``model``'s directory and what its check finds.
+
+        Triton's load error says only "failed to poll from model repository" for a config that
+        does not parse, a directory/model name mismatch and the like; its reason is in its log
+        (or the process's stderr). ``""`` when nothing more is known.
+        """
+        text = log_tail(self._log_path, self._log_offset, 400)
+        reason = model_config.explain_load_failure(self.model_repositories, model, text)
+        return f"; Triton said: {reason}" if reason else ""
 
     def model_config(self, model: str, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The config ``model`` loads with, in Triton's JSON form.

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable
 from ctypes import (
@@ -53,7 +56,17 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["API_VERSION", "BufferOwner", "Completions", "TritonCApi", "TritonCError", "find_libtritonserver"]
+__all__ = [
+    "API_VERSION",
+    "BufferOwner",
+    "Completions",
+    "ShimError",
+    "TritonCApi",
+    "TritonCError",
+    "find_libtritonserver",
+    "load_shim",
+    "verify_shim",
+]
 
 #: The C API version this binding is written against (major must match, minor at least this).
 API_VERSION = (1, 34)
@@ -359,49 +372,222 @@ def find_shim() -> Path | None:
     return None
 
 
+#: The shim's functions (each checked after loading, besides its content hash).
+SHIM_SYMBOLS = (
+    "tdask_init",
+    "tdask_drain",
+    "tdask_pool_stats",
+    "tdask_adopt",
+    "tdask_free_adopted",
+    "tdask_buffer_tag",
+    "tdask_alloc",
+    "tdask_release",
+    "tdask_response_complete",
+    "tdask_request_release",
+)
+#: Bound on one compile of the shim.
+SHIM_BUILD_TIMEOUT_S = 60.0
+#: How long a starting server waits for a compile (in a thread) before using Python callbacks;
+#: the compile goes on and the next start uses it.
+SHIM_START_WAIT_S = 10.0
+
+
+class ShimError(Exception):
+    """The shim file cannot be used (absent, not what was built, or lacking a symbol)."""
+
+
+def stamp_path(shim: Path) -> Path:
+    """The file beside ``shim`` recording the SHA-256 of its content, written when it was built."""
+    return shim.with_name(shim.name + ".sha256")
+
+
+def verify_shim(path: Path) -> bytes:
+    """Return the shim's content when it is exactly what was built (its stamp's hash).
+
+    Nothing of the file is mapped or executed here: a truncated, garbled, empty or foreign
+    file (another library) is told apart from the one built by its content hash, recorded
+    beside it at build (:func:`stamp_path`), so that loading it cannot crash the process.
+
+    Raises
+    ------
+    ShimError
+        The file or its stamp is missing, or the hash differs.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ShimError(f"cannot read it ({exc})") from exc
+    try:
+        recorded = stamp_path(path).read_text().split()[0]
+    except (OSError, IndexError) as exc:
+        raise ShimError(f"no build stamp {stamp_path(path).name}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != recorded:
+        raise ShimError(
+            f"its content ({len(data)} bytes, sha256 {digest[:12]}) is not what was built ({recorded[:12]})"
+        )
+    if not data.startswith(b"\x7fELF"):
+        raise ShimError("not an ELF file")
+    return data
+
+
+_LOADED: dict[str, ctypes.CDLL] = {}  # content hash -> the process's copy
+
+
+def _dlopen_verified(path: Path, data: bytes) -> ctypes.CDLL:
+    """``dlopen`` the verified ``data`` from a private copy (a memfd), not the shared file.
+
+    What is mapped then cannot change under the process (another process rebuilding, or
+    truncating, the shared file), which would otherwise raise SIGBUS in it.
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    lib = _LOADED.get(digest)
+    if lib is not None:
+        return lib
+    try:
+        fd = os.memfd_create("tdask_inprocess_shim", 0)
+    except (AttributeError, OSError):
+        lib = ctypes.CDLL(str(path))  # verified just now; no private copy on this platform
+    else:
+        try:
+            os.write(fd, data)
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)  # the mapping stays
+    missing = [name for name in SHIM_SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        raise ShimError(f"lacks {', '.join(missing)}")
+    _LOADED[digest] = lib
+    return lib
+
+
+def _compile(target: Path, compiler: str) -> None:
+    """Compile the shim into ``target`` with its stamp; both replaced atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(_SHIM_SOURCE), "-lpthread"],
+            check=True,
+            capture_output=True,
+            timeout=SHIM_BUILD_TIMEOUT_S,
+        )
+        os.chmod(built, 0o755)
+        stamp = Path(tmp) / "stamp"
+        stamp.write_text(f"{hashlib.sha256(built.read_bytes()).hexdigest()}  {target.name}\n")
+        os.replace(built, target)  # atomic: concurrent builders each install a whole file
+        os.replace(stamp, stamp_path(target))
+
+
 def build_shim(directory: Path | None = None) -> Path | None:
-    """Return the C shim, compiling it when needed; ``None`` without a compiler.
+    """Return a verified C shim, compiling it when needed; ``None`` when there is none.
 
     Looked for, in order: ``$TDASK_SHIM_DIR``, the installed package's own directory (where a
     container image builds it: ``python -m tdask.triton.capi --build-shim``), the user's cache
     (``~/.cache/tdask``), where it is compiled on first use. With ``directory``, it is built
-    there (if not there yet) and nowhere else is looked at. The build is optional: a failed or
-    impossible one is logged and the Python callbacks serve.
+    there (if not there yet) and nowhere else is looked at. A file found that fails
+    verification (:func:`verify_shim`) is rebuilt once, in its directory (or, read-only, in the
+    cache). Builds hold a lock file beside the shim (one compile per host at a time) and are
+    bounded by :data:`SHIM_BUILD_TIMEOUT_S`. The build is optional: a failed or impossible one
+    is logged, naming the file, and the Python callbacks serve.
     """
     if directory is None:
         found = find_shim()
-        if found is not None:
-            return found
-        directory = _cache_dir()
+        directory = found.parent if found is not None else _cache_dir()
     target = shim_path(directory)
-    if target.is_file():
+    try:
+        verify_shim(target)
         return target
+    except ShimError as exc:
+        why = None if not target.exists() else str(exc)
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning(
-            "no C compiler to build tdask's C shim (%s): Triton's callbacks run in Python, each taking the GIL; "
+            "no C compiler to build tdask's C shim (%s%s): Triton's callbacks run in Python, each taking the GIL; "
             "build it once with `python -m tdask.triton.capi --build-shim`",
             target,
+            f": {why}" if why else "",
         )
         return None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            subprocess.run(
-                [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(_SHIM_SOURCE), "-lpthread"],
-                check=True,
-                capture_output=True,
-                timeout=60,
+    for place in dict.fromkeys([directory, _cache_dir()]):
+        target = shim_path(place)
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+            with open(place / f".{target.name}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one compile at a time; the others then verify it
+                try:
+                    verify_shim(target)
+                    return target  # another process built it meanwhile
+                except ShimError:
+                    pass
+                if why:
+                    logger.warning("tdask's C shim %s is unusable (%s): rebuilding it", target, why)
+                _compile(target, compiler)
+            verify_shim(target)
+        except PermissionError:
+            continue  # a read-only directory (an image's package): build into the cache instead
+        except (OSError, subprocess.SubprocessError, ShimError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            logger.warning(
+                "could not build tdask's C shim %s (%s %s); using Python callbacks", target, exc, detail[-400:]
             )
-            os.chmod(built, 0o755)
-            os.replace(built, target)  # atomic: concurrent builders each install a whole file
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        logger.warning("could not build tdask's C shim (%s %s); using Python callbacks", exc, detail[-400:])
-        return None
-    logger.info("built tdask's C shim %s", target)
-    return target
+            return None
+        logger.info("built tdask's C shim %s", target)
+        return target
+    logger.warning("could not build tdask's C shim %s (no writable directory); using Python callbacks", target)
+    return None
+
+
+def load_shim(wait_s: float | None = None) -> tuple[ctypes.CDLL | None, Path | None]:
+    """Load a verified shim for this process; ``(None, file)`` when it cannot (logged once, naming it).
+
+    A shim already built and verified loads at once. Otherwise it is built (:func:`build_shim`)
+    in a thread, waited for at most ``wait_s`` (default :data:`SHIM_START_WAIT_S`), so that a
+    slow or hanging compiler delays a server's start by that much at most; the build goes on
+    and a later start uses it. A file that loads but lacks a symbol is rebuilt once.
+    """
+    wait = SHIM_START_WAIT_S if wait_s is None else wait_s
+    found = find_shim()
+    if found is not None:
+        try:
+            data: bytes | None = verify_shim(found)
+        except ShimError:
+            data = None  # build_shim rebuilds it, saying why
+        if data is not None:
+            try:
+                return _dlopen_verified(found, data), found
+            except (ShimError, OSError) as exc:
+                logger.warning("tdask's C shim %s is unusable (%s): rebuilding it", found, exc)
+                with contextlib.suppress(OSError):
+                    stamp_path(found).unlink()
+    done: list[Path | None] = []
+
+    def build() -> None:
+        try:
+            done.append(build_shim())
+        except Exception:  # never let a build break a server's start
+            logger.exception("building tdask's C shim failed; using Python callbacks")
+            done.append(None)
+
+    thread = threading.Thread(target=build, name="tdask-shim-build", daemon=True)
+    thread.start()
+    thread.join(wait)
+    if not done:
+        where = shim_path(found.parent if found is not None else _cache_dir())
+        logger.warning(
+            "tdask's C shim %s is still compiling after %gs; using Python callbacks (a later start uses it)",
+            where,
+            wait,
+        )
+        return None, where
+    built = done[0]
+    if built is None:
+        return None, found  # build_shim logged why
+    try:
+        return _dlopen_verified(built, verify_shim(built)), built
+    except (ShimError, OSError) as exc:
+        logger.warning("tdask's C shim %s is unusable (%s); using Python callbacks", built, exc)
+        return None, built
 
 
 class Completions:
@@ -423,12 +609,9 @@ class Completions:
     def __init__(self, api: TritonCApi, *, use_shim: bool = True) -> None:
         self.api = api
         self._shim: ctypes.CDLL | None = None
-        path = build_shim() if use_shim else None
-        if path is not None:
-            try:
-                self._shim = ctypes.CDLL(str(path))
-            except OSError as exc:
-                logger.warning("could not load tdask's C shim %s (%s); using Python callbacks", path, exc)
+        path: Path | None = None
+        if use_shim:
+            self._shim, path = load_shim()
         if self._shim is not None:
             logger.info("Triton's callbacks: tdask's C shim %s (no GIL taken on Triton's threads)", path)
         else:

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["InProcessServer"]
 
 _FINAL = capi.RESPONSE_FINAL
+#: How long a released request of a one-response model may still wait for its answer.
+_UNANSWERED_GRACE_S = 0.05
 
 
 async def _in_daemon_thread(call: Callable[..., Any], *args: Any, timeout_s: float | None) -> Any:
@@ -259,6 +261,10 @@ class InProcessServer(TritonServerBase):
             except Exception:
                 logger.exception("an exit callback of Triton server %r failed", self.name)
 
+    def _stub_died(self, model: str, pid: int) -> None:
+        """A stub died: the model's instance is gone for good in this process (Triton 2.5x)."""
+        self._break(f"the python-backend stub (pid {pid}) of model {model!r} died")
+
     async def wait(self) -> int:
         """Wait until the server is stopped; returns 0."""
         await self._stopped.wait()
@@ -304,7 +310,8 @@ class InProcessServer(TritonServerBase):
         finally:
             fn.ServerOptionsDelete(options)
         self._reaper = Reaper(os.getpid(), self._shm_prefix, kill_group=False)
-        self.completions = capi.Completions(api, use_shim=self.use_shim)
+        # In a thread: a shim still to be built is waited for (bounded) off the worker's event loop.
+        self.completions = await asyncio.to_thread(capi.Completions, api, use_shim=self.use_shim)
         self._reader = ResponseReader(self.completions.buffers)  # outputs without a copy, with the shim
         allocator = c_void_p()
         api.check(
@@ -327,20 +334,32 @@ class InProcessServer(TritonServerBase):
         """Stop the server (``ServerStop``, ``ServerDelete``); safe to call more than once.
 
         Requests still in flight after the exit timeout are answered with an UNAVAILABLE error.
-        ``graceful`` is accepted for parity with the subprocess mode (the stop is the same).
+        ``graceful=False`` (a server broken anyway, a hung model, a worker restarting) neither
+        stops nor deletes Triton's core: ``ServerStop`` would wait its exit timeout for requests
+        that will never finish, ``ServerDelete`` for the model that cannot unload. Requests in
+        flight are answered with an UNAVAILABLE error at once, the stubs are ended (the reaper)
+        and their shared memory removed; the core is left to this process's exit, which follows
+        (the worker restarts).
         """
         async with self._lock:
             if self.status is Status.stopped:
                 return
             self.status = Status.stopping
             try:
-                await self._shutdown()
+                await self._shutdown(graceful=graceful)
             finally:
                 self.status = Status.stopped
                 self._stopped.set()
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, graceful: bool = True) -> None:
         api = self._api
+        self._unwatch_stubs()
+        if not graceful and self._server is not None:
+            # Left to the process's exit (see stop): no wait here.
+            logger.info("Triton server %r left to this process's exit (not stopped gracefully)", self.name)
+            self._server = None
+            self._allocator = None
+            self._broken = self._broken or "stopped without a graceful stop"
         try:
             if api is not None and self._server is not None:
                 server, self._server = self._server, None
@@ -359,7 +378,7 @@ class InProcessServer(TritonServerBase):
                 api.fn.ResponseAllocatorDelete(self._allocator)
                 self._allocator = None
         finally:
-            if self.completions is not None:
+            if self.completions is not None and graceful:  # else Triton's threads may still call it
                 self.completions.stop()
             for entry in self._inflight.values():
                 self._fail(entry, capi.TritonCError(capi.ERROR_UNAVAILABLE, "the in-process Triton server stopped"))
@@ -394,7 +413,9 @@ class InProcessServer(TritonServerBase):
             Triton refused or failed the load (its message says why).
         """
         api, server = self._running()
+        self.check_model(model)
         payload = json.dumps(self.model_config(model, config)).encode() if config else None
+        self._unwatch_stubs(model)  # a reload ends the model's current stubs
         began = time.monotonic()
         parameters = (c_void_p * 1)()
         count = 0
@@ -421,14 +442,19 @@ class InProcessServer(TritonServerBase):
             if count:
                 api.fn.ParameterDelete(parameters[0])
         if err:
-            raise TritonServerError(f"loading model {model!r} on Triton server {self.name!r} failed: {api.error(err)}")
+            raise TritonServerError(
+                f"loading model {model!r} on Triton server {self.name!r} failed: {api.error(err)}"
+                f"{self.explain_load_failure(model)}"
+            )
         decoupled = (self.model_config(model, config).get("model_transaction_policy") or {}).get("decoupled")
         self._decoupled[model] = bool(decoupled)
+        self._watch_stubs(model)
         self._log_loaded(model, began, bool(payload))
 
     async def unload_model(self, model: str, *, wait: bool = True, timeout_s: float = 30.0) -> None:
         """Unload ``model``; with ``wait``, return once the repository index no longer shows it loaded."""
         api, server = self._running()
+        self._unwatch_stubs(model)
         err = await asyncio.to_thread(api.fn.ServerUnloadModel, server, model.encode())
         if err:
             raise TritonServerError(f"unloading model {model!r} failed: {api.error(err)}")
@@ -595,6 +621,11 @@ class InProcessServer(TritonServerBase):
                 if entry.final:
                     fn.InferenceRequestDelete(pointer)
                     del inflight[token]
+                elif entry.future is not None and self._loop is not None:
+                    # Released with no answer: the model's execute() gave none for it (a None
+                    # in its list), and Triton never will. Its answer precedes its release
+                    # (measured); the grace only guards against another ordering.
+                    self._loop.call_later(_UNANSWERED_GRACE_S, self._released_unanswered, token)
                 # else: kept until the final response, so that cancelling still reaches the
                 # response factory the backend shares with it (a decoupled python model's
                 # request is released as soon as its execute() returns).
@@ -629,6 +660,16 @@ class InProcessServer(TritonServerBase):
                 entry.responses.append((result, final))
                 if entry.waiter is not None and not entry.waiter.done():
                     entry.waiter.set_result(None)
+
+    def _released_unanswered(self, token: int) -> None:
+        entry = self._inflight.get(token)
+        if entry is None or entry.final or entry.future is None or entry.future.done():
+            return
+        message = "Triton released the request without a response: the model's execute() returned None for it"
+        self._fail(entry, capi.TritonCError(capi.ERROR_INTERNAL, message))
+        del self._inflight[token]
+        if self._api is not None:
+            self._api.fn.InferenceRequestDelete(entry.request)
 
     def _fail(self, entry: _Inflight, error: BaseException) -> None:
         entry.final = True

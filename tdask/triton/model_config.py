@@ -9,11 +9,19 @@ checked against Triton's ``ModelConfig`` protobuf schema before the server sees 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelConfigError", "build_model_config", "merge_model_config", "read_model_config"]
+__all__ = [
+    "ModelConfigError",
+    "build_model_config",
+    "check_model_directory",
+    "explain_load_failure",
+    "merge_model_config",
+    "read_model_config",
+]
 
 
 class ModelConfigError(ValueError):
@@ -144,3 +152,79 @@ def build_model_config(repositories: Sequence[Path], model: str, override: Mappi
     except json_format.ParseError as exc:
         raise ValueError(f"invalid config override for model {model!r}: {exc}") from exc
     return merged
+
+
+#: Triton's own line about a model directory it could not read (model_repository_manager.cc).
+_POLL_FAILED = re.compile(r"Poll failed for model directory '(?P<model>[^']*)': (?P<reason>.*?)\"?\s*$")
+
+
+def check_model_directory(repositories: Sequence[Path], model: str) -> str | None:
+    """Say, in Triton's words, why ``model``'s directory cannot load; ``None`` when nothing is found.
+
+    Checks what Triton reports only as "failed to poll from model repository" (its details go
+    to the process's stderr or its log): ``config.pbtxt`` against Triton's ``ModelConfig``
+    schema (the protobuf parser's own message, with line and column), the config's ``name``
+    against the directory's, and, for the python backend, the model file of the version Triton
+    would load (without it Triton 2.51's load waits for ever on the stub).
+
+    Parameters
+    ----------
+    repositories
+        The model repositories, searched in order.
+    model
+        The model's directory name.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    directory = next((Path(repo) / model for repo in repositories if (Path(repo) / model).is_dir()), None)
+    if directory is None:
+        return None  # not a local directory: Triton says what it finds
+    path = directory / "config.pbtxt"
+    if not path.is_file():
+        return None  # Triton builds a config from the model itself
+    try:
+        message = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        return f"failed to read text proto from {path}: {exc}"
+    if message.name and message.name != model:
+        return f"unexpected directory name '{model}' for model '{message.name}', directory name must equal model name"
+    if message.backend == "python":
+        versions = sorted((int(p.name), p) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+        if versions:
+            file = versions[-1][1] / (message.default_model_filename or "model.py")
+            if not file.is_file():
+                return f"Python model file not found in '{file}'"
+    return None
+
+
+def explain_load_failure(repositories: Sequence[Path], model: str, log_text: str = "") -> str:
+    """What Triton said about ``model`` that its load error leaves out: its log line, then the directory's check.
+
+    Parameters
+    ----------
+    repositories
+        The model repositories, searched in order.
+    model
+        The model's directory name.
+    log_text
+        This server's Triton log (its lines "Poll failed for model directory ..." are Triton's
+        own reason).
+
+    Returns
+    -------
+    str
+        ``""`` when neither says anything.
+    """
+    reasons: list[str] = []
+    for line in log_text.splitlines():
+        found = _POLL_FAILED.search(line)
+        if found and found["model"] == model:
+            reasons = [found["reason"]]  # the last attempt's
+    checked = check_model_directory(repositories, model)
+    if checked and not any(checked in reason for reason in reasons):
+        if reasons and checked.startswith(reasons[0]):
+            reasons = [checked]  # the same, with the parser's line and column
+        else:
+            reasons.append(checked)
+    return "; ".join(reasons)

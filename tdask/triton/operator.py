@@ -38,9 +38,16 @@ from tritonclient.utils import np_to_triton_dtype
 
 from tdask.config import get_seconds
 from tdask.data_plane import count_host_copy, is_device_array
-from tdask.exceptions import InvalidRequestError, OperatorError, RequestTimeoutError, TdaskError
+from tdask.exceptions import (
+    InvalidRequestError,
+    OperatorError,
+    OperatorUnavailableError,
+    RequestTimeoutError,
+    TdaskError,
+)
 from tdask.operator import Operator, Request
-from tdask.triton.base import TritonServerBase
+from tdask.protocol.signature import triton_signature
+from tdask.triton.base import TritonServerBase, TritonServerError
 from tdask.triton.interface import (
     InferClient,
     InferResult,
@@ -126,9 +133,11 @@ class TritonCoreOperator(Operator):
         self.input_specs = {
             i["name"]: (i["datatype"], [int(d) for d in i.get("shape", [])]) for i in metadata.get("inputs", [])
         }
-        # Checked on every answer: Triton 2.51's python backend passes an output of another
-        # datatype than its config declares straight through.
-        self.output_types = {o["name"]: o["datatype"] for o in metadata.get("outputs", [])}
+        # Checked on every answer (:meth:`_check_outputs`): Triton 2.51's python backend passes
+        # an output of another datatype, shape or rank than its config declares straight through.
+        self.output_specs = {
+            o["name"]: (o["datatype"], [int(d) for d in o.get("shape", [])]) for o in metadata.get("outputs", [])
+        }
         versions = [str(v) for v in metadata.get("versions", [])]
         self.model_version = str(self.version) if str(self.version) in versions else ""
         if not self.model_version:
@@ -139,6 +148,12 @@ class TritonCoreOperator(Operator):
                 versions,
             )
         config = self.server.model_config(self.model, self.override)
+        # A batching model's tensors all start with the batch dimension (metadata shows it as -1):
+        # an answer's must equal the request's.
+        self.batched = int(config.get("max_batch_size") or 0) > 0
+        self.reshaped = {o.get("name") for o in config.get("output", []) if o.get("reshape")}
+        # What the gateway shows as this model's metadata and config, and checks requests against.
+        self._signature = triton_signature(metadata, config)
         if (config.get("model_transaction_policy") or {}).get("decoupled"):
             # Triton's HTTP endpoint refuses decoupled models: stream them (over gRPC to a
             # tritonserver). Chosen here, once, so that other models' requests take no extra step.
@@ -171,9 +186,26 @@ class TritonCoreOperator(Operator):
         self.server.add_exit_callback(self._on_server_exit)
         self.logger.info("Triton model %r ready on %s (server %s)", self.model, where, self.server.pid)
 
+    def signature(self) -> dict[str, Any] | None:
+        """The model's signature as Triton shows it (inputs, outputs, ``max_batch_size``, platform)."""
+        return getattr(self, "_signature", None)
+
     def _on_server_exit(self, returncode: int) -> None:
         # Runs in the server's watcher thread; TritonServer itself logs the log tail.
         self.logger.error("Triton server of operator %r exited (status %s)", self.name, returncode)
+
+    def on_execution_timeout(self, requests: list[Request]) -> None:
+        """A request ran past the execution timeout: restart the worker (and its Triton server).
+
+        Triton cannot interrupt a model's ``execute()`` (a python-backend instance that hangs
+        holds its instance for good, and unloading the model waits for it), so the worker
+        restarts with a fresh server; the requests it holds are served again elsewhere.
+        """
+        ids = [r.request_id for r in requests]
+        self.context.restart_worker(
+            f"Triton model {self.model!r} ran past its execution timeout on requests {ids}; "
+            "a model's execution cannot be interrupted"
+        )
 
     async def teardown(self) -> None:
         """Close the clients; the worker stops the server (and with it the model)."""
@@ -185,8 +217,39 @@ class TritonCoreOperator(Operator):
         if self.stream_client is not None:
             await self.stream_client.close()
 
+    #: Set while the model is unloaded by model control (its requests are refused, not sent).
+    unloaded = False
+
+    async def model_control(self, action: str) -> None:
+        """``"load"``, ``"unload"`` or ``"reload"`` this operator's model on the worker's Triton server.
+
+        Triton's explicit model control (:meth:`TritonServerBase.load_model` /
+        :meth:`~TritonServerBase.unload_model`, in either server kind); a load of a loaded model
+        reloads it (new files in the repository take effect), Triton finishing what runs first.
+        While unloaded, requests are answered :class:`~tdask.exceptions.OperatorUnavailableError`.
+        """
+        if action == "unload":
+            self.unloaded = True
+            await self.server.unload_model(self.model)
+            self.logger.info("Triton model %r unloaded by model control", self.model)
+            return
+        if action not in ("load", "reload"):
+            raise ValueError(f"model action must be load, unload or reload, got {action!r}")
+        await self.server.load_model(self.model, self.override, timeout_s=get_seconds("tdask.triton.load-timeout"))
+        self.unloaded = False
+        self.logger.info("Triton model %r %sed by model control", self.model, action)
+
     async def execute(self, requests: list[Request]) -> None:
         """Send every request to Triton concurrently and answer each with its own result."""
+        if self.unloaded:
+            for request in requests:
+                error = OperatorUnavailableError(
+                    f"model {self.model!r} is unloaded on this worker (tdask model load {self.name} loads it)",
+                    operator=self.name,
+                    request_id=request.request_id,
+                )
+                await request.response_sender().send(error=error)
+            return
         if len(requests) == 1:  # the common case at low load: no extra task per request
             await self._serve(requests[0])
         else:
@@ -268,6 +331,8 @@ class TritonCoreOperator(Operator):
             raise await self._triton_error(request, exc) from None
         except (OSError, asyncio.IncompleteReadError) as exc:
             raise await self._error(request, None, f"connection to Triton lost: {exc!r}") from None
+        except TritonServerError as exc:  # the server broke (e.g. a stub died): the worker restarts
+            raise await self._error(request, None, str(exc)) from None
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug(
                 "request %s of %s: Triton answered in %.1f ms",
@@ -275,15 +340,7 @@ class TritonCoreOperator(Operator):
                 self.name,
                 (time.monotonic() - began) * 1e3,
             )
-        for name, datatype in result.datatypes.items():
-            declared = self.output_types.get(name)
-            if declared is not None and datatype != declared:
-                raise OperatorError(
-                    f"model {self.model!r} returned output {name!r} as {datatype}, its config declares {declared}",
-                    operator=self.name,
-                    request_id=request.request_id,
-                    remote_type="Triton model output mismatch",
-                )
+        self._check_outputs(request, result, inputs, complete=True)
         return result.outputs, result.parameters
 
     async def _serve_stream(self, request: Request) -> None:
@@ -326,21 +383,64 @@ class TritonCoreOperator(Operator):
         )
         try:
             async for response in responses:
-                for name, datatype in response.datatypes.items():
-                    declared = self.output_types.get(name)
-                    if declared is not None and datatype != declared:
-                        raise OperatorError(
-                            f"model {self.model!r} returned output {name!r} as {datatype}, "
-                            f"its config declares {declared}",
-                            operator=self.name,
-                            request_id=request.request_id,
-                            remote_type="Triton model output mismatch",
-                        )
+                self._check_outputs(request, response, inputs, complete=False)
                 yield response
         except TritonInferError as exc:
             raise await self._triton_error(request, exc) from None
+        except TritonServerError as exc:  # the server broke (e.g. a stub died): the worker restarts
+            raise await self._error(request, None, str(exc)) from None
         finally:
             await responses.aclose()
+
+    def _check_outputs(
+        self, request: Request, result: InferResult, inputs: Mapping[str, tuple[Any, str]], *, complete: bool
+    ) -> None:
+        """Refuse an answer that does not fit the model's config: names, datatypes, shapes, batch size.
+
+        ``complete``: the answer must hold every declared output (a one-response model's; a
+        decoupled model may spread its outputs over its responses).
+
+        Raises
+        ------
+        OperatorError
+            Naming the operator, the request and every output that is wrong.
+        """
+        specs = self.output_specs
+        if not specs:  # nothing declared (the model's metadata lists no outputs): nothing to check
+            return
+        problems = []
+        if complete:
+            missing = sorted(set(specs) - set(result.outputs))
+            if missing:
+                problems.append(f"no output {', '.join(map(repr, missing))}")
+        batch = None
+        if self.batched and inputs:
+            first = next(iter(inputs.values()))[0]
+            batch = int(first.shape[0]) if first.ndim else None
+        for name, array in result.outputs.items():
+            spec = specs.get(name)
+            if spec is None:
+                problems.append(f"output {name!r}, which its config does not declare")
+                continue
+            want_type, dims = spec
+            datatype = result.datatypes.get(name)
+            if datatype is not None and datatype != want_type:
+                problems.append(f"output {name!r} as {datatype} (declared {want_type})")
+            if name in self.reshaped:
+                continue
+            shape = [int(n) for n in array.shape]
+            if len(shape) != len(dims) or any(d != -1 and d != n for d, n in zip(dims, shape, strict=True)):
+                problems.append(f"output {name!r} of shape {shape} (declared {dims}, -1: any size)")
+            elif batch is not None and shape[0] != batch:
+                problems.append(f"output {name!r} of shape {shape}: batch dimension {shape[0]} for a batch of {batch}")
+        if problems:
+            declared = ", ".join(f"{n} {t} {d}" for n, (t, d) in sorted(specs.items()))
+            raise OperatorError(
+                f"model {self.model!r} answered wrongly: {'; '.join(problems)}; its config declares {declared}",
+                operator=self.name,
+                request_id=request.request_id,
+                remote_type="Triton model output mismatch",
+            )
 
     def _check_input(self, request: Request, name: str, datatype: str, shape: tuple[int, ...]) -> None:
         """Refuse an input the model does not declare, or of another dtype or rank."""

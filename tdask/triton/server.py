@@ -405,6 +405,20 @@ class TritonServer(TritonServerBase):
             self._reaper,
         )
 
+    def _stub_died(self, model: str, pid: int) -> None:
+        """A stub died: Triton 2.5x neither restarts it nor unloads its model cleanly; end the server.
+
+        Its exit then restarts the worker (the exit callbacks), without waiting for Triton's
+        own health check to fail a request first.
+        """
+        process = self._process
+        if process is None or self._stopping:
+            return
+        self._broken = f"the python-backend stub (pid {pid}) of model {model!r} died"
+        logger.error("Triton server %r: %s; killing it", self.name, self._broken)
+        with contextlib.suppress(OSError):
+            process.kill()
+
     def _on_exit(self, returncode: int) -> None:
         """Log an unexpected exit, and mark the server broken (in the watcher thread, first of the callbacks)."""
         if self._stopping or self.status is not Status.running:
@@ -487,6 +501,7 @@ class TritonServer(TritonServerBase):
 
     async def _shutdown(self, graceful: bool = True) -> None:
         """End the process (if any) and remove what start() created."""
+        self._unwatch_stubs()
         try:
             await self._end_process(graceful)
         finally:
@@ -566,11 +581,13 @@ class TritonServer(TritonServerBase):
         """
         from tritonclient.utils import InferenceServerException
 
+        self.check_model(model)
         payload = None
         if config:
             payload = json.dumps(self.model_config(model, config))
         began = time.monotonic()
         client = self._client()
+        self._unwatch_stubs(model)  # a reload ends the model's current stubs
         try:
             await client.load_model(model, config=payload, client_timeout=timeout_s)
         except InferenceServerException as exc:
@@ -582,9 +599,13 @@ class TritonServer(TritonServerBase):
                 logger.error("Triton server %r: %s; killing it (log %s)", self.name, reason, self._log_path)
                 process.kill()
                 raise TritonServerError(f"{reason}; the server was killed", log_tail=self.log_tail()) from exc
-            raise self._request_failed(f"loading model {model!r} on Triton server {self.name!r}", exc) from exc
+            failed = self._request_failed(f"loading model {model!r} on Triton server {self.name!r}", exc)
+            if self.is_alive():
+                failed = TritonServerError(f"{failed}{self.explain_load_failure(model)}")
+            raise failed from exc
         finally:
             await client.close()
+        self._watch_stubs(model)
         self._log_loaded(model, began, bool(payload))
 
     async def unload_model(self, model: str, *, wait: bool = True, timeout_s: float = 30.0) -> None:
@@ -612,6 +633,7 @@ class TritonServer(TritonServerBase):
 
         deadline = time.monotonic() + timeout_s
         client = self._client()
+        self._unwatch_stubs(model)
         try:
             await client.unload_model(model, client_timeout=timeout_s)
             while wait:
