@@ -151,7 +151,9 @@ class Deployment(SyncMethodMixin):
         ``"tcp"``, ``"tls"`` or ``"ucxx"`` (with distributed-ucxx installed). With ``"ucxx"``,
         ``UCXPY_PROGRESS_MODE`` defaults to ``blocking`` in this process and its workers: UCX
         contexts in ucxx's ``thread`` mode crashed processes with SIGSEGV (docs/design.md,
-        "Dependencies"). UCX's context outlives the deployment (its listeners included).
+        "Dependencies"); on a host without a GPU, ``UCX_TLS`` defaults to ``^sm`` (UCX's
+        shared-memory transports crashed them too). UCX's context outlives the deployment
+        (its listeners included).
     dashboard_address
         The scheduler's dashboard (``":0"``-style; ``None`` to disable).
     security
@@ -197,6 +199,10 @@ class Deployment(SyncMethodMixin):
         self.protocol = protocol
         if protocol == "ucxx":
             os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
+            if not Path("/dev/nvidiactl").exists():
+                # No GPU here: UCX's shared-memory transports (posix/sysv) crashed processes with
+                # SIGSEGV on CPU hosts (docs/design.md, "Dependencies"); TCP and self carry it all.
+                os.environ.setdefault("UCX_TLS", "^sm")
         self.dashboard_address = dashboard_address
         self.security = security
         self.log_dir = Path(log_dir) if log_dir is not None else None

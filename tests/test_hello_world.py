@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import psutil
@@ -203,17 +202,10 @@ def test_embedded_over_protocol(tmp_path, protocol, needs):
     pytest.importorskip(needs[0], reason=needs[1])
     since = time.time()
     args = ["-m", "tdask.hello_world", *FAST, "--protocol", protocol, "--log-dir", str(tmp_path)]
+    # UCX on CPU: with its shared-memory transports the hello world died of SIGSEGV in 6 runs
+    # of 7 here; Deployment leaves them out where there is no GPU (UCX_TLS=^sm), and then it
+    # ran 5 of 5 (docs/design.md, "Dependencies"). No re-run: a crash fails the test.
     result = _run(args)
-    for _ in range(2):
-        # UCX on CPU: the client process sometimes dies of a SIGSEGV that UCX's own handler
-        # reports ("Caught signal 11") in a thread of ucxx's, before any request is answered; the
-        # code of 90d0737 crashed 2 times in 3 the same way on this machine (stop 20's note). Not
-        # tdask's code that crashes, so it is run again, and said so; any other failure fails.
-        output = result.stdout + result.stderr
-        if not (protocol == "ucxx" and result.returncode == -signal.SIGSEGV and "Caught signal 11" in output):
-            break
-        warnings.warn(f"the ucxx hello world crashed in UCX (SIGSEGV); running it again: {output[-300:]}", stacklevel=1)
-        result = _run(args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(rf"^scheduler: {protocol}://127\.0\.0\.1:\d+$", result.stdout, re.M)
     assert "Correct: 10/10" in result.stdout
