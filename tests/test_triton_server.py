@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -919,3 +920,55 @@ def test_the_reaper_ends_what_a_dead_owner_or_server_leaves(tmp_path, how):
                 os.kill(pid, signal.SIGKILL)
         stub.wait(timeout=30)
         region.unlink(missing_ok=True)
+
+
+@pytest.mark.cluster
+def test_a_stub_replaced_by_an_ensembles_load_is_not_a_death(tmp_path):
+    """Loading an ensemble reloads its composing models (Triton 2.51, explicit mode): their old
+    stubs end once the new ones serve. The stub watch must take that for a replacement, not a
+    death (it gave the server up: the bench's ensemble baseline died that way), and watch the
+    new stubs, whose death still ends the server."""
+    repo = tmp_path / "repo"
+    for name in ("encoder", "decoder"):
+        shutil.copytree(MODELS / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    ensemble = Path(__file__).resolve().parent.parent / "bench" / "models" / "encoder_decoder_ensemble"
+    shutil.copytree(ensemble, repo / ensemble.name)
+    (repo / ensemble.name / "1").mkdir(exist_ok=True)
+
+    async def go() -> dict[str, object]:
+        server = TritonServer(model_repository=repo, log_dir=tmp_path, name="ensemble")
+        await server.start()
+        try:
+            await server.load_model("encoder")
+            await server.load_model("decoder")
+            first = set(server._stub_pids("encoder"))
+            await server.load_model(ensemble.name)  # reloads encoder and decoder: new stubs
+            deadline = time.monotonic() + 30
+            while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in first):
+                assert time.monotonic() < deadline, "the replaced stubs did not end"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # the watch's reader runs
+            broken_after_reload = server.broken
+            with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                x = np.arange(5, dtype=np.int64)
+                answer = infer(client, ensemble.name, {"input": x}).as_numpy("output")
+            second = set(server._stub_pids("encoder"))
+            os.kill(next(iter(second)), signal.SIGKILL)  # a real death of a new stub
+            deadline = time.monotonic() + 10
+            while server.broken is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return {
+                "first": first,
+                "second": second,
+                "broken_after_reload": broken_after_reload,
+                "answer": answer,
+                "broken_after_kill": server.broken,
+            }
+        finally:
+            await server.stop()
+
+    seen = asyncio.run(go())
+    assert seen["first"] and seen["second"] and not seen["first"] & seen["second"], seen
+    assert seen["broken_after_reload"] is None, seen
+    np.testing.assert_array_equal(seen["answer"], np.arange(5, dtype=np.int64))
+    assert "of model 'encoder' died" in str(seen["broken_after_kill"]), seen

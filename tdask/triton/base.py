@@ -298,6 +298,12 @@ class TritonServerBase(abc.ABC):
             os.close(fd)
         if self.status is not Status.running or self.broken is not None:
             return
+        if any(p not in self._stubs for p in self._stub_pids(model)):
+            # Triton replaced the model's stubs itself: a load reloads what it depends on (an
+            # ensemble's composing models), and the old stubs end once the new ones serve.
+            logger.info("Triton server %r: model %r has new stubs (pid %d ended)", self.name, model, pid)
+            self._watch_stubs(model)
+            return
         self._stub_died(model, pid)
 
     def _stub_died(self, model: str, pid: int) -> None:  # noqa: B027 - overridden by each kind
