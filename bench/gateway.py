@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3, help="fresh rounds per row; the row shows the one of lowest p50")
+    p.add_argument(
+        "--event-loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="the gateway's (its --event-loop)"
+    )
     args = p.parse_args(argv)
     args.sizes = [int(float(v)) for v in args.sizes.split(",")]
     args.concurrency = [int(v) for v in args.concurrency.split(",")]
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with Deployment(operators, dashboard_address="127.0.0.1:0") as deployment, tempfile.TemporaryDirectory() as tmp:
         address = deployment.client.scheduler.address
-        proc, http, grpc = start_gateway(address, os.path.join(tmp, "gateway.txt"))
+        proc, http, grpc = start_gateway(address, os.path.join(tmp, "gateway.txt"), "--event-loop", args.event_loop)
         try:
             rows = asyncio.run(measure(args, address, http, grpc))
         finally:

@@ -16,6 +16,7 @@ from tdask.exceptions import WorkerLostError
 from tdask.protocol import Op, ProtocolError, check_message
 from tdask.transport import Transport
 from tdask.transport.dask_comm import Session
+from tdask.transport.wire import WIRE_VERSION
 
 
 def _wire_round_trip(message: object) -> object:
@@ -314,7 +315,7 @@ def test_a_direct_caller_sending_an_unknown_op_is_disconnected():
             sock = socket.create_connection((host, int(port)))
             sock.setblocking(False)
             try:
-                hello = protocol.hello("raw-peer", 1)
+                hello = protocol.hello("raw-peer", WIRE_VERSION)
                 good = protocol.submit({"id": "r1", "operator": "x/1", "inputs": {}, "parameters": {}})
                 await loop.sock_sendall(sock, frame([hello]) + frame([good, {"op": "launch-missiles"}]))
                 closed = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)

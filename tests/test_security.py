@@ -7,6 +7,7 @@ import pytest
 
 from tdask import Deployment, OperatorConfig, RemoteOperator
 from tdask.host import PLUGIN_NAME
+from tdask.transport.wire import WIRE_VERSION
 from tests.conftest import assert_no_children, child_pids, store_stats
 from tests.operators import Consumer, Forward, Identity, Producer
 
@@ -106,7 +107,7 @@ def test_a_pickled_tensor_from_a_raw_wire_peer_is_refused_and_never_unpickled(tm
             "inputs": {"x": {"inline": {"h": header, "f": frames}}},
         }
         with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(_frame([{"op": "hello", "wire": 1, "requester": "raw-peer"}]))
+            sock.sendall(_frame([{"op": "hello", "wire": WIRE_VERSION, "requester": "raw-peer"}]))
             sock.sendall(_frame([{"op": "submit", "request": request}]))
             replies = _read_frame(sock)
         [message] = replies

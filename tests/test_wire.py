@@ -27,13 +27,13 @@ from distributed.comm.core import CommClosedError
 
 from tdask import Deployment, InvalidRequestError, OperatorConfig, RemoteOperator
 from tdask.host import PLUGIN_NAME
-from tdask.transport.wire import MessageTooLargeError, WireServer, WireSession, open_session
+from tdask.transport.wire import WIRE_VERSION, MessageTooLargeError, WireServer, WireSession, open_session
 from tests.conftest import assert_no_children
 from tests.operators import Identity
 
 pytestmark = pytest.mark.timeout(120)
 
-HELLO = {"op": "hello", "wire": 1, "requester": "raw peer"}
+HELLO = {"op": "hello", "wire": WIRE_VERSION, "requester": "raw peer"}
 
 
 def frame(messages: object) -> bytes:
@@ -161,7 +161,11 @@ def test_frames_split_anywhere_are_reassembled():
 
 
 async def frame_reader_server() -> tuple[asyncio.Server, str, list[list[dict]], list[int]]:
-    """A raw server reading wire frames: what arrived, frame by frame, and each frame's length."""
+    """A raw server reading wire frames: what arrived, frame by frame, and each frame's length.
+
+    A payload frame (version 2) is recorded as a list of its one message, the payload under the
+    key the message names, and its length as the message's plus the payload's.
+    """
     frames: list[list[dict]] = []
     lengths: list[int] = []
 
@@ -169,6 +173,13 @@ async def frame_reader_server() -> tuple[asyncio.Server, str, list[list[dict]], 
         try:
             while True:
                 (length,) = struct.unpack("<I", await reader.readexactly(4))
+                if length & 0x80000000:
+                    (size,) = struct.unpack("<Q", await reader.readexactly(8))
+                    message = msgpack.unpackb(await reader.readexactly(length & 0x7FFFFFFF))
+                    message[message.pop("payload")] = await reader.readexactly(size)
+                    lengths.append((length & 0x7FFFFFFF) + size)
+                    frames.append([message])
+                    continue
                 lengths.append(length)
                 frames.append(msgpack.unpackb(await reader.readexactly(length)))
         except asyncio.IncompleteReadError:
@@ -176,6 +187,15 @@ async def frame_reader_server() -> tuple[asyncio.Server, str, list[list[dict]], 
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", frames, lengths
+
+
+_X_PAYLOAD = msgpack.packb({"op": "x", "payload": "bytes"}, use_bin_type=True)
+
+
+def payload_frame(message: dict, key: str, payload: bytes) -> bytes:
+    """A payload frame as a peer would write it (version 2): flagged length, payload length, message, payload."""
+    packed = msgpack.packb({**message, "payload": key}, use_bin_type=True)
+    return struct.pack("<IQ", len(packed) | 0x80000000, len(payload)) + packed + payload
 
 
 def test_a_lone_message_leaves_at_once_and_a_burst_in_one_write():
@@ -216,7 +236,7 @@ def test_a_lone_message_leaves_at_once_and_a_burst_in_one_write():
         frame([{"op": "submit", "request": {}}]),  # no hello first
         frame([{"op": "hello", "wire": 999, "requester": "future"}]),  # another wire version
         frame([["hello"]]),  # a message that is not a dict
-        frame({"op": "hello", "wire": 1, "requester": "x"}),  # a frame that is not a list
+        frame({"op": "hello", "wire": WIRE_VERSION, "requester": "x"}),  # a frame that is not a list
     ],
 )
 def test_a_peer_that_does_not_say_hello_is_dropped(opening):
@@ -354,10 +374,10 @@ def test_send_refuses_a_message_above_max_frame_and_splits_a_batch_that_is():
     assert [m["i"] for f in frames[1:] for m in f] == list(range(51))
 
 
-def test_a_payload_leaves_uncopied_and_arrives_as_an_ordinary_field():
-    """send_with_payload: the peer reads a plain message whose last field is the payload's
-    bytes, in order with plain messages, also when the batch is split into frames; the
-    message's size is checked against max-frame as send's is."""
+def test_a_payload_leaves_uncopied_in_a_frame_of_its_own_and_in_order():
+    """send_with_payload: each payload leaves as a frame of its own (the message, then the raw
+    bytes), in order with plain messages, which still share frames; its size is checked against
+    max-frame as send's is."""
     import numpy as np
 
     async def main():
@@ -370,6 +390,7 @@ def test_a_payload_leaves_uncopied_and_arrives_as_an_ordinary_field():
         with pytest.raises(MessageTooLargeError, match="tdask.wire.max-frame"):
             session.send_with_payload({"op": "big"}, "bytes", memoryview(bytes(70_000)))
         session.send({"op": "last", "i": 8})
+        session.send({"op": "last", "i": 9})
         await asyncio.sleep(0.3)
         await session.close()
         server.close()
@@ -378,12 +399,85 @@ def test_a_payload_leaves_uncopied_and_arrives_as_an_ordinary_field():
     with dask.config.set({"tdask.wire.max-frame": "64KiB"}):
         frames, lengths, arrays = asyncio.run(main())
     messages = [m for f in frames[1:] for m in f]
-    assert [m["i"] for m in messages] == list(range(9)) and max(lengths) <= 65_536
-    assert len(frames) >= 3  # the 56 KB and 24 KB payloads could not share a frame
+    assert [m["i"] for m in messages] == list(range(10)) and max(lengths) <= 65_536
+    with_payload = [f for f in frames[1:] if f[0]["op"] == "with"]
+    assert len(with_payload) == 4 and all(len(f) == 1 for f in with_payload)  # a frame each
+    assert [m["op"] for m in frames[-1]] == ["last", "last"]  # plain messages still share a frame
     for i, array in enumerate(arrays):
         got = messages[2 * i + 1]
         assert got["op"] == "with" and got["shape"] == [array.size]
         assert np.array_equal(np.frombuffer(got["bytes"], dtype=np.int64), array)
+
+
+def test_a_payload_is_read_straight_into_a_buffer_of_its_own():
+    """The receiver's field is a memoryview of a fresh, writable numpy buffer holding exactly the
+    payload (not a slice of the session's receive buffer, not a copy out of msgpack), whether the
+    payload arrived with its header or after it, split anywhere."""
+
+    async def main():
+        rng = random.Random(11)
+        payloads = [rng.randbytes(n) for n in (0, 1, 5000, 70_000, 3_000_000)]
+        stream = b""
+        for i, data in enumerate(payloads):
+            stream += frame([{"op": "plain", "i": i}]) + payload_frame({"op": "with", "i": i}, "bytes", data)
+        got: list[dict] = []
+        session = WireSession("test", got.append)
+        position = 0
+        while position < len(stream):
+            step = rng.choice([1, 3, 7, 100, 4096, 20000, 300_000, 2_000_000])
+            session.data_received(stream[position : position + step])
+            position += step
+        return payloads, got, len(session._rbuf)
+
+    payloads, got, room = asyncio.run(main())
+    assert [(m["op"], m["i"]) for m in got] == [(op, i) for i in range(len(payloads)) for op in ("plain", "with")]
+    for data, message in zip(payloads, got[1::2], strict=True):
+        view = message["bytes"]
+        assert isinstance(view, memoryview) and isinstance(view.obj, np.ndarray) and view.obj.base is None
+        assert not view.readonly and len(view) == len(data) and bytes(view) == data
+        assert "payload" not in message
+    assert room == 64 * 1024  # the session's own buffer never grew for a payload
+
+
+@pytest.mark.parametrize(
+    "bad, ops",
+    [
+        (payload_frame({"op": "empty"}, "bytes", b""), ["empty", "after"]),  # the control: an empty payload is fine
+        (payload_frame({"op": "x"}, "bytes", b"")[:4] + struct.pack("<Q", 100_000_000) + _X_PAYLOAD, []),  # too large
+        (payload_frame({"op": "x"}, "bytes", b"abc").replace(b"payload", b"pay_oad"), []),  # names no payload
+        (struct.pack("<IQ", 3 | 0x80000000, 1) + b"\xc1\xc1\xc1" + b"x", []),  # not msgpack
+        (payload_frame({"op": 5}, "bytes", b"abc"), []),  # a message whose op is not a str
+    ],
+    ids=["control", "too-large", "no-payload-key", "not-msgpack", "bad-op"],
+)
+def test_a_bad_payload_frame_closes_the_connection(bad, ops):
+    """A payload frame above the limit (refused before its payload is read), without a payload
+    key, not msgpack, or holding a malformed message closes the connection."""
+
+    async def main():
+        server, sessions, received = await recording_server()
+        reader, writer = await raw_connect(server.address, frame([HELLO]) + bad + frame([{"op": "after"}]))
+        closed = await hung_up(reader, 1.0)
+        writer.close()
+        await server.close()
+        return [m["op"] for m in received], closed
+
+    got, closed = asyncio.run(main())
+    assert got == ops
+    assert closed == (not ops)
+
+
+def test_a_payload_frame_before_hello_is_refused():
+    async def main():
+        server, sessions, received = await recording_server()
+        reader, writer = await raw_connect(server.address, payload_frame({"op": "hello"}, "x", bytes(70_000)))
+        closed = await hung_up(reader, 2.0)
+        writer.close()
+        await server.close()
+        return closed, received
+
+    closed, received = asyncio.run(main())
+    assert closed and received == []
 
 
 # -- backpressure --------------------------------------------------------------------------
@@ -926,7 +1020,7 @@ def test_a_caller_that_stops_reading_its_answers_slows_the_worker_down_within_bo
         sock.connect((host, int(port)))
         try:
             began = time.monotonic()
-            sock.sendall(frame([protocol.hello(STALLED, 1)]))
+            sock.sendall(frame([protocol.hello(STALLED, WIRE_VERSION)]))
             for first in range(0, count, 20):
                 request = {"operator": "producer/1", "inputs": {}, "parameters": {"n": values}}
                 sock.sendall(frame([protocol.submit({**request, "id": f"r{i}"}) for i in range(first, first + 20)]))
@@ -975,7 +1069,7 @@ def test_a_request_cancelled_in_the_frame_that_submits_it_frees_its_slot():
         host, port = wire.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             request = {"id": "r0", "operator": "producer/1", "inputs": {}, "parameters": {"n": 3}}
-            sock.sendall(frame([protocol.hello("quick canceller", 1)]))
+            sock.sendall(frame([protocol.hello("quick canceller", WIRE_VERSION)]))
             sock.sendall(frame([protocol.submit(request), protocol.cancel(["r0"])]))
             response = RemoteOperator("producer", client=dep.client).infer(parameters={"n": 3}, timeout=5)
             assert response.outputs["data"].tolist() == [0.0, 1.0, 2.0]

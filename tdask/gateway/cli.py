@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 import click
 
@@ -13,6 +16,17 @@ from tdask.gateway.core import Gateway
 from tdask.gateway.limits import FrontDoor, Limits
 
 __all__ = ["main"]
+
+
+def _runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """``asyncio.run``, or ``uvloop.run`` for ``uvloop`` (and ``auto`` where uvloop is installed)."""
+    if choice == "auto":
+        choice = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    if choice == "uvloop":
+        import uvloop
+
+        return cast(Callable[[Coroutine[Any, Any, None]], None], uvloop.run)
+    return asyncio.run
 
 
 async def _serve(gateway: Gateway) -> None:
@@ -74,6 +88,13 @@ async def _serve(gateway: Gateway) -> None:
 )
 @click.option("--insecure", is_flag=True, help="Serve plain text in front of a tls:// cluster.")
 @click.option(
+    "--event-loop",
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    default="auto",
+    show_default=True,
+    help="The gateway's event loop: auto is uvloop where it is installed (less CPU per request), else asyncio.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="WARNING",
@@ -96,6 +117,7 @@ def main(
     tls_ca: str | None,
     auth_token: str | None,
     insecure: bool,
+    event_loop: str,
     log_level: str,
 ) -> None:
     """Serve every tdask operator as a model on Triton's KServe v2 HTTP and gRPC protocols."""
@@ -125,7 +147,7 @@ def main(
         front_door=front_door,
     )
     try:
-        asyncio.run(_serve(gateway))
+        _runner(event_loop)(_serve(gateway))
     except (OSError, TimeoutError, ValueError) as exc:
         click.echo(f"tdask gateway: cannot serve {scheduler_address}: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)

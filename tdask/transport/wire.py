@@ -21,6 +21,14 @@ Format: each frame is a 4-byte little-endian length and a msgpack list of messag
 whose ``"op"`` is a str. The caller's first message is ``{"op": "hello", "wire": WIRE_VERSION,
 "requester": ...}``. Anything else closes the connection, with a warning naming the peer.
 
+A message carrying a tensor's memory (:meth:`WireSession.send_with_payload`, version 2) is a
+frame of its own: the length with its top bit set (the msgpack message's), an 8-byte length of
+the payload, the message (its ``"payload"`` field names the key the payload belongs to), then
+the payload's raw bytes. Neither end copies them: the sender hands the tensor's memory to the
+socket, the receiver reads it straight into a fresh uninitialised buffer (a numpy ``uint8``
+array, given as a memoryview) that becomes the message's field, where a msgpack ``bin`` would have been read into the
+session's buffer and copied out once more (docs/performance.md).
+
 Limits (``tdask.wire.*``, docs/design.md): a connection must say hello within
 ``hello-timeout``, in a first frame of at most 64 KiB; a worker holds at most
 ``max-connections``; no frame is above ``max-frame`` (a header announcing more closes the
@@ -44,6 +52,7 @@ from typing import Any, cast
 
 import dask.config
 import msgpack
+import numpy as np
 from distributed.comm import parse_address
 from distributed.comm.core import CommClosedError
 from distributed.comm.tcp import set_tcp_timeout
@@ -53,8 +62,10 @@ from tdask.transport.base import MessageHandler, MessageTooLargeError, ProtocolE
 
 logger = logging.getLogger(__name__)
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: payloads in frames of their own, outside msgpack
 _HEADER = struct.Struct("<I")  # a frame's length
+_PAYLOAD_FLAG = 0x80000000  # set in a frame's length: a message and a raw payload follow
+_PAYLOAD_HEADER = struct.Struct("<IQ")  # the message's length (flagged), the payload's length
 _HEADER_SMALL = struct.Struct("<IB")  # a frame's length and a msgpack fixarray header (< 16 items)
 _MAX_HELLO = 64 * 1024  # the first frame, before the peer said who it is
 # The transport's own write buffer, above the kernel's (~4 MiB on loopback): past this, writing
@@ -69,19 +80,8 @@ _PACK_SIZE = 16 * 1024  # the packer's initial buffer (msgpack's default is 256 
 _LOG_EVERY = 60.0  # seconds between two warnings of one kind from one server (refusals, silent peers)
 
 
-class _Parts(list):  # one message packed as several buffers, its last a payload not copied
+class _Parts(list):  # a payload frame as [header and message, payload]: written as it is, not copied
     nbytes = 0
-
-
-def _bin_header(size: int) -> bytes:
-    """The msgpack header of a ``bin`` of ``size`` bytes."""
-    if size < 0x100:
-        return b"\xc4" + size.to_bytes(1, "big")
-    return b"\xc5" + size.to_bytes(2, "big") if size < 0x10000 else b"\xc6" + size.to_bytes(4, "big")
-
-
-def _flatten(batch: list[Any]) -> list[Any]:
-    return [part for item in batch for part in (item if type(item) is _Parts else (item,))]
 
 
 class WireProtocolError(ProtocolError):
@@ -189,6 +189,9 @@ class WireSession(asyncio.BufferedProtocol):
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0
         self._need = 0  # bytes of the incomplete frame at _rstart, once its header is read
+        # A payload being read straight into its own buffer: (message, key, buffer, bytes read).
+        self._payload: tuple[dict[str, Any], str, np.ndarray, int] | None = None
+        self._payloads = 0  # payload frames in the outbox (they leave as frames of their own)
         self._max_frame = get_bytes("tdask.wire.max-frame")
         self._max_buffer = max(get_bytes("tdask.wire.max-buffer"), self._max_frame)
         self._limit = self._max_frame if on_message is not None else _MAX_HELLO
@@ -218,7 +221,8 @@ class WireSession(asyncio.BufferedProtocol):
         """Mark the session closed, drop what is queued and wake :meth:`drain`."""
         self.closed.set()
         self._outbox.clear()
-        self._queued = 0
+        self._queued = self._payloads = 0
+        self._payload = None
         self._resumed.set()  # wake drain(): the next send() raises
         if self._on_close is not None:
             self._on_close()
@@ -240,6 +244,9 @@ class WireSession(asyncio.BufferedProtocol):
         # Reads land in this session's own buffer: asyncio's plain protocols get a fresh 256 KiB
         # bytes object per read, which under Dask's MALLOC_TRIM_THRESHOLD_ can cost an
         # mmap/mremap/munmap per message (measured: ~35 us of worker CPU per request).
+        if self._payload is not None:  # the rest of a payload: straight into its own buffer
+            _, _, buffer, got = self._payload
+            return buffer.data[got:]
         if len(self._rbuf) - self._rend < _MIN_READ:
             self._make_room()
         return self._rview[self._rend :]
@@ -261,6 +268,18 @@ class WireSession(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Split the frames read, check each message's shape and hand it on; close on a bad one."""
+        if self._payload is not None:  # nbytes more of a payload, read into its own buffer
+            message, key, buffer, got = self._payload
+            got += nbytes
+            if got < len(buffer):
+                self._payload = (message, key, buffer, got)
+                return
+            self._payload = None
+            message[key] = buffer.data
+            problem = self._deliver(message)
+            if problem is not None:
+                self._close_after(problem)
+            return
         self._rend += nbytes
         if self._rend - self._rstart < self._need:
             return  # a frame still arriving
@@ -270,6 +289,37 @@ class WireSession(asyncio.BufferedProtocol):
         problem = None
         while end - offset >= 4:
             (length,) = _HEADER.unpack_from(rbuf, offset)
+            if length & _PAYLOAD_FLAG:
+                if end - offset < _PAYLOAD_HEADER.size:
+                    need = _PAYLOAD_HEADER.size
+                    break
+                length, size = _PAYLOAD_HEADER.unpack_from(rbuf, offset)
+                length &= ~_PAYLOAD_FLAG
+                if length + size > self._limit:  # refused before the payload is read
+                    problem = f"a frame of {length + size} bytes, above this connection's limit of {self._limit}"
+                    break
+                start = offset + _PAYLOAD_HEADER.size
+                if end - start < length:
+                    need = _PAYLOAD_HEADER.size + length
+                    break
+                offset = start + length
+                carried, problem = self._payload_message(view[start:offset])
+                if problem is not None or carried is None:
+                    break
+                key = carried.pop("payload")
+                buffer = np.empty(size, np.uint8)  # no zeroing: the socket writes every byte
+                here = min(size, end - offset)
+                if here:
+                    buffer[:here] = np.frombuffer(rbuf, np.uint8, here, offset)
+                offset += here
+                if here < size:  # the rest goes straight into the buffer (get_buffer)
+                    self._payload = (carried, key, buffer, here)
+                    break
+                carried[key] = buffer.data
+                problem = self._deliver(carried)
+                if problem is not None:
+                    break
+                continue
             if length > self._limit:  # refused before its payload is read, let alone held
                 problem = f"a frame of {length} bytes, above this connection's limit of {self._limit}"
                 break
@@ -289,20 +339,13 @@ class WireSession(asyncio.BufferedProtocol):
                 problem = f"a frame holding {_preview(messages)}, not a list of messages"
                 break
             for message in messages:
-                try:
-                    check_shape(message)
-                    self._on_message(message)
-                except ProtocolError as exc:  # not a message, or one its handler refused
-                    problem = f"{_preview(message)}: {exc}"
+                problem = self._deliver(message)
+                if problem is not None:
                     break
-                except Exception:
-                    logger.exception("wire session %s: handling %s failed", self.name, message["op"])
             if problem is not None:
                 break
         if problem is not None:
-            self._rstart = self._rend = self._need = 0
-            logger.warning("wire session %s (peer %s): closing after %s", self.name, self.peer, problem)
-            self.abort()
+            self._close_after(problem)
             return
         self._need = need
         if offset < end:
@@ -312,6 +355,33 @@ class WireSession(asyncio.BufferedProtocol):
             if len(rbuf) > _KEEP_READ:  # after a large frame: do not keep its room
                 self._rbuf = bytearray(_READ_SIZE)
                 self._rview = memoryview(self._rbuf)
+
+    def _payload_message(self, data: memoryview) -> tuple[dict[str, Any] | None, str | None]:
+        """The message of a payload frame, or why it is refused."""
+        try:
+            message = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=False)
+        except Exception as exc:
+            return None, f"a payload frame whose message is not msgpack ({exc})"
+        if type(message) is not dict or type(message.get("payload")) is not str:
+            return None, f"a payload frame holding {_preview(message)}, not a message naming its payload"
+        return message, None
+
+    def _deliver(self, message: Any) -> str | None:
+        """Hand one message on; why the connection must close, or None."""
+        try:
+            check_shape(message)
+            self._on_message(message)
+        except ProtocolError as exc:  # not a message, or one its handler refused
+            return f"{_preview(message)}: {exc}"
+        except Exception:
+            logger.exception("wire session %s: handling %s failed", self.name, message["op"])
+        return None
+
+    def _close_after(self, problem: str) -> None:
+        self._rstart = self._rend = self._need = 0
+        self._payload = None
+        logger.warning("wire session %s (peer %s): closing after %s", self.name, self.peer, problem)
+        self.abort()
 
     def data_received(self, data: bytes) -> None:
         """Take ``data`` as if read into the buffer (transports use get_buffer/buffer_updated)."""
@@ -370,6 +440,8 @@ class WireSession(asyncio.BufferedProtocol):
             )
         self._outbox.append(data)
         self._queued += size
+        if type(data) is _Parts:
+            self._payloads += 1
         if self._paused or self._flush_pending:
             if self._paused and self._queued > self._max_buffer:
                 self._overflow()
@@ -379,22 +451,18 @@ class WireSession(asyncio.BufferedProtocol):
             self._write_outbox()
 
     def send_with_payload(self, message: dict[str, Any], key: str, payload: memoryview) -> None:
-        """Queue ``message`` plus ``key``: ``payload`` (a ``bin``), the payload not copied.
+        """Queue ``message`` plus ``key``: ``payload``, in a payload frame of its own, not copied.
 
-        The peer receives an ordinary message; here the payload (a tensor's memory, which must
-        not change until written) goes to the transport as it is, where :meth:`send` would copy
-        it twice. Raises as :meth:`send` does.
+        The peer receives the message with ``payload``'s bytes under ``key`` (a memoryview of a
+        numpy ``uint8`` array it owns: read straight from the socket into it); here the payload (a tensor's
+        memory, which must not change until written) goes to the transport as it is. Raises as
+        :meth:`send` does.
         """
         self._check_open()
         payload = payload.cast("B") if payload.format != "B" or payload.ndim != 1 else payload
-        head = bytearray(self._packer.pack_map_header(len(message) + 1))
-        for name, value in message.items():
-            head += self._packer.pack(name)
-            head += self._packer.pack(value)
-        head += self._packer.pack(key)
-        head += _bin_header(len(payload))
-        parts = _Parts((bytes(head), payload))
-        parts.nbytes = size = len(head) + len(payload)
+        packed = self._packer.pack({**message, "payload": key})
+        parts = _Parts((_PAYLOAD_HEADER.pack(len(packed) | _PAYLOAD_FLAG, len(payload)) + packed, payload))
+        parts.nbytes = size = _PAYLOAD_HEADER.size + len(packed) + len(payload)
         self._enqueue(parts, size)
 
     def _overflow(self) -> None:
@@ -429,7 +497,7 @@ class WireSession(asyncio.BufferedProtocol):
         count = len(batch)
         self._last_batch = count
         size = self._queued
-        if size + 5 <= self._max_frame:  # the usual case: the lot in one frame
+        if size + 5 <= self._max_frame and not self._payloads:  # the usual case: the lot in one frame
             if count < 16:
                 batch.insert(0, _HEADER_SMALL.pack(size + 1, 0x90 | count))
             else:
@@ -437,21 +505,33 @@ class WireSession(asyncio.BufferedProtocol):
                 batch.insert(0, _HEADER.pack(len(head) + size) + head)
             self._outbox = []
             self._queued = 0
-            transport.writelines(_flatten(batch))
+            transport.writelines(cast(list[bytes], batch))  # no payload frame among them
             return
         self._write_frames(force=False)
 
     def _write_frames(self, force: bool) -> None:
-        """Write the queue as frames of at most max-frame bytes; unless ``force``, stop once paused."""
+        """Write the queue as frames of at most max-frame bytes; unless ``force``, stop once paused.
+
+        Runs of plain messages share frames; each payload frame leaves as it is, in order.
+        """
         transport = self._transport
         assert transport is not None
         batch, self._outbox = self._outbox, []
         index, count, limit = 0, len(batch), self._max_frame
         while index < count and (force or not self._paused) and not transport.is_closing():
+            entry = batch[index]
+            if type(entry) is _Parts:
+                transport.writelines(entry)
+                self._queued -= entry.nbytes
+                self._payloads -= 1
+                index += 1
+                continue
             stop, size = index, 0
             while stop < count:  # the longest run from index that fits one frame (one message always does)
                 entry = batch[stop]
-                item = entry.nbytes if isinstance(entry, _Parts) else len(entry)
+                if type(entry) is _Parts:
+                    break
+                item = len(entry)
                 items = stop - index + 1
                 head = 1 if items < 16 else 3 if items < 0x10000 else 5
                 if stop > index and size + item + head > limit:
@@ -459,7 +539,8 @@ class WireSession(asyncio.BufferedProtocol):
                 size += item
                 stop += 1
             head_bytes = _array_head(stop - index)
-            transport.writelines([_HEADER.pack(len(head_bytes) + size) + head_bytes, *_flatten(batch[index:stop])])
+            run = cast(list[bytes], batch[index:stop])  # plain messages only
+            transport.writelines([_HEADER.pack(len(head_bytes) + size) + head_bytes, *run])
             self._queued -= size
             index = stop
         if index < count:
@@ -494,7 +575,7 @@ class WireSession(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.abort()
         self._outbox.clear()
-        self._queued = 0
+        self._queued = self._payloads = 0
         self.closed.set()
         self._resumed.set()
 
