@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from bench.common import closed_loop, machine, payloads, table, versions
+from bench.common import CpuMeter, closed_loop, machine, payloads, table, versions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +71,10 @@ def start_gateway(
     raise RuntimeError(f"the gateway did not start: {open(log).read()}")
 
 
-async def measure(args: argparse.Namespace, address: str, http: str, grpc: str) -> list[dict[str, Any]]:
+async def measure(
+    args: argparse.Namespace, address: str, http: str, grpc: str, gateway_pid: int
+) -> list[dict[str, Any]]:
+    import psutil
     import tritonclient.grpc.aio as grpcaio
     import tritonclient.http.aio as httpaio
     from distributed import Client
@@ -81,6 +84,11 @@ async def measure(args: argparse.Namespace, address: str, http: str, grpc: str) 
     rows = []
     async with Client(address, asynchronous=True) as client:
         op = RemoteOperator("encoder_decoder", client=client)
+        workers = list((await client.run(os.getpid)).values())
+        workers += [c.pid for w in workers for c in psutil.Process(w).children(recursive=True)]
+        # CPU per request by process: where the gateway's cost lands (its own process, and the
+        # client library in the bench process, which also holds the embedded scheduler).
+        groups = {"bench": [os.getpid()], "gateway": [gateway_pid], "workers": workers}
         http_client = httpaio.InferenceServerClient(http, conn_limit=64)
         grpc_client = grpcaio.InferenceServerClient(grpc)
         try:
@@ -110,10 +118,16 @@ async def measure(args: argparse.Namespace, address: str, http: str, grpc: str) 
                     for path, call in (("direct", direct), ("gateway-http", via_http), ("gateway-grpc", via_grpc)):
                         best = None
                         for _ in range(args.rounds):
+                            meter = CpuMeter(groups)
+                            meter.start()
                             result = await closed_loop(
                                 call, requests=args.requests, concurrency=concurrency, warmup=args.warmup
                             )
+                            cpu = meter.stop()
                             summary = result.summary()
+                            summary["cpu_ms_per_request"] = {
+                                k: round(v * 1e3 / max(result.ok, 1), 3) for k, v in cpu.items()
+                            }
                             if best is None or summary["p50_ms"] < best["p50_ms"]:
                                 best = summary
                         assert best is not None
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3, help="fresh rounds per row; the row shows the one of lowest p50")
     p.add_argument(
-        "--event-loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="the gateway's (its --event-loop)"
+        "--event-loop", default="asyncio", choices=["asyncio", "uvloop"], help="the gateway's (its --event-loop)"
     )
     args = p.parse_args(argv)
     args.sizes = [int(float(v)) for v in args.sizes.split(",")]
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         address = deployment.client.scheduler.address
         proc, http, grpc = start_gateway(address, os.path.join(tmp, "gateway.txt"), "--event-loop", args.event_loop)
         try:
-            rows = asyncio.run(measure(args, address, http, grpc))
+            rows = asyncio.run(measure(args, address, http, grpc, proc.pid))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -167,10 +181,25 @@ def main(argv: list[str] | None = None) -> int:
                 r["p50_ms"],
                 r["p99_ms"],
                 round(r["p50_ms"] - base["p50_ms"], 3),
+                round(r["req_per_s"] / base["req_per_s"], 3) if base["req_per_s"] else None,
+                *(r["cpu_ms_per_request"].get(k) for k in ("bench", "gateway", "workers")),
                 r["errors"],
             ]
         )
-    columns = ["path", "size", "in flight", "req/s", "p50 ms", "p99 ms", "+p50 vs direct", "errors"]
+    columns = [
+        "path",
+        "size",
+        "in flight",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "+p50 vs direct",
+        "tput vs direct",
+        "cpu ms/req: bench",
+        "gateway",
+        "workers",
+        "errors",
+    ]
     print(table("gateway: encoder_decoder through KServe v2 vs tdask direct", columns, cells))  # noqa: T201
     print(json.dumps({"section": "gateway", "results": rows, "machine": machine(), "versions": versions()}))  # noqa: T201
     return 0 if all(r["errors"] == 0 for r in rows) else 1

@@ -42,11 +42,33 @@ def gateway(tmp_path_factory):
         address = deployment.client.scheduler.address
         proc, http, grpc = start_gateway(address, str(log))
         try:
-            yield {"http": http, "grpc": grpc, "proc": proc}
+            yield {"http": http, "grpc": grpc, "proc": proc, "address": address}
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log.read_text()
     assert_no_children()
+
+
+def test_a_gateway_on_uvloop_serves_both_protocols(gateway, tmp_path):
+    """``--event-loop uvloop``: the gateway says which loop it runs, and serves HTTP and gRPC."""
+    import tritonclient.grpc as grpcclient
+
+    log = tmp_path / "uvloop.txt"
+    proc, http, grpc = start_gateway(gateway["address"], str(log), "--event-loop", "uvloop")
+    try:
+        data = _data(10)
+        with httpclient.InferenceServerClient(http) as client:
+            inp = httpclient.InferInput("input", list(data.shape), "INT64")
+            inp.set_data_from_numpy(data, binary_data=True)
+            np.testing.assert_array_equal(client.infer("encoder_decoder", [inp]).as_numpy("output"), data)
+        with grpcclient.InferenceServerClient(grpc) as client:
+            inp = grpcclient.InferInput("input", list(data.shape), "INT64")
+            inp.set_data_from_numpy(data)
+            np.testing.assert_array_equal(client.infer("encoder_decoder", [inp]).as_numpy("output"), data)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert "event loop: uvloop" in log.read_text()
 
 
 def _data(n=1000):

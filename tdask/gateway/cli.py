@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -19,9 +18,7 @@ __all__ = ["main"]
 
 
 def _runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """``asyncio.run``, or ``uvloop.run`` for ``uvloop`` (and ``auto`` where uvloop is installed)."""
-    if choice == "auto":
-        choice = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    """``asyncio.run``, or ``uvloop.run`` for ``uvloop``."""
     if choice == "uvloop":
         import uvloop
 
@@ -38,7 +35,8 @@ async def _serve(gateway: Gateway) -> None:
         click.echo(
             f"tdask gateway for {gateway.scheduler_address}: "
             f"HTTP {gateway.host}:{gateway.http_port}, gRPC {gateway.host}:{gateway.grpc_port}"
-            + (" (TLS)" if gateway.front_door.tls else ""),
+            + (" (TLS)" if gateway.front_door.tls else "")
+            + f"; event loop: {type(loop).__module__.split('.')[0]}",
         )
         await stop.wait()
 
@@ -89,10 +87,10 @@ async def _serve(gateway: Gateway) -> None:
 @click.option("--insecure", is_flag=True, help="Serve plain text in front of a tls:// cluster.")
 @click.option(
     "--event-loop",
-    type=click.Choice(["auto", "asyncio", "uvloop"]),
-    default="auto",
+    type=click.Choice(["asyncio", "uvloop"]),
+    default="asyncio",
     show_default=True,
-    help="The gateway's event loop: auto is uvloop where it is installed (less CPU per request), else asyncio.",
+    help="The gateway's event loop. uvloop measured no better here, and gRPC's p99 worse (docs/performance.md).",
 )
 @click.option(
     "--log-level",
