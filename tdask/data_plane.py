@@ -165,8 +165,11 @@ class Shortcut(Protocol):
         """
         ...
 
-    async def fetch_tensor(self, owner: str, tensor_id: str) -> tuple[bool, Any] | None:
-        """``(True, array)``, or ``(False, None)`` when the owner does not hold it."""
+    async def fetch_tensor(self, owner: str, tensor_id: str, release: bool = False) -> tuple[bool, Any] | None:
+        """``(True, array)``, or ``(False, None)`` when the owner does not hold it.
+
+        ``release``: the owner drops it once it sent it (a fetch and a release in one call).
+        """
         ...
 
     async def put_tensor(self, owner: str, tensor_id: str, array: Any) -> bool | None:
@@ -210,15 +213,18 @@ class DataPlanePeer:
         self.shortcut_calls = 0  # calls the shortcut answered
         self.shortcut_pulled_bytes = 0  # of pulled_bytes, those it fetched
         self.shortcut_declined = 0  # calls it left to Dask's comm
+        self.release_calls = 0  # release calls made to other owners (one per owner per release)
 
-    async def fetch(self, tensor: RemoteTensor) -> Any:
+    async def fetch(self, tensor: RemoteTensor, *, release: bool = False) -> Any:
         """Pull ``tensor``'s bytes from its owner (:class:`DataPlaneError` when they are gone).
 
         A host array comes back read-only, as inline tensors do, whichever route it took.
+        ``release``: the owner drops it once it is fetched (the caller is its last user): one
+        call on the wire's shortcut, where a fetch and then a release would be two round trips.
         """
         shortcut = self.shortcut
         if shortcut is not None and shortcut_takes(tensor) and shortcut.reaches(tensor.owner):
-            answer = await shortcut.fetch_tensor(tensor.owner, tensor.tensor_id)
+            answer = await shortcut.fetch_tensor(tensor.owner, tensor.tensor_id, release)
             if answer is not None:
                 self.shortcut_calls += 1
                 if not answer[0]:
@@ -228,6 +234,12 @@ class DataPlanePeer:
                 self.shortcut_pulled_bytes += tensor.nbytes
                 return answer[1]
             self.shortcut_declined += 1
+        data = await self._fetch_rpc(tensor)
+        if release:
+            await self.release([tensor])
+        return data
+
+    async def _fetch_rpc(self, tensor: RemoteTensor) -> Any:
         try:
             reply = await call_peer(self.pool, tensor.owner, FETCH, tensor_id=tensor.tensor_id)
         except (TimeoutError, OSError) as exc:
@@ -281,6 +293,7 @@ class DataPlanePeer:
             if not is_gone(tensor.owner):
                 by_owner.setdefault(tensor.owner, []).append(tensor.tensor_id)
         for owner, ids in by_owner.items():
+            self.release_calls += 1
             if self.shortcut is not None and self.shortcut.reaches(owner):
                 if await self.shortcut.release_tensors(owner, ids):
                     self.shortcut_calls += 1
@@ -363,10 +376,13 @@ class TensorStore(DataPlanePeer):
         self.puts += 1
         return tensor
 
-    async def fetch(self, tensor: RemoteTensor) -> Any:
-        """The tensor's array: from this store when it is ours, else pulled from its owner."""
+    async def fetch(self, tensor: RemoteTensor, *, release: bool = False) -> Any:
+        """The tensor's array: from this store when it is ours, else pulled from its owner.
+
+        ``release``: dropped at its owner once fetched (see :meth:`DataPlanePeer.fetch`).
+        """
         if tensor.owner == self.worker.address:
-            entry = self._tensors.get(tensor.tensor_id)
+            entry = self._tensors.pop(tensor.tensor_id, None) if release else self._tensors.get(tensor.tensor_id)
             if entry is None:
                 raise DataPlaneError(
                     f"tensor {tensor.tensor_id} is not in this worker's store",
@@ -375,8 +391,10 @@ class TensorStore(DataPlanePeer):
                     tensor_id=tensor.tensor_id,
                 )
             self.local_gets += 1
+            if release:
+                self.released += 1
             return entry[0]
-        return await super().fetch(tensor)
+        return await super().fetch(tensor, release=release)
 
     async def release(self, tensors: Iterable[RemoteTensor]) -> None:
         """Drop ours here; tell other owners about theirs (best effort)."""
@@ -453,6 +471,7 @@ class TensorStore(DataPlanePeer):
             "shortcut_calls": self.shortcut_calls,
             "shortcut_declined": self.shortcut_declined,
             "shortcut_pulled_bytes": self.shortcut_pulled_bytes,
+            "release_calls": self.release_calls,
             "local_gets": self.local_gets,
             "released": self.released,
             "expired": self.expired,

@@ -376,6 +376,9 @@ class Request:
         #: by the host (for its latency metrics).
         self.arrived = 0.0
         self.started = 0.0
+        #: Ids of the inputs its caller placed for it alone, set by the host: the worker holding
+        #: them drops them as it sends the final answer (the caller makes no release call).
+        self.placed: tuple[str, ...] = ()
 
     @property
     def remaining_s(self) -> float | None:

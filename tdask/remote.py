@@ -81,9 +81,8 @@ class Response:
         remote = {k: v for k, v in self.outputs.items() if isinstance(v, RemoteTensor)}
         if remote:
             assert self._peer is not None
-            for name, tensor in remote.items():
-                self.outputs[name] = await self._peer.fetch(tensor)
-            await self._peer.release(remote.values())
+            for name, tensor in remote.items():  # each fetched and released in one call
+                self.outputs[name] = await self._peer.fetch(tensor, release=True)
         return self.outputs
 
     async def release(self) -> None:
@@ -445,6 +444,8 @@ class _Call(AsyncIterator[Response]):
         )
         if self.nested:
             request["nested"] = True
+        if self.placed:  # the worker that holds them drops them as it answers: no release call
+            request["placed"] = [t.tensor_id for t in self.placed]
         if self.route is not None:  # only requests that ask for a worker carry these fields
             request["target"], request["target_lost"] = self.route
         self.stream = await self.endpoint.plane.submit(request)
@@ -508,7 +509,9 @@ class _Call(AsyncIterator[Response]):
         if reply.get("final"):
             self.finished = True
             if reply.get("error"):
-                self._release_soon()  # never let a release (maybe at a dead owner) hold up a retry
+                # Never let a release (maybe at a dead owner) hold up a retry. What the worker
+                # that answered holds, it dropped as it answered.
+                self._release_soon(reply.get("worker"))
             else:
                 await self._release_inputs(reply)
             if logger.isEnabledFor(logging.DEBUG):
@@ -523,8 +526,8 @@ class _Call(AsyncIterator[Response]):
                 )
         return reply
 
-    def _release_soon(self) -> None:
-        placed, self.placed = self.placed, []
+    def _release_soon(self, answered_by: str | None = None) -> None:
+        placed, self.placed = [t for t in self.placed if t.owner != answered_by], []
         if placed:
             task = asyncio.create_task(self.endpoint.peer.release(placed))
             _background.add(task)
@@ -568,7 +571,8 @@ class _Call(AsyncIterator[Response]):
         if not self.placed:
             return
         echoed = {e["ref"]["id"] for e in (reply.get("outputs") or {}).values() if "ref" in e}
-        to_release = [t for t in self.placed if t.tensor_id not in echoed]
+        answered_by = reply.get("worker")  # it dropped what it holds of them as it answered
+        to_release = [t for t in self.placed if t.tensor_id not in echoed and t.owner != answered_by]
         self.placed = []
         if to_release:
             await self.endpoint.peer.release(to_release)

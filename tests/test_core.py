@@ -361,6 +361,29 @@ def test_large_client_input_and_output(client):
 
 
 @pytest.mark.cluster
+def test_a_client_releases_nothing_its_workers_drop_as_they_answer(client):
+    """A large input a client placed for one request is dropped by the worker holding it as it
+    answers, and an output the client fetches is released in the same call: the client makes no
+    release call of its own on any plane, and every store is empty when the call returns."""
+    from tdask.remote import _ClientEndpoint
+
+    peer = _ClientEndpoint.of(client).peer
+    big = np.arange(200_000, dtype=np.int64)  # 1.6 MB: placed at the consumer's worker, not echoed
+    before = peer.release_calls
+    response = RemoteOperator("consumer", client=client).infer(inputs={"data": big})
+    assert response.outputs["sum"][0] == big.sum()
+    assert peer.release_calls == before, "the worker that answered dropped the placed input itself"
+    assert all(s["tensors"] == 0 for s in store_stats(client).values())
+    # Echoed: kept by the worker (it is the output), fetched and released by the client at once.
+    response = RemoteOperator("identity", client=client).infer(inputs={"x": big})
+    np.testing.assert_array_equal(response.outputs["x"], big)
+    stats = store_stats(client)
+    assert all(s["tensors"] == 0 for s in stats.values()), stats
+    # One release call per output only where the fetch took Dask's comm (no shortcut on the queue plane).
+    assert peer.release_calls - before == (0 if _wire_carries_data() else 1)
+
+
+@pytest.mark.cluster
 def test_streaming(client):
     responses = list(RemoteOperator("streamer", client=client).stream(parameters={"count": 4}))
     assert [int(r.outputs["i"][0]) for r in responses] == [0, 1, 2, 3]

@@ -183,6 +183,9 @@ class Serving:
             )
             request.started = started
             request.arrived = entry.arrived
+            placed = message.get("placed")
+            if placed:
+                request.placed = tuple(str(i) for i in placed)
             try:
                 request.inputs = protocol.decode_tensors(message.get("inputs") or {})
             except InvalidRequestError as exc:
@@ -411,6 +414,12 @@ class Serving:
             error=None if error is None else error_to_msg(error, request.operator),
             final=final,
         )
+        if request.placed:  # what its caller placed for it alone, unless it goes back out in an answer
+            echoed = {e["ref"]["id"] for e in entries.values() if "ref" in e}
+            if echoed:
+                request.placed = tuple(i for i in request.placed if i not in echoed)
+            if final:
+                self.store.drop(request.placed)
         if final and serving is not None and serving.scope.tensors and all(r.finished for r in request.batch):
             # The batch is done with what it received: free it before the caller hears back,
             # so "answered" implies "intermediate tensors released".

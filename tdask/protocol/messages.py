@@ -153,6 +153,7 @@ class RequestMsg(TypedDict, total=False):
     hosted_before: bool  # the caller knew hosts of its operator (the broker may have restarted)
     target: str  # optional: the worker address the caller chose (direct plane)
     target_lost: str  # with target: "error" or "fallback" when the target hosts it no more
+    placed: list[str]  # inputs the caller placed for this request alone: dropped by their owner as it answers
 
 
 class ResponseMsg(TypedDict):

@@ -113,9 +113,12 @@ class DataCalls:
             return None
         return reply
 
-    async def fetch_tensor(self, owner: str, tensor_id: str) -> tuple[bool, Any] | None:
+    async def fetch_tensor(self, owner: str, tensor_id: str, release: bool = False) -> tuple[bool, Any] | None:
         """Fetch a host tensor of ``owner``'s store (see :class:`~tdask.data_plane.Shortcut`)."""
-        reply = await self._call(owner, DataAction.FETCH, tensor_id=tensor_id)
+        if release:
+            reply = await self._call(owner, DataAction.FETCH, tensor_id=tensor_id, release=True)
+        else:
+            reply = await self._call(owner, DataAction.FETCH, tensor_id=tensor_id)
         if reply is None:
             return None
         if reply["status"] != "OK":
@@ -179,6 +182,8 @@ def _answer(store: TensorStore | None, session: Transport, message: dict[str, An
             session.send(protocol.data_reply(number, "refused"))
             return
         store.serve(message["tensor_id"])  # counted once it left
+        if message.get("release") is True:  # its caller is its last user (the payload holds the memory)
+            store.drop([message["tensor_id"]])
     elif action == DataAction.PUT:
         try:
             array = decode_inline({"nd": [*message["tensor"], message["bytes"]]})
