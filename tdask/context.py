@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from tdask.config import RequestSettings
     from tdask.data_plane import DataPlanePeer, RemoteTensor, TensorScope, TensorStore
     from tdask.request_plane import RequestPlane
 
@@ -61,12 +62,16 @@ class ServingContext:
     deadline
         The latest deadline of the batch's requests (epoch seconds; ``None``: no deadline);
         calls made while serving inherit it.
+    settings
+        The request settings read when the batch started; calls made while serving use them
+        instead of reading ``dask.config`` again (``None``: read them).
     """
 
     endpoint: Endpoint
     store: TensorStore
     scope: TensorScope
     deadline: float | None
+    settings: RequestSettings | None = None
 
 
 current: contextvars.ContextVar[ServingContext | None] = contextvars.ContextVar("tdask_serving", default=None)

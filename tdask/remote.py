@@ -381,10 +381,12 @@ class _Call(AsyncIterator[Response]):
         if not isinstance(self.request_id, str) or not self.request_id:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}", operator=op.name)
         _check_open(endpoint, op.name, self.request_id)
-        self.settings = settings = RequestSettings.read()  # once per call
+        serving = context.current.get()
+        # Once per call; inside an operator, the settings its batch started with.
+        settings = serving.settings if serving is not None else None
+        self.settings = settings = settings or RequestSettings.read()
         self.inputs = protocol.check_inputs(op.name, self.request_id, inputs, settings.max_input_bytes)
         self.parameters = protocol.check_parameters(op.name, self.request_id, parameters)
-        serving = context.current.get()
         self.nested = serving is not None
         inherited = serving.deadline if serving is not None else None
         timeout_s: float | None

@@ -216,13 +216,15 @@ class Serving:
         hosted.inflight += len(requests)
         hosted.started += len(requests)
         hosted.max_inflight_seen = max(hosted.max_inflight_seen, hosted.inflight)
-        task = asyncio.create_task(self._run_batch(hosted, requests, planes))
+        task = asyncio.create_task(self._run_batch(hosted, requests, planes, settings))
         hosted.batches.add(task)
         task.add_done_callback(functools.partial(self._if_never_ran, hosted, requests, planes))
         for request in requests:
             self._running[(request.requester, request.request_id)] = (request, task)
 
-    async def _run_batch(self, hosted: Hosted, requests: list[Request], planes: list[ServerPlane]) -> None:
+    async def _run_batch(
+        self, hosted: Hosted, requests: list[Request], planes: list[ServerPlane], settings: RequestSettings
+    ) -> None:
         current = asyncio.current_task()
         assert current is not None
         self._ran.add(current)
@@ -234,6 +236,7 @@ class Serving:
                 store=self.store,
                 scope=scope,
                 deadline=None if None in deadlines else max(d for d in deadlines if d is not None),
+                settings=settings,
             )
         )
         error: BaseException | None = None

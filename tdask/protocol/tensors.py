@@ -54,10 +54,20 @@ def _plain_descr(descr: Any) -> Any:
     ]
 
 
+# Plain dtypes by their wire form (``"<i8"``): a lookup where np.dtype() parses the string.
+_PLAIN_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
 def _dtype_from_form(form: Any) -> np.dtype[Any]:
     """Inverse of :func:`_dtype_form`, from plain strings, lists and ints only (never a pickle)."""
+    if type(form) is str:
+        known = _PLAIN_DTYPES.get(form)
+        if known is not None:
+            return known
     if isinstance(form, str):
         dtype = np.dtype(form)
+        if not dtype.hasobject and len(_PLAIN_DTYPES) < 256:
+            _PLAIN_DTYPES[form] = dtype
     elif isinstance(form, (list, tuple)):
         dtype = np.dtype([_field_from_form(field) for field in form])
     else:
@@ -260,7 +270,7 @@ def decode_tensors(entries: Mapping[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, entry in entries.items():
-        if not isinstance(entry, Mapping):
+        if type(entry) is not dict and not isinstance(entry, Mapping):
             raise InvalidRequestError(f"tensor {str(name)[:100]!r} is not a tensor entry")
         if "ref" not in entry:
             array = decode_inline(entry)
@@ -318,7 +328,7 @@ def check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | Non
     """A caller's inputs as C-contiguous arrays and descriptors; :class:`InvalidRequestError` if not."""
     if inputs is None:
         return {}
-    if not isinstance(inputs, Mapping):
+    if type(inputs) is not dict and not isinstance(inputs, Mapping):  # dict first: an ABC check is slow
         raise InvalidRequestError(
             f"inputs must be a mapping of names to arrays, got {type(inputs).__name__}",
             operator=operator,
@@ -339,7 +349,7 @@ def check_inputs(operator: str, request_id: str, inputs: Mapping[str, Any] | Non
                 operator=operator,
                 request_id=request_id,
             )
-        if value.dtype == object:
+        if value.dtype.kind == "O":
             bad = _not_bytes(value)
             if bad is not None:
                 raise InvalidRequestError(
@@ -364,7 +374,7 @@ def check_parameters(operator: str, request_id: str, parameters: Mapping[str, An
     """A caller's request parameters (str keys, str/int/float/bool values); :class:`InvalidRequestError` if not."""
     if parameters is None:
         return {}
-    if not isinstance(parameters, Mapping):
+    if type(parameters) is not dict and not isinstance(parameters, Mapping):
         raise InvalidRequestError(
             f"parameters must be a mapping, got {type(parameters).__name__}", operator=operator, request_id=request_id
         )
