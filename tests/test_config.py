@@ -43,3 +43,24 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+
+
+def test_gc_threshold_is_applied_checked_or_left_alone():
+    """tdask.worker.gc-threshold: applied as given, left alone for null, refused (naming the key)
+    when it is not 1 to 3 non-negative integers."""
+    import gc
+
+    import pytest
+
+    from tdask.host.plugin import set_gc_threshold
+
+    before = gc.get_threshold()
+    try:
+        assert set_gc_threshold([12345, 7, 9]) == (12345, 7, 9) == gc.get_threshold()
+        assert set_gc_threshold(None) == (12345, 7, 9)  # null: as it was
+        for bad in ("20000", [1, 2, 3, 4], [-1], [1.5], []):
+            with pytest.raises(ValueError, match="tdask.worker.gc-threshold"):
+                set_gc_threshold(bad)
+        assert gc.get_threshold() == (12345, 7, 9)
+    finally:
+        gc.set_threshold(*before)

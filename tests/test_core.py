@@ -384,6 +384,16 @@ def test_a_client_releases_nothing_its_workers_drop_as_they_answer(client):
 
 
 @pytest.mark.cluster
+def test_workers_collect_garbage_at_the_configured_thresholds(client):
+    """tdask.worker.gc-threshold reaches every worker hosting operators (set at their setup)."""
+    import gc
+
+    wanted = tuple(dask.config.get("tdask.worker.gc-threshold"))
+    found = client.run(gc.get_threshold)
+    assert found and all(tuple(t) == wanted for t in found.values()), found
+
+
+@pytest.mark.cluster
 def test_streaming(client):
     responses = list(RemoteOperator("streamer", client=client).stream(parameters={"count": 4}))
     assert [int(r.outputs["i"][0]) for r in responses] == [0, 1, 2, 3]

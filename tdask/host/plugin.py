@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import tempfile
@@ -59,6 +60,26 @@ PLUGIN_NAME = "tdask-operators"
 
 # Worker states in which the plugin stops waiting to register.
 _GONE = (Status.closing, Status.closed, Status.failed, Status.closing_gracefully)
+
+
+def set_gc_threshold(value: Any) -> tuple[int, ...]:
+    """Apply ``tdask.worker.gc-threshold`` to this process (``None``: leave it); return the thresholds now.
+
+    Raises
+    ------
+    ValueError
+        The value is not a list of one to three non-negative integers.
+    """
+    if value is not None:
+        if (
+            not isinstance(value, (list, tuple))
+            or not 1 <= len(value) <= 3
+            or not all(type(n) is int and n >= 0 for n in value)
+        ):
+            raise ValueError(f"tdask.worker.gc-threshold must be null or 1 to 3 non-negative integers, got {value!r}")
+        gc.set_threshold(*value)
+        logger.debug("garbage-collector thresholds set to %s", gc.get_threshold())
+    return gc.get_threshold()
 
 
 def _signature(hosted: Hosted) -> dict[str, Any] | None:
@@ -267,6 +288,7 @@ class OperatorHost(WorkerPlugin):
             await self._join(primary)
             return
         self._start_log_file()
+        set_gc_threshold(dask.config.get("tdask.worker.gc-threshold", None))
         self.store = TensorStore(worker)
         self.store.install()
         self.broker = BrokerSession(
