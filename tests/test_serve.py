@@ -191,6 +191,9 @@ def test_serve_a_users_model_repository(served, client, tmp_path):
         text=True,
         start_new_session=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in proc.stdout), daemon=True)
+    reader.start()
     try:
         RemoteOperator("bytes_upper", client=client).wait(timeout=120)
         RemoteOperator("counter", client=client).wait(timeout=120)
@@ -201,13 +204,18 @@ def test_serve_a_users_model_repository(served, client, tmp_path):
         assert RemoteOperator("counter", client=client).infer(inputs=count, timeout=60).outputs["i"].tolist() == [2]
         names = sorted(str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values())
         assert "bytes_upper.0" in names and "counter.0" in names, names
+        # Its workers serve before its start returns and it prints the plan: wait for that, or
+        # the SIGTERM below interrupts the start (a race a fast machine lost once).
+        wait_for(lambda: any(line.startswith("logs:") for line in lines), timeout=120, message=lambda: "\n".join(lines))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            output, _ = proc.communicate(timeout=90)
+            proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+            proc.wait()
+        reader.join(30)
+    output = "\n".join(lines)
     assert proc.returncode == 0, output
     assert "operator bytes_upper/1 (max_inflight_requests=2)" in output, output
     # It joined: the scheduler (and the hello world on it) serve on.
