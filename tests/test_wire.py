@@ -140,19 +140,25 @@ def test_messages_go_both_ways_in_order_whatever_their_size():
     assert all(r["blob"] == s["blob"] for r, s in zip(received, sent, strict=True))
 
 
+def feed_in_pieces(stream: bytes, rng: random.Random, steps: list[int]) -> tuple[list[dict], WireSession]:
+    """Hand ``stream`` to a fresh session in pieces of random sizes; what it delivered, and it."""
+    got: list[dict] = []
+    session = WireSession("test", got.append)
+    position = 0
+    while position < len(stream):
+        step = rng.choice(steps)
+        session.data_received(stream[position : position + step])
+        position += step
+    return got, session
+
+
 def test_frames_split_anywhere_are_reassembled():
     async def main():
         rng = random.Random(7)
         messages = [{"op": "x", "i": i, "data": bytes(rng.randrange(0, 3000))} for i in range(200)]
         messages[150]["data"] = rng.randbytes(3_000_000)  # one frame larger than the receive buffer
         stream = b"".join(frame(messages[i : i + 3]) for i in range(0, len(messages), 3))
-        got: list[dict] = []
-        session = WireSession("test", got.append)
-        position = 0
-        while position < len(stream):
-            step = rng.choice([1, 2, 3, 5, 100, 4096, 20000, 300_000])
-            session.data_received(stream[position : position + step])
-            position += step
+        got, session = feed_in_pieces(stream, rng, [1, 2, 3, 5, 100, 4096, 20000, 300_000])
         return messages, got, len(session._rbuf)
 
     messages, got, room = asyncio.run(main())
@@ -420,13 +426,7 @@ def test_a_payload_is_read_straight_into_a_buffer_of_its_own():
         stream = b""
         for i, data in enumerate(payloads):
             stream += frame([{"op": "plain", "i": i}]) + payload_frame({"op": "with", "i": i}, "bytes", data)
-        got: list[dict] = []
-        session = WireSession("test", got.append)
-        position = 0
-        while position < len(stream):
-            step = rng.choice([1, 3, 7, 100, 4096, 20000, 300_000, 2_000_000])
-            session.data_received(stream[position : position + step])
-            position += step
+        got, session = feed_in_pieces(stream, rng, [1, 3, 7, 100, 4096, 20000, 300_000, 2_000_000])
         return payloads, got, len(session._rbuf)
 
     payloads, got, room = asyncio.run(main())
