@@ -131,11 +131,19 @@ def test_what_is_not_a_message_is_refused(message, why):
         {"id": "r", "operator": "a/1", "inputs": [1]},
         {"id": "r", "operator": "a/1", "parameters": "x"},
         {"id": "r", "operator": "a/1", "deadline": "soon"},
+        {"id": "r", "operator": "a/1", "placed": 5},
+        {"id": "r", "operator": "a/1", "placed": "abc"},
+        {"id": "r", "operator": "a/1", "placed": ["ok", 7]},
     ],
 )
 def test_malformed_requests_are_refused(request_):
     with pytest.raises(ProtocolError):
         protocol.check_request(request_)
+
+
+def test_a_request_naming_the_inputs_placed_for_it_is_accepted():
+    protocol.check_request({"id": "r", "operator": "a/1", "placed": ["t1", "t2"]})
+    protocol.check_request({"id": "r", "operator": "a/1", "placed": ("t1",)})  # msgpack gives tuples
 
 
 @pytest.mark.parametrize(

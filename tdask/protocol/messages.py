@@ -127,6 +127,9 @@ def check_request(request: Any) -> None:
     parameters = request.get("parameters")
     if parameters is not None and type(parameters) is not dict and not isinstance(parameters, Mapping):
         raise ProtocolError("a request's 'parameters' must be a mapping")
+    placed = request.get("placed")
+    if placed is not None and (type(placed) not in (list, tuple) or not all(type(i) is str for i in placed)):
+        raise ProtocolError("a request's 'placed' must be a list of tensor ids")
     deadline = request.get("deadline")
     if deadline is not None and not isinstance(deadline, (int, float)):
         raise ProtocolError("a request's 'deadline' must be a number or None")
