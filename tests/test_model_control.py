@@ -92,6 +92,19 @@ def test_operators_removed_from_a_running_worker_go_cleanly(deployment):
     assert RemoteOperator("adder", client=client).infer(AB, timeout=20).outputs["out"].tolist() == [2.0] * 3
 
 
+def _worker_ready(client) -> tuple[int, dict]:
+    """The one worker's ``/tdask/ready``: status and JSON body."""
+    import urllib.error
+
+    (info,) = client.scheduler_info(n_workers=-1)["workers"].values()
+    url = f"http://127.0.0.1:{info['services']['dashboard']}/tdask/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
 def test_unload_load_and_reload_a_triton_model(deployment):
     """Model control: unloaded, the model's requests are refused (OperatorUnavailableError) and
     operators.json and /metrics say so; loaded again it serves; reload keeps it serving."""
@@ -108,6 +121,10 @@ def test_unload_load_and_reload_a_triton_model(deployment):
     from tests.conftest import wait_for
 
     wait_for(lambda: reported("unloaded"), timeout=20, message="operators.json never showed double unloaded")
+    # Its worker is not ready while the model is unloaded (it would refuse the model's requests).
+    status, report = _worker_ready(client)
+    assert status == 503 and report["operators"]["double/1"]["state"] == "unloaded", report
+    assert "double/1 unloaded" in report["reason"], report
     assert _operators_json(deployment)["operators"]["double/1"]["state"] == "unloaded"  # tdask status shows it
     base = deployment.dashboard_link.rsplit("/status", 1)[0]
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
@@ -119,6 +136,8 @@ def test_unload_load_and_reload_a_triton_model(deployment):
     out = deployment.load_model("double")
     assert list(out["workers"].values()) == [{"double/1": "ready"}]
     assert np.array_equal(_double(client, timeout=20), 2 * X)
+    status, report = _worker_ready(client)
+    assert status == 200 and report["operators"]["double/1"]["state"] == "ready", report
     wait_for(lambda: reported("ready"), timeout=20, message="operators.json never showed double ready again")
     deployment.reload_model("double")
     assert np.array_equal(_double(client, timeout=20), 2 * X)

@@ -10,7 +10,9 @@ it was asked to host is serving; else ``503``. Either way the body is JSON::
      "operators": {"encoder/1": {"state": "failed", "reason": "ValueError: ..."}}}
 
 An operator's ``state`` is ``starting``, ``ready``, ``draining`` (retired ahead of a scale-down
-or an update), ``failed`` (its setup raised; ``reason`` says how) or ``stopping``. The route is
+or an update), ``failed`` (its setup raised, or its model failed to load; ``reason`` says how),
+``stopping``, or for a Triton model under model control ``loading``, ``unloading`` or
+``unloaded`` (its requests are refused until it is loaded again). The route is
 added to the worker's own HTTP server (the one serving ``/health`` and ``/metrics``) when the
 first :class:`~tdask.host.plugin.OperatorHost` sets up there.
 """
@@ -38,6 +40,15 @@ def install(worker: Any) -> None:
     app._tdask_ready = True
 
 
+def _model_state(state: str) -> tuple[str, str | None]:
+    """An operator's ``(state, reason)`` from its serving state (``failed: <why>`` split)."""
+    if state == "ready":
+        return "ready", None
+    if state.startswith("failed"):
+        return "failed", state.partition(":")[2].strip() or "its model failed to load"
+    return state, f"its model is {state} (model control)"
+
+
 def worker_readiness(worker: Any) -> dict[str, Any]:
     """The readiness report of ``worker``: ``ready``, ``reason`` and each operator's state."""
     from tdask.host.plugin import OperatorHost
@@ -49,6 +60,8 @@ def worker_readiness(worker: Any) -> dict[str, Any]:
         serving = primary.serving
         retired: set[str] = getattr(primary, "_retired", set())
         for config in host.operators:
+            state: str
+            reason: str | None
             failure = host.failures.get(config.name)
             if failure is not None:
                 state, reason = "failed", failure
@@ -59,8 +72,8 @@ def worker_readiness(worker: Any) -> dict[str, Any]:
                     state, reason = "draining", "retired: finishing what it holds before it leaves"
                 elif not primary._registered:
                     state, reason = "starting", "not registered with the scheduler yet"
-                else:
-                    state, reason = "ready", None
+                else:  # a Triton model under model control may be loading, unloaded or failed
+                    state, reason = _model_state(serving.hosted[config.key].state)
             else:
                 state, reason = "starting", "its setup has not finished"
             operators[config.key] = {"state": state, "reason": reason}
