@@ -27,7 +27,8 @@ from distributed.comm.core import CommClosedError
 
 from tdask import Deployment, InvalidRequestError, OperatorConfig, RemoteOperator
 from tdask.host import PLUGIN_NAME
-from tdask.transport.wire import WIRE_VERSION, MessageTooLargeError, WireServer, WireSession, open_session
+from tdask.transport.wire import WIRE_VERSION, MessageTooLargeError, WireSession, open_session
+from tdask.transport.wire_server import WireServer
 from tests.conftest import assert_no_children
 from tests.operators import Identity
 
@@ -92,7 +93,7 @@ async def hung_up(reader: asyncio.StreamReader, timeout: float) -> bool:
 
 @contextlib.contextmanager
 def wire_warnings() -> Iterator[list[str]]:
-    """The warnings tdask.wire logs meanwhile (the tdask logger does not propagate to caplog)."""
+    """The warnings the wire (session and server) logs meanwhile (tdask's logger does not propagate to caplog)."""
     lines: list[str] = []
 
     class Keep(logging.Handler):
@@ -101,12 +102,14 @@ def wire_warnings() -> Iterator[list[str]]:
                 lines.append(record.getMessage())
 
     handler = Keep()
-    log = logging.getLogger("tdask.transport.wire")
-    log.addHandler(handler)
+    logs = [logging.getLogger("tdask.transport.wire"), logging.getLogger("tdask.transport.wire_server")]
+    for log in logs:
+        log.addHandler(handler)
     try:
         yield lines
     finally:
-        log.removeHandler(handler)
+        for log in logs:
+            log.removeHandler(handler)
 
 
 # -- framing and batching ------------------------------------------------------------------
@@ -616,7 +619,8 @@ def test_both_ends_have_dasks_tcp_keepalive_and_user_timeout():
 VANISHING_PEER = r"""
 import asyncio, json, subprocess, sys, time
 import dask
-from tdask.transport.wire import WireServer, open_session
+from tdask.transport.wire import open_session
+from tdask.transport.wire_server import WireServer
 
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 

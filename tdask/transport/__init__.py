@@ -7,7 +7,8 @@ module          role
 ``registry``    the one door: :func:`connect`, :class:`Listener`, :func:`carries_data`;
                 which transport reaches a peer is decided there and nowhere else
 ``wire``        tdask's lean transport (an ``asyncio`` protocol) for direct sessions on
-                ``tcp://`` and ``tls://``
+                ``tcp://`` and ``tls://``: a session and its framing, both ends'
+``wire_server`` the wire's listening half on a worker: hello deadline, connection cap
 ``dask_comm``   a transport on a Dask comm (TCP, TLS, UCX): the broker's sessions, and direct
                 sessions where the wire is not used
 ``liveness``    peers known gone, and connecting to one that may be

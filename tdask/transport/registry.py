@@ -31,7 +31,7 @@ import dask.config
 from distributed.comm import get_address_host, parse_address
 from distributed.core import send_recv
 
-from tdask.transport import wire
+from tdask.transport import wire, wire_server
 from tdask.transport.base import MessageHandler, Transport
 from tdask.transport.dask_comm import Session
 from tdask.transport.liveness import connect_peer
@@ -184,7 +184,7 @@ class WireBackend(Backend):
 
     async def listen(self, listener: Listener) -> None:
         """Listen on the host of the server's own address (``tdask.worker.wire-port``)."""
-        server = wire.WireServer(lambda session, requester: listener.accept(session, {"requester": requester}))
+        server = wire_server.WireServer(lambda session, requester: listener.accept(session, {"requester": requester}))
         port = int(dask.config.get("tdask.worker.wire-port") or 0)
         address = listener.server.address
         ssl_context = wire.wire_ssl_context(address, listener.server.security.get_listen_args("worker"))
@@ -322,7 +322,7 @@ class Listener:
 
     Attributes
     ----------
-    wire : tdask.transport.wire.WireServer or None
+    wire : tdask.transport.wire_server.WireServer or None
         The wire listener, where the address's routes include the wire and it could bind.
     """
 
@@ -331,7 +331,7 @@ class Listener:
         self.handler = handler
         self.accept = accept
         self.kind = kind
-        self.wire: wire.WireServer | None = None
+        self.wire: wire_server.WireServer | None = None
         self._backends: list[Backend] = []
         self._advertise = True
 
