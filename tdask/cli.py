@@ -378,7 +378,7 @@ def _check_in_process() -> Check:
     """Check Triton's library for the in-process mode (required when it is the mode): found, API version, shim."""
     import dask.config
 
-    from tdask.triton import capi
+    from tdask.triton import capi, shim
 
     mode = dask.config.get("tdask.triton.mode", "in-process")
     required = mode == "in-process"
@@ -386,9 +386,9 @@ def _check_in_process() -> Check:
         api = capi.TritonCApi.load()
     except (OSError, RuntimeError) as exc:
         return Check("in-process", False, f"tdask.triton.mode: {mode}; {exc}", required=required)
-    shim = capi.find_shim()
-    if shim is not None:
-        callbacks = f"C shim {shim}"
+    built = shim.find_shim()
+    if built is not None:
+        callbacks = f"C shim {built}"
     elif shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc"):
         callbacks = "C shim built on first use"
     else:

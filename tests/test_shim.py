@@ -104,9 +104,9 @@ CHECK_EACH = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
-from tdask.triton import capi
+from tdask.triton import capi, shim
 api = capi.TritonCApi.load()
-completions = capi.Completions(api)
+completions = shim.Completions(api)
 completions.pool_stats()  # calls into the shim: garbage in its code would crash here
 print(json.dumps({"native": completions.native}))
 """
@@ -139,11 +139,11 @@ def test_a_hanging_compiler_costs_a_bounded_wait_then_python_callbacks(tmp_path)
     script = """
     import json, logging, time
     logging.basicConfig(level=logging.INFO)
-    from tdask.triton import capi
-    capi.SHIM_START_WAIT_S = 2.0
+    from tdask.triton import capi, shim
+    shim.SHIM_START_WAIT_S = 2.0
     api = capi.TritonCApi.load()
     began = time.monotonic()
-    completions = capi.Completions(api)
+    completions = shim.Completions(api)
     print(json.dumps({"native": completions.native, "took": time.monotonic() - began}))
     """
     out, stderr, _ = _python(script, _env(tmp_path, CC=str(compiler)))

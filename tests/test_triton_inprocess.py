@@ -312,8 +312,8 @@ def test_build_shim_ahead_of_use_and_find_it(tmp_path):
     script = """
     import json, logging
     logging.basicConfig(level=logging.INFO)
-    from tdask.triton import capi
-    print(json.dumps({"found": str(capi.find_shim()), "native": capi.Completions(capi.TritonCApi.load()).native}))
+    from tdask.triton import capi, shim
+    print(json.dumps({"found": str(shim.find_shim()), "native": shim.Completions(capi.TritonCApi.load()).native}))
     """
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],

@@ -18,7 +18,8 @@
   :mod:`~tdask.triton.http_client` (the lean HTTP client on every request's hot path),
   :mod:`~tdask.triton.grpc_stream` (decoupled models) and :mod:`~tdask.triton.shared_memory`.
 - :mod:`~tdask.triton.inprocess`: Triton in the worker's own process (the default mode), over
-  :mod:`~tdask.triton.capi` (the C API binding and the C shim's callbacks),
+  :mod:`~tdask.triton.capi` (the C API binding), :mod:`~tdask.triton.shim` (the completions and
+  the C shim that keeps Triton's callbacks off the GIL),
   :mod:`~tdask.triton.inprocess_setup` (its backends and C API options),
   :mod:`~tdask.triton.inprocess_client` and :mod:`~tdask.triton.responses` (responses read into
   numpy, large outputs without a copy).

@@ -12,7 +12,7 @@ same failures, so :class:`~tdask.triton.operator.TritonCoreOperator` serves both
 Threads and the GIL, per request: the event loop's thread builds the request (about ten short
 C calls, GIL kept: :attr:`TritonCApi.hot`) and submits it. Triton's threads then run the model,
 call the response allocator (pooled host buffers) and the two completion callbacks; with the C
-shim (:mod:`tdask.triton.capi`) none of these takes the GIL: they queue an event and, when the
+shim (:mod:`tdask.triton.shim`) none of these takes the GIL: they queue an event and, when the
 queue was idle, write an eventfd once. The loop drains every queued event per wake-up, copies
 the outputs out, deletes the response and, on the release event, the request. So a request
 costs no GIL hand-off from a Triton thread, and a burst of completions costs one loop wake-up.
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 from tritonclient.utils import serialize_byte_tensor
 
-from tdask.triton import capi
+from tdask.triton import capi, shim
 from tdask.triton.base import Status, TritonServerBase, TritonServerError
 from tdask.triton.inprocess_setup import prepare_process, server_options
 from tdask.triton.interface import InferResult, MetricsSource, TritonInferError
@@ -170,7 +170,7 @@ class InProcessServer(TritonServerBase):
         self._api: capi.TritonCApi | None = None
         self._server: int | None = None
         self._allocator: int | None = None
-        self.completions: capi.Completions | None = None
+        self.completions: shim.Completions | None = None
         self._inflight: dict[int, _Inflight] = {}
         self._next_token = 1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -311,7 +311,7 @@ class InProcessServer(TritonServerBase):
             fn.ServerOptionsDelete(options)
         self._reaper = Reaper(os.getpid(), self._shm_prefix, kill_group=False)
         # In a thread: a shim still to be built is waited for (bounded) off the worker's event loop.
-        self.completions = await asyncio.to_thread(capi.Completions, api, use_shim=self.use_shim)
+        self.completions = await asyncio.to_thread(shim.Completions, api, use_shim=self.use_shim)
         self._reader = ResponseReader(self.completions.buffers)  # outputs without a copy, with the shim
         allocator = c_void_p()
         api.check(

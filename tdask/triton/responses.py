@@ -1,7 +1,7 @@
 """Reading Triton's in-process responses into numpy arrays (:class:`ResponseReader`).
 
 Outputs of at least :data:`ADOPT_MIN_BYTES` in buffers the C shim's allocator handed to Triton
-are not copied: :class:`~tdask.triton.capi.BufferOwner` makes the buffer the array's memory, and
+are not copied: :class:`~tdask.triton.shim.BufferOwner` makes the buffer the array's memory, and
 returns it to the shim's pool when the array is collected. Smaller outputs, BYTES tensors and
 buffers from the Python callbacks' allocator are copied out.
 """
@@ -22,9 +22,9 @@ from tdask.triton.capi import (
     PARAM_DOUBLE,
     PARAM_INT,
     PARAM_STRING,
-    BufferOwner,
     TritonCApi,
 )
+from tdask.triton.shim import BufferOwner
 
 __all__ = ["ADOPT_MIN_BYTES", "ResponseReader"]
 
