@@ -151,3 +151,34 @@ async def deployment_command(
     if answer.get("error"):
         raise OperatorError(str(answer["error"]), operator=arguments.get("operator"))
     return dict(answer)
+
+
+async def answer_command(deployment: Any, command: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The deployment's half of :func:`deployment_command`: the scheduler's ``tdask_control`` handler.
+
+    ``deployment`` is the :class:`~tdask.deployment.Deployment` that owns the scheduler (bound by
+    it when it registers the handler). Commands: ``scale``, ``adapt``, ``update``,
+    ``update-file``, ``describe``; an answer with ``error`` for an unknown one or one that failed.
+    """
+    try:
+        operator = arguments.get("operator")
+        if command == "scale":
+            workers = await deployment._scale(str(operator), int(arguments["n"]))
+            return {"operator": operator, "workers": workers}
+        if command == "adapt":
+            options = {k: v for k, v in arguments.items() if k != "operator" and v is not None}
+            return {"operator": operator, "adapt": deployment.adapt(str(operator), **options).describe()}
+        if command == "update":
+            workers = await deployment._update(str(operator), dict(arguments.get("config") or {}))
+            return {"operator": operator, "workers": workers}
+        if command == "update-file":
+            return {"operators": await deployment._update_file(str(arguments["file"]))}
+        if command == "describe":
+            return {
+                "operators": {c.name: deployment.operator_workers(c.name) for c in deployment.workers_spec.values()},
+                "adaptive": {name: a.describe() for name, a in deployment.adaptive.items()},
+            }
+        return {"error": f"unknown command {command!r} (scale, adapt, update, describe)"}
+    except Exception as exc:
+        logger.warning("tdask %s %s failed: %s", command, arguments, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}

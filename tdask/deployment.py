@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import os
 import time
@@ -22,114 +21,33 @@ from pathlib import Path
 from typing import Any
 
 import dask.config
-from dask.utils import parse_timedelta
 from distributed import Client, Nanny, Scheduler, SpecCluster
-from distributed.core import Status, rpc
-from distributed.deploy.cluster import Cluster
+from distributed.core import rpc
 from distributed.security import Security
 from distributed.utils import LoopRunner, SyncMethodMixin, silence_logging_cmgr
 
 from tdask.config import get_seconds
-from tdask.control import model_control
+from tdask.control import answer_command, model_control
 from tdask.deployment_file import DeploymentSpec, load_deployment_file
 from tdask.exceptions import MainGuardError, OperatorUnavailableError
-from tdask.host import OperatorHost
 from tdask.main_guard import check_main_guard, watch_for_spawned_start
 from tdask.operator import OperatorConfig
 from tdask.protocol import Rpc
 from tdask.request_plane import Registry
 from tdask.request_plane.registry import _HOSTS_TTL_S
 from tdask.scaling import AUTOSCALING_FIELDS, OperatorAdaptive, _index
+from tdask.worker_processes import (
+    OperatorSpec,
+    _OperatorCluster,
+    _spawn_config,
+    nanny_options,
+    root_cause,
+    worker_names,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Deployment"]
-
-OperatorSpec = OperatorConfig | tuple[OperatorConfig, int]
-
-# Dotted keys: the Nanny merges this shallowly over its own config and the worker applies it
-# with dask.config.set, so a nested {"distributed": ...} would replace the whole subtree.
-_WORKER_CONFIG: dict[str, Any] = {"distributed.worker.profile.enabled": False}
-
-# Dask's event-loop health tick: 50 wake-ups a second in every server (scheduler, each nanny,
-# each worker) by default. Only measures how late the loop runs (a warning past
-# distributed.admin.tick.limit, 3 s), so a tenth of a second loses nothing; at 20 ms, an idle
-# deployment of three workers spent 8% of a core on it and its other chores, at 100 ms 4%
-# (docs/performance.md). Applied where the user left Dask's default.
-_TICK_DEFAULT, _TICK = "20ms", "100ms"
-
-
-def _tick_config() -> dict[str, Any]:
-    if dask.config.get("distributed.admin.tick.interval") != _TICK_DEFAULT:
-        return {}
-    return {"distributed.admin.tick.interval": _TICK}
-
-
-# Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536 (memory back to the OS at once). Setting
-# it also switches off glibc's adaptive mmap threshold, so every buffer above 128 KiB is a fresh
-# mmap, page-faulted in and unmapped when freed: per tensor, several times per request. A serving
-# worker reuses same-sized buffers request after request; tdask.worker.malloc keeps them in the
-# heap (docs/performance.md: the 1e5 pipeline's p50 12.3-12.9 -> 9.3-9.7 ms).
-_DASK_TRIM_DEFAULT = 65536
-
-
-def _spawn_config() -> dict[str, Any]:
-    """Config for making the scheduler and the nannies: the tick, and the workers' malloc settings."""
-    config = _tick_config()
-    wanted = dask.config.get("tdask.worker.malloc", None) or {}
-    current = dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})
-    changed = {}
-    for key, value in wanted.items():
-        key = str(key).upper()  # DASK_TDASK__WORKER__MALLOC__... variables arrive lowercased
-        if key not in current or (key == "MALLOC_TRIM_THRESHOLD_" and current[key] == _DASK_TRIM_DEFAULT):
-            changed[key] = value  # where the user left Dask's default
-    if changed:
-        config["distributed.nanny.pre-spawn-environ"] = {**current, **changed}
-    return config
-
-
-def worker_event_loop() -> str:
-    """The ``distributed.admin.event-loop`` value for the workers a Deployment starts.
-
-    ``tdask.worker.event-loop``: ``auto`` is ``uvloop`` where uvloop is installed, else
-    ``distributed.admin.event-loop``; any other value is passed on as it is (Dask checks it).
-    """
-    choice = str(dask.config.get("tdask.worker.event-loop", "auto"))
-    if choice != "auto":
-        return choice
-    if importlib.util.find_spec("uvloop") is not None:
-        return "uvloop"
-    return str(dask.config.get("distributed.admin.event-loop"))
-
-
-class _OperatorCluster(SpecCluster):
-    """A SpecCluster that gives up on a lost worker only once its Nanny has given up.
-
-    SpecCluster closes a worker's Nanny for good when no worker of that name is back
-    ``distributed.deploy.lost-worker-timeout`` (15 s) after one was removed. tdask workers
-    restart themselves (a dead Triton server or stub, a lost scheduler) and a restart with
-    Triton takes seconds: the timer of an earlier removal could fire while a later restart was
-    under way, and the Nanny, with the fresh worker it had just started, was closed (the soak
-    lost two of six workers that way). Here the Nanny is closed only if it is no longer running.
-    """
-
-    def _update_worker_status(self, op: str, msg: Any) -> None:
-        if op == "remove":
-            name = self.scheduler_info["workers"][msg]["name"]
-
-            def give_up() -> None:
-                nanny = self.workers.get(name)
-                back = any(d["name"] == name for d in self.scheduler_info["workers"].values())
-                if nanny is not None and not back and getattr(nanny, "status", None) not in _RUNNING:
-                    self._futures.add(asyncio.ensure_future(nanny.close()))
-                    del self.workers[name]
-
-            delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
-            asyncio.get_running_loop().call_later(delay, give_up)
-        Cluster._update_worker_status(self, op, msg)  # what SpecCluster's own does besides
-
-
-_RUNNING = (Status.init, Status.starting, Status.running)
 
 # How long a rolling update waits, once the new workers are registered, before the old ones go:
 # every caller has asked the registry for hosts (and the latest version) again since.
@@ -193,7 +111,7 @@ class Deployment(SyncMethodMixin):
         operator_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         check_main_guard()  # a script without `if __name__ == "__main__":` would hang: say so now
-        self.workers_spec = self._worker_specs(operators)
+        self.workers_spec = worker_names(operators)
         self.scheduler_address_given = scheduler_address
         self.host = host
         self.protocol = protocol
@@ -255,24 +173,6 @@ class Deployment(SyncMethodMixin):
         deployment = cls(spec.operator_configs(), **{**spec.deployment_kwargs(), **overrides})
         deployment.spec = spec
         return deployment
-
-    @staticmethod
-    def _worker_specs(operators: Sequence[OperatorSpec]) -> dict[str, OperatorConfig]:
-        specs: dict[str, OperatorConfig] = {}
-        if not operators:
-            raise ValueError("a Deployment needs at least one operator")
-        for item in operators:
-            config, count = item if isinstance(item, tuple) else (item, 1)
-            if not isinstance(config, OperatorConfig):
-                raise TypeError(f"expected OperatorConfig or (OperatorConfig, count), got {item!r}")
-            if not isinstance(count, int) or count < 1:
-                raise ValueError(f"operator {config.name!r}: instance count must be an int >= 1, got {count!r}")
-            for i in range(count):
-                name = f"{config.name}.{i}" if config.version == 1 else f"{config.name}.v{config.version}.{i}"
-                if name in specs:
-                    raise ValueError(f"operator {config.key} listed twice")
-                specs[name] = config
-        return specs
 
     # -- properties --
     @property
@@ -354,7 +254,7 @@ class Deployment(SyncMethodMixin):
                 await self._close()
                 if isinstance(exc, (OperatorUnavailableError, MainGuardError, asyncio.CancelledError)):
                     raise
-                raise RuntimeError(f"the tdask deployment failed to start: {_root_cause(exc)}") from exc
+                raise RuntimeError(f"the tdask deployment failed to start: {root_cause(exc)}") from exc
             self.status = "running"
             scheduler = self.cluster.scheduler if self.cluster is not None else None
             if scheduler is not None:  # commands from `tdask scale/adapt/update` reach us here
@@ -365,39 +265,21 @@ class Deployment(SyncMethodMixin):
             return self
 
     def _worker_options(self, name: str, config: OperatorConfig) -> dict[str, Any]:
-        options: dict[str, Any] = {
-            "name": name,
-            "nthreads": 1,
-            "host": self.host,
-            "protocol": self.protocol,
-            "security": self.security,
-            "dashboard_address": None,
-            "plugins": {
-                OperatorHost(
-                    [config],
-                    log_dir=self.log_dir,
-                    log_file=self._log_file(name),
-                    log_level=self.log_level,
-                    stderr_level=self.stderr_level,
-                )
+        return nanny_options(
+            name,
+            config,
+            host=self.host,
+            protocol=self.protocol,
+            security=self.security,
+            log_dir=self.log_dir,
+            log_level=self.log_level,
+            stderr_level=self.stderr_level,
+            extra={
+                **self.worker_options,
+                **self.operator_options.get(config.name, {}),
+                **self.operator_options.get(config.key, {}),
             },
-            "silence_logs": self.stderr_level,  # the worker process's distributed logger, as LocalCluster's
-            "death_timeout": 60,
-        }
-        extra = {**self.worker_options, **self.operator_options.get(config.name, {})}
-        extra.update(self.operator_options.get(config.key, {}))
-        # Operators do not run as Dask tasks, so the worker's statistical task profiler (100
-        # wake-ups a second) would sample nothing; a user's worker config still wins.
-        loop = {"distributed.admin.event-loop": worker_event_loop()}
-        options["config"] = {**_WORKER_CONFIG, **_tick_config(), **loop, **(extra.pop("config", None) or {})}
-        options.update(extra)
-        return options
-
-    def _log_file(self, name: str) -> str | None:
-        if self.log_dir is None:
-            return None
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        return str(self.log_dir / f"{name}.log")
+        )
 
     async def _start_processes(self) -> None:
         specs: dict[str, dict[str, Any]] = {
@@ -540,7 +422,7 @@ class Deployment(SyncMethodMixin):
                     await asyncio.gather(*(nanny.start() for nanny in nannies.values()))
             await self._wait_workers(config.key, names)
         except BaseException as exc:
-            logger.error("starting workers %s of %s failed: %s", names, config.key, _root_cause(exc))
+            logger.error("starting workers %s of %s failed: %s", names, config.key, root_cause(exc))
             await self._close_workers(names)
             raise
         logger.info("operator %s: started workers %s", config.key, names)
@@ -730,29 +612,8 @@ class Deployment(SyncMethodMixin):
         return await model_control(self.scheduler_address, operator, action, connection_args=connection_args)
 
     async def _control(self, command: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        """The scheduler's ``tdask_control`` handler: commands from ``tdask scale/adapt/update``."""
-        try:
-            operator = arguments.get("operator")
-            if command == "scale":
-                workers = await self._scale(str(operator), int(arguments["n"]))
-                return {"operator": operator, "workers": workers}
-            if command == "adapt":
-                options = {k: v for k, v in arguments.items() if k != "operator" and v is not None}
-                return {"operator": operator, "adapt": self.adapt(str(operator), **options).describe()}
-            if command == "update":
-                workers = await self._update(str(operator), dict(arguments.get("config") or {}))
-                return {"operator": operator, "workers": workers}
-            if command == "update-file":
-                return {"operators": await self._update_file(str(arguments["file"]))}
-            if command == "describe":
-                return {
-                    "operators": {c.name: self.operator_workers(c.name) for c in self.workers_spec.values()},
-                    "adaptive": {name: a.describe() for name, a in self.adaptive.items()},
-                }
-            return {"error": f"unknown command {command!r} (scale, adapt, update, describe)"}
-        except Exception as exc:
-            logger.warning("tdask %s %s failed: %s", command, arguments, exc)
-            return {"error": f"{type(exc).__name__}: {exc}"}
+        """The scheduler's ``tdask_control`` handler (:func:`tdask.control.answer_command`)."""
+        return await answer_command(self, command, arguments)
 
     def close(self) -> Any:
         """Stop everything this deployment started (safe to call twice)."""
@@ -821,13 +682,6 @@ class Deployment(SyncMethodMixin):
 
     def __await__(self) -> Any:
         return self._start().__await__()
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost message of an exception chain (Nanny wraps the worker's real error twice)."""
-    while (exc.__cause__ or exc.__context__) is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return str(exc)
 
 
 async def _done() -> None:
