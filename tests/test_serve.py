@@ -208,12 +208,7 @@ def test_serve_a_users_model_repository(served, client, tmp_path):
         # the SIGTERM below interrupts the start (a race a fast machine lost once).
         wait_for(lambda: any(line.startswith("logs:") for line in lines), timeout=120, message=lambda: "\n".join(lines))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc, timeout=90)
         reader.join(30)
     output = "\n".join(lines)
     assert proc.returncode == 0, output
@@ -263,12 +258,17 @@ def test_a_failed_operator_is_not_ready_and_says_why(served, client, tmp_path):
         (row,) = [line for line in result.stdout.splitlines() if line.startswith("broken ")]
         assert row.split()[1:3] == ["-", "failed"] and "broken on purpose" in row, result.stdout
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        _stop(worker, timeout=60)
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM ``proc``; after ``timeout`` seconds, SIGKILL its process group."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _dashboard(served: Served) -> str:
