@@ -17,10 +17,10 @@ from click.testing import CliRunner
 
 from tdask import Deployment
 from tdask.cli import main
-from tdask.operate import format_status
 from tdask.deployment_file import load_deployment_file, loads_deployment, repository_models, spec_for_repository
 from tdask.exceptions import DeploymentFileError, TdaskError
 from tdask.host.preload import parse_operator_option
+from tdask.operate import format_status
 from tests.conftest import ROOT
 
 MODELS = Path(ROOT) / "models"
