@@ -240,3 +240,12 @@ class Countdown(Operator):
                 await sender.send(outputs={"i": np.array([i], dtype=np.int32)}, final=i == 0)
             if n <= 0:
                 await sender.send(outputs={})
+
+
+class Where(Operator):
+    """Answers with its worker's pid (parameter ``pid``), after ``delay`` seconds."""
+
+    async def execute(self, requests):
+        for request in requests:
+            await asyncio.sleep(float(request.parameters.get("delay", 0)))
+            await request.response_sender().send(outputs={}, parameters={"pid": os.getpid()})

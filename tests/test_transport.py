@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import dask.config
+import numpy as np
 import pytest
+from distributed.comm.core import CommClosedError
 
 from tdask import transport
+from tdask.transport import loopback
 from tdask.transport.dask_comm import Session
+from tdask.transport.loopback import LoopbackSession
 from tdask.transport.wire import WireSession
 
 
@@ -41,3 +48,152 @@ def test_direct_transport_dask_turns_the_wire_off_everywhere():
 def test_each_backend_says_what_its_sessions_carry():
     assert transport.backends["wire"].carries_data is WireSession.carries_data is True
     assert transport.backends["dask"].carries_data is Session.carries_data is False
+
+
+# -- in process: a worker of this process and loop (tdask.transport.loopback) ------------------
+
+
+class _FakeWorker:
+    """What a Listener reads of its server: an address (no wire on inproc://), comm handlers."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.handlers: dict = {}
+
+
+async def _listening(address: str, received: list) -> transport.Listener:
+    def accept(session, hello):
+        def on_message(message):
+            received.append(message)
+            if message["op"] == "ping":
+                session.send({"op": "pong", "n": message["n"]})
+
+        return on_message
+
+    listener = transport.Listener(_FakeWorker(address), "tdask_test", accept)
+    await listener.start()
+    return listener
+
+
+def test_a_worker_of_this_process_is_reached_in_process_and_only_while_it_listens():
+    address = "inproc://127.0.0.1/1/loopback-a"
+
+    async def main():
+        assert names(address) == ["dask"]
+        received: list = []
+        listener = await _listening(address, received)
+        assert names(address) == ["loopback", "dask"]
+        assert transport.in_process(address) and transport.carries_data(address)
+        with dask.config.set({"tdask.request.in-process-calls": False}):
+            assert names(address) == ["dask"] and not transport.in_process(address)
+        answers: list = []
+        session = await transport.connect(address, "tdask_test", answers.append, requester="me")
+        assert isinstance(session, LoopbackSession)
+        for n in range(3):
+            session.send({"op": "ping", "n": n})
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert [m["n"] for m in received] == [0, 1, 2]
+        assert answers == [{"op": "pong", "n": n} for n in range(3)]
+        await listener.close()  # its sessions end with it
+        assert session.closed.is_set()
+        assert names(address) == ["dask"]
+        with pytest.raises(CommClosedError):
+            session.send({"op": "ping", "n": 9})
+
+    asyncio.run(main())
+
+
+def test_a_caller_on_another_event_loop_is_not_taken_in_process():
+    address = "inproc://127.0.0.1/1/loopback-b"
+    listeners: list = []
+
+    async def listen():
+        listeners.append(await _listening(address, []))
+
+    asyncio.run(listen())  # that loop is gone: its worker cannot read what this one sends
+
+    async def call():
+        backend = transport.backends["loopback"]
+        hello = {"requester": "me"}
+        kwargs = {"name": "t", "kind": "worker", "connection_args": {}, "timeout": None, "hello": hello}
+        assert await backend.connect(address, "tdask_test", print, **kwargs) is None
+        await listeners[0].close()
+
+    asyncio.run(call())
+
+
+def test_in_process_messages_are_what_the_wire_would_deliver():
+    """Packed when sent (later changes do not travel), lists as tuples, payloads copied, never
+    delivered inside send, in order."""
+
+    async def main():
+        got: list = []
+        caller, listener = loopback.pair("caller", lambda m: None, "listener")
+        listener._on_message = got.append
+        message = {"op": "x", "items": [1, 2], "inner": {"k": "v"}}
+        caller.send(message)
+        message["items"].append(3)
+        message["inner"]["k"] = "changed"
+        buffer = np.arange(4, dtype=np.uint8)
+        caller.send_with_payload({"op": "y"}, "data", memoryview(buffer))
+        buffer[:] = 0
+        assert got == []  # not inside send
+        await asyncio.sleep(0)
+        assert got[0] == {"op": "x", "items": (1, 2), "inner": {"k": "v"}}
+        assert isinstance(got[1]["data"], memoryview) and bytes(got[1]["data"]) == bytes([0, 1, 2, 3])
+        with pytest.raises(TypeError):
+            caller.send({"op": "z", "bad": object()})
+        assert not caller.closed.is_set()
+
+    asyncio.run(main())
+
+
+def test_in_process_close_delivers_what_was_sent_and_abort_drops_it():
+    async def main():
+        got: list = []
+        caller, listener = loopback.pair("caller", lambda m: None, "listener")
+        listener._on_message = got.append
+        caller.send({"op": "a"})
+        await caller.close()
+        assert got == [{"op": "a"}] and caller.closed.is_set() and listener.closed.is_set()
+        with pytest.raises(CommClosedError):
+            listener.send({"op": "b"})
+
+        got.clear()
+        caller, listener = loopback.pair("caller", lambda m: None, "listener")
+        listener._on_message = got.append
+        caller.send({"op": "a"})
+        listener.abort()
+        await asyncio.sleep(0)
+        assert got == [] and caller.closed.is_set()
+        await asyncio.wait_for(caller.read_forever(), 1)
+
+    asyncio.run(main())
+
+
+def test_a_message_its_handler_refuses_ends_an_in_process_session_and_other_errors_do_not(caplog):
+    async def main():
+        def handler(message):
+            if message["op"] == "refuse":
+                raise transport.ProtocolError("not for me")
+            raise RuntimeError("a bug in the handler")
+
+        caller, listener = loopback.pair("caller", lambda m: None, "listener")
+        listener._on_message = handler
+        caller.send({"op": "bug"})
+        await asyncio.sleep(0)
+        assert not caller.closed.is_set()  # logged, the session goes on
+        caller.send({"op": "refuse"})
+        await asyncio.sleep(0)
+        assert caller.closed.is_set() and listener.closed.is_set()
+        caller2, listener2 = loopback.pair("caller", lambda m: None, "listener")
+        listener2._on_message = handler
+        # not a message at all (no str op): refused by the shape check, as on the wire
+        caller2.send({"no": "op"})
+        await asyncio.sleep(0)
+        assert caller2.closed.is_set()
+
+    with caplog.at_level(logging.WARNING, logger="tdask"):
+        asyncio.run(main())
+    assert "a bug in the handler" in caplog.text and "not for me" in caplog.text

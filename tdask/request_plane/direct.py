@@ -1,14 +1,14 @@
 """The direct plane, both halves: each caller sends requests straight to a worker hosting the operator.
 
 Caller side (:class:`DirectRequestPlane`): the host with the fewest of this caller's requests in
-flight (round robin among equals), over the caller's own session to it, opened by
-:func:`tdask.transport.connect` (which picks the transport: tdask's wire on ``tcp://`` and
-``tls://`` clusters, else a Dask comm). The scheduler's broker stays the registry and the
-fallback: a request for an operator nobody hosts yet, or refused by a worker that is stopping,
-goes through the queue plane, which waits for a host and fails clearly after its bound. The
-caller holds the lease: when its session to a worker closes (the worker died), the requests it
-held there are sent again elsewhere (bounded by ``max_retries``) or fail with
-:class:`~tdask.exceptions.WorkerLostError`.
+flight (among equals, the caller's own worker, then round robin), over the caller's own session
+to it, opened by :func:`tdask.transport.connect` (which picks the transport: in process to the
+caller's own worker, tdask's wire on ``tcp://`` and ``tls://`` clusters, else a Dask comm). The
+scheduler's broker stays the registry and the fallback: a request for an operator nobody hosts
+yet, or refused by a worker that is stopping, goes through the queue plane, which waits for a
+host and fails clearly after its bound. The caller holds the lease: when its session to a worker
+closes (the worker died), the requests it held there are sent again elsewhere (bounded by
+``max_retries``) or fail with :class:`~tdask.exceptions.WorkerLostError`.
 
 Worker side (:class:`DirectServer`, a :class:`~tdask.request_plane.base.ServerPlane`): accepts
 callers' sessions (a :class:`tdask.transport.Listener`), hands their requests to the worker's
@@ -176,7 +176,12 @@ class DirectRequestPlane(RequestPlane):
             if ordered:
                 worker = candidates[0]
             else:
-                worker = min(candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0)))
+                # The least loaded; among equals, one of this process (an operator's call to its
+                # own worker: no socket), then round robin.
+                worker = min(
+                    candidates,
+                    key=lambda w: (self._load[w], not transport.in_process(w), self._last_used.get(w, 0)),
+                )
             # Count it before awaiting the connection, so that concurrent submits spread.
             self._ticks += 1
             self._last_used[worker] = self._ticks

@@ -9,6 +9,8 @@ module          role
 ``wire``        tdask's lean transport (an ``asyncio`` protocol) for direct sessions on
                 ``tcp://`` and ``tls://``: a session and its framing, both ends'
 ``wire_server`` the wire's listening half on a worker: hello deadline, connection cap
+``loopback``    sessions within one process and event loop (an operator calling its own
+                worker's operators): no socket
 ``dask_comm``   a transport on a Dask comm (TCP, TLS, UCX): the broker's sessions, and direct
                 sessions where the wire is not used
 ``liveness``    peers known gone, and connecting to one that may be
@@ -30,6 +32,7 @@ from tdask.transport.registry import (
     backends,
     carries_data,
     connect,
+    in_process,
     routes,
 )
 
@@ -51,6 +54,7 @@ __all__ = [
     "connect",
     "connect_peer",
     "forget_gone",
+    "in_process",
     "is_gone",
     "mark_gone",
     "routes",

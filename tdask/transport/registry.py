@@ -15,6 +15,10 @@ a worker        the wire, else a Dask comm (a worker    a Dask comm
 the scheduler   a Dask comm                             a Dask comm
 =============== ======================================= =========================================
 
+Before all of these, a worker listening in the caller's own process and event loop (an operator
+calling an operator of its own worker) is reached in process (:mod:`tdask.transport.loopback`),
+unless ``tdask.request.in-process-calls`` is off.
+
 With ``tdask.request.direct-transport: dask`` every session is a Dask comm. A new transport (a
 UCX-native one, shared memory between processes of one host) is a :class:`Backend` added to
 :data:`backends` and to :func:`routes`; the planes do not change.
@@ -23,6 +27,7 @@ UCX-native one, shared memory between processes of one host) is a :class:`Backen
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -31,7 +36,7 @@ import dask.config
 from distributed.comm import get_address_host, parse_address
 from distributed.core import send_recv
 
-from tdask.transport import wire, wire_server
+from tdask.transport import loopback, wire, wire_server
 from tdask.transport.base import MessageHandler, Transport
 from tdask.transport.dask_comm import Session
 from tdask.transport.liveness import connect_peer
@@ -47,6 +52,7 @@ __all__ = [
     "backends",
     "carries_data",
     "connect",
+    "in_process",
     "routes",
 ]
 
@@ -200,8 +206,66 @@ class WireBackend(Backend):
             listener.wire = None
 
 
-#: The transports, by name (``tdask.request.direct-transport``).
-backends: dict[str, Backend] = {backend.name: backend for backend in (WireBackend(), DaskCommBackend())}
+class LoopbackBackend(Backend):
+    """Sessions within one process and event loop (:mod:`tdask.transport.loopback`): no socket.
+
+    Its listeners are the workers of this process; a caller whose loop is not the listener's
+    (a client on another thread) is not taken (None: the next backend).
+    """
+
+    name = "loopback"
+    carries_data = loopback.LoopbackSession.carries_data
+
+    def __init__(self) -> None:
+        self._listeners: dict[tuple[str, str], tuple[Listener, Any]] = {}  # (address, handler) -> it, its loop
+        self._accepted: dict[Listener, set[loopback.LoopbackSession]] = {}
+
+    def listens_at(self, address: str) -> bool:
+        """Whether a worker of this process listens at ``address`` (on any handler)."""
+        return any(where == address for where, _ in self._listeners)
+
+    async def connect(
+        self,
+        address: str,
+        handler: str,
+        on_message: MessageHandler,
+        *,
+        name: str,
+        kind: PeerKind,
+        connection_args: dict[str, Any],
+        timeout: float | None,
+        hello: dict[str, Any],
+    ) -> Transport | None:
+        """Pair with the listener of ``handler`` at ``address`` in this process and loop; None if there is none."""
+        entry = self._listeners.get((address, handler))
+        if entry is None or entry[1] is not asyncio.get_running_loop():
+            return None
+        listener = entry[0]
+        caller, accepted = loopback.pair(name, on_message, f"{handler}-{hello.get('requester')}")
+        sessions = self._accepted.setdefault(listener, set())
+        for old in [s for s in sessions if s.closed.is_set()]:
+            sessions.discard(old)
+        sessions.add(accepted)
+        accepted._on_message = listener.accept(accepted, hello)
+        return caller
+
+    async def listen(self, listener: Listener) -> None:
+        """Take this process's callers of ``listener`` (its server's address and handler)."""
+        self._listeners[(listener.server.address, listener.handler)] = (listener, asyncio.get_running_loop())
+
+    async def close(self, listener: Listener) -> None:
+        """Stop taking callers, and abort the sessions accepted for ``listener``."""
+        key = (listener.server.address, listener.handler)
+        if self._listeners.get(key, (None,))[0] is listener:
+            del self._listeners[key]
+        for session in list(self._accepted.pop(listener, ())):
+            session.abort()
+
+
+_LOOPBACK = LoopbackBackend()
+
+#: The transports, by name (``tdask.request.direct-transport``; ``loopback`` is never asked for by name).
+backends: dict[str, Backend] = {backend.name: backend for backend in (WireBackend(), DaskCommBackend(), _LOOPBACK)}
 
 
 def _ignore(message: dict[str, Any]) -> None:
@@ -222,16 +286,27 @@ def routes(address: str, kind: PeerKind = "worker") -> list[Backend]:
     -------
     list of Backend
         The wire first, then Dask's comm, on ``tcp://`` and ``tls://`` workers (unless
-        ``tdask.request.direct-transport`` is ``dask``); Dask's comm alone otherwise.
+        ``tdask.request.direct-transport`` is ``dask``); Dask's comm alone otherwise. Before
+        them, the in-process route to a worker of this process (:func:`in_process`).
     """
+    found: list[Backend] = [_LOOPBACK] if kind == "worker" and in_process(address) else []
     if kind == "worker" and dask.config.get("tdask.request.direct-transport") == "wire":
         try:
             scheme = parse_address(address)[0]
         except ValueError:
             scheme = ""
         if scheme in _WIRE_SCHEMES:
-            return [backends["wire"], backends["dask"]]
-    return [backends["dask"]]
+            return [*found, backends["wire"], backends["dask"]]
+    return [*found, backends["dask"]]
+
+
+def in_process(address: str) -> bool:
+    """Whether the worker at ``address`` listens in this process, and calls to it go in process.
+
+    True for an operator's calls to operators of its own worker, unless
+    ``tdask.request.in-process-calls`` is off (then they cross the wire as any other call).
+    """
+    return _LOOPBACK.listens_at(address) and bool(dask.config.get("tdask.request.in-process-calls", True))
 
 
 def carries_data(address: str) -> bool:
@@ -336,8 +411,16 @@ class Listener:
         self._advertise = True
 
     async def start(self) -> None:
-        """Accept on every backend of the server's routes; one that cannot listen is skipped, with a warning."""
+        """Accept on every backend of the server's routes; one that cannot listen is skipped, with a warning.
+
+        A worker's listener also takes callers of its own process (:func:`in_process`).
+        """
+        if self.kind == "worker":
+            await _LOOPBACK.listen(self)
+            self._backends.append(_LOOPBACK)
         for backend in routes(self.server.address, self.kind):
+            if backend is _LOOPBACK:
+                continue
             try:
                 await backend.listen(self)
             except OSError as exc:
