@@ -3,7 +3,9 @@
 Sections (all on 127.0.0.1, real Dask cluster, real Triton servers):
 
 - ``pipeline``: the hello world's ``encoder_decoder`` through tdask vs the same two Triton models
-  as a Triton ensemble in one server (tritonclient.grpc.aio), 1 and 32 requests in flight.
+  as a Triton ensemble in one server (tritonclient.grpc.aio), 1 and 32 requests in flight; tdask
+  deployed ``spread`` (a worker per operator) and ``colocated`` (one worker hosting all three,
+  the ensemble's shape), ``--topology``.
 - ``onehop``: tdask ``encoder`` alone vs Triton ``encoder`` alone.
 - ``dataplane``: worker-to-worker tensor fetch (1 MB, 16 MB, 256 MB) vs a numpy copy, and proof
   that the forwarding orchestrator moved zero tensor bytes.
@@ -36,6 +38,8 @@ import numpy as np
 from bench.common import CpuMeter, closed_loop, machine, payloads, table, tcp_loopback_seconds, versions
 
 SECTIONS = ("pipeline", "onehop", "dataplane", "scaling", "floor", "clients")
+#: The tdask systems of the pipeline section, by topology (``--topology``).
+SYSTEMS = {"spread": "tdask", "colocated": "tdask_colocated"}
 MB = 1_000_000
 
 
@@ -61,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="pipeline/onehop: repeat ensemble-then-tdask this many times, each on a fresh server and "
         "deployment; the targets use the median of the per-round ratios",
+    )
+    p.add_argument(
+        "--topology",
+        default="spread,colocated",
+        help="pipeline: tdask deployments to run each round: spread (a worker per operator, system 'tdask') "
+        "and/or colocated (one worker hosting all three, the ensemble's shape, system 'tdask_colocated')",
     )
     p.add_argument(
         "--max-inflight", type=int, default=32, help="max_inflight_requests of every tdask operator (per worker)"
@@ -129,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     args.round = 1  # the pipeline/onehop round being run
+    args.topology_list = [t.strip() for t in args.topology.split(",") if t.strip()]
+    if not args.topology_list or set(args.topology_list) - set(SYSTEMS):
+        p.error(f"--topology takes a comma-separated list of {','.join(SYSTEMS)}")
     args.size_list = _ints(args.sizes)
     args.concurrency_list = _ints(args.concurrency)
     args.dataplane_size_list = _ints(args.dataplane_sizes)
@@ -206,16 +219,37 @@ async def triton_baseline(args: argparse.Namespace, log_dir: Path, out: dict[str
 
 
 async def tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) -> None:
+    for topology in args.topology_list:
+        await _tdask_pipeline(args, log_dir, out, topology)
+
+
+async def _tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str, Any], topology: str) -> None:
+    """One tdask deployment of the hello world, and its runs.
+
+    ``spread``: a worker per operator (the hello world's shape: three processes on a request's
+    path). ``colocated``: one worker hosting all three (the ensemble's shape: one process runs the
+    orchestration and both models), the way the SLURM example deploys it: the encoder's worker,
+    and ``register_plugin`` of the decoder and ``encoder_decoder`` onto it; the nested calls are
+    then in-process calls (``tdask.request.in-process-calls``).
+    """
     from bench.tdask_side import deployment
     from tdask import RemoteOperator
+    from tdask.host import OperatorHost
 
+    system = SYSTEMS[topology]
     ops = hello_world(1, 1, args.max_inflight)
+    extra = [config for config, _ in ops[1:]] if topology == "colocated" else []
     async with deployment(
-        ops, scheduler=args.scheduler, log_dir=log_dir / "pipeline", protocol=args.protocol
+        ops[:1] if extra else ops,
+        scheduler=args.scheduler,
+        log_dir=log_dir / f"pipeline-{topology}",
+        protocol=args.protocol,
     ) as cluster:
-        out["startup_s"]["tdask_pipeline"] = round(cluster.startup_s, 2)
+        if extra:
+            await cluster.client.register_plugin(OperatorHost(extra), name="tdask-colocated")
+        out["startup_s"][system] = round(cluster.startup_s, 2)
         groups = cluster.process_groups()
-        out["processes"] = {label: len(pids) for label, pids in groups.items()}
+        out.setdefault("processes", {})[system] = {label: len(pids) for label, pids in groups.items()}
         ed = RemoteOperator("encoder_decoder", client=cluster.client)
         enc = RemoteOperator("encoder", client=cluster.client)
 
@@ -232,21 +266,21 @@ async def tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str,
 
             runs = []
             if "pipeline" in args.only_list:
-                runs.append(("pipeline", "tdask", pipeline))
-            if "onehop" in args.only_list:
-                runs.append(("onehop", "tdask", encoder))
+                runs.append(("pipeline", system, pipeline))
+            if "onehop" in args.only_list and not extra:
+                runs.append(("onehop", system, encoder))
             return runs
 
         for size in args.size_list:
             data = payloads(size)
             n = requests_for(args, size)
             for conc in args.concurrency_list:
-                for section, system, call in calls(data):
+                for section, name, call in calls(data):
                     result, cpu = await metered(
                         groups, closed_loop(call, requests=n, concurrency=conc, warmup=args.warmup)
                     )
                     row = {
-                        "system": system,
+                        "system": name,
                         "size": size,
                         "round": args.round,
                         "scheduler": args.scheduler,
@@ -256,7 +290,7 @@ async def tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str,
                     out["sections"].setdefault(section, {"runs": []})["runs"].append(row)
                     _progress(section, row)
 
-        if args.profile and "pipeline" in args.only_list and args.round == args.rounds:
+        if args.profile and "pipeline" in args.only_list and args.round == args.rounds and not extra:
             from bench.profile import profile_run
 
             pipeline_call = next(c for s, _, c in calls(payloads(args.profile_size)) if s == "pipeline")
@@ -272,16 +306,17 @@ async def tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str,
 
 
 def compare(out: dict[str, Any], section: str, baseline: str) -> None:
-    """tdask / baseline ratios, pairing the runs of the same round (size, concurrency)."""
+    """tdask / baseline ratios, pairing the runs of the same round (size, concurrency), per tdask system."""
     runs = out["sections"].get(section, {}).get("runs", [])
     by_key = {(r["system"], r["size"], r["concurrency"], r["round"]): r for r in runs}
     ratios = []
     for (system, size, conc, rnd), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
-        if system != "tdask" or (baseline, size, conc, rnd) not in by_key:
+        if system == baseline or (baseline, size, conc, rnd) not in by_key:
             continue
         b = by_key[(baseline, size, conc, rnd)]
         ratios.append(
             {
+                "system": system,
                 "size": size,
                 "concurrency": conc,
                 "round": rnd,
@@ -300,25 +335,28 @@ def targets(out: dict[str, Any]) -> None:
     and 1.5). Each round pairs a fresh ensemble server with a fresh tdask
     deployment: on this VM a deployment's latency depends on where its processes land, so one
     round is one draw. A target whose size or concurrency was not run is left out."""
-    ratios = out["sections"].get("pipeline", {}).get("ratios_tdask_over_triton_ensemble", [])
+    all_ratios = out["sections"].get("pipeline", {}).get("ratios_tdask_over_triton_ensemble", [])
     wanted = {
         "throughput_32_inflight": (1000, 32, "throughput_ratio", ">= 0.8", lambda x: x >= 0.8),
         "sequential_p50": (1000, 1, "p50_ratio", "<= 1.6", lambda x: x <= 1.6),
         "sequential_p50_1e5": (100_000, 1, "p50_ratio", "<= 1.0", lambda x: x <= 1.0),
     }
     found = {}
-    for name, (size, conc, key, text, ok) in wanted.items():
-        values = [r[key] for r in ratios if r["size"] == size and r["concurrency"] == conc and r[key] is not None]
-        if not values:
-            continue
-        median = round(float(np.median(values)), 3)
-        found[name] = {
-            "ratio": median,
-            "target": text,
-            "met": ok(median),
-            "rounds": values,
-            "rounds_met": sum(1 for v in values if ok(v)),
-        }
+    for topology, system in SYSTEMS.items():
+        ratios = [r for r in all_ratios if r.get("system", "tdask") == system]
+        for name, (size, conc, key, text, ok) in wanted.items():
+            values = [r[key] for r in ratios if r["size"] == size and r["concurrency"] == conc and r[key] is not None]
+            if not values:
+                continue
+            median = round(float(np.median(values)), 3)
+            found[name if topology == "spread" else f"{name} ({topology})"] = {
+                "system": system,
+                "ratio": median,
+                "target": text,
+                "met": ok(median),
+                "rounds": values,
+                "rounds_met": sum(1 for v in values if ok(v)),
+            }
     if found:
         out["targets"] = found
 
@@ -614,10 +652,13 @@ def render(out: dict[str, Any]) -> str:
         if not s:
             continue
         rows = []
-        ratios = {(r["size"], r["concurrency"], r["round"]): r for r in s.get(f"ratios_tdask_over_{baseline}", [])}
+        ratios = {
+            (r.get("system", "tdask"), r["size"], r["concurrency"], r["round"]): r
+            for r in s.get(f"ratios_tdask_over_{baseline}", [])
+        }
         rounds = len({r["round"] for r in s["runs"]}) > 1
-        for r in sorted(s["runs"], key=lambda r: (r["size"], r["concurrency"], r["round"], r["system"] != "tdask")):
-            ratio = ratios.get((r["size"], r["concurrency"], r["round"]), {}) if r["system"] == "tdask" else {}
+        for r in sorted(s["runs"], key=lambda r: (r["size"], r["concurrency"], r["round"], r["system"] != baseline)):
+            ratio = ratios.get((r["system"], r["size"], r["concurrency"], r["round"]), {})
             system = f"{r['system']} (round {r['round']})" if rounds else r["system"]
             rows.append([system, r["size"], *_load_columns(r), ratio.get("throughput_ratio"), ratio.get("p50_ratio")])
         parts.append(

@@ -50,6 +50,29 @@ def test_targets_are_judged_on_the_median_round():
     assert "tdask (round 2)" in text and "2/3: 1.5, 3.0, 1.55" in text and "1/3: 0.9, 1.2, 1.3" in text
 
 
+def test_each_topology_is_judged_against_the_ensemble_on_its_own():
+    """``--topology spread,colocated``: each tdask system pairs with the ensemble of its round,
+    and gets its own verdicts (the co-located ones named so)."""
+    runs = []
+    for rnd in (1, 2, 3):
+        runs += [row("triton_ensemble", rnd, 1, 1.0, 100), row("tdask", rnd, 1, 2.0, 50)]
+        runs += [row("tdask_colocated", rnd, 1, 1.2 + rnd / 100, 80)]
+    out = {"sections": {"pipeline": {"runs": runs}}}
+    compare(out, "pipeline", "triton_ensemble")
+    targets(out)
+    spread, colocated = out["targets"]["sequential_p50"], out["targets"]["sequential_p50 (colocated)"]
+    assert spread["rounds"] == [2.0, 2.0, 2.0] and not spread["met"] and spread["system"] == "tdask"
+    assert colocated["rounds"] == [1.21, 1.22, 1.23] and colocated["met"] and colocated["system"] == "tdask_colocated"
+    out.update(
+        versions={k: "x" for k in ("python", "dask", "distributed", "numpy", "tritonclient", "tritonserver")},
+        machine={"cpu_count": 2, "platform": "test"},
+        config={"scheduler": "embedded", "rounds": 3},
+    )
+    text = render(out)
+    line = next(x for x in text.splitlines() if "tdask_colocated (round 2)" in x)
+    assert "1.22" in line and "0.8" in line  # its own ratios, not the spread system's
+
+
 def test_the_soak_fails_on_anything_lost_wrong_untyped_or_left():
     from bench.soak import failed
     from bench.soak import render as render_soak

@@ -242,15 +242,18 @@ class Serving:
         error: BaseException | None = None
         cancelled = False
         limit_s = self.execution_timeout_s(hosted)
-        timer = asyncio.timeout(limit_s)
+        timer = None if limit_s is None else asyncio.timeout(limit_s)  # none: no timer on the hot path
         timed_out = False
         try:
-            async with timer:
+            if timer is None:
                 await hosted.operator.execute(requests)
+            else:
+                async with timer:
+                    await hosted.operator.execute(requests)
         except asyncio.CancelledError:
             cancelled = True
         except TimeoutError as exc:
-            if timer.expired():
+            if timer is not None and timer.expired():
                 timed_out = True
             else:
                 error = exc

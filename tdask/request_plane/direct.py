@@ -173,7 +173,7 @@ class DirectRequestPlane(RequestPlane):
                 ordered = order_hosts(policy, candidates, request.get("parameters"))
         message = protocol.submit(request)
         while candidates:
-            if ordered:
+            if ordered or len(candidates) == 1:
                 worker = candidates[0]
             else:
                 # The least loaded; among equals, one of this process (an operator's call to its
