@@ -13,6 +13,7 @@ import http.client
 import json
 import queue
 import resource
+import select
 import signal
 import socket
 import struct
@@ -556,3 +557,162 @@ def test_health_follows_the_scheduler_and_errors_stay_json(tmp_path):
     text = log.read_text()
     assert "Uncaught exception" not in text and "SchedulerLostError" not in text, text[-3000:]
     assert "/tdask/" not in text, text[-3000:]
+
+
+# -- HTTP/1.1 itself: keep-alive, pipelining, 100-continue, the head's cap, methods ----------------
+
+
+def _read_answers(sock, count):
+    """``count`` answers read off ``sock``: [(status, headers with lower-case names, body)].
+
+    Every answer must say its length (``Content-Length``) or be chunked.
+    """
+    buffer = b""
+    answers = []
+
+    def fill():
+        nonlocal buffer
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {len(answers)} answers, with {buffer[:300]!r} left")
+        buffer += chunk
+
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            fill()
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        status = int(status_line.split(" ")[1])
+        body = b""
+        if headers.get("transfer-encoding") == "chunked":
+            while True:
+                while b"\r\n" not in buffer:
+                    fill()
+                size_line, buffer = buffer.split(b"\r\n", 1)
+                size = int(size_line, 16)
+                while len(buffer) < size + 2:
+                    fill()
+                assert buffer[size : size + 2] == b"\r\n", buffer[:300]
+                body, buffer = body + buffer[:size], buffer[size + 2 :]
+                if size == 0:
+                    break
+        elif status != 100:
+            length = int(headers["content-length"])
+            while len(buffer) < length:
+                fill()
+            body, buffer = buffer[:length], buffer[length:]
+        answers.append((status, headers, body))
+    return answers
+
+
+def _echo_body(value):
+    return json.dumps({"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [value]}]}).encode()
+
+
+def _post(path, body, extra=""):
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+def _connect(address):
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def test_pipelined_requests_are_answered_in_order(gateway):
+    # The first takes a second; those behind it, sent at once, wait their turn.
+    slow = json.dumps(
+        {
+            "inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [0]}],
+            "parameters": {"mode": "sleep", "seconds": 1},
+        }
+    ).encode()
+    requests = [
+        _post("/v2/models/fail/infer", slow),
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",
+        _post("/v2/models/echo/infer", _echo_body(1)),
+        b"GET /v2/models/nobody HTTP/1.1\r\nHost: x\r\n\r\n",
+        _post("/v2/models/echo/infer", _echo_body(2), "Connection: close\r\n"),
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",  # after the close: not answered
+    ]
+    with _connect(gateway["http"]) as sock:
+        sock.sendall(b"".join(requests))
+        answers = _read_answers(sock, 5)
+        assert sock.recv(65536) == b""  # closed after the request that said so
+    assert [status for status, _, _ in answers] == [200, 200, 200, 404, 200], answers
+    assert json.loads(answers[2][2])["outputs"][0]["data"] == [1]
+    assert "nobody" in json.loads(answers[3][2])["error"]
+    assert json.loads(answers[4][2])["outputs"][0]["data"] == [2]
+    assert "connection" not in answers[2][1] and answers[4][1]["connection"] == "close", answers
+
+
+def test_keep_alive_follows_the_request(gateway):
+    live = "GET /v2/health/live HTTP/1.{}\r\nHost: x\r\n{}\r\n"
+    with _connect(gateway["http"]) as sock:
+        sock.sendall(live.format(1, "").encode())
+        ((status, headers, _),) = _read_answers(sock, 1)
+        assert status == 200 and headers["content-length"] == "0" and "connection" not in headers
+        sock.sendall(live.format(0, "Connection: keep-alive\r\n").encode())  # HTTP/1.0 asking to keep it
+        ((status, headers, _),) = _read_answers(sock, 1)
+        assert status == 200 and headers["connection"].lower() == "keep-alive", headers
+        sock.sendall(live.format(0, "").encode())  # HTTP/1.0: closed after its answer
+        ((status, headers, _),) = _read_answers(sock, 1)
+        assert status == 200 and headers["connection"] == "close", headers
+        assert sock.recv(65536) == b""
+
+
+def test_a_stream_is_chunked_on_http_1_1_and_ends_with_the_connection_on_1_0(gateway):
+    body = b'{"text": "hi"}'
+    with _connect(gateway["http"]) as sock:
+        sock.sendall(_post("/v2/models/echo/generate_stream", body))
+        ((status, headers, events),) = _read_answers(sock, 1)
+        assert status == 200 and headers["transfer-encoding"] == "chunked", headers
+        assert headers["content-type"] == "text/event-stream" and "content-length" not in headers
+        assert json.loads(events.decode().removeprefix("data: "))["text"] == "hi", events
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is still good
+        assert _read_answers(sock, 1)[0][0] == 200
+    old = _post("/v2/models/echo/generate_stream", body).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    head, _, events = _raw(gateway["http"], old).partition(b"\r\n\r\n")
+    assert b" 200 " in head and b"chunked" not in head.lower() and b"connection: close" in head.lower(), head
+    assert json.loads(events.decode().removeprefix("data: "))["text"] == "hi", events
+
+
+def test_expect_100_continue(gateway):
+    body = _echo_body(7)
+    with _connect(gateway["http"]) as sock:
+        sock.sendall(_infer_head(gateway["http"], len(body), "Expect: 100-continue\r\n"))
+        ((status, _, _),) = _read_answers(sock, 1)  # before the body is sent
+        assert status == 100
+        sock.sendall(body)
+        ((status, _, answer),) = _read_answers(sock, 1)
+        assert status == 200 and json.loads(answer)["outputs"][0]["data"] == [7], answer
+    # Refused from its headers: the refusal, no 100.
+    response = _raw(gateway["http"], _infer_head(gateway["http"], 2 * LIMIT, "Expect: 100-continue\r\n"))
+    assert response.startswith(b"HTTP/1.1 413 "), response[:300]
+
+
+def test_a_head_over_64_kib_is_a_431(gateway):
+    big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * (70 * 1024) + b"\r\n\r\n"
+    status, body = _status_and_json(_raw(gateway["http"], big))
+    assert status == 431 and "headers" in body["error"], body
+    # A header that never ends, sent in pieces: refused as it runs over, not at the header timeout.
+    start = time.monotonic()
+    with _connect(gateway["http"]) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(8):  # 128 KiB; each piece read before the next, so the answer is not lost to a reset
+            sock.sendall(b"x" * 16384)
+            if select.select([sock], [], [], 0.2)[0]:
+                break
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 431 "), response[:300]
+    assert time.monotonic() - start < HEADER_TIMEOUT, time.monotonic() - start
+
+
+def test_a_known_route_with_a_wrong_method_is_a_405(gateway):
+    status, parsed, raw = _request(gateway["http"], "GET", "/v2/models/echo/infer")
+    error = _kserve_error(status, parsed, raw, 405)
+    assert "POST" in error
+    status, parsed, raw = _request(gateway["http"], "PUT", "/v2/models/echo")
+    assert "GET" in _kserve_error(status, parsed, raw, 405)

@@ -1,4 +1,4 @@
-"""KServe v2 over HTTP/1.1 (tornado): health, metadata and infer, with Triton's binary tensor extension.
+"""KServe v2 over HTTP/1.1: health, metadata and infer, with Triton's binary tensor extension.
 
 Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``, ``GET /v2/models/{m}[/versions/{v}]``,
 ``GET .../ready``, ``GET .../config``, ``GET [/v2/models[/{m}]]/stats``, ``POST .../infer``,
@@ -14,23 +14,23 @@ are accepted only when :class:`~tdask.gateway.limits.Limits` allows them (``max_
 Every answer that is not a success is a KServe error, ``{"error": "..."}`` (unknown routes
 included: 404). Infer bodies are streamed in and checked as they arrive: one over
 ``max_request_bytes`` is refused (413) before it is read (by its ``Content-Length``) or as soon as
-it runs over (chunked or inflated).
+it runs over (chunked or inflated). The HTTP/1.1 machinery under the routes (connections,
+parsing, keep-alive, timeouts, the connection cap) is :mod:`tdask.gateway.http_server`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import zlib
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import numpy as np
-import tornado.httpserver
-import tornado.iostream
-import tornado.netutil
-import tornado.web
 
 from tdask.exceptions import TdaskError
+from tdask.gateway.http_server import Answer, Handler, HttpServer, Request, json_answer
 from tdask.gateway.kserve import (
     EXTENSIONS,
     UnsupportedError,
@@ -41,7 +41,7 @@ from tdask.gateway.kserve import (
     status_of,
     to_array,
 )
-from tdask.gateway.limits import accept_with_backoff, check_parameters, check_shape
+from tdask.gateway.limits import check_parameters, check_shape
 
 if TYPE_CHECKING:
     from tdask.gateway.core import Gateway
@@ -51,22 +51,34 @@ logger = logging.getLogger(__name__)
 __all__ = ["HttpFrontend"]
 
 _HEADER_LENGTH = "Inference-Header-Content-Length"
+_HEADER_LENGTH_KEY = _HEADER_LENGTH.lower()  # as the server's request headers name it
 _MODEL = r"/v2/models/([^/]+)(?:/versions/([^/]+))?"
 
 
-class _Handler(tornado.web.RequestHandler):
-    gateway: Gateway
+class _Handler(Handler):
+    """A KServe route: the bearer token checked (the health routes aside); errors are KServe errors."""
 
-    def initialize(self, gateway: Gateway) -> None:
+    #: The methods the route answers (another: 405).
+    methods: tuple[str, ...] = ("GET",)
+    # Health endpoints answer without the bearer token (load balancers probe them).
+    open_route = False
+
+    def __init__(self, gateway: Gateway, request: Request, args: tuple[Any, ...]) -> None:
+        super().__init__(request, gateway.limits.max_request_bytes)
         self.gateway = gateway
+        self.args = args
 
-    def check_xsrf_cookie(self) -> None:  # an API, not a browser form
-        return
+    def start(self) -> Answer | None:
+        if not self.open_route and not self.gateway.front_door.authorized(self.request.headers.get("authorization")):
+            return json_answer(
+                401,
+                {"error": "unauthorized: this gateway wants 'Authorization: Bearer <token>'"},
+                [("WWW-Authenticate", 'Bearer realm="tdask"')],
+            )
+        return None
 
     def send_json(self, body: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(body))
+        self.request.send(status, json.dumps(body).encode(), "application/json")
 
     def send_error_message(self, exc: BaseException) -> None:
         status, _ = status_of(exc)
@@ -74,34 +86,17 @@ class _Handler(tornado.web.RequestHandler):
             logger.exception("gateway: %s %s failed", self.request.method, self.request.path)
         self.send_json({"error": str(exc)}, status)
 
-    # Health endpoints answer without the bearer token (load balancers probe them).
-    open_route = False
-
-    def prepare(self) -> None:
-        if not self.open_route and not self.gateway.front_door.authorized(self.request.headers.get("Authorization")):
-            self.set_header("WWW-Authenticate", 'Bearer realm="tdask"')
-            self.send_json({"error": "unauthorized: this gateway wants 'Authorization: Bearer <token>'"}, 401)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        # Whatever tornado answers itself (405, an uncaught error): a KServe error, never HTML.
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if exc is not None and not isinstance(exc, tornado.web.HTTPError):
-            status_code, _ = status_of(exc)
-            self.set_status(status_code)
-        message = str(exc) if exc is not None and not isinstance(exc, tornado.web.HTTPError) else self._reason
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": message}))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, (TdaskError, OSError)):  # the scheduler gone and the like: one line, no traceback
-            logger.warning("gateway: %s %s failed: %s: %s", self.request.method, self.request.path, typ.__name__, value)
+    def uncaught(self, exc: Exception) -> None:
+        if isinstance(exc, (TdaskError, OSError)):  # the scheduler gone and the like: one line, no traceback
+            logger.warning(
+                "gateway: %s %s failed: %s: %s", self.request.method, self.request.path, type(exc).__name__, exc
+            )
         else:
-            super().log_exception(typ, value, tb)
+            logger.error("gateway: %s %s failed", self.request.method, self.request.path, exc_info=exc)
+        self.send_json({"error": str(exc)}, status_of(exc)[0])
 
-
-class _NotFound(_Handler):
-    def prepare(self) -> None:
-        self.send_json({"error": f"no KServe v2 route {self.request.method} {self.request.path}"}, 404)
+    def json_body(self) -> Any:
+        return json.loads(self.body() or b"{}")
 
 
 class _Ready(_Handler):
@@ -109,40 +104,38 @@ class _Ready(_Handler):
 
     open_route = True
 
-    async def get(self) -> None:
+    async def respond(self) -> None:
         reason = await self.gateway.not_ready()
         if reason is not None:
             self.send_json({"error": f"not ready: {reason}"}, 503)
             return
-        self.set_status(200)
-        self.finish()
+        self.request.send(200)
 
 
 class _Live(_Handler):
     open_route = True
 
-    async def get(self) -> None:
-        self.set_status(200)
-        self.finish()
+    async def respond(self) -> None:
+        self.request.send(200)
 
 
 class _ServerMetadata(_Handler):
-    async def get(self) -> None:
+    async def respond(self) -> None:
         self.send_json({"name": "tdask", "version": "0.1.0", "extensions": list(EXTENSIONS)})
 
 
 class _ModelMetadata(_Handler):
-    async def get(self, name: str, version: str | None) -> None:
+    async def respond(self) -> None:
         try:
-            self.send_json(await self.gateway.model_metadata(name, version))
+            self.send_json(await self.gateway.model_metadata(*self.args))
         except Exception as exc:
             self.send_error_message(exc)
 
 
 class _ModelConfig(_Handler):
-    async def get(self, name: str, version: str | None) -> None:
+    async def respond(self) -> None:
         try:
-            self.send_json(await self.gateway.model_config(name, version))
+            self.send_json(await self.gateway.model_config(*self.args))
         except Exception as exc:
             self.send_error_message(exc)
 
@@ -150,17 +143,20 @@ class _ModelConfig(_Handler):
 class _ModelStats(_Handler):
     """``GET /v2/models[/{m}[/versions/{v}]]/stats``: Triton's statistics, from tdask's counts."""
 
-    async def get(self, name: str | None = None, version: str | None = None) -> None:
+    async def respond(self) -> None:
         try:
+            name, version = self.args or (None, None)  # /v2/models/stats: every model
             self.send_json({"model_stats": await self.gateway.statistics(name, version)})
         except Exception as exc:
             self.send_error_message(exc)
 
 
 class _RepositoryIndex(_Handler):
-    async def post(self) -> None:
+    methods = ("POST",)
+
+    async def respond(self) -> None:
         try:
-            body = json.loads(self.request.body or b"{}")
+            body = self.json_body()
             ready = bool(body.get("ready", False)) if isinstance(body, dict) else False
             self.send_json(await self.gateway.repository_index(ready_only=ready))
         except Exception as exc:
@@ -170,9 +166,12 @@ class _RepositoryIndex(_Handler):
 class _RepositoryControl(_Handler):
     """``POST /v2/repository/models/{m}/load|unload``: the Triton model's load / unload on its workers."""
 
-    async def post(self, name: str, action: str) -> None:
+    methods = ("POST",)
+
+    async def respond(self) -> None:
+        name, action = self.args
         try:
-            body = json.loads(self.request.body or b"{}")
+            body = self.json_body()
             parameters = body.get("parameters") if isinstance(body, dict) else None
             if isinstance(parameters, dict) and any(k == "config" or k.startswith("file:") for k in parameters):
                 raise UnsupportedError(f"{action} parameters (config, files) are not supported by the tdask gateway")
@@ -188,31 +187,33 @@ class _Unsupported(_Handler):
     A shared-memory *status* query answers ``[]``: none is registered, and none can be.
     """
 
-    def _refuse(self, *args: Any) -> None:
-        path = self.request.path
-        if self.request.method == "GET" and path.endswith("/status") and "sharedmemory" in path:
+    methods = ("GET", "POST")
+
+    async def respond(self) -> None:
+        path, method = self.request.path, self.request.method
+        if method == "GET" and path.endswith("/status") and "sharedmemory" in path:
             self.send_json([])
             return
         what = "shared memory is" if "sharedmemory" in path else "tracing is" if "trace" in path else "log settings are"
         hint = "; send tensors in the request body" if "sharedmemory" in path else ""
-        self.send_error_message(
-            UnsupportedError(f"{what} not supported by the tdask gateway ({self.request.method} {path}){hint}")
-        )
-
-    get = post = _refuse
+        self.send_error_message(UnsupportedError(f"{what} not supported by the tdask gateway ({method} {path}){hint}"))
 
 
 class _Generate(_Handler):
     """``POST .../generate`` (one JSON answer) and ``.../generate_stream`` (server-sent events, one per response)."""
 
-    async def post(self, name: str, version: str | None, stream: str) -> None:
+    methods = ("POST",)
+
+    async def respond(self) -> None:
+        name, version, stream = self.args
         endpoint = "generate_stream" if stream else "generate"
+        request = self.request
         started = False
         try:
             with self.gateway.metrics.observe(name, version, "http", endpoint):
                 await self.gateway.operator(name, version)
                 try:
-                    body = json.loads(self.request.body or b"{}")
+                    body = self.json_body()
                 except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                     raise ValueError(f"the request body is not JSON: {exc}") from None
                 inputs, parameters = generate_inputs(body, await self.gateway.signature(name, version))
@@ -225,118 +226,88 @@ class _Generate(_Handler):
                     if response.final and not response.outputs:
                         continue
                     if not started:
-                        self.set_header("Content-Type", "text/event-stream")
-                        self.set_header("Cache-Control", "no-cache")
+                        request.start_stream(
+                            200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+                        )
                         started = True
                     event = generate_outputs(name, version, response.outputs, response.parameters)
-                    self.write(f"data: {json.dumps(event)}\n\n")
-                    await self.flush()
+                    await request.write(f"data: {json.dumps(event)}\n\n".encode())
             if not started:
-                self.set_header("Content-Type", "text/event-stream")
-            self.finish()
+                request.send(200, b"", "text/event-stream")
+                return
+            request.finish()
         except Exception as exc:
             if not started:
                 self.send_error_message(exc)
                 return
             # Mid-stream: the status is sent; the error is the stream's last event.
-            self.write(f"data: {json.dumps({'error': str(exc)})}\n\n")
-            self.finish()
+            if not request.closed:
+                await request.write(f"data: {json.dumps({'error': str(exc)})}\n\n".encode())
+            request.finish()
 
 
 class _Metrics(_Handler):
     """``GET /metrics``: the gateway's own Prometheus metrics."""
 
-    async def get(self) -> None:
-        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(self.gateway.metrics.exposition())
+    async def respond(self) -> None:
+        self.request.send(200, self.gateway.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
 
 
 class _ModelReady(_Handler):
-    async def get(self, name: str, version: str | None) -> None:
-        self.set_status(200 if await self.gateway.model_ready(name, version) else 400)
-        self.finish()
+    async def respond(self) -> None:
+        self.request.send(200 if await self.gateway.model_ready(*self.args) else 400)
 
 
-@tornado.web.stream_request_body
 class _Infer(_Handler):
     """``POST .../infer``: the body streams in, checked against the limits as it comes."""
 
-    def prepare(self) -> None:
-        super().prepare()
-        limits = self.gateway.limits
-        self._chunks: list[bytes] = []
-        self._size = 0
+    methods = ("POST",)
+
+    def start(self) -> Answer | None:
+        refusal = super().start()
         self._inflater: Any = None
-        if self._finished:
-            return self._refuse_unread()
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > limits.max_request_bytes:
-            self.set_header("Connection", "close")
-            self.send_json(
-                {"error": f"the body ({length} bytes) is over the gateway's limit of {limits.max_request_bytes} bytes"},
-                413,
-            )
-            return self._refuse_unread()
-        encoding = self.request.headers.get("Content-Encoding", "identity").strip().lower()
+        self._raw = 0
+        if refusal is not None:
+            return refusal
+        limits = self.gateway.limits
+        encoding = self.request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             if encoding not in ("gzip", "x-gzip", "deflate") or limits.max_inflated_bytes <= 0:
-                self.set_header("Connection", "close")
                 allowed = "gzip and deflate" if limits.max_inflated_bytes > 0 else "none (see --max-inflated-bytes)"
-                self.send_json({"error": f"Content-Encoding {encoding!r} is not accepted; accepted: {allowed}"}, 400)
-                return self._refuse_unread()
+                return json_answer(
+                    400, {"error": f"Content-Encoding {encoding!r} is not accepted; accepted: {allowed}"}, close=True
+                )
             self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by its header
-        # The limits above are the gateway's; tornado's own (a bare 400 for a chunked body) is out of the way.
-        self.request.connection.set_max_body_size(1 << 62)  # type: ignore[union-attr]
+        return None
 
-    def _refuse_unread(self) -> None:
-        # Answered before the body: tell tornado there is none, so that it reads none (it closes
-        # the connection after the answer, since the request was not read to its end).
-        self.request.headers["Content-Length"] = "0"
-        self.request.headers.pop("Transfer-Encoding", None)
-
-    def data_received(self, chunk: bytes) -> None:
-        if self._finished:
-            return
-        limits = self.gateway.limits
+    def feed(self, chunk: bytes) -> Answer | None:
         if self._inflater is None:
-            self._add(chunk, limits.max_request_bytes)
-            return
+            return self.add(chunk, self.limit)
+        self._raw += len(chunk)
+        if self._raw > self.limit:  # what is sent, compressed or not, is within max_request_bytes too
+            return self.over(self.limit)
+        limit = self.gateway.limits.max_inflated_bytes
         try:
-            while chunk and not self._finished:
-                room = limits.max_inflated_bytes - self._size
-                out = self._inflater.decompress(chunk, max(room + 1, 1))
-                self._add(out, limits.max_inflated_bytes)
+            while chunk:
+                out = self._inflater.decompress(chunk, max(limit - self._size + 1, 1))
+                refusal = self.add(out, limit)
+                if refusal is not None:
+                    return refusal
                 chunk = self._inflater.unconsumed_tail
         except zlib.error as exc:
-            self.set_header("Connection", "close")
-            self.send_json({"error": f"the body cannot be inflated: {exc}"}, 400)
+            return json_answer(400, {"error": f"the body cannot be inflated: {exc}"}, close=True)
+        return None
 
-    def _add(self, data: bytes, limit: int) -> None:
-        self._size += len(data)
-        if self._size > limit:
-            self._chunks.clear()
-            self.set_header("Connection", "close")
-            self.send_json({"error": f"the body is over the gateway's limit of {limit} bytes"}, 413)
-            return
-        if data:
-            self._chunks.append(data)
-
-    def on_connection_close(self) -> None:
-        self._chunks.clear()
-        super().on_connection_close()
-
-    async def post(self, name: str, version: str | None) -> None:
-        if self._finished:
-            return
-        body = b"".join(self._chunks)
-        self._chunks.clear()
+    async def respond(self) -> None:
+        name, version = self.args
+        body = self.body()
         try:
             if self._inflater is not None and not self._inflater.eof:
                 raise ValueError("the compressed body is truncated")
             if self._inflater is not None and self._inflater.unused_data:
                 raise ValueError("the body has bytes after its compressed data")
             with self.gateway.metrics.observe(name, version, "http"):
-                header, inputs = _parse_request(body, self.request.headers.get(_HEADER_LENGTH))
+                header, inputs = _parse_request(body, self.request.headers.get(_HEADER_LENGTH_KEY))
                 response = await self.gateway.infer(name, version, inputs, header.get("parameters") or {})
                 self._answer(name, version, header, response)
         except Exception as exc:
@@ -374,15 +345,9 @@ class _Infer(_Handler):
             body["parameters"] = response.parameters
         encoded = json.dumps(body).encode()
         if not blobs:
-            self.set_header("Content-Type", "application/json")
-            self.finish(encoded)
+            self.request.send(200, encoded, "application/json")
             return
-        self.set_header("Content-Type", "application/octet-stream")
-        self.set_header(_HEADER_LENGTH, str(len(encoded)))
-        self.write(encoded)
-        for blob in blobs:
-            self.write(bytes(blob))
-        self.finish()
+        self.request.send(200, [encoded, *blobs], "application/octet-stream", [(_HEADER_LENGTH, str(len(encoded)))])
 
 
 def _parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -470,7 +435,11 @@ class HttpFrontend:
     """The HTTP half of a :class:`~tdask.gateway.Gateway`."""
 
     def __init__(self, gateway: Gateway) -> None:
-        routes: list[Any] = [
+        self.gateway = gateway
+        # The first route whose pattern matches the whole path is the request's (its method
+        # not among the route's: 405). Infer first: the most called, and no other route's path.
+        routes: list[tuple[str, type[_Handler]]] = [
+            (_MODEL + r"/infer", _Infer),
             (r"/v2/health/live", _Live),
             (r"/v2/health/ready", _Ready),
             (r"/v2/?", _ServerMetadata),
@@ -486,24 +455,26 @@ class HttpFrontend:
             (_MODEL + r"/?", _ModelMetadata),
             (_MODEL + r"/ready", _ModelReady),
             (_MODEL + r"/config", _ModelConfig),
-            (_MODEL + r"/infer", _Infer),
         ]
-        app = tornado.web.Application(
-            [(path, cls, {"gateway": gateway}) for path, cls in routes],
-            default_handler_class=_NotFound,
-            default_handler_args={"gateway": gateway},
-        )
-        limits = gateway.limits
-        self.server = _Server(
-            app,
-            max_connections=limits.max_connections,
-            ssl_options=gateway.front_door.ssl_context(),
-            decompress_request=False,  # the infer handler inflates, within its own cap
-            max_body_size=limits.max_request_bytes,
-            max_buffer_size=limits.max_request_bytes + (1 << 20),
-            idle_connection_timeout=limits.header_timeout,  # tornado's header timeout, and the idle one
-            body_timeout=limits.body_timeout,
-        )
+        self._routes = [(re.compile(pattern), cls) for pattern, cls in routes]
+        self.server: HttpServer | None = None
+
+    def _route(self, request: Request) -> Handler | Answer:
+        path = request.path
+        for pattern, cls in self._routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if request.method not in cls.methods:
+                allowed = ", ".join(cls.methods)
+                return json_answer(
+                    405,
+                    {"error": f"method {request.method} is not allowed on {path} (allowed: {allowed})"},
+                    [("Allow", allowed)],
+                )
+            args = tuple(unquote(arg) if arg and "%" in arg else arg for arg in match.groups())
+            return cls(self.gateway, request, args)
+        return json_answer(404, {"error": f"no KServe v2 route {request.method} {path}"})
 
     def listen(self, host: str, port: int) -> int:
         """Bind ``host:port`` and serve; returns the port bound.
@@ -511,55 +482,11 @@ class HttpFrontend:
         Accepting backs off when out of file descriptors (one warning per 10 s, not a traceback
         per attempt: :func:`~tdask.gateway.limits.accept_with_backoff`).
         """
-        sockets = tornado.netutil.bind_sockets(port, host)
-        for sock in sockets:
-            self.server._sockets[sock.fileno()] = sock
-            self.server._handlers[sock.fileno()] = accept_with_backoff(sock, self.server._handle_connection)
-        return int(sockets[0].getsockname()[1])
+        if self.server is None:
+            self.server = HttpServer(self._route, self.gateway.limits, self.gateway.front_door.ssl_context())
+        return self.server.listen(host, port)
 
     def stop(self) -> None:
-        """Stop accepting connections."""
-        self.server.stop()
-
-
-class _Server(tornado.httpserver.HTTPServer):
-    """tornado's HTTP server with a cap on open connections: past it, 503 and close."""
-
-    def initialize(self, *args: Any, max_connections: int = 1000, **kwargs: Any) -> None:
-        super().initialize(*args, **kwargs)
-        self.max_connections = max_connections
-
-    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
-        if len(self._connections) >= self.max_connections:
-            body = json.dumps({"error": f"the gateway has {self.max_connections} connections open; try later"})
-            head = (
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            _answer_and_close(stream, (head + body).encode())
-            return
-        # tornado answers a request it cannot parse (a bad Content-Length or chunk size) with a
-        # bare 400 written here; make it a KServe error.
-        write = stream.write
-
-        def write_kserve(data: bytes | memoryview) -> Any:
-            return write(_MALFORMED if data == _BARE_400 else data)
-
-        stream.write = write_kserve  # type: ignore[method-assign]
-        super().handle_stream(stream, address)
-
-
-_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
-_MALFORMED_BODY = json.dumps({"error": "malformed HTTP request (its framing: Content-Length, chunks, headers)"})
-_MALFORMED = (
-    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-    f"Content-Length: {len(_MALFORMED_BODY)}\r\nConnection: close\r\n\r\n{_MALFORMED_BODY}"
-).encode()
-
-
-def _answer_and_close(stream: tornado.iostream.IOStream, data: bytes) -> None:
-    try:
-        future = stream.write(data)
-    except tornado.iostream.StreamClosedError:
-        return
-    future.add_done_callback(lambda _: stream.close())
+        """Stop accepting connections and close the open ones."""
+        if self.server is not None:
+            self.server.stop()
