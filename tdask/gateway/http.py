@@ -87,13 +87,14 @@ class _Handler(Handler):
         self.send_json({"error": str(exc)}, status)
 
     def uncaught(self, exc: Exception) -> None:
-        if isinstance(exc, (TdaskError, OSError)):  # the scheduler gone and the like: one line, no traceback
+        status, _ = status_of(exc)
+        if status == 500 and not isinstance(exc, (TdaskError, OSError)):
+            logger.error("gateway: %s %s failed", self.request.method, self.request.path, exc_info=exc)
+        else:  # the scheduler gone and the like: one line, no traceback
             logger.warning(
                 "gateway: %s %s failed: %s: %s", self.request.method, self.request.path, type(exc).__name__, exc
             )
-        else:
-            logger.error("gateway: %s %s failed", self.request.method, self.request.path, exc_info=exc)
-        self.send_json({"error": str(exc)}, status_of(exc)[0])
+        self.send_json({"error": str(exc)}, status)
 
     def json_body(self) -> Any:
         return json.loads(self.body() or b"{}")
