@@ -3,7 +3,11 @@
 The hello world's ``encoder_decoder`` (one encoder, one decoder, one orchestrator worker) called
 three ways on 127.0.0.1: tdask directly (``RemoteOperator`` from an asynchronous client), and
 through ``python -m tdask.gateway`` (its own process) with tritonclient.http.aio (binary tensors)
-and tritonclient.grpc.aio. Prints a table, then one JSON line.
+and tritonclient.grpc.aio. Each of ``--rounds`` is a fresh deployment and a fresh gateway, the
+three paths measured in turn; a round's gateway rows are compared with its own direct row, and
+issue 24's targets (at most +1 ms on the p50 at 1 in flight, at least 0.8 of the throughput at
+8) are judged on the median over rounds, with how many rounds met each. Prints a table, then one
+JSON line.
 """
 
 from __future__ import annotations
@@ -116,27 +120,152 @@ async def measure(
 
                 for concurrency in args.concurrency:
                     for path, call in (("direct", direct), ("gateway-http", via_http), ("gateway-grpc", via_grpc)):
-                        best = None
-                        for _ in range(args.rounds):
-                            meter = CpuMeter(groups)
-                            meter.start()
-                            result = await closed_loop(
-                                call, requests=args.requests, concurrency=concurrency, warmup=args.warmup
-                            )
-                            cpu = meter.stop()
-                            summary = result.summary()
-                            summary["cpu_ms_per_request"] = {
-                                k: round(v * 1e3 / max(result.ok, 1), 3) for k, v in cpu.items()
-                            }
-                            if best is None or summary["p50_ms"] < best["p50_ms"]:
-                                best = summary
-                        assert best is not None
-                        rows.append({"path": path, "size": size, **best})
-                        print(f"  {path} size={size} c={concurrency}: {best['p50_ms']} ms p50", file=sys.stderr)  # noqa: T201
+                        meter = CpuMeter(groups)
+                        meter.start()
+                        result = await closed_loop(
+                            call, requests=args.requests, concurrency=concurrency, warmup=args.warmup
+                        )
+                        cpu = meter.stop()
+                        summary = result.summary()
+                        summary["cpu_ms_per_request"] = {
+                            k: round(v * 1e3 / max(result.ok, 1), 3) for k, v in cpu.items()
+                        }
+                        rows.append({"path": path, "size": size, "round": args.round, **summary})
+                        print(  # noqa: T201
+                            f"  round {args.round} {path} size={size} c={concurrency}: "
+                            f"{summary['req_per_s']} req/s, {summary['p50_ms']} ms p50",
+                            file=sys.stderr,
+                        )
         finally:
             await http_client.close()
             await grpc_client.close()
     return rows
+
+
+#: Issue 24's targets: (in flight, what is compared, wanted, test), per gateway protocol.
+TARGETS = {
+    "added_p50_ms_at_1": (1, "added_p50_ms", "<= +1 ms", lambda x: x <= 1.0),
+    "throughput_ratio_at_8": (8, "throughput_ratio", ">= 0.8", lambda x: x >= 0.8),
+}
+
+
+def judge(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each gateway row against the direct row of its round; the targets on the median over rounds."""
+    direct = {(r["round"], r["size"], r["concurrency"]): r for r in rows if r["path"] == "direct"}
+    compared = []
+    for r in rows:
+        base = direct.get((r["round"], r["size"], r["concurrency"]))
+        if r["path"] == "direct" or base is None:
+            continue
+        compared.append(
+            {
+                "path": r["path"],
+                "size": r["size"],
+                "concurrency": r["concurrency"],
+                "round": r["round"],
+                "added_p50_ms": round(r["p50_ms"] - base["p50_ms"], 3),
+                "throughput_ratio": round(r["req_per_s"] / base["req_per_s"], 3) if base["req_per_s"] else None,
+            }
+        )
+    found: dict[str, Any] = {}
+    for path in sorted({c["path"] for c in compared}):
+        for name, (concurrency, key, text, ok) in TARGETS.items():
+            values = [c[key] for c in compared if c["path"] == path and c["concurrency"] == concurrency]
+            values = [v for v in values if v is not None]
+            if not values:
+                continue
+            median = round(float(np.median(values)), 3)
+            found[f"{path} {name}"] = {
+                "median": median,
+                "target": text,
+                "met": ok(median),
+                "rounds": values,
+                "rounds_met": sum(1 for v in values if ok(v)),
+            }
+    return compared, found
+
+
+def render(rows: list[dict[str, Any]], compared: list[dict[str, Any]], found: dict[str, Any]) -> str:
+    """The per-round table, the medians by path and the targets."""
+    by_round = {(c["path"], c["size"], c["concurrency"], c["round"]): c for c in compared}
+    cells = []
+    for r in sorted(rows, key=lambda r: (r["size"], r["concurrency"], r["path"], r["round"])):
+        c = by_round.get((r["path"], r["size"], r["concurrency"], r["round"]), {})
+        cells.append(
+            [
+                r["path"],
+                r["round"],
+                r["size"],
+                r["concurrency"],
+                r["req_per_s"],
+                r["p50_ms"],
+                r["p99_ms"],
+                c.get("added_p50_ms", 0 if r["path"] == "direct" else None),
+                c.get("throughput_ratio", 1.0 if r["path"] == "direct" else None),
+                *(r["cpu_ms_per_request"].get(k) for k in ("bench", "gateway", "workers")),
+                r["errors"],
+            ]
+        )
+    columns = [
+        "path",
+        "round",
+        "size",
+        "in flight",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "+p50 vs direct",
+        "tput vs direct",
+        "cpu ms/req: bench",
+        "gateway",
+        "workers",
+        "errors",
+    ]
+    parts = [
+        table(
+            "gateway: encoder_decoder through KServe v2 vs tdask direct (each round: a fresh deployment and gateway)",
+            columns,
+            cells,
+        )
+    ]
+    medians = []
+    for key in sorted({(r["path"], r["size"], r["concurrency"]) for r in rows}):
+        mine = [r for r in rows if (r["path"], r["size"], r["concurrency"]) == key]
+        cpu = {k: float(np.median([r["cpu_ms_per_request"].get(k, 0.0) for r in mine])) for k in ("bench", "gateway")}
+        medians.append(
+            [
+                *key,
+                round(float(np.median([r["req_per_s"] for r in mine])), 1),
+                round(float(np.median([r["p50_ms"] for r in mine])), 3),
+                round(cpu["bench"], 3),
+                round(cpu["gateway"], 3),
+            ]
+        )
+    parts.append(
+        table(
+            "medians over rounds",
+            ["path", "size", "in flight", "req/s", "p50 ms", "cpu ms/req: bench", "gateway"],
+            medians,
+        )
+    )
+    if found:
+        parts.append(
+            table(
+                "targets (issue 24, item 6): median over rounds, each round against its own direct row",
+                ["target", "median", "wanted", "met", "rounds met: values"],
+                [
+                    [
+                        name,
+                        t["median"],
+                        t["target"],
+                        "yes" if t["met"] else "NO",
+                        f"{t['rounds_met']}/{len(t['rounds'])}: " + ", ".join(str(v) for v in t["rounds"]),
+                    ]
+                    for name, t in found.items()
+                ],
+            )
+        )
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8", help="requests in flight")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=3, help="fresh rounds per row; the row shows the one of lowest p50")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="fresh rounds (a new deployment and gateway each); medians over them"
+    )
     p.add_argument(
         "--event-loop", default="asyncio", choices=["asyncio", "uvloop"], help="the gateway's (its --event-loop)"
     )
@@ -160,48 +291,24 @@ def main(argv: list[str] | None = None) -> int:
     operators = hello_world_operators(
         encoders=group, decoders=group, encoder_decoders=PythonGroup(workers=1, max_inflight=16)
     )
-    with Deployment(operators, dashboard_address="127.0.0.1:0") as deployment, tempfile.TemporaryDirectory() as tmp:
-        address = deployment.client.scheduler.address
-        proc, http, grpc = start_gateway(address, os.path.join(tmp, "gateway.txt"), "--event-loop", args.event_loop)
-        try:
-            rows = asyncio.run(measure(args, address, http, grpc, proc.pid))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-    direct = {(r["size"], r["concurrency"]): r for r in rows if r["path"] == "direct"}
-    cells = []
-    for r in rows:
-        base = direct[(r["size"], r["concurrency"])]
-        cells.append(
-            [
-                r["path"],
-                r["size"],
-                r["concurrency"],
-                r["req_per_s"],
-                r["p50_ms"],
-                r["p99_ms"],
-                round(r["p50_ms"] - base["p50_ms"], 3),
-                round(r["req_per_s"] / base["req_per_s"], 3) if base["req_per_s"] else None,
-                *(r["cpu_ms_per_request"].get(k) for k in ("bench", "gateway", "workers")),
-                r["errors"],
-            ]
-        )
-    columns = [
-        "path",
-        "size",
-        "in flight",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "+p50 vs direct",
-        "tput vs direct",
-        "cpu ms/req: bench",
-        "gateway",
-        "workers",
-        "errors",
-    ]
-    print(table("gateway: encoder_decoder through KServe v2 vs tdask direct", columns, cells))  # noqa: T201
-    print(json.dumps({"section": "gateway", "results": rows, "machine": machine(), "versions": versions()}))  # noqa: T201
+    rows: list[dict[str, Any]] = []
+    for round_ in range(1, args.rounds + 1):
+        args.round = round_
+        with (
+            Deployment(operators, dashboard_address="127.0.0.1:0") as deployment,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            address = deployment.client.scheduler.address
+            proc, http, grpc = start_gateway(address, os.path.join(tmp, "gateway.txt"), "--event-loop", args.event_loop)
+            try:
+                rows += asyncio.run(measure(args, address, http, grpc, proc.pid))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    compared, found = judge(rows)
+    print(render(rows, compared, found))  # noqa: T201
+    result = {"section": "gateway", "results": rows, "compared": compared, "targets": found}
+    print(json.dumps({**result, "machine": machine(), "versions": versions()}))  # noqa: T201
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

@@ -190,3 +190,22 @@ def test_the_autoscale_bench_judges_recovery_and_failures():
     ]:
         problems = failed({"results": {**good, **bad}})
         assert len(problems) == 1 and text in problems[0], problems
+
+
+def test_the_gateway_bench_judges_each_round_against_its_own_direct_row():
+    from bench.gateway import judge
+    from bench.gateway import render as render_gateway
+
+    rows = []
+    # round: (direct p50 at 1, http p50 at 1, direct req/s at 8, http req/s at 8)
+    for rnd, (d1, h1, d8, h8) in enumerate([(2.0, 2.5, 1000, 850), (3.0, 4.5, 1200, 900), (2.0, 2.9, 1000, 810)], 1):
+        for path, p50, rps, conc in (("direct", d1, 500, 1), ("gateway-http", h1, 400, 1)):
+            rows.append(row(path, rnd, conc, p50, rps) | {"path": path})
+        for path, rps in (("direct", d8), ("gateway-http", h8)):
+            rows.append(row(path, rnd, 8, 5.0, rps) | {"path": path})
+    compared, found = judge(rows)
+    added, ratio = found["gateway-http added_p50_ms_at_1"], found["gateway-http throughput_ratio_at_8"]
+    assert added["rounds"] == [0.5, 1.5, 0.9] and added["median"] == 0.9 and added["met"] and added["rounds_met"] == 2
+    assert ratio["rounds"] == [0.85, 0.75, 0.81] and ratio["median"] == 0.81 and ratio["rounds_met"] == 2
+    text = render_gateway(rows, compared, found)
+    assert "2/3: 0.5, 1.5, 0.9" in text and "2/3: 0.85, 0.75, 0.81" in text
