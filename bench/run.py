@@ -290,12 +290,12 @@ async def _tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str
                     out["sections"].setdefault(section, {"runs": []})["runs"].append(row)
                     _progress(section, row)
 
-        if args.profile and "pipeline" in args.only_list and args.round == args.rounds and not extra:
+        if args.profile and "pipeline" in args.only_list and args.round == args.rounds:
             from bench.profile import profile_run
 
             pipeline_call = next(c for s, _, c in calls(payloads(args.profile_size)) if s == "pipeline")
-            out["profile"] = await profile_run(
-                Path(args.profile),
+            out.setdefault("profile", {})[system] = await profile_run(
+                Path(args.profile) / topology,
                 cluster,
                 pipeline_call,
                 requests=args.profile_requests,
@@ -821,7 +821,8 @@ def render(out: dict[str, Any]) -> str:
     if "profile" in out:
         from bench.profile import render_profile
 
-        parts.append(render_profile(out["profile"]))
+        for system, profile in out["profile"].items():
+            parts.append(f"== profile of {system} ==\n" + render_profile(profile))
     return "\n\n".join(parts)
 
 
