@@ -228,25 +228,24 @@ async def _tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str
 
     ``spread``: a worker per operator (the hello world's shape: three processes on a request's
     path). ``colocated``: one worker hosting all three (the ensemble's shape: one process runs the
-    orchestration and both models), the way the SLURM example deploys it: the encoder's worker,
-    and ``register_plugin`` of the decoder and ``encoder_decoder`` onto it; the nested calls are
-    then in-process calls (``tdask.request.in-process-calls``).
+    orchestration and both models), the Deployment's ``colocate`` (``colocate_with`` in a
+    deployment file); the nested calls are then in-process calls
+    (``tdask.request.in-process-calls``).
     """
     from bench.tdask_side import deployment
     from tdask import RemoteOperator
-    from tdask.host import OperatorHost
 
     system = SYSTEMS[topology]
     ops = hello_world(1, 1, args.max_inflight)
-    extra = [config for config, _ in ops[1:]] if topology == "colocated" else []
+    colocate = {"decoder": "encoder", "encoder_decoder": "encoder"} if topology == "colocated" else None
+    extra = colocate is not None
     async with deployment(
-        ops[:1] if extra else ops,
+        ops,
         scheduler=args.scheduler,
         log_dir=log_dir / f"pipeline-{topology}",
         protocol=args.protocol,
+        colocate=colocate,
     ) as cluster:
-        if extra:
-            await cluster.client.register_plugin(OperatorHost(extra), name="tdask-colocated")
         out["startup_s"][system] = round(cluster.startup_s, 2)
         groups = cluster.process_groups()
         out.setdefault("processes", {})[system] = {label: len(pids) for label, pids in groups.items()}

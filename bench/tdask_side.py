@@ -120,12 +120,19 @@ async def scheduler_process(log_dir: Path) -> AsyncIterator[tuple[str, int]]:
 
 @contextlib.asynccontextmanager
 async def deployment(
-    operators: Sequence[Any], *, scheduler: str, log_dir: Path, log_level: str = "WARNING", protocol: str = "tcp"
+    operators: Sequence[Any],
+    *,
+    scheduler: str,
+    log_dir: Path,
+    log_level: str = "WARNING",
+    protocol: str = "tcp",
+    colocate: dict[str, str] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Start ``operators`` on a fresh cluster; yield it with a connected async client.
 
     ``protocol`` is the cluster's comm: ``tcp``, ``tls`` (a throw-away CA and certificates for
     this run, as ``tdask deploy --protocol tls`` makes them) or ``ucxx`` (distributed-ucxx).
+    ``colocate``: the Deployment's (operators run on the workers of another).
     """
     from distributed import Client
 
@@ -146,6 +153,7 @@ async def deployment(
                 log_dir=log_dir,
                 log_level=log_level,
                 asynchronous=True,
+                colocate=colocate,
             ) as dep:
                 async with Client(address, asynchronous=True) as client:
                     cluster = await _describe(client, address, pid, began)
@@ -156,7 +164,13 @@ async def deployment(
     # Synchronous Deployment: its scheduler runs on the Deployment's own loop thread, exactly
     # as in `python -m tdask.hello_world`; the client runs on this (main) thread's loop.
     dep = Deployment(
-        operators, dashboard_address=None, log_dir=log_dir, log_level=log_level, protocol=protocol, security=security
+        operators,
+        dashboard_address=None,
+        log_dir=log_dir,
+        log_level=log_level,
+        protocol=protocol,
+        security=security,
+        colocate=colocate,
     )
     await asyncio.to_thread(dep.start)
     try:

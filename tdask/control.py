@@ -175,7 +175,10 @@ async def answer_command(deployment: Any, command: str, arguments: dict[str, Any
             return {"operators": await deployment._update_file(str(arguments["file"]))}
         if command == "describe":
             return {
-                "operators": {c.name: deployment.operator_workers(c.name) for c in deployment.workers_spec.values()},
+                "operators": {
+                    name: deployment.operator_workers(name)
+                    for name in [*(c.name for c in deployment.workers_spec.values()), *deployment.colocate]
+                },
                 "adaptive": {name: a.describe() for name, a in deployment.adaptive.items()},
             }
         return {"error": f"unknown command {command!r} (scale, adapt, update, describe)"}

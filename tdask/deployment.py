@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,17 @@ from tdask.exceptions import MainGuardError, OperatorUnavailableError
 from tdask.main_guard import check_main_guard, watch_for_spawned_start
 from tdask.operator import OperatorConfig
 from tdask.protocol import Rpc
-from tdask.request_plane import Registry
 from tdask.request_plane.registry import _HOSTS_TTL_S
 from tdask.scaling import AUTOSCALING_FIELDS, OperatorAdaptive, _index
 from tdask.worker_processes import (
     OperatorSpec,
     _OperatorCluster,
     _spawn_config,
+    colocated,
     nanny_options,
     root_cause,
+    wait_registered,
+    wait_workers,
     worker_names,
 )
 
@@ -91,6 +92,12 @@ class Deployment(SyncMethodMixin):
     operator_options
         Extra worker options for the workers of one operator, by its key (``name/version``) or
         name, e.g. ``{"encoder": {"resources": {"GPU": 1}}}``.
+    colocate
+        Operators that run on the workers of another instead of workers of their own, by name:
+        ``{"decoder": "encoder", "encoder_decoder": "encoder"}`` puts all three of the hello
+        world on each encoder worker (one Triton server for both models; the orchestrator's
+        calls stay in process, ``tdask.request.in-process-calls``). A guest scales, updates and
+        restarts with its host's workers (scaling or updating it alone is refused).
     """
 
     def __init__(
@@ -109,9 +116,15 @@ class Deployment(SyncMethodMixin):
         asynchronous: bool = False,
         scheduler_port: int = 0,
         operator_options: dict[str, dict[str, Any]] | None = None,
+        colocate: dict[str, str] | None = None,
     ) -> None:
         check_main_guard()  # a script without `if __name__ == "__main__":` would hang: say so now
-        self.workers_spec = worker_names(operators)
+        own, guests = colocated(operators, colocate)
+        #: Each worker's name and the config of the operator it runs workers for.
+        self.workers_spec = worker_names(own)
+        #: Operators co-located on the workers of another, by that one's name.
+        self.guests: dict[str, list[OperatorConfig]] = guests
+        self.colocate = dict(colocate or {})
         self.scheduler_address_given = scheduler_address
         self.host = host
         self.protocol = protocol
@@ -218,8 +231,9 @@ class Deployment(SyncMethodMixin):
             lines.append(f"metrics: {base}/metrics (Prometheus, whole cluster; every worker serves its own /metrics)")
         by_name = self.worker_addresses()
         for name, config in self.workers_spec.items():
+            also = "".join(f", {g.key}" for g in self.guests.get(config.name, ()))
             lines.append(
-                f"worker {name:<22} {by_name.get(name, '?'):<24} operator {config.key} "
+                f"worker {name:<22} {by_name.get(name, '?'):<24} operator {config.key}{also} "
                 f"(max_inflight_requests={config.max_inflight_requests})"
             )
         return "\n".join(lines)
@@ -268,6 +282,7 @@ class Deployment(SyncMethodMixin):
         return nanny_options(
             name,
             config,
+            guests=self.guests.get(config.name, ()),
             host=self.host,
             protocol=self.protocol,
             security=self.security,
@@ -319,43 +334,28 @@ class Deployment(SyncMethodMixin):
         await asyncio.gather(*(n.start() for n in self.nannies.values()))
 
     async def _wait_registered(self) -> None:
-        connection_args = (self.security or Security()).get_connection_args("client")
-        scheduler = rpc(self.scheduler_address, connection_args=connection_args)
-        try:
-            await self._poll_registry(Registry(scheduler))
-        finally:
-            await scheduler.close_rpc()
-
-    async def _poll_registry(self, registry: Registry) -> None:
         expected: dict[str, int] = {}
         for config in self.workers_spec.values():
-            expected[config.key] = expected.get(config.key, 0) + 1
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            state = await registry.operators()
-            names = set(self.workers_spec)
-            hosts = state["hosts"]
-            if all(len(hosts.get(k, [])) >= n for k, n in expected.items()):
-                return
-            failures = {
-                k: v for k, v in state["failures"].items() if any(c.name == k for c in self.workers_spec.values())
-            }
-            if failures:
-                raise OperatorUnavailableError(f"operators failed to start: {failures}")
-            if time.monotonic() > deadline:
-                raise OperatorUnavailableError(
-                    f"operators not registered within {self.startup_timeout_s:.0f}s: expected {expected}, "
-                    f"registered {hosts} (workers {sorted(names)})"
-                )
-            await asyncio.sleep(0.05)
+            for hosted in (config, *self.guests.get(config.name, ())):
+                expected[hosted.key] = expected.get(hosted.key, 0) + 1
+        ours = {c.name for c in self.workers_spec.values()} | set(self.colocate)
+        await wait_registered(
+            self.scheduler_address, self.security, expected, ours, sorted(self.workers_spec), self.startup_timeout_s
+        )
 
     # -- operating it while it serves: scale, adapt, update, model control ------------------
 
     def operator_workers(self, operator: str) -> list[str]:
-        """The names of the workers this deployment runs for operator ``operator`` (any version)."""
+        """The names of the workers this deployment runs ``operator`` on (any version; a guest: its host's)."""
+        operator = self.colocate.get(operator, operator)
         return [name for name, config in self.workers_spec.items() if config.name == operator]
 
     def _operator_config(self, operator: str) -> OperatorConfig:
+        host = self.colocate.get(operator)
+        if host is not None:
+            raise ValueError(
+                f"operator {operator!r} runs on the workers of {host!r} (colocate): scale, adapt or update {host!r}"
+            )
         configs = [c for c in self.workers_spec.values() if c.name == operator]
         if configs:
             self._configs[operator] = config = max(configs, key=lambda c: c.version)
@@ -420,36 +420,13 @@ class Deployment(SyncMethodMixin):
                     }
                     self.nannies.update(nannies)
                     await asyncio.gather(*(nanny.start() for nanny in nannies.values()))
-            await self._wait_workers(config.key, names)
+            await wait_workers(self.scheduler_address, self.security, config.key, names, self.startup_timeout_s)
         except BaseException as exc:
             logger.error("starting workers %s of %s failed: %s", names, config.key, root_cause(exc))
             await self._close_workers(names)
             raise
         logger.info("operator %s: started workers %s", config.key, names)
         return names
-
-    async def _wait_workers(self, key: str, names: list[str]) -> None:
-        """Wait until every worker in ``names`` hosts ``key`` (their setup failures raise)."""
-        connection_args = (self.security or Security()).get_connection_args("client")
-        scheduler = rpc(self.scheduler_address, connection_args=connection_args)
-        try:
-            registry = Registry(scheduler)
-            deadline = time.monotonic() + self.startup_timeout_s
-            while True:
-                answer = await registry._broker_call(Rpc.HOSTS, operator=key, routing=True)
-                if all(name in answer["names"] for name in names):
-                    return
-                state = await registry.operators()
-                failed = {w: m for w, m in state["failures"].get(key.rsplit("/", 1)[0], {}).items()}
-                if failed:
-                    raise OperatorUnavailableError(f"operator {key} failed to start: {failed}")
-                if time.monotonic() > deadline:
-                    raise OperatorUnavailableError(
-                        f"workers {names} did not register {key} within {self.startup_timeout_s:.0f}s"
-                    )
-                await asyncio.sleep(0.05)
-        finally:
-            await scheduler.close_rpc()
 
     async def _remove_workers(self, names: list[str], *, retire_timeout_s: float = 60.0, removing: bool = True) -> None:
         """Drain these workers (they finish what they hold, callers move elsewhere), then close them."""
@@ -576,9 +553,20 @@ class Deployment(SyncMethodMixin):
 
     async def _update_file(self, path: str) -> dict[str, list[str]]:
         spec = load_deployment_file(path)  # validated before anything changes
+        colocate = spec.deployment_kwargs()["colocate"]
+        guests = {g.key: g for configs in self.guests.values() for g in configs}
+        if colocate != self.colocate or any(
+            guests.get(c.key) != c for c, _ in spec.operator_configs() if c.name in colocate
+        ):
+            raise ValueError(
+                f"{path}: co-located operators (colocate_with) or their configs differ from the running "
+                f"deployment's ({self.colocate}); they change only with a new deployment"
+            )
         done: dict[str, list[str]] = {}
         autoscaling = spec.autoscaling
         for config, count in spec.operator_configs():
+            if config.name in colocate:
+                continue  # rides with its host's workers
             running = [c for c in self.workers_spec.values() if c.name == config.name]
             if not running:
                 async with self._scale_lock(config.name):

@@ -27,6 +27,8 @@ as ``tritonserver --model-repository`` serves them). A file looks like::
       - name: encoder_decoder      # a Python class, by import path
         implementation: tdask.hello_world.operators:EncoderDecoder
         parameters: {}             # passed to its constructor
+        colocate_with: encoder     # optional: on every encoder worker, not workers of its own
+                                   # (its calls to encoder stay in process); no workers/autoscaling
 
 Everything is validated before anything starts; every problem is reported as
 ``FILE:LINE: FIELD: message`` in one :class:`~tdask.exceptions.DeploymentFileError` (line numbers
@@ -412,6 +414,13 @@ class _Parser:
                     continue
                 seen[key] = op_path
                 out.append(op)
+        hosts = {op.name for op in out if op.colocate_with is None}
+        for op in out:
+            if op.colocate_with is not None and op.colocate_with not in hosts:
+                entry = seen[f"{op.name}/{op.version}"]
+                guest = any(o.name == op.colocate_with for o in out)
+                why = "is co-located itself" if guest else "is not an operator of this file"
+                self._fail((*entry, "colocate_with"), f"{op.colocate_with!r} {why}: name an operator with workers")
         return out
 
     def _operator(self, path: Path_, item: Any) -> Iterator[tuple[OperatorSpec, Path_]]:
@@ -432,8 +441,17 @@ class _Parser:
             "execution_timeout_s": lambda p, v: self._timeout(p, v, has_timeout),
             "resources": lambda p, v: self._resources(p, v),
             "autoscaling": lambda p, v: self._autoscaling(p, v),
+            "colocate_with": lambda p, v: self._name(p, v),
         }
         values = self._fields(path, item, parsers)
+        if "colocate_with" in item:
+            for field_ in ("workers", "autoscaling", "resources"):
+                if field_ in item:
+                    self._fail(
+                        (*path, field_),
+                        f"an operator with `colocate_with` runs on every worker of {item['colocate_with']!r}: "
+                        f"give `{field_}` to that operator instead",
+                    )
         if "implementation" not in item:
             self._fail(path, "missing field `implementation` ('triton', or a Python class as 'module:Class')")
             return

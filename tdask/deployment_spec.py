@@ -107,6 +107,8 @@ class OperatorSpec:
     execution_timeout_s: float | None = None
     resources: dict[str, float] = field(default_factory=dict)
     autoscaling: AutoscalingSpec | None = None
+    #: Run on the workers of this operator (by name) instead of workers of its own.
+    colocate_with: str | None = None
     #: The line of the entry in its file (0 when it came from elsewhere).
     line: int = 0
 
@@ -180,11 +182,13 @@ class DeploymentSpec:
             "log_level": c.log_level,
             "startup_timeout_s": c.startup_timeout_s,
             "operator_options": self.operator_options(),
+            "colocate": {op.name: op.colocate_with for op in self.operators if op.colocate_with is not None},
         }
 
     def describe(self) -> str:
         """One line per operator: what would be started (``tdask serve --check``)."""
-        lines = [f"{self.source}: {len(self.operators)} operators, {sum(o.workers for o in self.operators)} workers"]
+        workers = sum(o.workers for o in self.operators if o.colocate_with is None)
+        lines = [f"{self.source}: {len(self.operators)} operators, {workers} workers"]
         for op in self.operators:
             what = f"model of {op.repository}" if op.implementation == TRITON else op.implementation
             extra = [f"max_inflight_requests={op.max_inflight_requests}"]
@@ -193,5 +197,6 @@ class DeploymentSpec:
             if op.autoscaling is not None:
                 a = op.autoscaling
                 extra.append(f"autoscaling={a.minimum}..{a.maximum}")
-            lines.append(f"  {op.name}/{op.version} x{op.workers}: {what} ({', '.join(extra)})")
+            where = f"on the workers of {op.colocate_with}" if op.colocate_with is not None else f"x{op.workers}"
+            lines.append(f"  {op.name}/{op.version} {where}: {what} ({', '.join(extra)})")
         return "\n".join(lines)

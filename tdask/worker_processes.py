@@ -1,7 +1,8 @@
 """How the processes a :class:`~tdask.deployment.Deployment` starts are made.
 
 Each operator instance is a worker process (a ``Nanny``) named from its operator
-(:func:`worker_names`). Their Dask config (:data:`_WORKER_CONFIG`, the health tick, the event
+(:func:`worker_names`); operators co-located with another run on that one's workers
+(:func:`colocated`). Their Dask config (:data:`_WORKER_CONFIG`, the health tick, the event
 loop of :func:`worker_event_loop`) and the nannies' pre-spawn environment (the workers' malloc,
 :func:`_spawn_config`) are tdask's choices where the user left Dask's defaults, each measured in
 docs/performance.md; :class:`_OperatorCluster` is the SpecCluster that waits for a restarting
@@ -12,18 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import dask.config
 from dask.utils import parse_timedelta
 from distributed import SpecCluster
-from distributed.core import Status
+from distributed.core import Status, rpc
 from distributed.deploy.cluster import Cluster
+from distributed.security import Security
 
+from tdask.exceptions import OperatorUnavailableError
 from tdask.host import OperatorHost
 from tdask.operator import OperatorConfig
+from tdask.protocol import Rpc
+from tdask.request_plane.registry import Registry
 
 __all__ = ["OperatorSpec", "nanny_options", "root_cause", "worker_event_loop", "worker_names"]
 
@@ -114,6 +120,46 @@ class _OperatorCluster(SpecCluster):
 _RUNNING = (Status.init, Status.starting, Status.running)
 
 
+def colocated(
+    operators: Sequence[OperatorSpec], colocate: Mapping[str, str] | None
+) -> tuple[list[OperatorSpec], dict[str, list[OperatorConfig]]]:
+    """Split ``operators`` into those with workers of their own and the guests of each (by host name).
+
+    ``colocate`` maps a guest operator's name to its host's: every worker of the host runs the
+    guest too. Raises ``ValueError`` for a guest or host that is not among ``operators``, a guest
+    hosting others, or a guest given a worker count.
+    """
+    colocate = dict(colocate or {})
+    by_name: dict[str, tuple[OperatorConfig, int]] = {}
+    for item in operators:
+        config, count = item if isinstance(item, tuple) else (item, 1)
+        if isinstance(config, OperatorConfig):
+            by_name.setdefault(config.name, (config, count))
+    own: list[OperatorSpec] = []
+    guests: dict[str, list[OperatorConfig]] = {}
+    for guest, host in colocate.items():
+        if guest not in by_name:
+            raise ValueError(f"colocate: {guest!r} is not an operator of this deployment ({sorted(by_name)})")
+        if host not in by_name or host in colocate:
+            raise ValueError(
+                f"colocate: {guest!r} is to run on the workers of {host!r}, which is not an operator of this "
+                "deployment with workers of its own"
+            )
+        if by_name[guest][1] != 1:
+            raise ValueError(
+                f"colocate: {guest!r} runs on every worker of {host!r}; it takes no worker count of its own "
+                f"(got {by_name[guest][1]}): scale {host!r}"
+            )
+    for item in operators:
+        config = item[0] if isinstance(item, tuple) else item
+        guest_of = colocate.get(config.name) if isinstance(config, OperatorConfig) else None
+        if guest_of is None:
+            own.append(item)
+        else:
+            guests.setdefault(guest_of, []).append(config)
+    return own, guests
+
+
 def worker_names(operators: Sequence[OperatorSpec]) -> dict[str, OperatorConfig]:
     """Each worker's name (``<operator>.<i>``, ``<operator>.v<version>.<i>``) and its operator's config.
 
@@ -147,6 +193,7 @@ def nanny_options(
     name: str,
     config: OperatorConfig,
     *,
+    guests: Sequence[OperatorConfig] = (),
     host: str | None,
     protocol: str | None,
     security: Any,
@@ -155,7 +202,7 @@ def nanny_options(
     stderr_level: Any,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """The ``Nanny`` options of worker ``name`` hosting ``config``'s operator.
+    """The ``Nanny`` options of worker ``name`` hosting ``config``'s operator (and ``guests``, co-located with it).
 
     One thread, no dashboard, the operator host as its plugin (logging to ``<log_dir>/<name>.log``),
     and the workers' Dask config: :data:`_WORKER_CONFIG`, the tick, the event loop; ``extra`` (the
@@ -173,7 +220,9 @@ def nanny_options(
         "security": security,
         "dashboard_address": None,
         "plugins": {
-            OperatorHost([config], log_dir=log_dir, log_file=log_file, log_level=log_level, stderr_level=stderr_level)
+            OperatorHost(
+                [config, *guests], log_dir=log_dir, log_file=log_file, log_level=log_level, stderr_level=stderr_level
+            )
         },
         "silence_logs": stderr_level,  # the worker process's distributed logger, as LocalCluster's
         "death_timeout": 60,
@@ -185,3 +234,64 @@ def nanny_options(
     options["config"] = {**_WORKER_CONFIG, **_tick_config(), **loop, **(extra.pop("config", None) or {})}
     options.update(extra)
     return options
+
+
+# -- waiting for the workers' operators to be registered --------------------------------------
+
+
+async def wait_registered(
+    scheduler_address: str,
+    security: Any,
+    expected: dict[str, int],
+    operators: set[str],
+    workers: list[str],
+    timeout_s: float,
+) -> None:
+    """Wait until the scheduler's registry lists ``expected`` hosts of each operator key.
+
+    Raises :class:`~tdask.exceptions.OperatorUnavailableError` as soon as one of ``operators``
+    (names) failed to start on a worker, or after ``timeout_s``.
+    """
+    connection_args = (security or Security()).get_connection_args("client")
+    scheduler = rpc(scheduler_address, connection_args=connection_args)
+    try:
+        registry = Registry(scheduler)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = await registry.operators()
+            hosts = state["hosts"]
+            if all(len(hosts.get(k, [])) >= n for k, n in expected.items()):
+                return
+            failures = {k: v for k, v in state["failures"].items() if k in operators}
+            if failures:
+                raise OperatorUnavailableError(f"operators failed to start: {failures}")
+            if time.monotonic() > deadline:
+                raise OperatorUnavailableError(
+                    f"operators not registered within {timeout_s:.0f}s: expected {expected}, "
+                    f"registered {hosts} (workers {workers})"
+                )
+            await asyncio.sleep(0.05)
+    finally:
+        await scheduler.close_rpc()
+
+
+async def wait_workers(scheduler_address: str, security: Any, key: str, names: list[str], timeout_s: float) -> None:
+    """Wait until every worker in ``names`` hosts operator ``key`` (their setup failures raise)."""
+    connection_args = (security or Security()).get_connection_args("client")
+    scheduler = rpc(scheduler_address, connection_args=connection_args)
+    try:
+        registry = Registry(scheduler)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            answer = await registry._broker_call(Rpc.HOSTS, operator=key, routing=True)
+            if all(name in answer["names"] for name in names):
+                return
+            state = await registry.operators()
+            failed = {w: m for w, m in state["failures"].get(key.rsplit("/", 1)[0], {}).items()}
+            if failed:
+                raise OperatorUnavailableError(f"operator {key} failed to start: {failed}")
+            if time.monotonic() > deadline:
+                raise OperatorUnavailableError(f"workers {names} did not register {key} within {timeout_s:.0f}s")
+            await asyncio.sleep(0.05)
+    finally:
+        await scheduler.close_rpc()

@@ -120,6 +120,60 @@ def test_every_field(tmp_path):
     assert deployment.scheduler_port == 8999
 
 
+def test_the_colocated_example_file_puts_the_hello_world_on_each_encoder_worker():
+    spec = load_deployment_file(Path(ROOT) / "examples" / "hello_world_colocated.yaml")
+    assert spec.deployment_kwargs()["colocate"] == {"decoder": "encoder", "encoder_decoder": "encoder"}
+    deployment = Deployment.from_spec(spec)
+    assert list(deployment.workers_spec) == ["encoder.0"]
+    assert [c.key for c in deployment.guests["encoder"]] == ["decoder/1", "encoder_decoder/1"]
+
+
+def test_colocated_operators_run_on_their_hosts_workers(tmp_path):
+    """``colocate_with``: no workers of its own; the Deployment gets ``colocate`` and puts the
+    guest in its host's workers' plugin."""
+    path = write(
+        tmp_path,
+        """
+        operators:
+          - {name: forward, implementation: tests.operators:Forward, workers: 2}
+          - {name: producer, implementation: tests.operators:Producer, colocate_with: forward}
+        """,
+    )
+    spec = load_deployment_file(path)
+    assert spec.deployment_kwargs()["colocate"] == {"producer": "forward"}
+    assert "producer/1 on the workers of forward" in spec.describe() and ", 2 workers" in spec.describe()
+    deployment = Deployment.from_spec(spec)
+    assert sorted(deployment.workers_spec) == ["forward.0", "forward.1"]
+    assert [c.key for c in deployment.guests["forward"]] == ["producer/1"]
+    assert deployment.operator_workers("producer") == ["forward.0", "forward.1"]
+    options = deployment._worker_options("forward.0", deployment.workers_spec["forward.0"])
+    (host,) = options["plugins"]
+    assert [c.key for c in host.operators] == ["forward/1", "producer/1"]
+    with pytest.raises(ValueError, match="runs on the workers of 'forward'"):
+        deployment._operator_config("producer")
+
+
+@pytest.mark.parametrize(
+    ("colocate", "words"),
+    [
+        ({"nope": "a"}, "'nope' is not an operator"),
+        ({"b": "nope"}, "not an operator of this deployment with workers of its own"),
+        ({"b": "a", "a": "b"}, "not an operator of this deployment with workers of its own"),
+        ({"c": "a"}, "takes no worker count of its own"),
+    ],
+)
+def test_a_deployment_refuses_colocation_it_cannot_do(colocate, words):
+    from tdask import OperatorConfig
+
+    ops = [
+        OperatorConfig(name="a", implementation="tests.operators:Identity"),
+        OperatorConfig(name="b", implementation="tests.operators:Identity"),
+        (OperatorConfig(name="c", implementation="tests.operators:Identity"), 2),
+    ]
+    with pytest.raises(ValueError, match=words):
+        Deployment(ops, colocate=colocate)
+
+
 def test_an_entry_without_a_name_serves_every_model(tmp_path):
     path = write(tmp_path, f"operators: [{{implementation: triton, repository: {TEST_MODELS}, workers: 1}}]")
     spec = load_deployment_file(path)
@@ -241,6 +295,27 @@ BAD_FILES = [
         4,
         "operators[0].execution_timeout_s",
         "must be a duration > 0",
+    ),
+    (
+        "operators:\n  - {{name: a, implementation: tests.operators:Identity}}\n"
+        "  - {{name: b, implementation: tests.operators:Identity, colocate_with: c}}\n",
+        3,
+        "operators[1].colocate_with",
+        "'c' is not an operator of this file",
+    ),
+    (
+        "operators:\n  - {{name: a, implementation: tests.operators:Identity, colocate_with: b}}\n"
+        "  - {{name: b, implementation: tests.operators:Identity, colocate_with: a}}\n",
+        2,
+        "operators[0].colocate_with",
+        "'b' is co-located itself",
+    ),
+    (
+        "operators:\n  - {{name: a, implementation: tests.operators:Identity}}\n"
+        "  - name: b\n    implementation: tests.operators:Identity\n    colocate_with: a\n    workers: 2\n",
+        6,
+        "operators[1].workers",
+        "runs on every worker of 'a'",
     ),
 ]
 

@@ -137,3 +137,49 @@ def test_errors_and_timeouts_of_in_process_calls_reach_the_caller(deployment):
         return stats["fail/1"]["inflight"]
 
     wait_for(lambda: fail_inflight() == 0, timeout=20, message="the nested call cancelled on A")
+
+
+# -- a Deployment that co-locates operators (colocate=, or colocate_with in a deployment file) ----
+
+
+@pytest.fixture(scope="module")
+def colocated():
+    ops = [
+        _config("forward", Forward, first="producer", second="consumer"),
+        _config("producer", Producer),
+        _config("consumer", Consumer),
+    ]
+    with Deployment(ops, dashboard_address=None, colocate={"producer": "forward", "consumer": "forward"}) as dep:
+        yield dep
+
+
+def _hosts(client: Client, operator: str) -> list[str]:
+    return sorted(RemoteOperator(operator, client=client).wait(30))
+
+
+def test_a_deployment_runs_colocated_operators_on_their_hosts_workers(colocated):
+    dep = colocated
+    client = dep.client
+    assert sorted(dep.workers_spec) == ["forward.0"]
+    (worker,) = _hosts(client, "forward")
+    assert _hosts(client, "producer") == _hosts(client, "consumer") == [worker]
+    assert "operator forward/1, producer/1, consumer/1" in dep.describe()
+    answer = RemoteOperator("forward", client=client).infer(
+        {"start": np.array([1.0])}, parameters={"n": 100_000}, timeout=30
+    )
+    assert answer.outputs["sum"][0] == np.arange(1.0, 100_001.0).sum()
+    assert _session_kinds(client, worker) == {worker: "LoopbackSession"}
+
+
+def test_colocated_operators_scale_with_their_host_and_not_alone(colocated):
+    dep = colocated
+    client = dep.client
+    with pytest.raises(ValueError, match="runs on the workers of 'forward'"):
+        dep.scale("producer", 2)
+    assert dep.scale("forward", 2) == ["forward.0", "forward.1"]
+    try:
+        assert len(_hosts(client, "producer")) == len(_hosts(client, "consumer")) == 2
+        assert dep.operator_workers("consumer") == ["forward.0", "forward.1"]
+    finally:
+        assert dep.scale("forward", 1) == ["forward.0"]
+    wait_for(lambda: len(_hosts(client, "producer")) == 1, timeout=30, message="the guests left with forward.1")
