@@ -3,7 +3,8 @@
     python -m bench.soak --requests 20000 --kill-every 3s
 
 Deploys the hello world (2 encoder, 2 decoder and 2 encoder_decoder workers by default, the
-scheduler embedded in this process as in ``python -m tdask.hello_world``), keeps ``--in-flight``
+scheduler embedded in this process as in ``python -m tdask.hello_world``; with ``--colocate``,
+2 workers each hosting all three, the orchestrator's calls in process), keeps ``--in-flight``
 requests of random int64 arrays in flight, checks every answer, and every ``--kill-every``
 SIGKILLs one process picked at random: a worker, a worker's ``tritonserver`` (``--triton-mode
 subprocess`` only: in process, Triton is the worker itself), or one of its python-backend stubs.
@@ -79,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-flight", type=int, default=32, help="requests kept in flight")
     p.add_argument("--size", type=int, default=1000, help="int64 elements per request")
     p.add_argument("--workers", type=int, default=2, help="workers per operator (encoder, decoder, encoder_decoder)")
+    p.add_argument(
+        "--colocate",
+        action="store_true",
+        help="decoder and encoder_decoder on the encoder's workers (Deployment colocate): --workers workers in all, "
+        "each hosting the whole pipeline, its nested calls in process",
+    )
     p.add_argument("--timeout", default="120s", help="deadline of each request")
     p.add_argument("--sample-every", default="2s", help="how often RSS is sampled")
     p.add_argument("--plane", choices=("direct", "queue"), default="direct", help="tdask.request.plane")
@@ -398,9 +405,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             )
             for config, n in hello
         ]
+        colocate = {"decoder": "encoder", "encoder_decoder": "encoder"} if args.colocate else None
+        if colocate is not None:  # a guest takes its host's workers, no count of its own
+            operators = [(config, 1 if config.name in colocate else n) for config, n in operators]
         with dask.config.set({"tdask.request.plane": args.plane, "tdask.triton.mode": args.triton_mode}):
             max_retries = int(dask.config.get("tdask.request.max-retries"))
-            async with deployment(operators, scheduler="embedded", log_dir=log_dir) as cluster:
+            async with deployment(operators, scheduler="embedded", log_dir=log_dir, colocate=colocate) as cluster:
                 view = _Cluster(cluster.client)
                 _count_orphans(cluster.client, outcome)
                 op = RemoteOperator("encoder_decoder", client=cluster.client)
@@ -417,7 +427,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 elapsed = time.monotonic() - began
                 stop.set()
                 await asyncio.gather(*helpers)
-                out["leftovers"] = await _leftovers(view, watch, expected_workers=3 * args.workers)
+                expected = args.workers if colocate is not None else 3 * args.workers
+                out["leftovers"] = await _leftovers(view, watch, expected_workers=expected)
                 _sample(view, watch, began)
         killed = {k["pid"] for k in watch.kills if k["kind"] == "worker"}
         out["executions"] = _executions(records, args.requests, outcome, killed, max_retries)
