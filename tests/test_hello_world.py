@@ -212,6 +212,20 @@ def test_embedded_over_protocol(tmp_path, protocol, needs):
     _assert_clean(since)
 
 
+def test_embedded_colocated(tmp_path):
+    """``--colocate``: two workers, each hosting encoder, decoder and encoder_decoder (one Triton
+    server for both models), every answer right."""
+    since = time.time()
+    args = ["-m", "tdask.hello_world", *FAST, "--colocate", "--encoders", "2", "4", "1", "CPU"]
+    result = _run([*args, "--clients", "2", "--log-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Correct: 20/20" in result.stdout
+    plan = [ln for ln in result.stdout.splitlines() if ln.startswith("worker ")]
+    assert len(plan) == 2, result.stdout
+    assert all("operator encoder/1, decoder/1, encoder_decoder/1" in ln for ln in plan), plan
+    _assert_clean(since)
+
+
 def test_deploy_over_tls_needs_shared_certificates(tmp_path):
     result = _run(["-m", "tdask.hello_world.deploy", "--protocol", "tls", "--log-dir", str(tmp_path)], timeout=60)
     assert result.returncode == 2
@@ -256,6 +270,7 @@ def test_gpu_flag_without_gpu_is_a_usage_error(tmp_path):
         (["--encoder-input-copies", "0"], "must be >= 1"),
         (["--encoder-delay-per-token", "-1"], "must be >= 0"),
         (["--operator", "nope"], "'nope' is not one of"),
+        (["--colocate", "--decoders", "2", "1", "1", "CPU"], "--colocate runs decoder and encoder_decoder on every"),
     ],
 )
 def test_bad_flag_values(flags, message, tmp_path):

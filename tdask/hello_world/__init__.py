@@ -236,6 +236,13 @@ def deployment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Triton model repository holding the encoder and decoder models.",
         ),
         click.option(
+            "--colocate",
+            is_flag=True,
+            default=False,
+            help="Run decoder and encoder_decoder on every encoder worker (one Triton server for both models; "
+            "the orchestrator's calls stay in process): --encoders sets the workers, the others take no count.",
+        ),
+        click.option(
             "--operator-repository",
             type=click.Path(exists=True, file_okay=False),
             default=None,

@@ -36,13 +36,20 @@ def build_deployment(
     model_repository: str = MODEL_REPOSITORY,
     operator_repository: str | None = None,
     temporary_tls: bool = False,
+    colocate: bool = False,
 ) -> Deployment:
     """Turn the shared flags into a (not yet started) Deployment.
 
     ``temporary_tls``: with ``--protocol tls`` and no certificates in Dask's config, make a
     throw-away CA and certificate (fine when nothing outside this process must connect).
+    ``colocate``: decoder and encoder_decoder on every encoder worker (``Deployment(colocate=...)``).
     """
     check_gpu_request(encoders, decoders)
+    if colocate and (decoders.workers != 1 or encoder_decoders.workers != 1):
+        raise click.UsageError(
+            "--colocate runs decoder and encoder_decoder on every encoder worker: give the number of workers "
+            f"with --encoders, not --decoders ({decoders.workers}) or --encoder-decoders ({encoder_decoders.workers})"
+        )
     security = tls_security(protocol, temporary=temporary_tls)
     configure_logging(log_level)
     operators = hello_world_operators(
@@ -64,6 +71,7 @@ def build_deployment(
         dashboard_address=dashboard_address,
         log_dir=prepare_log_dir(log_dir, clear_logs),
         log_level=log_level,
+        colocate={"decoder": "encoder", "encoder_decoder": "encoder"} if colocate else None,
     )
 
 
