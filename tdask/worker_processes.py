@@ -12,9 +12,10 @@ worker instead of closing its Nanny.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,17 @@ def nanny_options(
 # -- waiting for the workers' operators to be registered --------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _registry(scheduler_address: str, security: Any) -> AsyncIterator[Registry]:
+    """The scheduler's registry, over an RPC closed on leaving."""
+    connection_args = (security or Security()).get_connection_args("client")
+    scheduler = rpc(scheduler_address, connection_args=connection_args)
+    try:
+        yield Registry(scheduler)
+    finally:
+        await scheduler.close_rpc()
+
+
 async def wait_registered(
     scheduler_address: str,
     security: Any,
@@ -252,10 +264,7 @@ async def wait_registered(
     Raises :class:`~tdask.exceptions.OperatorUnavailableError` as soon as one of ``operators``
     (names) failed to start on a worker, or after ``timeout_s``.
     """
-    connection_args = (security or Security()).get_connection_args("client")
-    scheduler = rpc(scheduler_address, connection_args=connection_args)
-    try:
-        registry = Registry(scheduler)
+    async with _registry(scheduler_address, security) as registry:
         deadline = time.monotonic() + timeout_s
         while True:
             state = await registry.operators()
@@ -271,16 +280,11 @@ async def wait_registered(
                     f"registered {hosts} (workers {workers})"
                 )
             await asyncio.sleep(0.05)
-    finally:
-        await scheduler.close_rpc()
 
 
 async def wait_workers(scheduler_address: str, security: Any, key: str, names: list[str], timeout_s: float) -> None:
     """Wait until every worker in ``names`` hosts operator ``key`` (their setup failures raise)."""
-    connection_args = (security or Security()).get_connection_args("client")
-    scheduler = rpc(scheduler_address, connection_args=connection_args)
-    try:
-        registry = Registry(scheduler)
+    async with _registry(scheduler_address, security) as registry:
         deadline = time.monotonic() + timeout_s
         while True:
             answer = await registry._broker_call(Rpc.HOSTS, operator=key, routing=True)
@@ -293,5 +297,3 @@ async def wait_workers(scheduler_address: str, security: Any, key: str, names: l
             if time.monotonic() > deadline:
                 raise OperatorUnavailableError(f"workers {names} did not register {key} within {timeout_s:.0f}s")
             await asyncio.sleep(0.05)
-    finally:
-        await scheduler.close_rpc()
