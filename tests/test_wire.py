@@ -29,7 +29,7 @@ from tdask import Deployment, InvalidRequestError, OperatorConfig, RemoteOperato
 from tdask.host import PLUGIN_NAME
 from tdask.transport.wire import WIRE_VERSION, MessageTooLargeError, WireSession, open_session
 from tdask.transport.wire_server import WireServer
-from tests.conftest import assert_no_children
+from tests.conftest import assert_no_children, wait_for
 from tests.operators import Identity
 
 pytestmark = pytest.mark.timeout(120)
@@ -1028,7 +1028,9 @@ def test_a_caller_that_stops_reading_its_answers_slows_the_worker_down_within_bo
             for first in range(0, count, 20):
                 request = {"operator": "producer/1", "inputs": {}, "parameters": {"n": values}}
                 sock.sendall(frame([protocol.submit({**request, "id": f"r{i}"}) for i in range(first, first + 20)]))
-            # 1. The caller reads nothing for 3 s: the worker stops writing and waits.
+            # 1. The caller reads nothing for 3 s: the worker stops writing and waits. (From the
+            # moment the worker has taken the session: on a loaded machine that is not at once.)
+            wait_for(lambda: dep.client.run(_worker_state).popitem()[1]["sessions"] == 1, timeout=10)
             states = []
             while time.monotonic() - began < 3:
                 (state,) = dep.client.run(_worker_state).values()
