@@ -36,7 +36,7 @@ def deployment():
         (a,) = RemoteOperator("relay", client=client).wait(60)
         more = OperatorHost(
             [
-                _config("where", Where),
+                OperatorConfig(name="where", implementation=Where, max_inflight_requests=2),  # 2 slots here
                 _config("forward", Forward, first="producer", second="consumer"),
                 _config("producer", Producer),
                 _config("consumer", Consumer),
@@ -82,21 +82,23 @@ def test_a_call_to_an_operator_of_the_same_worker_stays_in_process(deployment):
     assert _session_kinds(client, a) == {a: "LoopbackSession"}
 
 
-def test_the_own_worker_is_preferred_only_among_equals(deployment):
-    """Under load the nested calls still spread: a busy own worker does not take them all."""
+def test_the_own_worker_takes_calls_while_it_has_free_slots(deployment):
+    """A's ``where`` has 2 slots: 2 nested calls at once all stay on A; 8 at once spill over to B
+    (the least loaded) once A's slots are taken."""
     dep, a = deployment
     client = dep.client
 
-    async def burst(c):
+    async def burst(c, n):
         relay = RemoteOperator("relay", client=c)
         answers = await asyncio.gather(
-            *(relay.infer({"x": np.ones(2)}, parameters={"delay": 0.3}, timeout=30) for _ in range(8))
+            *(relay.infer({"x": np.ones(2)}, parameters={"delay": 0.3}, timeout=30) for _ in range(n))
         )
         return [r.parameters["pid"] for r in answers]
 
-    pids = run_async(dep.scheduler_address, burst)
-    assert len(pids) == 8
-    assert len(set(pids)) == 2, pids  # A's and B's where both served
+    pid_a = _pid(client, a)
+    assert run_async(dep.scheduler_address, lambda c: burst(c, 2)) == [pid_a, pid_a]
+    pids = run_async(dep.scheduler_address, lambda c: burst(c, 8))
+    assert len(pids) == 8 and 2 <= pids.count(pid_a) < 8, pids  # A's slots, then B too
     kinds = _session_kinds(client, a)
     assert kinds[a] == "LoopbackSession" and set(kinds.values()) == {"LoopbackSession", "WireSession"}
 

@@ -1,14 +1,15 @@
 """The direct plane, both halves: each caller sends requests straight to a worker hosting the operator.
 
-Caller side (:class:`DirectRequestPlane`): the host with the fewest of this caller's requests in
-flight (among equals, the caller's own worker, then round robin), over the caller's own session
-to it, opened by :func:`tdask.transport.connect` (which picks the transport: in process to the
-caller's own worker, tdask's wire on ``tcp://`` and ``tls://`` clusters, else a Dask comm). The
-scheduler's broker stays the registry and the fallback: a request for an operator nobody hosts
-yet, or refused by a worker that is stopping, goes through the queue plane, which waits for a
-host and fails clearly after its bound. The caller holds the lease: when its session to a worker
-closes (the worker died), the requests it held there are sent again elsewhere (bounded by
-``max_retries``) or fail with :class:`~tdask.exceptions.WorkerLostError`.
+Caller side (:class:`DirectRequestPlane`): the caller's own worker while it has free slots for
+this caller, else the host with the fewest of this caller's requests in flight (round robin among
+equals), over the caller's own session to it, opened by :func:`tdask.transport.connect` (which
+picks the transport: in process to the caller's own worker, tdask's wire on ``tcp://`` and
+``tls://`` clusters, else a Dask comm). The scheduler's broker stays the registry and the
+fallback: a request for an operator nobody hosts yet, or refused by a worker that is stopping,
+goes through the queue plane, which waits for a host and fails clearly after its bound. The
+caller holds the lease: when its session to a worker closes (the worker died), the requests it
+held there are sent again elsewhere (bounded by ``max_retries``) or fail with
+:class:`~tdask.exceptions.WorkerLostError`.
 
 Worker side (:class:`DirectServer`, a :class:`~tdask.request_plane.base.ServerPlane`): accepts
 callers' sessions (a :class:`tdask.transport.Listener`), hands their requests to the worker's
@@ -176,11 +177,8 @@ class DirectRequestPlane(RequestPlane):
             if ordered or len(candidates) == 1:
                 worker = candidates[0]
             else:
-                # The least loaded; among equals, one of this process (an operator's call to its
-                # own worker: no socket), then round robin.
-                worker = min(
-                    candidates,
-                    key=lambda w: (self._load[w], not transport.in_process(w), self._last_used.get(w, 0)),
+                worker = self._own_worker(request["operator"], candidates) or min(
+                    candidates, key=lambda w: (self._load[w], self._last_used.get(w, 0))
                 )
             # Count it before awaiting the connection, so that concurrent submits spread.
             self._ticks += 1
@@ -203,6 +201,18 @@ class DirectRequestPlane(RequestPlane):
             self._outstanding[request["id"]] = (worker, request, False)
             return True
         return False
+
+    def _own_worker(self, operator: str, candidates: list[str]) -> str | None:
+        """The caller's own worker among ``candidates``, while it has free slots for this caller.
+
+        Free: this caller holds fewer of its calls there than the operator's slots on it (its
+        ``max_inflight_requests``). A call to the own worker needs no socket; one past its slots
+        would only wait there, so the least loaded host takes it instead.
+        """
+        for worker in candidates:
+            if transport.in_process(worker):
+                return worker if self._load[worker] < max(1, self.registry.slots(operator, worker)) else None
+        return None
 
     def _on_worker_message(self, worker: str, message: dict[str, Any]) -> None:
         op = check_message(message)

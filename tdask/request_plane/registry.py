@@ -48,6 +48,7 @@ class Registry:
         # (absent: least-loaded) and its hosts' worker names.
         self._routing: dict[str, dict[str, Any]] = {}
         self._names: dict[str, dict[str, str]] = {}
+        self._slots: dict[str, dict[str, int]] = {}  # operator -> host -> its max_inflight_requests
         # name -> (when, the highest version hosted): callers that name no version
         self._latest: dict[str, tuple[float, int]] = {}
 
@@ -126,6 +127,7 @@ class Registry:
         else:
             self._routing[operator_key] = answer["routing"]
         self._names[operator_key] = answer["names"]
+        self._slots[operator_key] = answer.get("slots") or {}  # a broker of before: none known
         if hosts:  # an empty answer is asked again next time
             self._hosts[operator_key] = (now, hosts)
             forget_gone(hosts, older_than=_GONE_STALE_S)
@@ -134,6 +136,10 @@ class Registry:
     def routing(self, operator_key: str) -> dict[str, Any] | None:
         """The routing policy of ``operator_key`` learnt with its hosts (``None``: least-loaded)."""
         return self._routing.get(operator_key)
+
+    def slots(self, operator_key: str, host: str) -> int:
+        """``host``'s ``max_inflight_requests`` for ``operator_key``, as learnt with the hosts (0: unknown)."""
+        return self._slots.get(operator_key, {}).get(host, 0)
 
     def address_of(self, operator_key: str, name: str) -> str | None:
         """The address of the host of ``operator_key`` whose worker name is ``name``, as last learnt."""

@@ -239,7 +239,8 @@ class RequestBroker(SchedulerPlugin):
         """The workers hosting ``operator`` now (``tdask_hosts``).
 
         With ``routing``: ``{"hosts": [...], "routing": <the operator's policy, or None for
-        least-loaded>, "names": {worker name: address}}``, what a direct caller caches.
+        least-loaded>, "names": {worker name: address}, "slots": {address: its
+        max_inflight_requests}}``, what a direct caller caches.
         """
         hosts = self.hosts.get(operator, {})
         if not routing:
@@ -249,7 +250,8 @@ class RequestBroker(SchedulerPlugin):
             policy = None
         workers = self.scheduler.workers if self.scheduler is not None else {}
         names = {str(workers[a].name): a for a in hosts if a in workers}
-        return {"hosts": list(hosts), "routing": policy, "names": names}
+        slots = {a: int(info.get("max_inflight") or 1) for a, info in hosts.items()}
+        return {"hosts": list(hosts), "routing": policy, "names": names, "slots": slots}
 
     def get_latest(self, name: str) -> dict[str, int | None]:
         """``{"version": the highest version of operator name some worker hosts now, or None}`` (``tdask_latest``).
