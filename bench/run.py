@@ -238,7 +238,6 @@ async def _tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str
     system = SYSTEMS[topology]
     ops = hello_world(1, 1, args.max_inflight)
     colocate = {"decoder": "encoder", "encoder_decoder": "encoder"} if topology == "colocated" else None
-    extra = colocate is not None
     async with deployment(
         ops,
         scheduler=args.scheduler,
@@ -266,7 +265,7 @@ async def _tdask_pipeline(args: argparse.Namespace, log_dir: Path, out: dict[str
             runs = []
             if "pipeline" in args.only_list:
                 runs.append(("pipeline", system, pipeline))
-            if "onehop" in args.only_list and not extra:
+            if "onehop" in args.only_list and colocate is None:
                 runs.append(("onehop", system, encoder))
             return runs
 
@@ -342,7 +341,7 @@ def targets(out: dict[str, Any]) -> None:
     }
     found = {}
     for topology, system in SYSTEMS.items():
-        ratios = [r for r in all_ratios if r.get("system", "tdask") == system]
+        ratios = [r for r in all_ratios if r["system"] == system]
         for name, (size, conc, key, text, ok) in wanted.items():
             values = [r[key] for r in ratios if r["size"] == size and r["concurrency"] == conc and r[key] is not None]
             if not values:
@@ -652,7 +651,7 @@ def render(out: dict[str, Any]) -> str:
             continue
         rows = []
         ratios = {
-            (r.get("system", "tdask"), r["size"], r["concurrency"], r["round"]): r
+            (r["system"], r["size"], r["concurrency"], r["round"]): r
             for r in s.get(f"ratios_tdask_over_{baseline}", [])
         }
         rounds = len({r["round"] for r in s["runs"]}) > 1

@@ -124,7 +124,6 @@ class Deployment(SyncMethodMixin):
         self.workers_spec = worker_names(own)
         #: Operators co-located on the workers of another, by that one's name.
         self.guests: dict[str, list[OperatorConfig]] = guests
-        self.colocate = dict(colocate or {})
         self.scheduler_address_given = scheduler_address
         self.host = host
         self.protocol = protocol
@@ -188,6 +187,11 @@ class Deployment(SyncMethodMixin):
         return deployment
 
     # -- properties --
+    @property
+    def colocate(self) -> dict[str, str]:
+        """Each co-located operator's name and the name of the operator on whose workers it runs."""
+        return {guest.name: host for host, configs in self.guests.items() for guest in configs}
+
     @property
     def loop(self) -> Any:
         """The event loop the deployment runs on."""

@@ -9,6 +9,7 @@ import dask.config
 import numpy as np
 import pytest
 from distributed.comm.core import CommClosedError
+from distributed.core import Server
 
 from tdask import transport
 from tdask.transport import loopback
@@ -53,15 +54,14 @@ def test_each_backend_says_what_its_sessions_carry():
 # -- in process: a worker of this process and loop (tdask.transport.loopback) ------------------
 
 
-class _FakeWorker:
-    """What a Listener reads of its server: an address (no wire on inproc://), comm handlers."""
+async def _server() -> Server:
+    """A real Dask server on ``inproc://`` (no socket): a Listener uses its address and handlers."""
+    server = Server({}, needs_workdir=False)
+    await server.listen("inproc://")
+    return server
 
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.handlers: dict = {}
 
-
-async def _listening(address: str, received: list) -> transport.Listener:
+async def _listening(server: Server, received: list) -> transport.Listener:
     def accept(session, hello):
         def on_message(message):
             received.append(message)
@@ -70,18 +70,18 @@ async def _listening(address: str, received: list) -> transport.Listener:
 
         return on_message
 
-    listener = transport.Listener(_FakeWorker(address), "tdask_test", accept)
+    listener = transport.Listener(server, "tdask_test", accept)
     await listener.start()
     return listener
 
 
 def test_a_worker_of_this_process_is_reached_in_process_and_only_while_it_listens():
-    address = "inproc://127.0.0.1/1/loopback-a"
-
     async def main():
+        server = await _server()
+        address = server.address
         assert names(address) == ["dask"]
         received: list = []
-        listener = await _listening(address, received)
+        listener = await _listening(server, received)
         assert names(address) == ["loopback", "dask"]
         assert transport.in_process(address) and transport.carries_data(address)
         with dask.config.set({"tdask.request.in-process-calls": False}):
@@ -100,27 +100,30 @@ def test_a_worker_of_this_process_is_reached_in_process_and_only_while_it_listen
         assert names(address) == ["dask"]
         with pytest.raises(CommClosedError):
             session.send({"op": "ping", "n": 9})
+        await server.close()
 
     asyncio.run(main())
 
 
 def test_a_caller_on_another_event_loop_is_not_taken_in_process():
-    address = "inproc://127.0.0.1/1/loopback-b"
-    listeners: list = []
+    """A worker's loop and a caller's loop in one process (a client beside an embedded worker):
+    the caller's messages could not be delivered on the worker's loop, so it gets the next backend."""
+    worker_loop = asyncio.new_event_loop()
+    try:
+        server = worker_loop.run_until_complete(_server())
+        listener = worker_loop.run_until_complete(_listening(server, []))
 
-    async def listen():
-        listeners.append(await _listening(address, []))
+        async def call():
+            backend = transport.backends["loopback"]
+            hello = {"requester": "me"}
+            kwargs = {"name": "t", "kind": "worker", "connection_args": {}, "timeout": None, "hello": hello}
+            return await backend.connect(server.address, "tdask_test", print, **kwargs)
 
-    asyncio.run(listen())  # that loop is gone: its worker cannot read what this one sends
-
-    async def call():
-        backend = transport.backends["loopback"]
-        hello = {"requester": "me"}
-        kwargs = {"name": "t", "kind": "worker", "connection_args": {}, "timeout": None, "hello": hello}
-        assert await backend.connect(address, "tdask_test", print, **kwargs) is None
-        await listeners[0].close()
-
-    asyncio.run(call())
+        assert asyncio.run(call()) is None
+        worker_loop.run_until_complete(listener.close())
+        worker_loop.run_until_complete(server.close())
+    finally:
+        worker_loop.close()
 
 
 def test_in_process_messages_are_what_the_wire_would_deliver():

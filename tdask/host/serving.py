@@ -242,18 +242,15 @@ class Serving:
         error: BaseException | None = None
         cancelled = False
         limit_s = self.execution_timeout_s(hosted)
-        timer = None if limit_s is None else asyncio.timeout(limit_s)  # none: no timer on the hot path
+        timer = asyncio.timeout(limit_s)
         timed_out = False
         try:
-            if timer is None:
+            async with timer:
                 await hosted.operator.execute(requests)
-            else:
-                async with timer:
-                    await hosted.operator.execute(requests)
         except asyncio.CancelledError:
             cancelled = True
         except TimeoutError as exc:
-            if timer is not None and timer.expired():
+            if timer.expired():
                 timed_out = True
             else:
                 error = exc

@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -218,7 +219,8 @@ class LoopbackBackend(Backend):
 
     def __init__(self) -> None:
         self._listeners: dict[tuple[str, str], tuple[Listener, Any]] = {}  # (address, handler) -> it, its loop
-        self._accepted: dict[Listener, set[loopback.LoopbackSession]] = {}
+        # The sessions accepted per listener, aborted with it (one that ended goes by itself).
+        self._accepted: dict[Listener, weakref.WeakSet[loopback.LoopbackSession]] = {}
 
     def listens_at(self, address: str) -> bool:
         """Whether a worker of this process listens at ``address`` (on any handler)."""
@@ -242,10 +244,7 @@ class LoopbackBackend(Backend):
             return None
         listener = entry[0]
         caller, accepted = loopback.pair(name, on_message, f"{handler}-{hello.get('requester')}")
-        sessions = self._accepted.setdefault(listener, set())
-        for old in [s for s in sessions if s.closed.is_set()]:
-            sessions.discard(old)
-        sessions.add(accepted)
+        self._accepted.setdefault(listener, weakref.WeakSet()).add(accepted)
         accepted._on_message = listener.accept(accepted, hello)
         return caller
 
