@@ -216,6 +216,81 @@ s.close()
 """
 
 
+_WIRE_SENDER = """
+import asyncio, sys
+import numpy as np
+import uvloop
+from tdask.transport.wire import WireSession
+nbytes = int(sys.argv[1])
+data = memoryview(np.ones(nbytes, np.uint8))
+
+def session() -> WireSession:
+    def answer(message):
+        if message["op"] == "get":
+            wire.send_with_payload({"op": "data"}, "bytes", data)
+    wire = WireSession("bench wire floor", answer)
+    return wire
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(session, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.to_thread(sys.stdin.read)  # until the bench closes it
+
+uvloop.run(main())
+"""
+
+
+def wire_loopback_seconds(nbytes: int, reps: int) -> list[float]:
+    """Seconds to ask for and receive ``nbytes`` over tdask's wire alone (a payload frame, two
+    processes, uvloop on both ends, 127.0.0.1): the floor of an event loop to event loop fetch,
+    under the data plane's own work (the data call, the store, the tensor's decoding)."""
+    import subprocess
+
+    import uvloop
+
+    from tdask.transport.wire import open_session
+
+    sender = subprocess.Popen(
+        [sys.executable, "-c", _WIRE_SENDER, str(nbytes)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    async def fetch_all(port: int) -> list[float]:
+        loop = asyncio.get_running_loop()
+        waiting: list[asyncio.Future[Any]] = []
+
+        def arrived(message: dict[str, Any]) -> None:
+            if waiting and message["op"] == "data":
+                waiting.pop().set_result(message["bytes"])
+
+        session = await open_session(f"127.0.0.1:{port}", "bench", arrived, timeout=30)
+        times = []
+        try:
+            for _ in range(reps):
+                future = loop.create_future()
+                waiting.append(future)
+                began = time.perf_counter()
+                session.send({"op": "get"})
+                data = await asyncio.wait_for(future, 30)
+                times.append(time.perf_counter() - began)
+                if len(data) != nbytes:
+                    raise ConnectionError(f"the wire floor's sender sent {len(data)} bytes, not {nbytes}")
+        finally:
+            await session.close()
+        return times
+
+    try:
+        assert sender.stdout is not None
+        port = int(sender.stdout.readline())
+        return uvloop.run(fetch_all(port))
+    finally:
+        assert sender.stdin is not None
+        sender.stdin.close()  # its loop ends at EOF
+        sender.wait(30)
+
+
 def tcp_loopback_seconds(nbytes: int, reps: int) -> list[float]:
     """Seconds to receive ``nbytes`` over a plain TCP socket on 127.0.0.1 from another process,
     into a freshly allocated numpy buffer (what a fetch does): the floor under any comm library."""

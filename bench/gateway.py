@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 if __package__ in (None, ""):
@@ -75,8 +76,27 @@ def start_gateway(
     raise RuntimeError(f"the gateway did not start: {open(log).read()}")
 
 
+def start_floor(event_loop: str) -> tuple[subprocess.Popen[str], str, str]:
+    """``python -m bench.protocol_floor`` (the protocols with nothing behind them); its HTTP and
+    gRPC addresses. Stopped by closing its standard input."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.protocol_floor", "--event-loop", event_loop],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"HTTP (127\.0\.0\.1:\d+), gRPC (127\.0\.0\.1:\d+)", line)
+    if match is None:
+        proc.kill()
+        raise RuntimeError(f"the protocol floor did not start: {line!r}")
+    return proc, match[1], match[2]
+
+
 async def measure(
-    args: argparse.Namespace, address: str, http: str, grpc: str, gateway_pid: int
+    args: argparse.Namespace, address: str, http: str, grpc: str, gateway_pid: int, floor: tuple[int, str, str]
 ) -> list[dict[str, Any]]:
     import psutil
     import tritonclient.grpc.aio as grpcaio
@@ -93,8 +113,12 @@ async def measure(
         # CPU per request by process: where the gateway's cost lands (its own process, and the
         # client library in the bench process, which also holds the embedded scheduler).
         groups = {"bench": [os.getpid()], "gateway": [gateway_pid], "workers": workers}
+        # The floor's rows count its server in the gateway column: it stands where the gateway does.
+        floor_groups = {"bench": [os.getpid()], "gateway": [floor[0]], "workers": workers}
         http_client = httpaio.InferenceServerClient(http, conn_limit=64)
         grpc_client = grpcaio.InferenceServerClient(grpc)
+        floor_http = httpaio.InferenceServerClient(floor[1], conn_limit=64)
+        floor_grpc = grpcaio.InferenceServerClient(floor[2])
         try:
             for size in args.sizes:
                 data = payloads(size)
@@ -104,23 +128,36 @@ async def measure(
                     r = await op.infer(inputs={"input": x})
                     return bool(np.array_equal(r.outputs["output"], x))
 
-                async def via_http(i: int, data: list[np.ndarray] = data) -> bool:
-                    x = data[i % len(data)]
-                    inp = httpaio.InferInput("input", [x.size], "INT64")
-                    inp.set_data_from_numpy(x, binary_data=True)
-                    r = await http_client.infer("encoder_decoder", [inp])
-                    return bool(np.array_equal(r.as_numpy("output"), x))
+                def via_http(client: Any, data: list[np.ndarray] = data) -> Callable[[int], Awaitable[bool]]:
+                    async def one(i: int) -> bool:
+                        x = data[i % len(data)]
+                        inp = httpaio.InferInput("input", [x.size], "INT64")
+                        inp.set_data_from_numpy(x, binary_data=True)
+                        r = await client.infer("encoder_decoder", [inp])
+                        return bool(np.array_equal(r.as_numpy("output"), x))
 
-                async def via_grpc(i: int, data: list[np.ndarray] = data) -> bool:
-                    x = data[i % len(data)]
-                    inp = grpcaio.InferInput("input", [x.size], "INT64")
-                    inp.set_data_from_numpy(x)
-                    r = await grpc_client.infer("encoder_decoder", [inp])
-                    return bool(np.array_equal(r.as_numpy("output"), x))
+                    return one
 
+                def via_grpc(client: Any, data: list[np.ndarray] = data) -> Callable[[int], Awaitable[bool]]:
+                    async def one(i: int) -> bool:
+                        x = data[i % len(data)]
+                        inp = grpcaio.InferInput("input", [x.size], "INT64")
+                        inp.set_data_from_numpy(x)
+                        r = await client.infer("encoder_decoder", [inp])
+                        return bool(np.array_equal(r.as_numpy("output"), x))
+
+                    return one
+
+                paths = (
+                    ("direct", direct),
+                    ("gateway-http", via_http(http_client)),
+                    ("gateway-grpc", via_grpc(grpc_client)),
+                    ("floor-http", via_http(floor_http)),
+                    ("floor-grpc", via_grpc(floor_grpc)),
+                )
                 for concurrency in args.concurrency:
-                    for path, call in (("direct", direct), ("gateway-http", via_http), ("gateway-grpc", via_grpc)):
-                        meter = CpuMeter(groups)
+                    for path, call in paths:
+                        meter = CpuMeter(floor_groups if path.startswith("floor") else groups)
                         meter.start()
                         result = await closed_loop(
                             call, requests=args.requests, concurrency=concurrency, warmup=args.warmup
@@ -137,8 +174,8 @@ async def measure(
                             file=sys.stderr,
                         )
         finally:
-            await http_client.close()
-            await grpc_client.close()
+            for closing in (http_client, grpc_client, floor_http, floor_grpc):
+                await closing.close()
     return rows
 
 
@@ -150,21 +187,35 @@ TARGETS = {
 
 
 def judge(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Each gateway row against the direct row of its round; the targets on the median over rounds."""
+    """Each gateway row against the direct row of its round; the targets on the median over rounds.
+
+    A gateway row also carries its protocol's floor of the same round (``floor_p50_ms``) and
+    what the gateway added beyond it (``beyond_floor_ms``: its own work, and its tdask call's
+    cost over the direct client's).
+    """
     direct = {(r["round"], r["size"], r["concurrency"]): r for r in rows if r["path"] == "direct"}
+    floors = {
+        (r["round"], r["size"], r["concurrency"], r["path"].split("-", 1)[1]): r
+        for r in rows
+        if r["path"].startswith("floor-")
+    }
     compared = []
     for r in rows:
         base = direct.get((r["round"], r["size"], r["concurrency"]))
-        if r["path"] == "direct" or base is None:
+        if not r["path"].startswith("gateway-") or base is None:
             continue
+        floor = floors.get((r["round"], r["size"], r["concurrency"], r["path"].split("-", 1)[1]))
+        added = round(r["p50_ms"] - base["p50_ms"], 3)
         compared.append(
             {
                 "path": r["path"],
                 "size": r["size"],
                 "concurrency": r["concurrency"],
                 "round": r["round"],
-                "added_p50_ms": round(r["p50_ms"] - base["p50_ms"], 3),
+                "added_p50_ms": added,
                 "throughput_ratio": round(r["req_per_s"] / base["req_per_s"], 3) if base["req_per_s"] else None,
+                "floor_p50_ms": None if floor is None else floor["p50_ms"],
+                "beyond_floor_ms": None if floor is None else round(added - floor["p50_ms"], 3),
             }
         )
     found: dict[str, Any] = {}
@@ -183,6 +234,41 @@ def judge(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, A
                 "rounds_met": sum(1 for v in values if ok(v)),
             }
     return compared, found
+
+
+def floors_table(rows: list[dict[str, Any]], compared: list[dict[str, Any]]) -> list[list[Any]]:
+    """Per protocol, size and in flight, medians over rounds: the floor and what the gateway adds beyond it."""
+    cells = []
+    for protocol in ("http", "grpc"):
+        keys = sorted({(r["size"], r["concurrency"]) for r in rows if r["path"] == f"floor-{protocol}"})
+        for size, concurrency in keys:
+            floor = [
+                r for r in rows if (r["path"], r["size"], r["concurrency"]) == (f"floor-{protocol}", size, concurrency)
+            ]
+            mine = [
+                c
+                for c in compared
+                if (c["path"], c["size"], c["concurrency"]) == (f"gateway-{protocol}", size, concurrency)
+                and c["beyond_floor_ms"] is not None
+            ]
+
+            def median(values: list[float]) -> float | None:
+                return round(float(np.median(values)), 3) if values else None
+
+            cells.append(
+                [
+                    protocol,
+                    size,
+                    concurrency,
+                    median([r["p50_ms"] for r in floor]),
+                    median([r["req_per_s"] for r in floor]),
+                    median([r["cpu_ms_per_request"].get("bench", 0.0) for r in floor]),
+                    median([r["cpu_ms_per_request"].get("gateway", 0.0) for r in floor]),
+                    median([c["added_p50_ms"] for c in mine]),
+                    median([c["beyond_floor_ms"] for c in mine]),
+                ]
+            )
+    return cells
 
 
 def render(rows: list[dict[str, Any]], compared: list[dict[str, Any]], found: dict[str, Any]) -> str:
@@ -248,6 +334,29 @@ def render(rows: list[dict[str, Any]], compared: list[dict[str, Any]], found: di
             medians,
         )
     )
+    floors = floors_table(rows, compared)
+    if floors:
+        parts.append(
+            table(
+                "protocol floors: a KServe server that only echoes (bench.protocol_floor), same client libraries, "
+                "medians over rounds",
+                [
+                    "protocol",
+                    "size",
+                    "in flight",
+                    "floor p50 ms",
+                    "floor req/s",
+                    "cpu ms/req: client",
+                    "server",
+                    "gateway +p50",
+                    "gateway +p50 beyond floor",
+                ],
+                floors,
+                note="floor p50: a call's whole round trip through the protocol with nothing behind it, the part of "
+                "the gateway's +p50 no handler can remove; beyond floor: the gateway's +p50 minus its round's floor "
+                "p50 (its own work, and its tdask call's cost over the direct client's)",
+            )
+        )
     if found:
         parts.append(
             table(
@@ -300,14 +409,43 @@ def main(argv: list[str] | None = None) -> int:
         ):
             address = deployment.client.scheduler.address
             proc, http, grpc = start_gateway(address, os.path.join(tmp, "gateway.txt"), "--event-loop", args.event_loop)
+            floor, floor_http, floor_grpc = start_floor(args.event_loop)
             try:
-                rows += asyncio.run(measure(args, address, http, grpc, proc.pid))
+                rows += asyncio.run(measure(args, address, http, grpc, proc.pid, (floor.pid, floor_http, floor_grpc)))
             finally:
                 proc.send_signal(signal.SIGTERM)
+                assert floor.stdin is not None
+                floor.stdin.close()
                 proc.wait(30)
+                floor.wait(30)
     compared, found = judge(rows)
     print(render(rows, compared, found))  # noqa: T201
-    result = {"section": "gateway", "results": rows, "compared": compared, "targets": found}
+    result = {
+        "section": "gateway",
+        "results": rows,
+        "compared": compared,
+        "targets": found,
+        "floors": [
+            dict(
+                zip(
+                    (
+                        "protocol",
+                        "size",
+                        "concurrency",
+                        "p50_ms",
+                        "req_per_s",
+                        "cpu_client",
+                        "cpu_server",
+                        "gateway_added_p50_ms",
+                        "beyond_floor_ms",
+                    ),
+                    cells,
+                    strict=True,
+                )
+            )
+            for cells in floors_table(rows, compared)
+        ],
+    }
     print(json.dumps({**result, "machine": machine(), "versions": versions()}))  # noqa: T201
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 

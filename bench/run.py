@@ -35,7 +35,16 @@ if __package__ in (None, ""):  # `python bench/run.py`
 import dask.config
 import numpy as np
 
-from bench.common import CpuMeter, closed_loop, machine, payloads, table, tcp_loopback_seconds, versions
+from bench.common import (
+    CpuMeter,
+    closed_loop,
+    machine,
+    payloads,
+    table,
+    tcp_loopback_seconds,
+    versions,
+    wire_loopback_seconds,
+)
 
 SECTIONS = ("pipeline", "onehop", "dataplane", "scaling", "floor", "clients")
 #: The tdask systems of the pipeline section, by topology (``--topology``).
@@ -365,6 +374,7 @@ def targets(out: dict[str, Any]) -> None:
 async def dataplane(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]) -> None:
     from bench.tdask_side import deployment, store_stats
     from tdask import OperatorConfig, RemoteOperator
+    from tdask.config import get_bytes
 
     ops = [
         OperatorConfig(name="producer", implementation="bench.operators:Producer"),
@@ -398,6 +408,9 @@ async def dataplane(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]
                 moved += nbytes
             copy_s, fresh_s = memcpy_times(nbytes, reps)
             tcp_s = float(np.median(await asyncio.to_thread(tcp_loopback_seconds, nbytes, reps)))
+            # The wire alone (no data plane above it), where fetches of this size take it.
+            on_wire = args.protocol == "tcp" and nbytes <= get_bytes("tdask.data-plane.wire-max-bytes")
+            wire_s = float(np.median(await asyncio.to_thread(wire_loopback_seconds, nbytes, reps))) if on_wire else 0.0
             median = float(np.median(fetch_s))
             row = {
                 "nbytes": nbytes,
@@ -408,6 +421,8 @@ async def dataplane(args: argparse.Namespace, log_dir: Path, out: dict[str, Any]
                 "memcpy_gb_per_s": round(nbytes / copy_s / 1e9, 3),
                 "fresh_copy_gb_per_s": round(nbytes / fresh_s / 1e9, 3),
                 "raw_tcp_gb_per_s": round(nbytes / tcp_s / 1e9, 3),
+                "fetch_over_raw_tcp": round(tcp_s / median, 3),
+                "wire_floor_gb_per_s": round(nbytes / wire_s / 1e9, 3) if wire_s else None,
                 "fetch_best_gb_per_s": round(nbytes / min(fetch_s) / 1e9, 3),
                 "fetch_over_memcpy": round(median / copy_s, 2),
                 "end_to_end_p50_ms": round(float(np.median(total_s)) * 1e3, 3),
@@ -722,6 +737,8 @@ def render(out: dict[str, Any]) -> str:
                 r["fetch_gb_per_s"],
                 r["fetch_best_gb_per_s"],
                 r["raw_tcp_gb_per_s"],
+                r["fetch_over_raw_tcp"],
+                "-" if r["wire_floor_gb_per_s"] is None else r["wire_floor_gb_per_s"],
                 r["memcpy_gb_per_s"],
                 r["fresh_copy_gb_per_s"],
                 r["fetch_over_memcpy"],
@@ -738,7 +755,9 @@ def render(out: dict[str, Any]) -> str:
             f"{c.get('producer_served_bytes')} B, consumer pulled {c.get('consumer_pulled_bytes')} B of "
             f"{c.get('tensor_bytes_moved_expected')} B expected; stores empty after: {c.get('stores_empty_after')}\n"
             "fetch GB/s: median over reps; raw TCP: plain socket between two processes on 127.0.0.1 into fresh "
-            "pages (the floor under Dask's comm); memcpy: numpy copy into a warm buffer; fresh copy: np.copy"
+            "pages (the floor under Dask's comm); wire floor: tdask's wire alone between two uvloop processes, "
+            "asked and answered as a fetch is, no data plane (sizes that take the wire); memcpy: numpy copy "
+            "into a warm buffer; fresh copy: np.copy"
         )
         parts.append(
             table(
@@ -750,6 +769,8 @@ def render(out: dict[str, Any]) -> str:
                     "fetch GB/s",
                     "best GB/s",
                     "raw TCP GB/s",
+                    "fetch/raw TCP",
+                    "wire floor GB/s",
                     "memcpy GB/s",
                     "fresh copy GB/s",
                     "fetch/memcpy",

@@ -3,6 +3,8 @@ the median over rounds. The benchmark itself runs by hand (`python -m bench`), n
 
 from __future__ import annotations
 
+import pytest
+
 from bench.run import compare, render, targets
 
 
@@ -198,14 +200,69 @@ def test_the_gateway_bench_judges_each_round_against_its_own_direct_row():
 
     rows = []
     # round: (direct p50 at 1, http p50 at 1, direct req/s at 8, http req/s at 8)
-    for rnd, (d1, h1, d8, h8) in enumerate([(2.0, 2.5, 1000, 850), (3.0, 4.5, 1200, 900), (2.0, 2.9, 1000, 810)], 1):
-        for path, p50, rps, conc in (("direct", d1, 500, 1), ("gateway-http", h1, 400, 1)):
+    # and the protocol's floor (a server that only echoes) at 1 in flight: 0.4, 0.6, 0.5 ms
+    for rnd, (d1, h1, d8, h8, f1) in enumerate(
+        [(2.0, 2.5, 1000, 850, 0.4), (3.0, 4.5, 1200, 900, 0.6), (2.0, 2.9, 1000, 810, 0.5)], 1
+    ):
+        for path, p50, rps, conc in (("direct", d1, 500, 1), ("gateway-http", h1, 400, 1), ("floor-http", f1, 2000, 1)):
             rows.append(row(path, rnd, conc, p50, rps) | {"path": path})
-        for path, rps in (("direct", d8), ("gateway-http", h8)):
+        for path, rps in (("direct", d8), ("gateway-http", h8), ("floor-http", 4000)):
             rows.append(row(path, rnd, 8, 5.0, rps) | {"path": path})
     compared, found = judge(rows)
     added, ratio = found["gateway-http added_p50_ms_at_1"], found["gateway-http throughput_ratio_at_8"]
     assert added["rounds"] == [0.5, 1.5, 0.9] and added["median"] == 0.9 and added["met"] and added["rounds_met"] == 2
     assert ratio["rounds"] == [0.85, 0.75, 0.81] and ratio["median"] == 0.81 and ratio["rounds_met"] == 2
+    assert not any("floor" in name for name in found), "a floor is not a gateway: no target of its own"
+    # Each gateway row against its own round's floor: 0.5 - 0.4, 1.5 - 0.6, 0.9 - 0.5.
+    at_1 = [c for c in compared if c["concurrency"] == 1]
+    assert [c["floor_p50_ms"] for c in at_1] == [0.4, 0.6, 0.5]
+    assert [c["beyond_floor_ms"] for c in at_1] == [0.1, 0.9, 0.4]
     text = render_gateway(rows, compared, found)
     assert "2/3: 0.5, 1.5, 0.9" in text and "2/3: 0.85, 0.75, 0.81" in text
+    floors = text.split("== protocol floors")[1].splitlines()
+    assert any(line.split()[:9] == ["http", "1000", "1", "0.5", "2000", "0", "0", "0.9", "0.4"] for line in floors), (
+        floors
+    )
+
+
+@pytest.mark.cluster
+def test_the_wire_floor_moves_the_bytes_it_times():
+    """The dataplane section's wire floor: each rep a real payload frame between two processes
+    (a short answer raises), and its sender is gone afterwards."""
+    import psutil
+
+    from bench.common import wire_loopback_seconds
+
+    before = {p.pid for p in psutil.Process().children()}
+    times = wire_loopback_seconds(1_000_000, 3)
+    assert len(times) == 3 and all(t > 0 for t in times), times
+    assert {p.pid for p in psutil.Process().children()} == before
+
+
+@pytest.mark.cluster
+def test_the_protocol_floor_echoes_over_both_protocols_with_the_gateways_clients():
+    """bench.protocol_floor answers tritonclient's HTTP and gRPC calls with the input as ``output``,
+    and stops when its standard input closes."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from bench.gateway import start_floor
+
+    proc, http, grpc = start_floor("asyncio")
+    try:
+        x = np.arange(1000, dtype=np.int64)
+        inp = httpclient.InferInput("input", [x.size], "INT64")
+        inp.set_data_from_numpy(x, binary_data=True)
+        np.testing.assert_array_equal(
+            httpclient.InferenceServerClient(http).infer("encoder_decoder", [inp]).as_numpy("output"), x
+        )
+        ginp = grpcclient.InferInput("input", [x.size], "INT64")
+        ginp.set_data_from_numpy(x)
+        client = grpcclient.InferenceServerClient(grpc)
+        np.testing.assert_array_equal(client.infer("encoder_decoder", [ginp]).as_numpy("output"), x)
+        client.close()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(30) == 0
