@@ -1,6 +1,10 @@
-"""Time a TritonServer's start, model loads, one encoder call and stop, on 127.0.0.1.
+"""Time a Triton server's start, model loads, encoder calls and stop, on 127.0.0.1.
 
-Usage: ``python bench/bench_triton_server.py [--size 1000] [--calls 200] [--copies 1]``.
+Usage: ``python bench/bench_triton_server.py [--mode subprocess|in-process] [--size 1000]
+[--calls 200] [--copies 1]``. ``subprocess``: a ``tritonserver`` the bench owns, called with
+tritonclient's gRPC clients; ``in-process``: Triton's core in this process
+(:class:`~tdask.triton.inprocess.InProcessServer`), called through its own client. Both
+models (encoder and decoder) are loaded, so that the stop unloads two python-backend models.
 Prints a table and one JSON line.
 """
 
@@ -30,8 +34,41 @@ def _inputs(module, data: np.ndarray) -> list:
     return [tensor]
 
 
+async def in_process(size: int, calls: int, copies: int) -> dict:
+    from tdask.triton.inprocess import InProcessServer
+
+    result: dict = {"mode": "in-process", "size": size, "calls": calls, "copies": copies}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = InProcessServer(model_repository=MODELS, log_dir=LOG_DIR or tmp, name="bench")
+        began = time.perf_counter()
+        await server.start()
+        result["start_s"] = time.perf_counter() - began
+        try:
+            began = time.perf_counter()
+            await server.load_model("encoder")
+            result["load_encoder_s"] = time.perf_counter() - began
+            await server.load_model("decoder")
+            client = server.client()
+            data = np.arange(size, dtype=np.int64)
+            began = time.perf_counter()
+            await client.infer("encoder", {"input": (data, "INT64")}, parameters={"input_copies": copies})
+            result["first_call_ms"] = (time.perf_counter() - began) * 1e3
+            latencies = []
+            for _ in range(calls):
+                began = time.perf_counter()
+                await client.infer("encoder", {"input": (data, "INT64")}, parameters={"input_copies": copies})
+                latencies.append((time.perf_counter() - began) * 1e3)
+            result["p50_ms"] = statistics.median(latencies)
+            result["p90_ms"] = statistics.quantiles(latencies, n=10)[-1]
+        finally:
+            began = time.perf_counter()
+            await server.stop()
+            result["stop_s"] = time.perf_counter() - began
+    return result
+
+
 async def main(size: int, calls: int, copies: int) -> dict:
-    result: dict = {"size": size, "calls": calls, "copies": copies}
+    result: dict = {"mode": "subprocess", "size": size, "calls": calls, "copies": copies}
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = LOG_DIR or tmp
         server = TritonServer(model_repository=MODELS, log_dir=log_dir, name="bench")
@@ -42,6 +79,7 @@ async def main(size: int, calls: int, copies: int) -> dict:
             began = time.perf_counter()
             await server.load_model("encoder")
             result["load_encoder_s"] = time.perf_counter() - began
+            await server.load_model("decoder")
             data = np.arange(size, dtype=np.int64)
             params = {"input_copies": copies}
 
@@ -75,13 +113,15 @@ async def main(size: int, calls: int, copies: int) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["subprocess", "in-process"], default="subprocess")
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--copies", type=int, default=1)
     parser.add_argument("--log-dir", default=None, help="keep the server log here")
     args = parser.parse_args()
     LOG_DIR = args.log_dir
-    result = asyncio.run(main(args.size, args.calls, args.copies))
+    run = in_process if args.mode == "in-process" else main
+    result = asyncio.run(run(args.size, args.calls, args.copies))
     width = max(len(key) for key in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")  # noqa: T201

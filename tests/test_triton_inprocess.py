@@ -260,6 +260,54 @@ def test_a_failing_load_is_a_prompt_error_and_a_hung_load_breaks_the_server(tmp_
     wait_for(lambda: not leftovers(), timeout=15, message=lambda: f"left behind: {leftovers()}")
 
 
+def test_a_graceful_stop_answers_what_is_in_flight_and_leaves_triton_nothing_to_wait_for(tmp_path):
+    """stop() while a request runs (the encoder sleeping about 0.5 s): the request is answered, right,
+    not failed; every model is unloaded before Triton's own stop, which finds no live model at
+    its first look (its exit timeout 0: no once-a-second wait); no stub is left when stop returns."""
+    script = f"""
+    import asyncio, json, logging
+    import numpy as np, psutil
+    from tdask.triton.inprocess import InProcessServer
+
+    warnings = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+    logging.getLogger("tdask").addHandler(Keep())
+
+    async def go():
+        server = InProcessServer(model_repository={str(MODELS)!r}, log_dir={str(tmp_path)!r}, name="graceful")
+        await server.start()
+        await server.load_model("encoder")
+        await server.load_model("decoder")
+        x = np.arange(1000, dtype=np.int64)
+        call = asyncio.ensure_future(
+            server.client().infer("encoder", {{"input": (x, "INT64")}}, parameters={{"delay": 0.0005}})
+        )
+        await asyncio.sleep(0.2)  # the encoder is sleeping in its execute()
+        running = not call.done()
+        await server.stop()
+        answer = await call
+        return {{
+            "running_at_stop": running,
+            "answer_right": answer.outputs["output"].tolist() == (~x).tolist(),
+            "children": [p.name() for p in psutil.Process().children(recursive=True)],
+            "warnings": warnings,
+        }}
+
+    print(json.dumps(asyncio.run(go())))
+    """
+    out = _run(script, tmp_path)
+    assert out["running_at_stop"], "the request had finished before the stop: the test proves nothing"
+    assert out["answer_right"], out
+    assert out["children"] == [], f"stubs left when stop returned: {out['children']}"
+    assert out["warnings"] == [], out["warnings"]
+    log = (tmp_path / "graceful.triton.log").read_text()
+    assert "Found 0 live models" in log and "Timeout 0: Found 0 live models" in log, log[-3000:]
+    assert "successfully unloaded 'encoder'" in log and "successfully unloaded 'decoder'" in log
+
+
 def test_stubs_do_not_outlive_a_killed_owner(tmp_path):
     """SIGKILL the process hosting Triton: the reaper ends its python-backend stubs and removes their
     shared memory (the owner's process group is left alone)."""

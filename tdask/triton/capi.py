@@ -119,6 +119,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "TRITONSERVER_ServerOptionsSetBackendConfig": (_ERR, [_P, c_char_p, c_char_p, c_char_p]),
     "TRITONSERVER_ServerNew": (_ERR, [_PP, _P]),
     "TRITONSERVER_ServerStop": (_ERR, [_P]),
+    "TRITONSERVER_ServerSetExitTimeout": (_ERR, [_P, c_uint32]),
     "TRITONSERVER_ServerDelete": (_ERR, [_P]),
     "TRITONSERVER_ServerIsLive": (_ERR, [_P, POINTER(c_bool)]),
     "TRITONSERVER_ServerLoadModelWithParameters": (_ERR, [_P, c_char_p, _PP, c_uint64]),

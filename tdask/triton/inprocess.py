@@ -28,6 +28,7 @@ import collections
 import ctypes
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -363,16 +364,33 @@ class InProcessServer(TritonServerBase):
         try:
             if api is not None and self._server is not None:
                 server, self._server = self._server, None
-                # Stop waits (up to the exit timeout) for in-flight requests, whose events still
-                # reach the loop meanwhile; Delete then unloads the models and ends the stubs.
+                # Requests in flight are waited for here (their events still reach the loop),
+                # then every model is unloaded and its stubs end: Triton's own stop, which looks
+                # once a second (>= 1 s; 2 s with python models), then finds nothing to wait for,
+                # its exit timeout set to 0 (to what is left of it, if something is left).
                 # A broken server's Delete would wait for ever on the load that never returned
                 # (it holds the model's lifecycle): it is left to this process's exit, which the
                 # reaper below follows by ending the stubs and removing their shared memory.
+                quick = False
+                if not self._broken:
+                    try:
+                        left = await self._unload_all(api, server)
+                    except (capi.TritonCError, TimeoutError) as exc:  # Triton's own stop waits then
+                        logger.warning("Triton server %r: unloading its models at stop: %s", self.name, exc)
+                        left = 0.0
+                    quick = left is None
+                    err = api.fn.ServerSetExitTimeout(server, 0 if left is None else max(1, math.ceil(left)))
+                    if err:
+                        quick = False
+                        logger.warning("Triton server %r: setting its exit timeout: %s", self.name, api.error(err))
                 calls = (api.fn.ServerStop,) if self._broken else (api.fn.ServerStop, api.fn.ServerDelete)
                 for call in calls:
                     err = await _in_daemon_thread(call, server, timeout_s=self.stop_timeout_s + 30)
                     if err:
-                        logger.warning("Triton server %r: %s", self.name, api.error(err))
+                        message = api.error(err)
+                        # With nothing left, a zero exit timeout is reported as expired: expected.
+                        expired = quick and call is api.fn.ServerStop and "Exit timeout expired" in str(message)
+                        (logger.debug if expired else logger.warning)("Triton server %r: %s", self.name, message)
                 logger.info("Triton server %r stopped (in process%s)", self.name, ", broken" if self._broken else "")
             if api is not None and self._allocator is not None and not self._broken:
                 api.fn.ResponseAllocatorDelete(self._allocator)
@@ -394,6 +412,34 @@ class InProcessServer(TritonServerBase):
                 self._workdir = None
 
     # ------------------------------------------------------------------ models
+
+    async def _unload_all(self, api: capi.TritonCApi, server: int) -> float | None:
+        """Wait for the requests in flight, unload every model and wait until none is left.
+
+        The requests get the exit timeout (:attr:`TritonOptions.exit_timeout_s`), the whole
+        within :attr:`stop_timeout_s`, polled every 10 ms. Returns None once nothing is left (no
+        request unanswered, no model loaded or unloading), else the seconds of the exit timeout
+        still left, for Triton's own stop to wait.
+        """
+        began = time.monotonic()
+        drained_by, deadline = began + self.options.exit_timeout_s, began + self.stop_timeout_s
+        while any(not entry.final for entry in self._inflight.values()):
+            if time.monotonic() >= drained_by:
+                return 0.0
+            await asyncio.sleep(0.01)
+        live = ("READY", "LOADING", "UNLOADING")
+        index = self._json(api.fn.ServerModelIndex, server, 0)
+        for model in sorted({m["name"] for m in index if m.get("state") in live}):
+            timeout_s = max(deadline - time.monotonic(), 1.0)
+            err = await _in_daemon_thread(api.fn.ServerUnloadModel, server, model.encode(), timeout_s=timeout_s)
+            if err:
+                logger.warning("Triton server %r: unloading %r at stop: %s", self.name, model, api.error(err))
+                return max(drained_by - time.monotonic(), 0.0)
+        while any(m.get("state") in live for m in self._json(api.fn.ServerModelIndex, server, 0)):
+            if time.monotonic() >= deadline:
+                return 0.0
+            await asyncio.sleep(0.01)
+        return None
 
     def _running(self) -> tuple[capi.TritonCApi, int]:
         if self.status is not Status.running or self._api is None or self._server is None:
