@@ -16,7 +16,9 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -34,12 +36,29 @@ def _inputs(module, data: np.ndarray) -> list:
     return [tensor]
 
 
-async def in_process(size: int, calls: int, copies: int) -> dict:
-    from tdask.triton.inprocess import InProcessServer
+async def _latencies(call: Callable[[], Awaitable[object]], calls: int) -> list[float]:
+    """Milliseconds of each of ``calls`` awaited calls, one after the other."""
+    latencies = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        await call()
+        latencies.append((time.perf_counter() - began) * 1e3)
+    return latencies
 
-    result: dict = {"mode": "in-process", "size": size, "calls": calls, "copies": copies}
+
+async def main(mode: str, size: int, calls: int, copies: int) -> dict:
+    """Start, load encoder and decoder, call the encoder (first call, then ``calls`` more), stop."""
+    result: dict = {"mode": mode, "size": size, "calls": calls, "copies": copies}
+    data = np.arange(size, dtype=np.int64)
+    params = {"input_copies": copies}
     with tempfile.TemporaryDirectory() as tmp:
-        server = InProcessServer(model_repository=MODELS, log_dir=LOG_DIR or tmp, name="bench")
+        server: Any
+        if mode == "in-process":
+            from tdask.triton.inprocess import InProcessServer
+
+            server = InProcessServer(model_repository=MODELS, log_dir=LOG_DIR or tmp, name="bench")
+        else:
+            server = TritonServer(model_repository=MODELS, log_dir=LOG_DIR or tmp, name="bench")
         began = time.perf_counter()
         await server.start()
         result["start_s"] = time.perf_counter() - began
@@ -47,63 +66,35 @@ async def in_process(size: int, calls: int, copies: int) -> dict:
             began = time.perf_counter()
             await server.load_model("encoder")
             result["load_encoder_s"] = time.perf_counter() - began
-            await server.load_model("decoder")
-            client = server.client()
-            data = np.arange(size, dtype=np.int64)
-            began = time.perf_counter()
-            await client.infer("encoder", {"input": (data, "INT64")}, parameters={"input_copies": copies})
-            result["first_call_ms"] = (time.perf_counter() - began) * 1e3
-            latencies = []
-            for _ in range(calls):
-                began = time.perf_counter()
-                await client.infer("encoder", {"input": (data, "INT64")}, parameters={"input_copies": copies})
-                latencies.append((time.perf_counter() - began) * 1e3)
-            result["p50_ms"] = statistics.median(latencies)
-            result["p90_ms"] = statistics.quantiles(latencies, n=10)[-1]
-        finally:
-            began = time.perf_counter()
-            await server.stop()
-            result["stop_s"] = time.perf_counter() - began
-    return result
+            await server.load_model("decoder")  # two python models for the stop to unload
+            # (name, one call): in process, its own client; a subprocess, tritonclient's gRPC clients.
+            paths: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+            if mode == "in-process":
+                client = server.client()
+                paths.append(("", lambda: client.infer("encoder", {"input": (data, "INT64")}, parameters=params)))
+            else:
+                sync = grpcclient.InferenceServerClient(server.grpc_url)
+                aio = aioclient.InferenceServerClient(server.grpc_url)
 
+                async def sync_call() -> object:
+                    return sync.infer("encoder", _inputs(grpcclient, data), parameters=params)
 
-async def main(size: int, calls: int, copies: int) -> dict:
-    result: dict = {"mode": "subprocess", "size": size, "calls": calls, "copies": copies}
-    with tempfile.TemporaryDirectory() as tmp:
-        log_dir = LOG_DIR or tmp
-        server = TritonServer(model_repository=MODELS, log_dir=log_dir, name="bench")
-        began = time.perf_counter()
-        await server.start()
-        result["start_s"] = time.perf_counter() - began
-        try:
-            began = time.perf_counter()
-            await server.load_model("encoder")
-            result["load_encoder_s"] = time.perf_counter() - began
-            await server.load_model("decoder")
-            data = np.arange(size, dtype=np.int64)
-            params = {"input_copies": copies}
-
-            with grpcclient.InferenceServerClient(server.grpc_url) as client:
-                began = time.perf_counter()
-                client.infer("encoder", _inputs(grpcclient, data), parameters=params)
-                result["first_call_ms"] = (time.perf_counter() - began) * 1e3
-                latencies = []
-                for _ in range(calls):
+                paths += [
+                    ("sync_", sync_call),
+                    ("aio_", lambda: aio.infer("encoder", _inputs(aioclient, data), parameters=params)),
+                ]
+            try:
+                for prefix, call in paths:
                     began = time.perf_counter()
-                    client.infer("encoder", _inputs(grpcclient, data), parameters=params)
-                    latencies.append((time.perf_counter() - began) * 1e3)
-            result["sync_p50_ms"] = statistics.median(latencies)
-            result["sync_p90_ms"] = statistics.quantiles(latencies, n=10)[-1]
-
-            async with aioclient.InferenceServerClient(server.grpc_url) as client:
-                await client.infer("encoder", _inputs(aioclient, data), parameters=params)
-                latencies = []
-                for _ in range(calls):
-                    began = time.perf_counter()
-                    await client.infer("encoder", _inputs(aioclient, data), parameters=params)
-                    latencies.append((time.perf_counter() - began) * 1e3)
-            result["aio_p50_ms"] = statistics.median(latencies)
-            result["aio_p90_ms"] = statistics.quantiles(latencies, n=10)[-1]
+                    await call()
+                    result[f"{prefix}first_call_ms"] = (time.perf_counter() - began) * 1e3
+                    latencies = await _latencies(call, calls)
+                    result[f"{prefix}p50_ms"] = statistics.median(latencies)
+                    result[f"{prefix}p90_ms"] = statistics.quantiles(latencies, n=10)[-1]
+            finally:
+                if mode != "in-process":
+                    sync.close()
+                    await aio.close()
         finally:
             began = time.perf_counter()
             await server.stop()
@@ -120,8 +111,7 @@ if __name__ == "__main__":
     parser.add_argument("--log-dir", default=None, help="keep the server log here")
     args = parser.parse_args()
     LOG_DIR = args.log_dir
-    run = in_process if args.mode == "in-process" else main
-    result = asyncio.run(run(args.size, args.calls, args.copies))
+    result = asyncio.run(main(args.mode, args.size, args.calls, args.copies))
     width = max(len(key) for key in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")  # noqa: T201
