@@ -48,6 +48,7 @@ __all__ = [
     "main",
     "prepare_log_dir",
     "run_checks",
+    "temporary_credentials",
     "tls_security",
 ]
 
@@ -217,6 +218,40 @@ def _log_to_file(path: Path) -> logging.Handler:
     for name in ("tdask", "distributed"):
         logging.getLogger(name).addHandler(handler)
     return handler
+
+
+@contextlib.contextmanager
+def temporary_credentials(security: Any) -> Iterator[dict[str, str]]:
+    """Temporary TLS's client credentials in files, for the commands that operate the deployment.
+
+    Those commands are ``tdask status``, ``scale``, ``adapt``, ``update`` and ``model``.
+    :meth:`distributed.security.Security.temporary` keeps its CA and certificate in memory, so
+    no other process could reach the cluster. The CA, the client certificate and its key are
+    written to a new directory only this user can read (0700; files 0600), removed on exit.
+
+    Yields
+    ------
+    dict
+        The Dask config variables that point the other commands at them
+        (``DASK_DISTRIBUTED__COMM__TLS__CA_FILE`` and the client's cert and key).
+    """
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="tdask-tls-")  # mode 0700
+    try:
+        env = {}
+        for variable, name, pem in (
+            ("DASK_DISTRIBUTED__COMM__TLS__CA_FILE", "ca.pem", security.tls_ca_file),
+            ("DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT", "client.pem", security.tls_client_cert),
+            ("DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY", "client.key", security.tls_client_key),
+        ):
+            path = os.path.join(directory, name)
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+                out.write(pem)
+            env[variable] = path
+        yield env
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def tls_security(protocol: str, *, temporary: bool) -> Any:
@@ -563,10 +598,14 @@ def serve(
     configure_logging(cluster.log_level)
     prepare_log_dir(cluster.log_dir, False)
     deployment = Deployment.from_spec(spec)
-    with deployed(deployment, interrupted_exit_code=0, process_log="scheduler.log"):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(deployed(deployment, interrupted_exit_code=0, process_log="scheduler.log"))
+        status = f"`tdask status --scheduler {deployment.scheduler_address}`"
+        if cluster.protocol == "tls" and cluster.tls is not None and cluster.tls.temporary:
+            env = stack.enter_context(temporary_credentials(deployment.security))
+            status = f"`{' '.join(f'{k}={v}' for k, v in env.items())} {status[1:-1]}` (temporary TLS)"
         click.echo(
-            f"serving {len(spec.operators)} operators from {spec.source}; "
-            f"`tdask status --scheduler {deployment.scheduler_address}` shows them; Ctrl-C or SIGTERM stops",
+            f"serving {len(spec.operators)} operators from {spec.source}; {status} shows them; Ctrl-C or SIGTERM stops",
             err=True,
         )
         while True:

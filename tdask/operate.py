@@ -19,19 +19,40 @@ import click
 __all__ = ["adapt", "format_status", "model", "scale", "status", "update"]
 
 
+def _connection_args(address: str) -> dict[str, Any]:
+    """A client's Dask connection arguments for the scheduler at ``address``.
+
+    On ``tls://``, from Dask's ``distributed.comm.tls.*`` config; without a CA or client
+    certificate there, exits with 1 and one line saying what to set (Dask's own error is a
+    traceback about ``ssl_context``).
+    """
+    from distributed.security import Security
+
+    if not address.startswith("tls://"):
+        return {}
+    args = Security().get_connection_args("client")
+    if args.get("ssl_context") is None:
+        click.echo(
+            f"error: the scheduler at {address} wants TLS, and Dask's config has no client credentials: set "
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (a `tdask serve` with temporary TLS prints its own)",
+            err=True,
+        )
+        sys.exit(1)
+    return dict(args)
+
+
 def _registry_state(address: str, timeout: float) -> dict[str, Any]:
     """The scheduler's registry (``/tdask/operators.json``'s content), over Dask's comm."""
     import asyncio
 
     from distributed.core import rpc
-    from distributed.security import Security
 
     from tdask.request_plane import Registry
 
-    security = Security() if address.startswith("tls://") else None  # Dask's distributed.comm.tls.* config
+    args = _connection_args(address)
 
     async def fetch() -> dict[str, Any]:
-        args = (security or Security()).get_connection_args("client")
         scheduler = rpc(address, connection_args=args, timeout=timeout)
         try:
             return dict(await asyncio.wait_for(Registry(scheduler).operators(), timeout))
@@ -138,12 +159,10 @@ def _command(address: str, command: str, **arguments: Any) -> dict[str, Any]:
     """Send ``command`` to the deployment owning the scheduler at ``address``; exit 1 with one line on failure."""
     import asyncio
 
-    from distributed.security import Security
-
     from tdask.control import NoClusterManagerError, deployment_command
     from tdask.exceptions import TdaskError
 
-    args = Security().get_connection_args("client") if address.startswith("tls://") else {}
+    args = _connection_args(address)
     try:
         return asyncio.run(deployment_command(address, command, connection_args=args, **arguments))
     except NoClusterManagerError as exc:
@@ -270,12 +289,10 @@ def model(action: str, name: str, scheduler_address: str) -> None:
     """Load, unload or reload the Triton model of operator NAME on every worker hosting it."""
     import asyncio
 
-    from distributed.security import Security
-
     from tdask.control import model_control
     from tdask.exceptions import TdaskError
 
-    args = Security().get_connection_args("client") if scheduler_address.startswith("tls://") else {}
+    args = _connection_args(scheduler_address)
     try:
         answer = asyncio.run(model_control(scheduler_address, name, action, connection_args=args))
     except TdaskError as exc:

@@ -122,3 +122,84 @@ def test_a_pickled_tensor_from_a_raw_wire_peer_is_refused_and_never_unpickled(tm
         np.testing.assert_array_equal(response.outputs["x"], np.arange(3))
     assert not marker.exists()
     assert_no_children(ignore=before)
+
+
+def test_tdask_serve_with_temporary_tls_hands_its_client_credentials_to_the_operate_commands(tmp_path):
+    """``tdask serve`` of a file with ``tls: {temporary: true}``: its CA exists only in its memory, so
+    ``tdask status`` alone cannot reach it (exit 1, one line naming what to set); the serve line
+    names the Dask config variables of the client credentials it wrote (a 0700 directory, 0600
+    files), with which ``tdask status`` answers; SIGTERM removes them, and leaves nothing running."""
+    import os
+    import re
+    import signal
+    import stat
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from tests.conftest import ROOT, wait_for
+
+    pytest.importorskip("cryptography", reason="Security.temporary() generates its certificates with cryptography")
+    spec = tmp_path / "tls.yaml"
+    spec.write_text(
+        "cluster:\n"
+        "  protocol: tls\n"
+        "  host: 127.0.0.1\n"
+        "  dashboard_address: 127.0.0.1:0\n"
+        "  log_dir: logs\n"
+        "  tls: {temporary: true}\n"
+        "operators:\n"
+        "  - name: identity\n"
+        "    implementation: tests.operators:Identity\n"
+        "    workers: 1\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "tdask.cli", "serve", str(spec)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in serve.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(
+            lambda: any(line.startswith("serving ") for line in lines),
+            timeout=120,
+            message=lambda: "tdask serve did not come up:\n" + "\n".join(lines[-40:]),
+        )
+        (line,) = [line for line in lines if line.startswith("serving ")]
+        assert "(temporary TLS)" in line, line
+        given = dict(re.findall(r"(DASK_DISTRIBUTED__COMM__TLS__\w+)=(\S+)", line))
+        assert sorted(given) == [
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE",
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT",
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY",
+        ], line
+        directory = Path(given["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"]).parent
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(Path(p).stat().st_mode) for p in given.values()} == {0o600}
+        address = re.search(r"--scheduler (tls://\S+?)`", line)[1]
+
+        def status(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            command = [sys.executable, "-m", "tdask.cli", "status", "--scheduler", address, "--timeout", "5"]
+            return subprocess.run(command, env={**env, **extra}, capture_output=True, text=True, timeout=60)
+
+        alone = status({})
+        # One line saying what to set, not Dask's traceback about ssl_context.
+        assert alone.returncode == 1 and "no client credentials" in alone.stderr, (alone.returncode, alone.stderr)
+        assert "Traceback" not in alone.stderr and len(alone.stderr.strip().splitlines()) == 1, alone.stderr
+        told = status(given)
+        assert told.returncode == 0, (told.returncode, told.stdout, told.stderr)
+        assert "identity" in told.stdout and "1 of 1" in told.stdout, told.stdout
+    finally:
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0, "\n".join(lines[-40:])
+    assert not directory.exists(), "the credentials outlived tdask serve"
+    assert_no_children()
