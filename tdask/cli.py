@@ -228,6 +228,8 @@ def temporary_credentials(security: Any) -> Iterator[dict[str, str]]:
     :meth:`distributed.security.Security.temporary` keeps its CA and certificate in memory, so
     no other process could reach the cluster. The CA, the client certificate and its key are
     written to a new directory only this user can read (0700; files 0600), removed on exit.
+    That certificate is every role's (``Security.temporary`` makes one): whoever can read the
+    files can join the cluster, as whoever runs ``tdask serve`` already can.
 
     Yields
     ------
