@@ -283,8 +283,10 @@ def wire_loopback_seconds(nbytes: int, reps: int) -> list[float]:
 
     try:
         assert sender.stdout is not None
-        port = int(sender.stdout.readline())
-        return uvloop.run(fetch_all(port))
+        line = sender.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError(f"the wire floor's sender did not start (exit {sender.poll()}): {line!r}")
+        return uvloop.run(fetch_all(int(line)))
     finally:
         assert sender.stdin is not None
         sender.stdin.close()  # its loop ends at EOF
