@@ -409,15 +409,19 @@ def main(argv: list[str] | None = None) -> int:
         ):
             address = deployment.client.scheduler.address
             proc, http, grpc = start_gateway(address, os.path.join(tmp, "gateway.txt"), "--event-loop", args.event_loop)
-            floor, floor_http, floor_grpc = start_floor(args.event_loop)
             try:
-                rows += asyncio.run(measure(args, address, http, grpc, proc.pid, (floor.pid, floor_http, floor_grpc)))
+                floor, floor_http, floor_grpc = start_floor(args.event_loop)
+                try:
+                    rows += asyncio.run(
+                        measure(args, address, http, grpc, proc.pid, (floor.pid, floor_http, floor_grpc))
+                    )
+                finally:
+                    assert floor.stdin is not None
+                    floor.stdin.close()
+                    floor.wait(30)
             finally:
                 proc.send_signal(signal.SIGTERM)
-                assert floor.stdin is not None
-                floor.stdin.close()
                 proc.wait(30)
-                floor.wait(30)
     compared, found = judge(rows)
     print(render(rows, compared, found))  # noqa: T201
     result = {
