@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -44,9 +46,14 @@ def _env() -> dict[str, str]:
     }
 
 
-def _tdask(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _tdask(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PY, "-m", "tdask.cli", *args], env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [PY, "-m", "tdask.cli", *args],
+        env={**_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
@@ -61,7 +68,7 @@ def _get(url: str) -> tuple[int, dict[str, Any]]:
 class Served:
     """The ``tdask serve`` subprocess: its output as it comes, and its scheduler's address."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, spec: Path = EXAMPLE) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [
@@ -69,7 +76,7 @@ class Served:
                 "-m",
                 "tdask.cli",
                 "serve",
-                str(EXAMPLE),
+                str(spec),
                 "--dashboard-address",
                 "127.0.0.1:0",
                 "--log-dir",
@@ -308,6 +315,59 @@ def test_a_malformed_operator_stops_dask_worker_with_one_line(served, client, co
     assert "Traceback" not in result.stderr, result.stderr
     assert time.monotonic() - started < 60  # refused while parsing, not after a start
     assert set(client.scheduler_info(n_workers=-1)["workers"]) == before  # it never joined
+
+
+def test_serve_with_temporary_tls_hands_its_client_credentials_to_the_operate_commands(tmp_path):
+    """``tdask serve`` of a file with ``tls: {temporary: true}``: its CA exists only in its memory, so
+    ``tdask status`` alone cannot reach it (exit 1, one line naming what to set); the serve line
+    names the Dask config variables of the client credentials it wrote (a 0700 directory, 0600
+    files), with which ``tdask status`` answers; SIGTERM removes them, and leaves nothing running."""
+    pytest.importorskip("cryptography", reason="Security.temporary() generates its certificates with cryptography")
+    spec = tmp_path / "tls.yaml"
+    spec.write_text(
+        "cluster:\n"
+        "  protocol: tls\n"
+        "  host: 127.0.0.1\n"
+        "  tls: {temporary: true}\n"
+        "operators:\n"
+        "  - name: identity\n"
+        "    implementation: tests.operators:Identity\n"
+        "    workers: 1\n"
+    )
+    served = Served(tmp_path, spec)
+    try:
+        wait_for(
+            lambda: any(line.startswith("serving ") for line in served.lines),
+            timeout=60,
+            message=lambda: f"no serving line:\n{served.output()}",
+        )
+        (line,) = [line for line in served.lines if line.startswith("serving ")]
+        assert "(temporary TLS)" in line and served.address.startswith("tls://"), line
+        given = dict(re.findall(r"(DASK_DISTRIBUTED__COMM__TLS__\w+)=(\S+)", line))
+        assert sorted(given) == [
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE",
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT",
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY",
+        ], line
+        directory = Path(given["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"]).parent
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(Path(p).stat().st_mode) for p in given.values()} == {0o600}
+
+        alone = _tdask("status", "--scheduler", served.address, "--timeout", "5")
+        # One line saying what to set, not Dask's traceback about ssl_context.
+        assert alone.returncode == 1 and "no client credentials" in alone.stderr, (alone.returncode, alone.stderr)
+        assert "Traceback" not in alone.stderr and len(alone.stderr.strip().splitlines()) == 1, alone.stderr
+        told = _tdask("status", "--scheduler", served.address, "--timeout", "5", env=given)
+        assert told.returncode == 0, (told.returncode, told.stdout, told.stderr)
+        assert "identity" in told.stdout and "1 of 1" in told.stdout, told.stdout
+        processes = [psutil.Process(served.proc.pid), *psutil.Process(served.proc.pid).children(recursive=True)]
+    finally:
+        if served.proc.poll() is None:
+            served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=60) == 0, served.output()
+    assert not directory.exists(), "the credentials outlived tdask serve"
+    gone, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, alive
 
 
 def test_sigterm_stops_everything(served, client):
