@@ -18,10 +18,12 @@ shim ahead of use (what the container images run).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from ctypes import (
     CFUNCTYPE,
@@ -45,6 +47,7 @@ __all__ = [
     "API_VERSION",
     "TritonCApi",
     "TritonCError",
+    "call_in_daemon_thread",
     "find_libtritonserver",
 ]
 
@@ -320,6 +323,43 @@ class TritonCApi:
         """Raise :class:`TritonCError` when a call returned an error."""
         if err:
             raise self.error(err)
+
+
+async def call_in_daemon_thread(call: Callable[..., Any], *args: Any, timeout_s: float | None) -> Any:
+    """Run a blocking C call in its own daemon thread and await its result, at most ``timeout_s``.
+
+    Not ``asyncio.to_thread``: a call Triton never returns from would hold a thread of the
+    loop's default executor, whose shutdown (``asyncio.run``'s end, the process's exit) waits
+    for it. A daemon thread is abandoned at exit instead.
+
+    Raises
+    ------
+    TimeoutError
+        The call did not return in ``timeout_s`` (it goes on in its thread).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = call(*args), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=f"tdask-triton-{getattr(call, '__name__', 'call')}", daemon=True).start()
+    return await asyncio.wait_for(asyncio.shield(future), timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

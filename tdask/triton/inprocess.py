@@ -32,7 +32,6 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from ctypes import byref, c_int64, c_size_t, c_void_p
@@ -60,43 +59,6 @@ __all__ = ["InProcessServer"]
 _FINAL = capi.RESPONSE_FINAL
 #: How long a released request of a one-response model may still wait for its answer.
 _UNANSWERED_GRACE_S = 0.05
-
-
-async def _in_daemon_thread(call: Callable[..., Any], *args: Any, timeout_s: float | None) -> Any:
-    """Run a blocking C call in its own daemon thread and await its result, at most ``timeout_s``.
-
-    Not ``asyncio.to_thread``: a call Triton never returns from would hold a thread of the
-    loop's default executor, whose shutdown (``asyncio.run``'s end, the process's exit) waits
-    for it. A daemon thread is abandoned at exit instead.
-
-    Raises
-    ------
-    TimeoutError
-        The call did not return in ``timeout_s`` (it goes on in its thread).
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = call(*args), None
-        except BaseException as exc:  # handed to the awaiting task
-            result, error = None, exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    threading.Thread(target=run, name=f"tdask-triton-{getattr(call, '__name__', 'call')}", daemon=True).start()
-    return await asyncio.wait_for(asyncio.shield(future), timeout_s)
 
 
 class _Inflight:
@@ -385,7 +347,7 @@ class InProcessServer(TritonServerBase):
                         logger.warning("Triton server %r: setting its exit timeout: %s", self.name, api.error(err))
                 calls = (api.fn.ServerStop,) if self._broken else (api.fn.ServerStop, api.fn.ServerDelete)
                 for call in calls:
-                    err = await _in_daemon_thread(call, server, timeout_s=self.stop_timeout_s + 30)
+                    err = await capi.call_in_daemon_thread(call, server, timeout_s=self.stop_timeout_s + 30)
                     if err:
                         message = api.error(err)
                         # With nothing left, a zero exit timeout is reported as expired: expected.
@@ -430,8 +392,8 @@ class InProcessServer(TritonServerBase):
         live = ("READY", "LOADING", "UNLOADING")
         index = self._json(api.fn.ServerModelIndex, server, 0)
         for model in sorted({m["name"] for m in index if m.get("state") in live}):
-            timeout_s = max(deadline - time.monotonic(), 1.0)
-            err = await _in_daemon_thread(api.fn.ServerUnloadModel, server, model.encode(), timeout_s=timeout_s)
+            unload, timeout_s = api.fn.ServerUnloadModel, max(deadline - time.monotonic(), 1.0)
+            err = await capi.call_in_daemon_thread(unload, server, model.encode(), timeout_s=timeout_s)
             if err:
                 logger.warning("Triton server %r: unloading %r at stop: %s", self.name, model, api.error(err))
                 return max(drained_by - time.monotonic(), 0.0)
@@ -469,7 +431,7 @@ class InProcessServer(TritonServerBase):
             parameters[0] = api.fn.ParameterNew(b"config", capi.PARAM_STRING, payload)
             count = 1
         try:
-            err = await _in_daemon_thread(
+            err = await capi.call_in_daemon_thread(
                 api.fn.ServerLoadModelWithParameters, server, model.encode(), parameters, count, timeout_s=timeout_s
             )
         except TimeoutError:
